@@ -1,0 +1,278 @@
+//! The backend seam: what the host reference and the CUDA backend each implement. The library
+//! above it validates arguments, decides dispatch and manages pools; a backend moves bytes.
+
+pub(crate) mod cuda;
+pub(crate) mod host;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bootstrap::ControlPlane;
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{OpCtx, Result};
+use crate::memory::{MemRef, Memory};
+
+/// Which backend runs a communicator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Ranks are threads of one process; memory is host memory. The reference.
+    Host,
+    /// NCCL and our kernels on CUDA GPUs.
+    Cuda,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Host => "host",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// Our own kernels over symmetric memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algo {
+    /// Every rank reads every peer's whole input and reduces (or gathers) locally.
+    OneShot,
+    /// Reduce-scatter by loads from peers, then all-gather by stores to peers.
+    TwoShot,
+}
+
+impl Algo {
+    /// Every algorithm.
+    pub const ALL: [Algo; 2] = [Algo::OneShot, Algo::TwoShot];
+
+    /// Name in tables and results (`oneshot`, `twoshot`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::OneShot => "oneshot",
+            Algo::TwoShot => "twoshot",
+        }
+    }
+}
+
+/// How a collective is carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Impl {
+    /// Chosen per call by the dispatch table (never slower than `Regular` where measured).
+    Auto,
+    /// The regular path on any memory: NCCL's regular kernels (`nccl`), or a staged copy on
+    /// the host backend (`host`).
+    Regular,
+    /// The symmetric path, input and output both in windows: NCCL's symmetric kernels
+    /// (`nccl_symm`), or direct reads of peers' windows on the host backend (`host_symm`).
+    Symmetric,
+    /// One of our own kernels over symmetric memory.
+    Kernel(Algo),
+}
+
+impl Impl {
+    /// The name a backend shows for this implementation.
+    pub fn name(self, backend: BackendKind) -> String {
+        match (self, backend) {
+            (Impl::Auto, _) => "auto".into(),
+            (Impl::Regular, BackendKind::Cuda) => "nccl".into(),
+            (Impl::Regular, BackendKind::Host) => "host".into(),
+            (Impl::Symmetric, BackendKind::Cuda) => "nccl_symm".into(),
+            (Impl::Symmetric, BackendKind::Host) => "host_symm".into(),
+            (Impl::Kernel(a), BackendKind::Cuda) => a.name().into(),
+            (Impl::Kernel(a), BackendKind::Host) => format!("host_{}", a.name()),
+        }
+    }
+}
+
+impl FromStr for Impl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Impl::Auto,
+            "nccl" | "host" | "regular" => Impl::Regular,
+            "nccl_symm" | "host_symm" | "symmetric" => Impl::Symmetric,
+            _ => {
+                let bare = s.strip_prefix("host_").unwrap_or(s);
+                match Algo::ALL.into_iter().find(|a| a.name() == bare) {
+                    Some(a) => Impl::Kernel(a),
+                    None => {
+                        return Err(format!(
+                            "unknown implementation {s:?} (auto, nccl, nccl_symm, host, host_symm, oneshot, twoshot)"
+                        ));
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// The three collectives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Collective {
+    /// Reduce across ranks; every rank gets the whole result.
+    AllReduce(ReduceOp),
+    /// Concatenate every rank's piece in rank order.
+    AllGather,
+    /// Reduce across ranks; rank `r` gets piece `r` of the result.
+    ReduceScatter(ReduceOp),
+}
+
+impl Collective {
+    /// The op name (`all_reduce`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Collective::AllReduce(_) => "all_reduce",
+            Collective::AllGather => "all_gather",
+            Collective::ReduceScatter(_) => "reduce_scatter",
+        }
+    }
+
+    /// The reduction, if any.
+    pub fn reduce(self) -> Option<ReduceOp> {
+        match self {
+            Collective::AllReduce(r) | Collective::ReduceScatter(r) => Some(r),
+            Collective::AllGather => None,
+        }
+    }
+
+    /// Elements of input and output for a call whose per-rank piece has `piece` elements
+    /// (all-reduce: the whole buffer).
+    pub fn io_elems(self, piece: usize, world: usize) -> (usize, usize) {
+        match self {
+            Collective::AllReduce(_) => (piece, piece),
+            Collective::AllGather => (piece, piece * world),
+            Collective::ReduceScatter(_) => (piece * world, piece),
+        }
+    }
+
+    /// nccl-tests' bus-bandwidth factor.
+    pub fn busbw_factor(self, world: usize) -> f64 {
+        let n = world as f64;
+        match self {
+            Collective::AllReduce(_) => 2.0 * (n - 1.0) / n,
+            _ => (n - 1.0) / n,
+        }
+    }
+}
+
+/// Where a symmetric buffer lies in its group's pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SymmLoc {
+    pub(crate) segment: usize,
+    pub(crate) offset: usize,
+}
+
+/// One validated, contiguous collective with a concrete implementation.
+#[derive(Clone, Debug)]
+pub(crate) struct Call {
+    pub(crate) coll: Collective,
+    pub(crate) dtype: DType,
+    /// Elements per rank piece (all-reduce: the whole buffer).
+    pub(crate) piece: usize,
+    pub(crate) input: MemRef,
+    pub(crate) input_symm: Option<SymmLoc>,
+    pub(crate) output: MemRef,
+    pub(crate) output_symm: Option<SymmLoc>,
+    pub(crate) imp: Impl,
+    pub(crate) ctx: OpCtx,
+}
+
+impl Call {
+    /// Bytes of the input and of the output.
+    pub(crate) fn io_bytes(&self, world: usize) -> (usize, usize) {
+        let (i, o) = self.coll.io_elems(self.piece, world);
+        (i * self.dtype.size(), o * self.dtype.size())
+    }
+}
+
+/// How a producer writes fresh values: element `i` of rank `rank` at epoch `e` is
+/// [`crate::fill::value`]`(dtype, seed, rank, e, i)`, with `e` read from `epoch` when given
+/// (a device counter that [`RankBackend::bump`] advances, so graph replays see fresh data).
+#[derive(Clone, Debug)]
+pub(crate) struct FillSpec {
+    pub(crate) seed: u64,
+    pub(crate) rank: u64,
+    pub(crate) epoch: Option<MemRef>,
+}
+
+/// A strided copy between two memories of one rank: `rows` rows of `row_bytes`.
+#[derive(Clone, Debug)]
+pub(crate) struct Copy2d {
+    pub(crate) src: MemRef,
+    pub(crate) src_pitch: usize,
+    pub(crate) dst: MemRef,
+    pub(crate) dst_pitch: usize,
+    pub(crate) row_bytes: usize,
+    pub(crate) rows: usize,
+}
+
+/// A captured graph that can be replayed.
+pub(crate) trait GraphExec: Send + fmt::Debug {
+    /// Launch one replay (asynchronously on CUDA).
+    fn replay(&self) -> Result<()>;
+}
+
+/// One group's communicator on one rank.
+pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
+    /// Rank in the group.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+    /// Allocate a segment of `bytes` on every rank and register it as a symmetric window
+    /// (collective: every rank calls it in the same order).
+    fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>>;
+    /// Why `imp` cannot run `call` on this backend, if it cannot.
+    fn unavailable(&self, imp: Impl, call: &Call) -> Option<String>;
+    /// Run (enqueue, on CUDA) a validated call; `call.imp` is concrete.
+    fn collective(&self, call: &Call) -> Result<()>;
+    /// Make a sub-communicator: members with equal `color` form a group ordered by `key`.
+    /// Every rank of this group calls it. `control` is the new group's control plane.
+    fn split(
+        &self,
+        color: usize,
+        key: usize,
+        control: Arc<ControlPlane>,
+    ) -> Result<Arc<dyn GroupBackend>>;
+    /// Something a human can read: `nccl 2.28.9 comm of 2 ranks`, ...
+    fn describe(&self) -> String;
+}
+
+/// The per-rank device: memory, copies, the stream, graph capture.
+pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
+    /// Which backend.
+    fn kind(&self) -> BackendKind;
+    /// Human-readable device description.
+    fn describe(&self) -> String;
+    /// The world communicator of this rank.
+    fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>>;
+    /// A plain allocation.
+    fn alloc_plain(&self, bytes: usize) -> Result<Arc<dyn Memory>>;
+    /// Copy host bytes into memory (synchronous: waits for queued work first).
+    fn upload(&self, dst: &MemRef, src: &[u8]) -> Result<()>;
+    /// Copy memory into host bytes (synchronous).
+    fn download(&self, src: &MemRef, dst: &mut [u8]) -> Result<()>;
+    /// Enqueue a strided copy.
+    fn copy_2d(&self, c: &Copy2d) -> Result<()>;
+    /// Enqueue a fill of `elems` elements with the reference generator.
+    fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()>;
+    /// Enqueue a fill of `bytes` bytes with `byte` (poisoning outputs).
+    fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()>;
+    /// Enqueue `counter += 1` on an 8-byte counter.
+    fn bump(&self, counter: &MemRef) -> Result<()>;
+    /// Start capturing enqueued work into a graph.
+    fn begin_capture(&self) -> Result<()>;
+    /// Stop capturing and instantiate the graph.
+    fn end_capture(&self) -> Result<Box<dyn GraphExec>>;
+    /// Whether a capture is in progress.
+    fn capturing(&self) -> bool;
+    /// Wait for all enqueued work.
+    fn synchronize(&self) -> Result<()>;
+    /// Time the work `enqueue` puts on the stream (device events on CUDA, the clock on host).
+    fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration>;
+}

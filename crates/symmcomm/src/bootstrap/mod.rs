@@ -1,0 +1,114 @@
+//! Bootstrap: who the ranks are and how they first talk. A key-value [`Store`] that every rank
+//! reaches (served over TCP by rank 0 for processes, shared in memory for threads), and the
+//! host-side collectives among a subset of ranks that groups build on it ([`ControlPlane`]).
+//! Every wait has a deadline.
+
+mod control;
+mod env;
+mod tcp;
+mod threads;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::Result;
+
+pub use control::ControlPlane;
+pub use env::{EnvRanks, LaunchEnv};
+pub use tcp::{RendezvousConfig, TcpStore};
+pub use threads::ThreadStore;
+
+/// Default deadline for bootstrap waits.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A key-value store that every rank of a job reaches. Values are bytes; keys are strings.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Set `key` to `value` (overwrites).
+    fn set(&self, key: &str, value: &[u8]) -> Result<()>;
+    /// Wait until `key` exists or `deadline` passes; `Ok(None)` on the deadline.
+    fn get(&self, key: &str, deadline: Instant) -> Result<Option<Vec<u8>>>;
+    /// Add `delta` to the integer stored at `key` (0 when absent) and return the new value.
+    fn add(&self, key: &str, delta: i64) -> Result<i64>;
+    /// Remove `key` if present.
+    fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// This process's place in the job and the store it talks through.
+#[derive(Clone, Debug)]
+pub struct Bootstrap {
+    /// Global rank.
+    pub rank: usize,
+    /// Number of ranks in the job.
+    pub world_size: usize,
+    /// Rank among the processes of this node (selects the GPU).
+    pub local_rank: usize,
+    /// Deadline applied to every wait.
+    pub timeout: Duration,
+    store: Arc<dyn Store>,
+}
+
+impl Bootstrap {
+    /// A bootstrap over an existing store.
+    pub fn with_store(
+        rank: usize,
+        world_size: usize,
+        local_rank: usize,
+        timeout: Duration,
+        store: Arc<dyn Store>,
+    ) -> Self {
+        Bootstrap {
+            rank,
+            world_size,
+            local_rank,
+            timeout,
+            store,
+        }
+    }
+
+    /// `world_size` in-process ranks (threads) sharing one in-memory store. Element `r` of the
+    /// result belongs to rank `r`; hand each to its own thread.
+    pub fn threads(world_size: usize, timeout: Duration) -> Vec<Bootstrap> {
+        let store: Arc<dyn Store> = Arc::new(ThreadStore::new());
+        (0..world_size)
+            .map(|r| Bootstrap::with_store(r, world_size, r, timeout, store.clone()))
+            .collect()
+    }
+
+    /// From torchrun's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+    /// `MASTER_PORT`): rank 0 serves the TCP rendezvous, the others connect to it.
+    pub fn from_env(timeout: Duration) -> Result<Self> {
+        let e = EnvRanks::from_env()?;
+        let cfg = RendezvousConfig {
+            addr: e.master_addr.clone(),
+            port: e.master_port,
+            rank: e.rank,
+            world_size: e.world_size,
+            timeout,
+        };
+        let store = TcpStore::rendezvous(&cfg)?;
+        Ok(Bootstrap::with_store(
+            e.rank,
+            e.world_size,
+            e.local_rank,
+            timeout,
+            Arc::new(store),
+        ))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The control plane of all ranks.
+    pub fn world_control(&self) -> ControlPlane {
+        ControlPlane::new(
+            self.store.clone(),
+            "world".into(),
+            (0..self.world_size).collect(),
+            self.rank,
+            self.timeout,
+        )
+    }
+}

@@ -1,0 +1,246 @@
+//! A group's live symmetric pool: the deterministic layout of `pool`, the segments a backend
+//! allocated and registered for it, and the SPMD check run before every registration.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backend::{GroupBackend, RankBackend};
+use crate::bootstrap::ControlPlane;
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::memory::{Memory, SymmSlot};
+use crate::pool::{
+    CheckMode, PoolConfig, PoolLayout, PoolRequest, RequestDigest, RequestLog, SegmentHit,
+    SegmentMap, Slot, find_divergence,
+};
+
+struct PoolState {
+    layout: PoolLayout,
+    segments: Vec<Arc<dyn Memory>>,
+    map: SegmentMap,
+    log: RequestLog,
+    /// Problems met while releasing slots (in `Drop`, which cannot fail), reported by the next
+    /// allocation.
+    release_errors: Vec<String>,
+}
+
+/// Statistics of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Segments allocated and registered.
+    pub segments: usize,
+    /// Bytes in all segments.
+    pub capacity: usize,
+    /// Bytes in live slots.
+    pub in_use: usize,
+}
+
+/// One group's symmetric pool on one rank.
+pub(crate) struct SymmPool {
+    label: String,
+    group: Arc<dyn GroupBackend>,
+    device: Arc<dyn RankBackend>,
+    control: Arc<ControlPlane>,
+    check: CheckMode,
+    state: Mutex<PoolState>,
+}
+
+impl fmt::Debug for SymmPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SymmPool({})", self.label)
+    }
+}
+
+impl SymmPool {
+    pub(crate) fn new(
+        label: String,
+        group: Arc<dyn GroupBackend>,
+        device: Arc<dyn RankBackend>,
+        control: Arc<ControlPlane>,
+        config: PoolConfig,
+        check: CheckMode,
+    ) -> Self {
+        SymmPool {
+            label,
+            group,
+            device,
+            control,
+            check,
+            state: Mutex::new(PoolState {
+                layout: PoolLayout::new(config),
+                segments: Vec::new(),
+                map: SegmentMap::default(),
+                log: RequestLog::default(),
+                release_errors: Vec::new(),
+            }),
+        }
+    }
+
+    /// The owning group's label.
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // Every critical section leaves the state consistent before anything can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ctx(&self, op: Op, bytes: usize) -> OpCtx {
+        OpCtx {
+            op,
+            group: self.label.clone(),
+            rank: self.group.rank(),
+            world: self.group.size(),
+            bytes,
+        }
+    }
+
+    /// A slot of `bytes`, growing the pool (collectively) when nothing fits.
+    pub(crate) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<SymmSlot> {
+        let mut st = self.lock();
+        if let Some(e) = st.release_errors.first() {
+            return Err(Error::InvalidArgument {
+                ctx: self.ctx(Op::PoolFree, 0),
+                detail: format!("an earlier release failed: {e}"),
+            });
+        }
+        if self.check != CheckMode::Off {
+            st.log.push(PoolRequest::Alloc { bytes });
+        }
+        if self.check == CheckMode::EveryRequest {
+            self.verify_locked(&mut st, bytes)?;
+        }
+        let slot = match st.layout.alloc(bytes) {
+            Ok(slot) => slot,
+            Err(need) => {
+                self.grow_locked(&mut st, need.bytes, bytes)?;
+                st.layout.alloc(bytes).map_err(|n| Error::InvalidArgument {
+                    ctx: self.ctx(Op::PoolAlloc, bytes),
+                    detail: format!(
+                        "a fresh segment did not fit the request (layout asked for {} B more)",
+                        n.bytes
+                    ),
+                })?
+            }
+        };
+        let segment = st.segments[slot.segment].clone();
+        Ok(SymmSlot {
+            pool: self.clone(),
+            slot,
+            segment,
+        })
+    }
+
+    /// Make sure one allocation of up to `bytes` will not grow the pool (call before capture).
+    pub(crate) fn reserve(&self, bytes: usize) -> Result<()> {
+        let mut st = self.lock();
+        if st.layout.largest_free() >= bytes {
+            return Ok(());
+        }
+        let size = st.layout.segment_size_for(bytes);
+        self.grow_locked(&mut st, size, bytes)
+    }
+
+    fn grow_locked(&self, st: &mut PoolState, segment_bytes: usize, request: usize) -> Result<()> {
+        if self.device.capturing() {
+            return Err(Error::DuringCapture {
+                ctx: self.ctx(Op::PoolAlloc, request),
+                action: format!("growing the symmetric pool by a {segment_bytes} B segment"),
+            });
+        }
+        if self.check != CheckMode::Off {
+            self.verify_locked(st, request)?;
+        }
+        let mem = self
+            .group
+            .alloc_segment(segment_bytes, &self.ctx(Op::Register, segment_bytes))?;
+        let index = st.layout.add_segment(segment_bytes);
+        debug_assert_eq!(index, st.segments.len());
+        st.map.insert(mem.addr(), segment_bytes, index);
+        st.segments.push(mem);
+        tracing::debug!(group = %self.label, index, segment_bytes, "symmetric pool grew");
+        Ok(())
+    }
+
+    /// Compare every rank's pool requests; an error names the first that differs.
+    fn verify_locked(&self, st: &mut PoolState, request: usize) -> Result<()> {
+        let digest = st.log.digest();
+        let mine = serde_json::to_vec(&digest).expect("a digest serialises");
+        let all = self.control.all_gather("pool digest", &mine)?;
+        let ctx = self.ctx(Op::PoolAlloc, request);
+        let mut digests = Vec::with_capacity(all.len());
+        for (r, bytes) in all.iter().enumerate() {
+            let d: RequestDigest =
+                serde_json::from_slice(bytes).map_err(|e| Error::InvalidArgument {
+                    ctx: ctx.clone(),
+                    detail: format!("rank {r} sent an unreadable pool digest: {e}"),
+                })?;
+            digests.push(d);
+        }
+        if digests.iter().all(|d| *d == digests[0]) {
+            st.log.mark_verified();
+            return Ok(());
+        }
+        let (start, tail) = st.log.unverified();
+        let mine = serde_json::to_vec(&(start, tail)).expect("a log serialises");
+        let all = self.control.all_gather("pool log", &mine)?;
+        let mut tails = Vec::with_capacity(all.len());
+        for (r, bytes) in all.iter().enumerate() {
+            let t: (u64, Vec<PoolRequest>) =
+                serde_json::from_slice(bytes).map_err(|e| Error::InvalidArgument {
+                    ctx: ctx.clone(),
+                    detail: format!("rank {r} sent an unreadable pool log: {e}"),
+                })?;
+            tails.push(t);
+        }
+        let d = find_divergence(&tails).unwrap_or_else(|| crate::pool::Divergence {
+            index: digests.iter().map(|d| d.count).min().unwrap_or(0),
+            rank: 0,
+            request: format!("{:?}", digests[0]),
+            other_rank: 1,
+            other_request: "a different request history".into(),
+        });
+        Err(Error::SpmdDivergence {
+            ctx,
+            index: d.index,
+            mine: format!("rank {}: {}", d.rank, d.request),
+            other_rank: d.other_rank,
+            theirs: d.other_request,
+        })
+    }
+
+    /// Compare requests across ranks now (collective).
+    pub(crate) fn verify(&self) -> Result<()> {
+        let mut st = self.lock();
+        self.verify_locked(&mut st, 0)
+    }
+
+    /// Return a slot (from `SymmSlot::drop`).
+    pub(crate) fn release(&self, slot: Slot) {
+        let mut st = self.lock();
+        if self.check != CheckMode::Off {
+            st.log.push(PoolRequest::Free {
+                segment: slot.segment,
+                offset: slot.offset,
+            });
+        }
+        if let Err(e) = st.layout.free(slot) {
+            st.release_errors.push(e);
+        }
+    }
+
+    /// Which segment and offset a raw address of this rank falls in.
+    pub(crate) fn lookup(&self, addr: u64) -> Option<SegmentHit> {
+        self.lock().map.lookup(addr)
+    }
+
+    /// Statistics.
+    pub(crate) fn stats(&self) -> PoolStats {
+        let st = self.lock();
+        PoolStats {
+            segments: st.segments.len(),
+            capacity: st.layout.capacity(),
+            in_use: st.layout.in_use(),
+        }
+    }
+}
