@@ -110,8 +110,12 @@ impl fmt::Display for Arg {
 }
 
 /// Everything that can go wrong in symmcomm.
+///
+/// Fields are named for what they hold: `ctx` says the operation, group, rank and size; `arg`
+/// which argument; the rest are the values that disagreed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+#[allow(missing_docs)]
 pub enum Error {
     /// Input and output (or a buffer and the operation) disagree on the element type.
     #[error("{ctx}: dtype mismatch: input is {input}, output is {output}")]

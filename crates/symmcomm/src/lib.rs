@@ -10,18 +10,24 @@
 
 pub mod backend;
 pub mod bootstrap;
+pub mod comm;
+pub mod dispatch;
 pub mod dtype;
 pub mod error;
 pub mod fill;
+pub mod group;
 pub mod memory;
 pub mod policy;
 pub mod pool;
+pub mod reference;
 pub mod symm_pool;
 pub mod tensor;
 
 pub use backend::{Algo, BackendKind, Collective, Impl};
 pub use bootstrap::Bootstrap;
+pub use comm::{BackendChoice, CommConfig, Communicator, Graph, TableSource};
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{Error, Op, OpCtx, Result};
+pub use group::{Dispatched, EpochCounter, Group, SymmScope};
 pub use policy::{GroupKind, Placement, SymmPolicy};
 pub use tensor::{Layout, Tensor};

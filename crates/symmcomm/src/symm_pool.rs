@@ -234,6 +234,11 @@ impl SymmPool {
         self.lock().map.lookup(addr)
     }
 
+    /// The largest single slot that fits without growing.
+    pub(crate) fn largest_free(&self) -> usize {
+        self.lock().layout.largest_free()
+    }
+
     /// Statistics.
     pub(crate) fn stats(&self) -> PoolStats {
         let st = self.lock();

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bootstrap::ControlPlane;
+use crate::bootstrap::{Bootstrap, ControlPlane};
+use crate::comm::{BackendChoice, CommConfig};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{OpCtx, Result};
 use crate::memory::{MemRef, Memory};
@@ -275,4 +276,19 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn synchronize(&self) -> Result<()>;
     /// Time the work `enqueue` puts on the stream (device events on CUDA, the clock on host).
     fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration>;
+}
+
+/// Start this rank's device for `config.backend`.
+pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn RankBackend>> {
+    match config.backend {
+        BackendChoice::Host => Ok(Arc::new(host::HostDevice::new(boot.rank))),
+        BackendChoice::Cuda => cuda::start(boot, config),
+        BackendChoice::Auto => match cuda::probe() {
+            Ok(()) => cuda::start(boot, config),
+            Err(why) => {
+                tracing::info!("CUDA backend unavailable ({why}); using the host backend");
+                Ok(Arc::new(host::HostDevice::new(boot.rank)))
+            }
+        },
+    }
 }

@@ -1,1 +1,22 @@
-//! The CUDA backend.
+//! The CUDA backend: NCCL communicators, symmetric windows from `ncclMemAlloc`, CUDA graphs,
+//! and our own kernels compiled by NVRTC.
+
+use std::sync::Arc;
+
+use crate::backend::RankBackend;
+use crate::bootstrap::Bootstrap;
+use crate::comm::CommConfig;
+use crate::error::{Error, Result};
+
+/// Whether the CUDA backend can start here: a driver, a GPU and NCCL.
+pub(crate) fn probe() -> std::result::Result<(), String> {
+    Err("the CUDA backend is not built yet".into())
+}
+
+/// Start the CUDA device of this rank.
+pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn RankBackend>> {
+    let _ = (boot, config);
+    Err(Error::NoGpu {
+        reason: probe().unwrap_err(),
+    })
+}

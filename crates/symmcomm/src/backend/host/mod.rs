@@ -1,1 +1,257 @@
-//! The host backend.
+//! The host backend: ranks are threads of one process, memory is host memory, and symmetric
+//! segments are host memory that peers read directly, as NVLink peers will. It implements
+//! every operation synchronously (a "stream" runs each op as it is enqueued; a captured graph
+//! records them and replays them in order), and it is the reference every other backend is
+//! tested against.
+
+mod fabric;
+mod memory;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::backend::{BackendKind, Copy2d, FillSpec, GraphExec, GroupBackend, RankBackend};
+use crate::bootstrap::ControlPlane;
+use crate::dtype::DType;
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::memory::{MemRef, Memory};
+
+pub(crate) use fabric::HostGroup;
+pub(crate) use memory::HostMemory;
+
+type HostOp = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
+/// A recorded sequence of host operations.
+pub(crate) struct HostGraph {
+    ops: Vec<HostOp>,
+}
+
+impl std::fmt::Debug for HostGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostGraph({} ops)", self.ops.len())
+    }
+}
+
+impl GraphExec for HostGraph {
+    fn replay(&self) -> Result<()> {
+        for op in &self.ops {
+            op()?;
+        }
+        Ok(())
+    }
+}
+
+/// The host "device" of one rank.
+#[derive(Debug)]
+pub(crate) struct HostDevice {
+    rank: usize,
+    queue: Arc<HostQueue>,
+}
+
+/// The in-order "stream" of one rank: runs ops at once, or records them during capture.
+#[derive(Debug, Default)]
+pub(crate) struct HostQueue {
+    recording: Mutex<Option<Vec<HostOpDebug>>>,
+}
+
+/// A recorded op (wrapped so the device can derive `Debug`).
+struct HostOpDebug(HostOp);
+
+impl std::fmt::Debug for HostOpDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostOp")
+    }
+}
+
+/// The host memory behind a [`MemRef`] made by this backend.
+pub(crate) fn host_mem(r: &MemRef) -> &HostMemory {
+    r.mem.as_any().downcast_ref::<HostMemory>().expect(
+        "the host backend only sees host memory (buffers are checked against their communicator)",
+    )
+}
+
+impl HostQueue {
+    fn rec(&self) -> MutexGuard<'_, Option<Vec<HostOpDebug>>> {
+        self.recording.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `op` now, or record it while capturing.
+    pub(crate) fn enqueue(&self, op: HostOp) -> Result<()> {
+        let mut rec = self.rec();
+        match rec.as_mut() {
+            Some(ops) => {
+                ops.push(HostOpDebug(op));
+                Ok(())
+            }
+            None => {
+                drop(rec);
+                op()
+            }
+        }
+    }
+
+    pub(crate) fn capturing(&self) -> bool {
+        self.rec().is_some()
+    }
+}
+
+impl HostDevice {
+    pub(crate) fn new(rank: usize) -> Self {
+        HostDevice {
+            rank,
+            queue: Arc::new(HostQueue::default()),
+        }
+    }
+
+    fn rec(&self) -> MutexGuard<'_, Option<Vec<HostOpDebug>>> {
+        self.queue.rec()
+    }
+
+    fn enqueue(&self, op: HostOp) -> Result<()> {
+        self.queue.enqueue(op)
+    }
+
+    fn not_while_capturing(&self, what: &str, bytes: usize) -> Result<()> {
+        if self.capturing() {
+            return Err(Error::DuringCapture {
+                ctx: OpCtx {
+                    op: Op::Copy,
+                    group: "device".into(),
+                    rank: self.rank,
+                    world: 1,
+                    bytes,
+                },
+                action: what.into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl RankBackend for HostDevice {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+
+    fn describe(&self) -> String {
+        "host (ranks are threads)".into()
+    }
+
+    fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {
+        Ok(Arc::new(HostGroup::new(control, self.queue.clone())?))
+    }
+
+    fn alloc_plain(&self, bytes: usize) -> Result<Arc<dyn Memory>> {
+        Ok(Arc::new(HostMemory::new(bytes)))
+    }
+
+    fn upload(&self, dst: &MemRef, src: &[u8]) -> Result<()> {
+        self.not_while_capturing("a synchronous upload", src.len())?;
+        host_mem(dst).write(dst.offset, src);
+        Ok(())
+    }
+
+    fn download(&self, src: &MemRef, dst: &mut [u8]) -> Result<()> {
+        self.not_while_capturing("a synchronous download", dst.len())?;
+        host_mem(src).read(src.offset, dst);
+        Ok(())
+    }
+
+    fn copy_2d(&self, c: &Copy2d) -> Result<()> {
+        let c = c.clone();
+        self.enqueue(Box::new(move || {
+            let (src, dst) = (host_mem(&c.src), host_mem(&c.dst));
+            let mut row = vec![0u8; c.row_bytes];
+            for r in 0..c.rows {
+                src.read(c.src.offset + r * c.src_pitch, &mut row);
+                dst.write(c.dst.offset + r * c.dst_pitch, &row);
+            }
+            Ok(())
+        }))
+    }
+
+    fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()> {
+        let (dst, spec) = (dst.clone(), spec.clone());
+        self.enqueue(Box::new(move || {
+            let epoch = match &spec.epoch {
+                Some(e) => {
+                    let mut b = [0u8; 8];
+                    host_mem(e).read(e.offset, &mut b);
+                    u64::from_le_bytes(b)
+                }
+                None => 0,
+            };
+            let mut bytes = vec![0u8; elems * dtype.size()];
+            crate::fill::fill_bytes(dtype, spec.seed, spec.rank, epoch, 0, &mut bytes);
+            host_mem(&dst).write(dst.offset, &bytes);
+            Ok(())
+        }))
+    }
+
+    fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()> {
+        let dst = dst.clone();
+        self.enqueue(Box::new(move || {
+            host_mem(&dst).fill(dst.offset, bytes, byte);
+            Ok(())
+        }))
+    }
+
+    fn bump(&self, counter: &MemRef) -> Result<()> {
+        let c = counter.clone();
+        self.enqueue(Box::new(move || {
+            let m = host_mem(&c);
+            let mut b = [0u8; 8];
+            m.read(c.offset, &mut b);
+            m.write(c.offset, &(u64::from_le_bytes(b) + 1).to_le_bytes());
+            Ok(())
+        }))
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let mut rec = self.rec();
+        if rec.is_some() {
+            return Err(Error::InvalidArgument {
+                ctx: OpCtx {
+                    op: Op::Capture,
+                    group: "device".into(),
+                    rank: self.rank,
+                    world: 1,
+                    bytes: 0,
+                },
+                detail: "a capture is already in progress".into(),
+            });
+        }
+        *rec = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn GraphExec>> {
+        let ops = self.rec().take().ok_or_else(|| Error::InvalidArgument {
+            ctx: OpCtx {
+                op: Op::Capture,
+                group: "device".into(),
+                rank: self.rank,
+                world: 1,
+                bytes: 0,
+            },
+            detail: "no capture in progress".into(),
+        })?;
+        Ok(Box::new(HostGraph {
+            ops: ops.into_iter().map(|o| o.0).collect(),
+        }))
+    }
+
+    fn capturing(&self) -> bool {
+        self.rec().is_some()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
+        let t0 = Instant::now();
+        enqueue()?;
+        Ok(t0.elapsed())
+    }
+}

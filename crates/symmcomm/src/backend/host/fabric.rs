@@ -1,0 +1,451 @@
+//! One group of the host backend: the "fabric" its rank threads share (every rank's
+//! registered segments, a mailbox for the regular path, a barrier with a deadline) and the
+//! collectives over it. The symmetric path reads peers' windows directly, at the same segment
+//! and offset as the caller's own buffer, the way NVLink kernels read peers' memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use super::{HostMemory, HostQueue, host_mem};
+use crate::backend::{Call, Collective, GroupBackend, Impl};
+use crate::bootstrap::ControlPlane;
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::memory::Memory;
+
+/// A reusable barrier with a deadline; a rank that times out poisons it, so every later wait
+/// fails at once instead of hanging.
+#[derive(Debug)]
+struct HostBarrier {
+    size: usize,
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+#[derive(Debug)]
+struct BarrierState {
+    generation: u64,
+    arrived: Vec<bool>,
+    poisoned: Option<String>,
+}
+
+impl HostBarrier {
+    fn new(size: usize) -> Self {
+        HostBarrier {
+            size,
+            state: Mutex::new(BarrierState {
+                generation: 0,
+                arrived: vec![false; size],
+                poisoned: None,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BarrierState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait(&self, rank: usize, timeout: Duration, ctx: &OpCtx) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        if let Some(why) = &st.poisoned {
+            return Err(Error::Aborted {
+                ctx: ctx.clone(),
+                reason: why.clone(),
+            });
+        }
+        let generation = st.generation;
+        st.arrived[rank] = true;
+        if st.arrived.iter().all(|&a| a) {
+            st.arrived.fill(false);
+            st.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        loop {
+            let now = Instant::now();
+            if st.generation != generation {
+                return Ok(());
+            }
+            if let Some(why) = &st.poisoned {
+                return Err(Error::Aborted {
+                    ctx: ctx.clone(),
+                    reason: why.clone(),
+                });
+            }
+            if now >= deadline {
+                let missing: Vec<usize> = (0..self.size).filter(|&r| !st.arrived[r]).collect();
+                let why = format!(
+                    "ranks {missing:?} did not reach the barrier of {} within {timeout:?}",
+                    ctx.op
+                );
+                st.poisoned = Some(why.clone());
+                self.cv.notify_all();
+                return Err(Error::Timeout {
+                    ctx: ctx.clone(),
+                    waited: timeout,
+                    detail: why,
+                });
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// What the ranks of one host group share.
+#[derive(Debug)]
+struct Fabric {
+    size: usize,
+    /// `segments[rank][index]`: every rank's registered windows.
+    segments: Mutex<Vec<Vec<Arc<HostMemory>>>>,
+    /// One slot per rank for the regular path.
+    mailbox: Mutex<Vec<Option<Arc<Vec<u8>>>>>,
+    barrier: HostBarrier,
+}
+
+impl Fabric {
+    fn new(size: usize) -> Self {
+        Fabric {
+            size,
+            segments: Mutex::new(vec![Vec::new(); size]),
+            mailbox: Mutex::new(vec![None; size]),
+            barrier: HostBarrier::new(size),
+        }
+    }
+
+    fn segments(&self) -> MutexGuard<'_, Vec<Vec<Arc<HostMemory>>>> {
+        self.segments.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mailbox(&self) -> MutexGuard<'_, Vec<Option<Arc<Vec<u8>>>>> {
+        self.mailbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Fabrics of live groups in this process, by a key the group's ranks agree on.
+fn registry() -> &'static Mutex<HashMap<String, Weak<Fabric>>> {
+    static R: OnceLock<Mutex<HashMap<String, Weak<Fabric>>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+static NONCE: AtomicU64 = AtomicU64::new(0);
+
+/// The fabric for the group of `control`, created by whichever rank gets here first. Group
+/// rank 0 picks a key unique in this process and broadcasts it; ranks in another process would
+/// never find it (the host backend runs its ranks as threads of one process).
+fn join_fabric(control: &ControlPlane) -> Result<Arc<Fabric>> {
+    let nonce = format!(
+        "{}:{}:{}",
+        std::process::id(),
+        NONCE.fetch_add(1, Ordering::Relaxed),
+        control.prefix()
+    );
+    let key = control.broadcast("host fabric", 0, nonce.as_bytes())?;
+    let key = String::from_utf8_lossy(&key).into_owned();
+    let fabric = {
+        let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+        reg.retain(|_, w| w.strong_count() > 0);
+        match reg.get(&key).and_then(Weak::upgrade) {
+            Some(f) => f,
+            None => {
+                let f = Arc::new(Fabric::new(control.size()));
+                reg.insert(key.clone(), Arc::downgrade(&f));
+                f
+            }
+        }
+    };
+    // Everyone holds the fabric before anyone can drop theirs.
+    control.barrier("host fabric joined")?;
+    if !key.starts_with(&format!("{}:", std::process::id())) {
+        return Err(Error::InvalidArgument {
+            ctx: OpCtx {
+                op: Op::Init,
+                group: control.prefix().into(),
+                rank: control.rank(),
+                world: control.size(),
+                bytes: 0,
+            },
+            detail:
+                "the host backend runs ranks as threads of one process; this group spans processes"
+                    .into(),
+        });
+    }
+    Ok(fabric)
+}
+
+/// One rank's view of a host group.
+#[derive(Debug)]
+pub(crate) struct HostGroup {
+    inner: Arc<HostGroupInner>,
+}
+
+#[derive(Debug)]
+struct HostGroupInner {
+    rank: usize,
+    fabric: Arc<Fabric>,
+    queue: Arc<HostQueue>,
+    timeout: Duration,
+}
+
+impl HostGroup {
+    pub(crate) fn new(control: Arc<ControlPlane>, queue: Arc<HostQueue>) -> Result<Self> {
+        let fabric = join_fabric(&control)?;
+        Ok(HostGroup {
+            inner: Arc::new(HostGroupInner {
+                rank: control.rank(),
+                timeout: control.timeout(),
+                fabric,
+                queue,
+            }),
+        })
+    }
+}
+
+impl HostGroupInner {
+    fn barrier(&self, ctx: &OpCtx) -> Result<()> {
+        self.fabric.barrier.wait(self.rank, self.timeout, ctx)
+    }
+
+    fn run(&self, call: &Call) -> Result<()> {
+        let world = self.fabric.size;
+        let (in_bytes, out_bytes) = call.io_bytes(world);
+        // Every rank's input bytes, read after the first barrier (inputs are ready).
+        let inputs: Vec<Arc<Vec<u8>>> = match call.imp {
+            Impl::Regular => {
+                let mine = host_mem(&call.input).to_vec(call.input.offset, in_bytes);
+                self.fabric.mailbox()[self.rank] = Some(Arc::new(mine));
+                self.barrier(&call.ctx)?;
+                let mb = self.fabric.mailbox();
+                (0..world)
+                    .map(|r| mb[r].clone().expect("every rank posted before the barrier"))
+                    .collect()
+            }
+            Impl::Symmetric => {
+                let loc = call
+                    .input_symm
+                    .expect("the symmetric path is only dispatched with a window input");
+                self.barrier(&call.ctx)?;
+                let segs = self.fabric.segments();
+                (0..world)
+                    .map(|r| Arc::new(segs[r][loc.segment].to_vec(loc.offset, in_bytes)))
+                    .collect()
+            }
+            other => {
+                return Err(Error::ImplUnavailable {
+                    ctx: call.ctx.clone(),
+                    implementation: other.name(crate::BackendKind::Host),
+                    why: "not a host implementation".into(),
+                });
+            }
+        };
+        let out = compute(
+            call.coll, call.dtype, &inputs, self.rank, call.piece, out_bytes,
+        );
+        // Nobody may overwrite a window or mailbox slot until every rank has read it.
+        self.barrier(&call.ctx)?;
+        if call.imp == Impl::Regular {
+            self.fabric.mailbox()[self.rank] = None;
+        }
+        host_mem(&call.output).write(call.output.offset, &out);
+        Ok(())
+    }
+}
+
+/// The result bytes of `rank` given every rank's input bytes.
+fn compute(
+    coll: Collective,
+    dtype: DType,
+    inputs: &[Arc<Vec<u8>>],
+    rank: usize,
+    piece: usize,
+    out_bytes: usize,
+) -> Vec<u8> {
+    let e = dtype.size();
+    match coll {
+        Collective::AllGather => {
+            let mut out = Vec::with_capacity(out_bytes);
+            for x in inputs {
+                out.extend_from_slice(&x[..piece * e]);
+            }
+            out
+        }
+        Collective::AllReduce(op) => {
+            let parts: Vec<&[u8]> = inputs.iter().map(|x| &x[..piece * e]).collect();
+            reduce(dtype, op, &parts)
+        }
+        Collective::ReduceScatter(op) => {
+            let parts: Vec<&[u8]> = inputs
+                .iter()
+                .map(|x| &x[rank * piece * e..(rank + 1) * piece * e])
+                .collect();
+            reduce(dtype, op, &parts)
+        }
+    }
+}
+
+/// Element-wise reduction in f32 (the accumulation width our GPU kernels use), rounded once
+/// to `dtype`.
+fn reduce(dtype: DType, op: ReduceOp, parts: &[&[u8]]) -> Vec<u8> {
+    let e = dtype.size();
+    let n = parts[0].len() / e;
+    let mut out = vec![0u8; n * e];
+    let to_f32 = |b: &[u8], k: usize| -> f32 {
+        let s = &b[k * e..(k + 1) * e];
+        match dtype {
+            DType::F32 => f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+            DType::F16 => half::f16::from_le_bytes([s[0], s[1]]).to_f32(),
+            DType::BF16 => half::bf16::from_le_bytes([s[0], s[1]]).to_f32(),
+            DType::I32 | DType::U8 => {
+                unreachable!("integers are never reduced (checked before dispatch)")
+            }
+        }
+    };
+    for k in 0..n {
+        let mut acc = to_f32(parts[0], k);
+        for p in &parts[1..] {
+            let v = to_f32(p, k);
+            acc = match op {
+                ReduceOp::Sum | ReduceOp::Avg => acc + v,
+                ReduceOp::Max => acc.max(v),
+                ReduceOp::Min => acc.min(v),
+            };
+        }
+        if op == ReduceOp::Avg {
+            acc /= parts.len() as f32;
+        }
+        let s = &mut out[k * e..(k + 1) * e];
+        match dtype {
+            DType::F32 => s.copy_from_slice(&acc.to_le_bytes()),
+            DType::F16 => s.copy_from_slice(&half::f16::from_f32(acc).to_le_bytes()),
+            DType::BF16 => s.copy_from_slice(&half::bf16::from_f32(acc).to_le_bytes()),
+            DType::I32 | DType::U8 => unreachable!(),
+        }
+    }
+    out
+}
+
+impl GroupBackend for HostGroup {
+    fn rank(&self) -> usize {
+        self.inner.rank
+    }
+
+    fn size(&self) -> usize {
+        self.inner.fabric.size
+    }
+
+    fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
+        self.inner.alloc_segment(bytes, ctx)
+    }
+
+    fn unavailable(&self, imp: Impl, call: &Call) -> Option<String> {
+        match imp {
+            Impl::Regular => None,
+            Impl::Symmetric => {
+                (call.input_symm.is_none() || call.output_symm.is_none()).then(|| {
+                    "the symmetric path needs input and output in this group's windows".into()
+                })
+            }
+            Impl::Kernel(_) => Some("our NVLink kernels run on the CUDA backend only".into()),
+            Impl::Auto => Some("auto is resolved before dispatch".into()),
+        }
+    }
+
+    fn collective(&self, call: &Call) -> Result<()> {
+        let (me, call) = (self.inner.clone(), call.clone());
+        self.inner.queue.enqueue(Box::new(move || me.run(&call)))
+    }
+
+    fn split(
+        &self,
+        _color: usize,
+        _key: usize,
+        control: Arc<ControlPlane>,
+    ) -> Result<Arc<dyn GroupBackend>> {
+        Ok(Arc::new(HostGroup::new(control, self.inner.queue.clone())?))
+    }
+
+    fn describe(&self) -> String {
+        format!("host group of {} thread ranks", self.inner.fabric.size)
+    }
+}
+
+impl HostGroupInner {
+    fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
+        let mem = Arc::new(HostMemory::new(bytes));
+        let index = {
+            let mut segs = self.fabric.segments();
+            segs[self.rank].push(mem.clone());
+            segs[self.rank].len() - 1
+        };
+        // Registration is collective: every rank has its segment `index` after this.
+        self.barrier(ctx)?;
+        let segs = self.fabric.segments();
+        if let Some(r) =
+            (0..self.fabric.size).find(|&r| segs[r].len() <= index || segs[r][index].len() != bytes)
+        {
+            return Err(Error::SpmdDivergence {
+                ctx: ctx.clone(),
+                index: index as u64,
+                mine: format!("rank {}: segment #{index} of {bytes} B", self.rank),
+                other_rank: r,
+                theirs: segs[r]
+                    .get(index)
+                    .map_or("no such segment".into(), |m| format!("{} B", m.len())),
+            });
+        }
+        Ok(mem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn barrier_times_out_naming_the_missing_rank_and_poisons() {
+        let b = HostBarrier::new(3);
+        let ctx = OpCtx {
+            op: Op::Barrier,
+            group: "t".into(),
+            rank: 0,
+            world: 3,
+            bytes: 0,
+        };
+        let err = std::thread::scope(|s| {
+            let h = s.spawn(|| b.wait(1, Duration::from_secs(5), &ctx));
+            let e = b.wait(0, Duration::from_millis(50), &ctx).unwrap_err();
+            // rank 1 is released by the poison, not left hanging
+            assert!(matches!(
+                h.join().unwrap(),
+                Err(Error::Aborted { .. }) | Err(Error::Timeout { .. })
+            ));
+            e
+        });
+        assert!(err.to_string().contains("[2]"), "{err}");
+        assert!(matches!(
+            b.wait(2, Duration::from_secs(1), &ctx),
+            Err(Error::Aborted { .. })
+        ));
+    }
+
+    #[test]
+    fn reduce_accumulates_in_f32() {
+        let a: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let b: Vec<u8> = [3.0f32, -5.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let out = reduce(DType::F32, ReduceOp::Avg, &[&a, &b]);
+        assert_eq!(DType::F32.read_f64(&out, 0), 2.0);
+        assert_eq!(DType::F32.read_f64(&out, 1), -1.5);
+        let out = reduce(DType::F32, ReduceOp::Min, &[&a, &b]);
+        assert_eq!(DType::F32.read_f64(&out, 1), -5.0);
+    }
+}

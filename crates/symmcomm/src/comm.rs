@@ -1,0 +1,275 @@
+//! The per-rank communicator: the device (host or CUDA), the world group, splits into typed
+//! groups, graph capture across groups, and the configuration everything reads.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::backend::{BackendKind, GraphExec, RankBackend};
+use crate::bootstrap::{Bootstrap, ControlPlane};
+use crate::dispatch::DispatchTable;
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::group::{Group, GroupShared};
+use crate::memory::{Buffer, Memory};
+use crate::policy::{GroupKind, SymmPolicy};
+use crate::pool::{CheckMode, PoolConfig};
+
+/// Which backend to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// CUDA when a GPU, the driver and NCCL are present; the host backend otherwise.
+    Auto,
+    /// The host reference backend.
+    Host,
+    /// The CUDA backend; an error when it cannot start.
+    Cuda,
+}
+
+/// Where `auto`'s dispatch table comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TableSource {
+    /// The table shipped for this device, if any; NCCL's rule otherwise.
+    Builtin,
+    /// No table: NCCL's rule everywhere.
+    None,
+    /// A table file written by `symmcomm tune`.
+    File(PathBuf),
+    /// A table given in code.
+    Given(DispatchTable),
+}
+
+/// Everything a communicator is configured with.
+#[derive(Clone, Debug)]
+pub struct CommConfig {
+    /// Backend.
+    pub backend: BackendChoice,
+    /// Which groups use symmetric memory.
+    pub policy: SymmPolicy,
+    /// Segment size and alignment of every group's pool.
+    pub pool: PoolConfig,
+    /// When ranks compare their pool requests.
+    pub check: CheckMode,
+    /// Deadline for every wait (bootstrap, barriers, flags, NCCL progress).
+    pub timeout: Duration,
+    /// `auto`'s table.
+    pub table: TableSource,
+    /// CUDA device ordinal; `None` = the bootstrap's local rank.
+    pub device: Option<usize>,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        CommConfig {
+            backend: BackendChoice::Auto,
+            policy: SymmPolicy::default(),
+            pool: PoolConfig::default(),
+            check: CheckMode::default(),
+            timeout: Duration::from_secs(60),
+            table: TableSource::Builtin,
+            device: None,
+        }
+    }
+}
+
+/// Buffers and scratch memory captured work refers to; a graph keeps them alive.
+#[derive(Default)]
+pub(crate) struct KeepAlive {
+    pub(crate) buffers: Vec<Arc<Buffer>>,
+    pub(crate) memory: Vec<Arc<dyn Memory>>,
+}
+
+pub(crate) struct CommShared {
+    pub(crate) id: u64,
+    pub(crate) boot: Bootstrap,
+    pub(crate) device: Arc<dyn RankBackend>,
+    pub(crate) config: CommConfig,
+    pub(crate) table: Option<DispatchTable>,
+    capture: Mutex<Option<KeepAlive>>,
+}
+
+impl fmt::Debug for CommShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Comm#{}(rank {} on {})",
+            self.id,
+            self.boot.rank,
+            self.device.describe()
+        )
+    }
+}
+
+impl CommShared {
+    fn capture_lock(&self) -> MutexGuard<'_, Option<KeepAlive>> {
+        self.capture.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// While capturing, keep `buffers` and `memory` alive for the graph.
+    pub(crate) fn keep_alive(&self, buffers: &[&Arc<Buffer>], memory: &[&Arc<dyn Memory>]) {
+        if let Some(k) = self.capture_lock().as_mut() {
+            k.buffers.extend(buffers.iter().map(|b| Arc::clone(b)));
+            k.memory.extend(memory.iter().map(|m| Arc::clone(m)));
+        }
+    }
+}
+
+static NEXT_COMM_ID: AtomicU64 = AtomicU64::new(1);
+
+/// This rank's communicator: create one per rank (per process, or per thread in tests).
+#[derive(Debug)]
+pub struct Communicator {
+    shared: Arc<CommShared>,
+    world: Group,
+}
+
+/// A captured graph of collectives (of any groups of one communicator).
+pub struct Graph {
+    exec: Box<dyn GraphExec>,
+    comm: Arc<CommShared>,
+    _keep: KeepAlive,
+}
+
+impl fmt::Debug for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Graph({:?} on {:?})", self.exec, self.comm)
+    }
+}
+
+impl Graph {
+    /// Launch one replay (asynchronous on CUDA; call [`Communicator::synchronize`] to wait).
+    pub fn replay(&self) -> Result<()> {
+        self.exec.replay()
+    }
+}
+
+impl Communicator {
+    /// Start this rank's communicator. Collective: every rank of the bootstrap calls it.
+    pub fn new(boot: Bootstrap, config: CommConfig) -> Result<Self> {
+        let id = NEXT_COMM_ID.fetch_add(1, Ordering::Relaxed);
+        let device = crate::backend::start(&boot, &config)?;
+        let table = match &config.table {
+            TableSource::None => None,
+            TableSource::Given(t) => Some(t.clone()),
+            TableSource::File(p) => Some(DispatchTable::load(p)?),
+            TableSource::Builtin => {
+                DispatchTable::builtin(device.kind(), &device.describe(), boot.world_size)
+            }
+        };
+        let control = Arc::new(boot.world_control());
+        let shared = Arc::new(CommShared {
+            id,
+            boot,
+            device: device.clone(),
+            config,
+            table,
+            capture: Mutex::new(None),
+        });
+        let backend = device.world_group(control.clone())?;
+        let world = Group::new(GroupShared::new(
+            shared.clone(),
+            GroupKind::World,
+            0,
+            "world".into(),
+            backend,
+            control,
+        ));
+        Ok(Communicator { shared, world })
+    }
+
+    /// Which backend runs.
+    pub fn backend(&self) -> BackendKind {
+        self.shared.device.kind()
+    }
+
+    /// The device, in words.
+    pub fn describe(&self) -> String {
+        self.shared.device.describe()
+    }
+
+    /// Global rank.
+    pub fn rank(&self) -> usize {
+        self.shared.boot.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.shared.boot.world_size
+    }
+
+    /// The group of every rank.
+    pub fn world(&self) -> &Group {
+        &self.world
+    }
+
+    /// The dispatch table `auto` uses, if any.
+    pub fn table(&self) -> Option<&DispatchTable> {
+        self.shared.table.as_ref()
+    }
+
+    /// Split the world into groups of `kind`: ranks passing the same `color` form one group,
+    /// ordered by global rank. Collective over the world.
+    pub fn split(&self, kind: GroupKind, color: usize) -> Result<Group> {
+        self.world.split(kind, color)
+    }
+
+    /// Start capturing collectives (of any groups) into a graph. Nothing may register memory
+    /// or grow a pool until [`Communicator::end_capture`]; that is an error, not a hang.
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut cap = self.shared.capture_lock();
+        if cap.is_some() {
+            return Err(Error::InvalidArgument {
+                ctx: self.ctx(Op::Capture),
+                detail: "a capture is already in progress".into(),
+            });
+        }
+        self.shared.device.begin_capture()?;
+        *cap = Some(KeepAlive::default());
+        Ok(())
+    }
+
+    /// Stop capturing and instantiate the graph.
+    pub fn end_capture(&self) -> Result<Graph> {
+        let keep = self
+            .shared
+            .capture_lock()
+            .take()
+            .ok_or_else(|| Error::InvalidArgument {
+                ctx: self.ctx(Op::Capture),
+                detail: "no capture in progress".into(),
+            })?;
+        let exec = self.shared.device.end_capture()?;
+        Ok(Graph {
+            exec,
+            comm: self.shared.clone(),
+            _keep: keep,
+        })
+    }
+
+    /// Wait for all enqueued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.shared.device.synchronize()
+    }
+
+    /// Time the work `enqueue` puts on this rank's stream.
+    pub fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
+        self.shared.device.time(enqueue)
+    }
+
+    fn ctx(&self, op: Op) -> OpCtx {
+        OpCtx {
+            op,
+            group: "world".into(),
+            rank: self.rank(),
+            world: self.world_size(),
+            bytes: 0,
+        }
+    }
+
+    /// The control plane of all ranks (host-side exchanges; the CLI uses it to agree on
+    /// benchmark parameters).
+    pub fn control(&self) -> &ControlPlane {
+        self.world.control()
+    }
+}

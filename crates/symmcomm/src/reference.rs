@@ -1,0 +1,189 @@
+//! The f64 reference of every collective, and the comparison of a result with it. Inputs are
+//! given per rank as f64 values; results are compared element by element with a tolerance that
+//! follows the dtype (exact for gathers, max and min; rounding of the type plus f32
+//! accumulation for sums and averages). NaN never passes.
+
+use crate::backend::Collective;
+use crate::dtype::DType;
+use crate::tensor::DimSplit;
+
+/// The expected output of `rank` for per-rank inputs `inputs[r]`, flat (dimension 0) or along
+/// `dim` of the per-rank `shape` (the input shape for all-gather and all-reduce, the output
+/// shape for reduce-scatter; `None` = flat).
+pub fn expected(
+    coll: Collective,
+    inputs: &[Vec<f64>],
+    rank: usize,
+    dim: Option<(usize, &[usize])>,
+) -> Vec<f64> {
+    let world = inputs.len();
+    let n = inputs[0].len();
+    // Along-dim operations in terms of (outer, piece, inner): rank r's piece sits at
+    // [o, r*piece + p, i] of the large tensor.
+    let split = match dim {
+        Some((d, shape)) => DimSplit::of(shape, d).expect("dim within the shape"),
+        None => DimSplit {
+            outer: 1,
+            piece: match coll {
+                Collective::ReduceScatter(_) => n / world,
+                _ => n,
+            },
+            inner: 1,
+        },
+    };
+    let big = |o: usize, r: usize, p: usize, i: usize| {
+        (o * world * split.piece + r * split.piece + p) * split.inner + i
+    };
+    let small = |o: usize, p: usize, i: usize| (o * split.piece + p) * split.inner + i;
+    match coll {
+        Collective::AllReduce(op) => (0..n)
+            .map(|k| op.reduce_f64(inputs.iter().map(|x| x[k])))
+            .collect(),
+        Collective::AllGather => {
+            let mut out = vec![0.0; n * world];
+            for (r, x) in inputs.iter().enumerate() {
+                for o in 0..split.outer {
+                    for p in 0..split.piece {
+                        for i in 0..split.inner {
+                            out[big(o, r, p, i)] = x[small(o, p, i)];
+                        }
+                    }
+                }
+            }
+            out
+        }
+        Collective::ReduceScatter(op) => {
+            let mut out = vec![0.0; n / world];
+            for o in 0..split.outer {
+                for p in 0..split.piece {
+                    for i in 0..split.inner {
+                        out[small(o, p, i)] =
+                            op.reduce_f64(inputs.iter().map(|x| x[big(o, rank, p, i)]));
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+/// The absolute tolerance for element `k` of a reduction whose per-rank inputs at that
+/// position are `terms`.
+pub fn tolerance(coll: Collective, dtype: DType, terms: impl Iterator<Item = f64> + Clone) -> f64 {
+    use crate::dtype::ReduceOp;
+    match coll.reduce() {
+        None | Some(ReduceOp::Max) | Some(ReduceOp::Min) => 0.0,
+        Some(op) => {
+            let n = terms.clone().count();
+            let mut mag: f64 = terms.map(f64::abs).sum();
+            if op == ReduceOp::Avg && n > 0 {
+                mag /= n as f64;
+            }
+            dtype.reduce_tolerance(n) * mag.max(f64::MIN_POSITIVE)
+        }
+    }
+}
+
+/// The first mismatch of a comparison and how many elements differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mismatch {
+    /// Elements outside tolerance.
+    pub wrong: usize,
+    /// Elements compared.
+    pub total: usize,
+    /// First wrong index.
+    pub first_index: usize,
+    /// What was there.
+    pub got: f64,
+    /// What should have been.
+    pub want: f64,
+}
+
+/// Compare `got` (little-endian elements of `dtype`) with `want`; `tol(k)` is the absolute
+/// tolerance of element `k`.
+pub fn compare(
+    dtype: DType,
+    got: &[u8],
+    want: &[f64],
+    tol: impl Fn(usize) -> f64,
+) -> Result<(), Mismatch> {
+    let total = want.len();
+    let mut first: Option<(usize, f64, f64)> = None;
+    let mut wrong = 0;
+    for (k, &w) in want.iter().enumerate() {
+        let g = dtype.read_f64(got, k);
+        let ok = g.is_finite() && (g - w).abs() <= tol(k);
+        if !ok {
+            wrong += 1;
+            if first.is_none() {
+                first = Some((k, g, w));
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((first_index, got, want)) => Err(Mismatch {
+            wrong,
+            total,
+            first_index,
+            got,
+            want,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::ReduceOp;
+
+    #[test]
+    fn flat_references() {
+        let inputs = vec![vec![1.0, 2.0, 3.0, 4.0], vec![10.0, 20.0, 30.0, 40.0]];
+        assert_eq!(
+            expected(Collective::AllReduce(ReduceOp::Sum), &inputs, 0, None),
+            vec![11.0, 22.0, 33.0, 44.0]
+        );
+        assert_eq!(
+            expected(Collective::AllGather, &inputs, 1, None),
+            vec![1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]
+        );
+        assert_eq!(
+            expected(Collective::ReduceScatter(ReduceOp::Max), &inputs, 1, None),
+            vec![30.0, 40.0]
+        );
+    }
+
+    #[test]
+    fn along_dim_references() {
+        // Per-rank [2, 1, 2] gathered along dim 1 into [2, 2, 2].
+        let inputs = vec![vec![0.0, 1.0, 2.0, 3.0], vec![10.0, 11.0, 12.0, 13.0]];
+        let shape = [2, 1, 2];
+        assert_eq!(
+            expected(Collective::AllGather, &inputs, 0, Some((1, &shape))),
+            vec![0.0, 1.0, 10.0, 11.0, 2.0, 3.0, 12.0, 13.0]
+        );
+        // Reduce-scatter along dim 1: inputs [2, 2, 2] -> outputs [2, 1, 2].
+        let inputs = vec![(0..8).map(f64::from).collect::<Vec<_>>(), vec![100.0; 8]];
+        assert_eq!(
+            expected(
+                Collective::ReduceScatter(ReduceOp::Sum),
+                &inputs,
+                1,
+                Some((1, &shape))
+            ),
+            vec![102.0, 103.0, 106.0, 107.0]
+        );
+    }
+
+    #[test]
+    fn compare_finds_the_first_error_and_rejects_nan() {
+        let mut got = vec![0u8; 12];
+        for (k, v) in [1.0, 2.0, f64::NAN].into_iter().enumerate() {
+            DType::F32.write_f64(&mut got, k, v);
+        }
+        let m = compare(DType::F32, &got, &[1.0, 2.5, 3.0], |_| 0.1).unwrap_err();
+        assert_eq!((m.wrong, m.first_index, m.got, m.want), (2, 1, 2.0, 2.5));
+        assert!(compare(DType::F32, &got[..8], &[1.0, 2.05], |_| 0.1).is_ok());
+    }
+}
