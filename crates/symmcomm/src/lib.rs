@@ -18,10 +18,12 @@ pub mod fill;
 pub mod group;
 pub mod memory;
 pub mod policy;
+pub mod rank_threads;
 pub mod pool;
 pub mod reference;
 pub mod symm_pool;
 pub mod tensor;
+pub mod verify;
 
 pub use backend::{Algo, BackendKind, Collective, Impl};
 pub use bootstrap::Bootstrap;
@@ -30,4 +32,11 @@ pub use dtype::{DType, Element, ReduceOp};
 pub use error::{Error, Op, OpCtx, Result};
 pub use group::{Dispatched, EpochCounter, Group, SymmScope};
 pub use policy::{GroupKind, Placement, SymmPolicy};
+pub use rank_threads::run_rank_threads;
 pub use tensor::{Layout, Tensor};
+
+/// How many CUDA devices this process can use with the CUDA backend (driver and NCCL present),
+/// or why none.
+pub fn cuda_devices() -> std::result::Result<usize, String> {
+    backend::cuda::device_count()
+}

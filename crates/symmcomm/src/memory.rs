@@ -28,6 +28,8 @@ pub(crate) struct MemRef {
 }
 
 impl MemRef {
+    /// Address of the first byte of the range.
+    #[allow(dead_code)] // used by the CUDA backend
     pub(crate) fn addr(&self) -> u64 {
         self.mem.addr() + self.offset as u64
     }

@@ -135,11 +135,22 @@ impl SymmPolicy {
 #[serde(rename_all = "snake_case", tag = "action")]
 pub enum EnvAction {
     /// Set to `value` because the user had not set it.
-    Set { value: String },
+    Set {
+        /// The value symmcomm sets.
+        value: String,
+    },
     /// The user's value stays, though symmcomm would have set `wanted`.
-    KeepUser { user: String, wanted: String },
+    KeepUser {
+        /// The user's value.
+        user: String,
+        /// What symmcomm would have set.
+        wanted: String,
+    },
     /// The user's value stays and symmcomm has no wish for this variable.
-    Observe { user: Option<String> },
+    Observe {
+        /// The user's value, if set.
+        user: Option<String>,
+    },
 }
 
 /// One line of the environment plan: a variable, what happens to it, and why.

@@ -134,6 +134,8 @@ impl SymmPool {
     /// Make sure one allocation of up to `bytes` will not grow the pool (call before capture).
     pub(crate) fn reserve(&self, bytes: usize) -> Result<()> {
         let mut st = self.lock();
+        // A zero-byte slot still takes one alignment unit.
+        let bytes = bytes.max(1);
         if st.layout.largest_free() >= bytes {
             return Ok(());
         }
@@ -154,9 +156,15 @@ impl SymmPool {
         let mem = self
             .group
             .alloc_segment(segment_bytes, &self.ctx(Op::Register, segment_bytes))?;
-        let index = st.layout.add_segment(segment_bytes);
-        debug_assert_eq!(index, st.segments.len());
-        st.map.insert(mem.addr(), segment_bytes, index);
+        let index = st.layout.segment_count();
+        st.map
+            .try_insert(mem.addr(), segment_bytes, index)
+            .map_err(|detail| Error::InvalidArgument {
+                ctx: self.ctx(Op::Register, segment_bytes),
+                detail: format!("the backend returned a segment that overlaps another: {detail}"),
+            })?;
+        let added = st.layout.add_segment(segment_bytes);
+        debug_assert_eq!(added, index);
         st.segments.push(mem);
         tracing::debug!(group = %self.label, index, segment_bytes, "symmetric pool grew");
         Ok(())

@@ -13,6 +13,11 @@ pub(crate) fn probe() -> std::result::Result<(), String> {
     Err("the CUDA backend is not built yet".into())
 }
 
+/// Number of usable devices, or why none.
+pub(crate) fn device_count() -> std::result::Result<usize, String> {
+    probe().map(|()| 0)
+}
+
 /// Start the CUDA device of this rank.
 pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn RankBackend>> {
     let _ = (boot, config);

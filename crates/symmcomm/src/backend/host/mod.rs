@@ -89,10 +89,6 @@ impl HostQueue {
             }
         }
     }
-
-    pub(crate) fn capturing(&self) -> bool {
-        self.rec().is_some()
-    }
 }
 
 impl HostDevice {
@@ -242,7 +238,7 @@ impl RankBackend for HostDevice {
     }
 
     fn capturing(&self) -> bool {
-        self.rec().is_some()
+        self.queue.rec().is_some()
     }
 
     fn synchronize(&self) -> Result<()> {

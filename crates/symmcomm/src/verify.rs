@@ -1,0 +1,245 @@
+//! Checked runs of one collective: fresh generator inputs, a poisoned output, the call, and a
+//! comparison with the f64 reference recomputed on the host from every rank's seed. Tests,
+//! `symmcomm check` and every benchmark row use it, on any backend.
+
+use crate::backend::{Collective, Impl};
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::fill;
+use crate::group::{Dispatched, Group};
+use crate::reference::{self, Mismatch};
+use crate::tensor::Tensor;
+
+/// One case: which collective, on what, with which implementation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    /// The collective.
+    pub coll: Collective,
+    /// Element type.
+    pub dtype: DType,
+    /// Per-rank input shape.
+    pub shape: Vec<usize>,
+    /// `Some(d)`: gather or scatter along dimension `d`; `None`: flat.
+    pub dim: Option<usize>,
+    /// Implementation to request.
+    pub imp: Impl,
+    /// Put the input in the group's symmetric pool (else plain memory).
+    pub input_symm: bool,
+    /// Put the output in the group's symmetric pool (else plain memory).
+    pub output_symm: bool,
+    /// Seed of the inputs.
+    pub seed: u64,
+}
+
+impl Case {
+    /// The per-rank output shape.
+    pub fn output_shape(&self, world: usize) -> Vec<usize> {
+        let mut s = self.shape.clone();
+        match (self.coll, self.dim) {
+            (Collective::AllReduce(_), _) => {}
+            (Collective::AllGather, Some(d)) => s[d] *= world,
+            (Collective::ReduceScatter(_), Some(d)) => s[d] /= world,
+            (Collective::AllGather, None) => s = vec![self.shape.iter().product::<usize>() * world],
+            (Collective::ReduceScatter(_), None) => s = vec![self.shape.iter().product::<usize>() / world],
+        }
+        s
+    }
+}
+
+/// Buffers of a case, allocated once and reusable across runs.
+#[derive(Clone, Debug)]
+pub struct CaseBuffers {
+    /// Input.
+    pub input: Tensor,
+    /// Output.
+    pub output: Tensor,
+}
+
+/// Allocate a case's buffers on `group`.
+pub fn alloc(group: &Group, case: &Case) -> Result<CaseBuffers> {
+    let out_shape = case.output_shape(group.size());
+    let input = if case.input_symm {
+        group.alloc_symmetric(case.dtype, &case.shape)?
+    } else {
+        group.alloc_plain(case.dtype, &case.shape)?
+    };
+    let output = if case.output_symm {
+        group.alloc_symmetric(case.dtype, &out_shape)?
+    } else {
+        group.alloc_plain(case.dtype, &out_shape)?
+    };
+    Ok(CaseBuffers { input, output })
+}
+
+/// Enqueue one run: fill the input for `epoch` (`counter` when given, else epoch 0), poison
+/// the output, run the collective.
+pub fn enqueue(
+    group: &Group,
+    case: &Case,
+    bufs: &CaseBuffers,
+    counter: Option<&crate::group::EpochCounter>,
+) -> Result<Dispatched> {
+    group.fill_random(&bufs.input, case.seed, counter)?;
+    group.poison(&bufs.output)?;
+    group.collective(case.coll, &bufs.input, &bufs.output, case.dim, case.imp)
+}
+
+/// Every rank's input at `epoch`, as f64 values.
+fn inputs(case: &Case, world: usize, epoch: u64) -> Vec<Vec<f64>> {
+    let n: usize = case.shape.iter().product();
+    (0..world)
+        .map(|r| {
+            (0..n)
+                .map(|i| fill::value(case.dtype, case.seed, r as u64, epoch, i as u64))
+                .collect()
+        })
+        .collect()
+}
+
+/// Compare `got` (this rank's output bytes after a run at `epoch`) with the reference.
+pub fn compare(case: &Case, world: usize, rank: usize, epoch: u64, got: &[u8]) -> std::result::Result<(), Mismatch> {
+    match case.dim {
+        None => compare_flat(case, world, rank, epoch, got),
+        Some(d) => compare_dim(case, d, world, rank, epoch, got),
+    }
+}
+
+/// Along a dimension: materialise every rank's input and use the general reference.
+fn compare_dim(case: &Case, d: usize, world: usize, rank: usize, epoch: u64, got: &[u8]) -> std::result::Result<(), Mismatch> {
+    let xs = inputs(case, world, epoch);
+    let shape = match case.coll {
+        Collective::ReduceScatter(_) => case.output_shape(world),
+        _ => case.shape.clone(),
+    };
+    let dim = Some((d, shape.as_slice()));
+    let want = reference::expected(case.coll, &xs, rank, dim);
+    let tol: Vec<f64> = match case.coll.reduce() {
+        None => vec![0.0; want.len()],
+        Some(_) => {
+            // Σ|x| at each output position: the same reference on absolute values with a sum.
+            let abs: Vec<Vec<f64>> = xs.iter().map(|x| x.iter().map(|v| v.abs()).collect()).collect();
+            let sum = match case.coll {
+                Collective::AllReduce(_) => Collective::AllReduce(ReduceOp::Sum),
+                _ => Collective::ReduceScatter(ReduceOp::Sum),
+            };
+            reference::expected(sum, &abs, rank, dim)
+                .iter()
+                .map(|&m| tolerance_for(case, world, m))
+                .collect()
+        }
+    };
+    reference::compare(case.dtype, got, &want, |k| tol[k])
+}
+
+/// The tolerance of one reduced element whose inputs have Σ|x| = `mag`.
+fn tolerance_for(case: &Case, world: usize, mag: f64) -> f64 {
+    reference::tolerance(
+        case.coll,
+        case.dtype,
+        std::iter::once(mag).chain(std::iter::repeat_n(0.0, world - 1)),
+    )
+}
+
+/// Flat operations: every expected element is recomputed from the generator on the fly, in
+/// parallel over chunks, so multi-GiB outputs check without materialising the inputs.
+fn compare_flat(case: &Case, world: usize, rank: usize, epoch: u64, got: &[u8]) -> std::result::Result<(), Mismatch> {
+    let n_in: usize = case.shape.iter().product();
+    let e = case.dtype.size();
+    let n_out = got.len() / e;
+    let expected_at = |k: usize| -> (f64, f64) {
+        let v = |r: usize, i: usize| fill::value(case.dtype, case.seed, r as u64, epoch, i as u64);
+        match case.coll {
+            Collective::AllGather => (v(k / n_in, k % n_in), 0.0),
+            Collective::AllReduce(op) => {
+                let want = op.reduce_f64((0..world).map(|r| v(r, k)));
+                let mag: f64 = (0..world).map(|r| v(r, k).abs()).sum();
+                (want, tolerance_for(case, world, mag))
+            }
+            Collective::ReduceScatter(op) => {
+                let i = rank * n_out + k;
+                let want = op.reduce_f64((0..world).map(|r| v(r, i)));
+                let mag: f64 = (0..world).map(|r| v(r, i).abs()).sum();
+                (want, tolerance_for(case, world, mag))
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(64);
+    let chunk = n_out.div_ceil(threads).max(1 << 14);
+    let results: Vec<std::result::Result<(), Mismatch>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n_out)
+            .step_by(chunk)
+            .map(|start| {
+                let end = (start + chunk).min(n_out);
+                s.spawn(move || {
+                    let mut wrong = 0;
+                    let mut first = None;
+                    for k in start..end {
+                        let (want, tol) = expected_at(k);
+                        let g = case.dtype.read_f64(got, k);
+                        if !(g.is_finite() && (g - want).abs() <= tol) {
+                            wrong += 1;
+                            first.get_or_insert((k, g, want));
+                        }
+                    }
+                    match first {
+                        None => Ok(()),
+                        Some((first_index, got, want)) => Err(Mismatch {
+                            wrong,
+                            total: n_out,
+                            first_index,
+                            got,
+                            want,
+                        }),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("checker thread")).collect()
+    });
+    let mut total_wrong = 0;
+    let mut first: Option<Mismatch> = None;
+    for r in results {
+        if let Err(m) = r {
+            total_wrong += m.wrong;
+            first.get_or_insert(m);
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(mut m) => {
+            m.wrong = total_wrong;
+            Err(m)
+        }
+    }
+}
+
+/// Run a case once on every rank of `group` (collective) and check this rank's output.
+pub fn run_checked(group: &Group, case: &Case) -> Result<Dispatched> {
+    let bufs = alloc(group, case)?;
+    let d = enqueue(group, case, &bufs, None)?;
+    let got = group.download_bytes(&bufs.output)?;
+    check(group, case, 0, &got)?;
+    Ok(d)
+}
+
+/// Turn a comparison into an error naming the group and rank.
+pub fn check(group: &Group, case: &Case, epoch: u64, got: &[u8]) -> Result<()> {
+    compare(case, group.size(), group.rank(), epoch, got).map_err(|m| Error::WrongResult {
+        ctx: OpCtx {
+            op: match case.coll {
+                Collective::AllReduce(_) => Op::AllReduce,
+                Collective::AllGather => Op::AllGather,
+                Collective::ReduceScatter(_) => Op::ReduceScatter,
+            },
+            group: group.label().into(),
+            rank: group.rank(),
+            world: group.size(),
+            bytes: got.len(),
+        },
+        wrong: m.wrong,
+        total: m.total,
+        first_index: m.first_index,
+        got: m.got,
+        want: m.want,
+    })
+}
