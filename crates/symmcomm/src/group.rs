@@ -804,14 +804,18 @@ impl Group {
         let reorder_in = plan.reorder.is_some() && matches!(coll, Collective::ReduceScatter(_));
         let reorder_out = plan.reorder.is_some() && matches!(coll, Collective::AllGather);
 
+        // Whether an implementation can run this op, dtype, size and world at all; where the
+        // buffers lie is the dispatcher's and the symmetry check's business, so the probe
+        // presents both sides as windows.
+        let any_window = Some(SymmLoc { segment: 0, offset: 0 });
         let probe = |imp: Impl| Call {
             coll,
             dtype,
             piece: plan.piece,
             input: input.buf.mem_ref(input.byte_offset()),
-            input_symm: in_loc,
+            input_symm: any_window,
             output: output.buf.mem_ref(output.byte_offset()),
-            output_symm: out_loc,
+            output_symm: any_window,
             imp,
             ctx: ctx.clone(),
         };

@@ -1,0 +1,497 @@
+//! Collectives against the f64 reference on fresh random inputs, on every backend present:
+//! flat and along every dimension, every dtype and reduction, odd sizes, regular and symmetric
+//! paths, `auto` with and without staging, graphs over several groups, and every bad input.
+
+mod common;
+
+use common::TestBackend;
+use symmcomm::dispatch::{DispatchRow, DispatchTable};
+use symmcomm::pool::{CheckMode, PoolConfig};
+use symmcomm::verify::{self, Case};
+use symmcomm::{
+    Collective, CommConfig, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy, TableSource,
+    run_rank_threads,
+};
+
+fn small_pool(mut c: CommConfig) -> CommConfig {
+    c.pool = PoolConfig {
+        segment_bytes: 1 << 20,
+        alignment: 256,
+        granularity: 1 << 16,
+    };
+    c
+}
+
+fn all_ok<R: std::fmt::Debug>(results: Vec<symmcomm::Result<R>>) -> Vec<R> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(r, x)| x.unwrap_or_else(|e| panic!("rank {r}: {e}")))
+        .collect()
+}
+
+fn colls() -> Vec<Collective> {
+    let mut v = vec![Collective::AllGather];
+    for op in ReduceOp::ALL {
+        v.push(Collective::AllReduce(op));
+        v.push(Collective::ReduceScatter(op));
+    }
+    v
+}
+
+fn dtypes_for(c: Collective) -> &'static [DType] {
+    if c.reduce().is_some() { &DType::FLOATS } else { &DType::ALL }
+}
+
+fn flat_collectives(b: TestBackend) {
+    let seed = common::seed();
+    for world in [2, 3, 4, 8] {
+        if !b.can_run(world) {
+            continue;
+        }
+        let cfg = small_pool(b.config());
+        all_ok(run_rank_threads(world, &cfg, |comm| {
+            let g = comm.world();
+            let mut n = 0u64;
+            for coll in colls() {
+                for &dtype in dtypes_for(coll) {
+                    // Odd sizes and one that spans several 16-byte vectors; reduce-scatter
+                    // inputs are multiples of the world size.
+                    for base in [1usize, 7, 1001] {
+                        let elems = match coll {
+                            Collective::ReduceScatter(_) => base * world,
+                            _ => base,
+                        };
+                        for (imp, symm) in [
+                            (Impl::Regular, false),
+                            (Impl::Symmetric, true),
+                            (Impl::Auto, false),
+                            (Impl::Auto, true),
+                        ] {
+                            n += 1;
+                            let case = Case {
+                                coll,
+                                dtype,
+                                shape: vec![elems],
+                                dim: None,
+                                imp,
+                                input_symm: symm,
+                                output_symm: symm,
+                                seed: seed ^ n,
+                            };
+                            let d = verify::run_checked(g, &case)
+                                .map_err(|e| wrong(e, &case))?;
+                            if imp == Impl::Auto {
+                                // NCCL's rule without a table: symmetric iff both in windows.
+                                let want = if symm { Impl::Symmetric } else { Impl::Regular };
+                                assert_eq!(d.imp, want, "{case:?}: {}", d.reason);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(n)
+        }));
+    }
+}
+
+fn wrong(e: Error, case: &Case) -> Error {
+    eprintln!("failed case: {case:?}");
+    e
+}
+
+fn dim_collectives(b: TestBackend) {
+    let seed = common::seed();
+    for world in [2, 3, 4] {
+        if !b.can_run(world) {
+            continue;
+        }
+        let cfg = small_pool(b.config());
+        all_ok(run_rank_threads(world, &cfg, |comm| {
+            let g = comm.world();
+            let mut n = 0u64;
+            for coll in [
+                Collective::AllGather,
+                Collective::ReduceScatter(ReduceOp::Sum),
+                Collective::ReduceScatter(ReduceOp::Max),
+            ] {
+                for dtype in [DType::BF16, DType::F32] {
+                    for dim in 0..3 {
+                        let mut shape = vec![3, 5, 2];
+                        if matches!(coll, Collective::ReduceScatter(_)) {
+                            shape[dim] *= world;
+                        }
+                        for (imp, symm) in [(Impl::Regular, false), (Impl::Symmetric, true), (Impl::Auto, true)] {
+                            n += 1;
+                            let case = Case {
+                                coll,
+                                dtype,
+                                shape: shape.clone(),
+                                dim: Some(dim),
+                                imp,
+                                input_symm: symm,
+                                output_symm: symm,
+                                seed: seed ^ (n << 20),
+                            };
+                            verify::run_checked(g, &case).map_err(|e| wrong(e, &case))?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }));
+    }
+}
+
+/// Every bad input gets its own error and leaves the poisoned output untouched.
+fn bad_inputs(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let cfg = small_pool(b.config());
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let poisoned = |t: &symmcomm::Tensor| -> symmcomm::Result<bool> {
+            Ok(g.download_bytes(t)?.iter().all(|&x| x == 0xFF))
+        };
+        let x = g.alloc_symmetric(DType::BF16, &[8])?;
+        g.fill_random(&x, 1, None)?;
+
+        let out = g.alloc_symmetric(DType::F32, &[8])?;
+        g.poison(&out)?;
+        let e = g.all_reduce(&x, &out, ReduceOp::Sum).unwrap_err();
+        assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+        assert!(poisoned(&out)?);
+
+        let odd = g.alloc_symmetric(DType::BF16, &[7])?;
+        let out = g.alloc_symmetric(DType::BF16, &[3])?;
+        g.poison(&out)?;
+        let e = g.reduce_scatter(&odd, &out, ReduceOp::Sum).unwrap_err();
+        assert!(matches!(e, Error::NotDivisible { len: 7, world: 2, .. }), "{e}");
+        assert!(poisoned(&out)?);
+
+        let m = g.alloc_symmetric(DType::BF16, &[2, 4])?;
+        let t = m.transpose(0, 1).unwrap();
+        let out = g.alloc_symmetric(DType::BF16, &[4, 2])?;
+        g.poison(&out)?;
+        let e = g.all_reduce(&t, &out, ReduceOp::Sum).unwrap_err();
+        assert!(matches!(e, Error::NotContiguous { .. }), "{e}");
+        assert!(poisoned(&out)?);
+
+        let small = g.alloc_symmetric(DType::BF16, &[15])?;
+        g.poison(&small)?;
+        let e = g.all_gather(&x, &small).unwrap_err();
+        assert!(matches!(e, Error::OutputTooSmall { needed: 16, got: 15, .. }), "{e}");
+        assert!(poisoned(&small)?);
+
+        let ints = g.alloc_symmetric(DType::I32, &[8])?;
+        let out = g.alloc_symmetric(DType::I32, &[8])?;
+        g.poison(&out)?;
+        let e = g.all_reduce(&ints, &out, ReduceOp::Sum).unwrap_err();
+        assert!(matches!(e, Error::OpNotAllowed { dtype: DType::I32, .. }), "{e}");
+        assert!(poisoned(&out)?);
+
+        let plain = g.alloc_plain(DType::BF16, &[8])?;
+        let out = g.alloc_symmetric(DType::BF16, &[8])?;
+        g.poison(&out)?;
+        let e = g
+            .collective(Collective::AllReduce(ReduceOp::Sum), &plain, &out, None, Impl::Symmetric)
+            .unwrap_err();
+        assert!(matches!(e, Error::NotSymmetric { .. }), "{e}");
+        assert!(poisoned(&out)?);
+
+        let cube = g.alloc_symmetric(DType::BF16, &[2, 2, 2])?;
+        let out = g.alloc_symmetric(DType::BF16, &[2, 2, 4])?;
+        g.poison(&out)?;
+        let e = g.all_gather_dim(&cube, &out, 3).unwrap_err();
+        assert!(matches!(e, Error::BadDim { dim: 3, ndim: 3, .. }), "{e}");
+        let e = g.all_gather_dim(&cube, &out, 1).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+        assert!(poisoned(&out)?);
+
+        let big = g.alloc_symmetric(DType::BF16, &[16])?;
+        g.poison(&big)?;
+        let a = big.narrow(0, 0, 8).unwrap();
+        let c = big.narrow(0, 4, 8).unwrap();
+        let e = g.all_reduce(&a, &c, ReduceOp::Sum).unwrap_err();
+        assert!(matches!(e, Error::Overlap { .. }), "{e}");
+        assert!(poisoned(&big)?);
+
+        // A window of another group: refused by the symmetric path.
+        let other = comm.split(GroupKind::Tp, 0)?;
+        let foreign = other.alloc_symmetric(DType::BF16, &[8])?;
+        let out = g.alloc_symmetric(DType::BF16, &[8])?;
+        g.poison(&out)?;
+        let e = g
+            .collective(Collective::AllReduce(ReduceOp::Sum), &foreign, &out, None, Impl::Symmetric)
+            .unwrap_err();
+        assert!(matches!(e, Error::ForeignBuffer { .. }), "{e}");
+        assert!(poisoned(&out)?);
+        // ...but the regular path may read any memory of this communicator.
+        verify::check(
+            g,
+            &Case {
+                coll: Collective::AllReduce(ReduceOp::Sum),
+                dtype: DType::BF16,
+                shape: vec![8],
+                dim: None,
+                imp: Impl::Regular,
+                input_symm: true,
+                output_symm: true,
+                seed: 5,
+            },
+            0,
+            &{
+                other.fill_random(&foreign, 5, None)?;
+                // fill_random uses the group rank, equal in both groups here
+                g.collective(Collective::AllReduce(ReduceOp::Sum), &foreign, &out, None, Impl::Regular)?;
+                g.download_bytes(&out)?
+            },
+        )?;
+        Ok(())
+    }));
+}
+
+/// Buffers of one communicator are refused by another.
+fn foreign_communicator(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let cfg = small_pool(b.config());
+    // Two communicators on the same thread ranks: start both, use a buffer across them.
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let mine = g.alloc_symmetric(DType::F32, &[4])?;
+        let boot = symmcomm::Bootstrap::threads(1, std::time::Duration::from_secs(5)).remove(0);
+        let lone = symmcomm::Communicator::new(boot, small_pool(TestBackend::Host.config()))?;
+        let theirs = lone.world().alloc_plain(DType::F32, &[4])?;
+        let e = g.all_reduce(&theirs, &mine, ReduceOp::Sum).unwrap_err();
+        assert!(matches!(e, Error::ForeignBuffer { .. }), "{e}");
+        Ok(())
+    }));
+}
+
+/// Collectives of two groups captured into one graph, fresh inputs written by a producer right
+/// before each collective, every replay checked.
+fn graph_of_two_groups(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let seed = common::seed();
+    let cfg = small_pool(b.config());
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let tp = comm.split(GroupKind::Tp, 0)?;
+        let dcp = comm.split(GroupKind::Dcp, 0)?;
+        let cases = [
+            (
+                &tp,
+                Case {
+                    coll: Collective::AllReduce(ReduceOp::Sum),
+                    dtype: DType::BF16,
+                    shape: vec![4096],
+                    dim: None,
+                    imp: Impl::Symmetric,
+                    input_symm: true,
+                    output_symm: true,
+                    seed,
+                },
+            ),
+            (
+                &dcp,
+                Case {
+                    coll: Collective::AllGather,
+                    dtype: DType::F16,
+                    shape: vec![4, 3, 8],
+                    dim: Some(1),
+                    imp: Impl::Symmetric,
+                    input_symm: true,
+                    output_symm: false,
+                    seed: seed ^ 1,
+                },
+            ),
+            (
+                &dcp,
+                Case {
+                    coll: Collective::ReduceScatter(ReduceOp::Avg),
+                    dtype: DType::F32,
+                    shape: vec![1000],
+                    dim: None,
+                    imp: Impl::Regular,
+                    input_symm: false,
+                    output_symm: false,
+                    seed: seed ^ 2,
+                },
+            ),
+        ];
+        let bufs: Vec<_> = cases
+            .iter()
+            .map(|(g, c)| verify::alloc(g, c))
+            .collect::<symmcomm::Result<_>>()?;
+        for (g, _) in &cases {
+            g.reserve(1 << 16)?;
+        }
+        let counter = tp.epoch_counter()?;
+        comm.begin_capture()?;
+        tp.bump(&counter)?;
+        for ((g, c), bf) in cases.iter().zip(&bufs) {
+            verify::enqueue(g, c, bf, Some(&counter))?;
+        }
+        let graph = comm.end_capture()?;
+        for replay in 1..=12u64 {
+            graph.replay()?;
+            comm.synchronize()?;
+            assert_eq!(tp.epoch(&counter)?, replay);
+            for ((g, c), bf) in cases.iter().zip(&bufs) {
+                let got = g.download_bytes(&bf.output)?;
+                verify::check(g, c, replay, &got)?;
+            }
+        }
+        Ok(())
+    }));
+}
+
+/// Growing a pool while capturing is an error, on every rank, not a hang.
+fn pool_growth_during_capture(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let cfg = small_pool(b.config());
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let _warm = g.alloc_symmetric(DType::U8, &[1024])?;
+        comm.begin_capture()?;
+        let e = g.alloc_symmetric(DType::U8, &[8 << 20]).unwrap_err();
+        assert!(matches!(e, Error::DuringCapture { .. }), "{e}");
+        let e = g.alloc_plain(DType::U8, &[16]).unwrap_err();
+        assert!(matches!(e, Error::DuringCapture { .. }), "{e}");
+        // A slot that fits the existing segment is fine during capture.
+        let fits = g.alloc_symmetric(DType::U8, &[1024])?;
+        drop(fits);
+        let _graph = comm.end_capture()?;
+        Ok(())
+    }));
+}
+
+/// `auto` stages a plain input into a window where the table says that wins.
+fn auto_stages_by_table(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let seed = common::seed();
+    let mut cfg = small_pool(b.config());
+    cfg.table = TableSource::Given(DispatchTable {
+        source: "test".into(),
+        device: "any".into(),
+        backend: symmcomm::BackendKind::Host,
+        rows: vec![
+            DispatchRow {
+                op: "all_reduce".into(),
+                dtype: DType::BF16,
+                world: 2,
+                max_bytes: 1 << 16,
+                best: Impl::Symmetric,
+                stage: true,
+                measured_us: Default::default(),
+            },
+            DispatchRow {
+                op: "all_reduce".into(),
+                dtype: DType::BF16,
+                world: 2,
+                max_bytes: usize::MAX,
+                best: Impl::Regular,
+                stage: false,
+                measured_us: Default::default(),
+            },
+        ],
+    });
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let mut case = Case {
+            coll: Collective::AllReduce(ReduceOp::Sum),
+            dtype: DType::BF16,
+            shape: vec![3000],
+            dim: None,
+            imp: Impl::Auto,
+            input_symm: false,
+            output_symm: false,
+            seed,
+        };
+        let d = verify::run_checked(g, &case)?;
+        assert_eq!(d.imp, Impl::Symmetric, "{}", d.reason);
+        assert!(d.staged_input && d.staged_output);
+        case.shape = vec![1 << 16];
+        let d = verify::run_checked(g, &case)?;
+        assert_eq!(d.imp, Impl::Regular, "{}", d.reason);
+        Ok(())
+    }));
+}
+
+/// Ranks that ask their pools for different sizes are stopped before registering, on every
+/// rank, with the first differing request named.
+fn spmd_divergence(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let mut cfg = small_pool(b.config());
+    cfg.check = CheckMode::AtRegistration;
+    let results = run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let _same = g.alloc_symmetric(DType::U8, &[100])?;
+        let n = if comm.rank() == 0 { 4 << 20 } else { 5 << 20 };
+        g.alloc_symmetric(DType::U8, &[n]).map(|_| ())
+    });
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            Err(Error::SpmdDivergence { index, mine, theirs, .. }) => {
+                // request #0 is the 100-byte one; #1 is the first difference... but the first
+                // registration (for #0) verified only #0, so the divergence is #1.
+                assert_eq!(index, 1, "rank {r}");
+                let both = format!("{mine} / {theirs}");
+                assert!(both.contains("4194304") && both.contains("5242880"), "rank {r}: {both}");
+            }
+            other => panic!("rank {r}: expected SpmdDivergence, got {other:?}"),
+        }
+    }
+}
+
+/// Scopes follow seed 003's policy; raw addresses are found in the segment map.
+fn scopes_and_lookup(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let mut cfg = small_pool(b.config());
+    cfg.policy = SymmPolicy {
+        enabled: true,
+        dcp_size: 2,
+    };
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let tp = comm.split(GroupKind::Tp, 0)?;
+        let dcp = comm.split(GroupKind::Dcp, 0)?;
+        assert!(matches!(tp.scope(false).placement(), Placement::Plain(_)));
+        assert_eq!(dcp.scope(false).placement(), Placement::Symmetric);
+        assert!(matches!(dcp.scope(true).placement(), Placement::Plain(_)));
+        let t = dcp.scope(false).alloc(DType::BF16, &[1000])?;
+        assert!(t.is_symmetric());
+        let p = tp.scope(false).alloc(DType::BF16, &[1000])?;
+        assert!(!p.is_symmetric());
+        let hit = dcp.lookup(t.addr()).expect("a window address is found");
+        assert_eq!(hit.segment, 0);
+        let last = dcp.lookup(t.addr() + t.bytes() as u64 - 1).expect("last byte");
+        assert_eq!(last.offset, hit.offset + t.bytes() - 1);
+        assert!(dcp.lookup(p.addr()).is_none());
+        assert!(tp.lookup(t.addr()).is_none());
+        Ok(())
+    }));
+}
+
+backend_tests!(
+    flat_collectives,
+    dim_collectives,
+    bad_inputs,
+    foreign_communicator,
+    graph_of_two_groups,
+    pool_growth_during_capture,
+    auto_stages_by_table,
+    spmd_divergence,
+    scopes_and_lookup,
+);

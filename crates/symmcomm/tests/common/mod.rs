@@ -1,0 +1,78 @@
+//! Shared by the integration tests: which backends a test body runs on, fresh seeds, and the
+//! rule that GPU tests skip with a message when no GPU is present and fail instead when
+//! `SYMMCOMM_REQUIRE_GPU=1`.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use symmcomm::{BackendChoice, CommConfig, TableSource};
+
+/// A backend a test body can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestBackend {
+    Host,
+    Cuda,
+}
+
+impl TestBackend {
+    /// The configuration for this backend, with a short deadline so failures do not hang.
+    pub fn config(self) -> CommConfig {
+        CommConfig {
+            backend: match self {
+                TestBackend::Host => BackendChoice::Host,
+                TestBackend::Cuda => BackendChoice::Cuda,
+            },
+            timeout: Duration::from_secs(30),
+            table: TableSource::None,
+            ..CommConfig::default()
+        }
+    }
+
+    /// Whether a world of `world` ranks can run here; prints why not. Panics when the GPU is
+    /// required but missing.
+    pub fn can_run(self, world: usize) -> bool {
+        match self {
+            TestBackend::Host => true,
+            TestBackend::Cuda => {
+                let require = std::env::var("SYMMCOMM_REQUIRE_GPU").is_ok_and(|v| v == "1");
+                match symmcomm::cuda_devices() {
+                    Ok(n) if n >= world => true,
+                    Ok(n) => {
+                        // Too few GPUs for this world size is a skip even when GPUs are required.
+                        eprintln!("SKIP: {world} ranks need {world} GPUs, {n} present");
+                        false
+                    }
+                    Err(why) => {
+                        assert!(!require, "SYMMCOMM_REQUIRE_GPU=1 but the CUDA backend cannot start: {why}");
+                        eprintln!("SKIP: no GPU ({why}); set SYMMCOMM_REQUIRE_GPU=1 to fail instead");
+                        false
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A fresh seed per test run, printed so a failure can be replayed with `SYMMCOMM_SEED`.
+pub fn seed() -> u64 {
+    let s = std::env::var("SYMMCOMM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("seed {s} (replay with SYMMCOMM_SEED={s})");
+    s
+}
+
+/// Define one test per backend from a body `fn(TestBackend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod host {
+            $(#[test] fn $name() { super::$name($crate::common::TestBackend::Host) })*
+        }
+        mod cuda {
+            $(#[test] fn $name() { super::$name($crate::common::TestBackend::Cuda) })*
+        }
+    };
+}
