@@ -57,6 +57,9 @@ pub struct CommConfig {
     pub table: TableSource,
     /// CUDA device ordinal; `None` = the bootstrap's local rank.
     pub device: Option<usize>,
+    /// On NCCL 2.28.0–2.30.6, put a guard kernel before each NCCL symmetric kernel so it
+    /// cannot read its input before the producer finished. Turn off only to measure the hazard.
+    pub pdl_guard: bool,
 }
 
 impl Default for CommConfig {
@@ -69,6 +72,7 @@ impl Default for CommConfig {
             timeout: Duration::from_secs(60),
             table: TableSource::Builtin,
             device: None,
+            pdl_guard: true,
         }
     }
 }

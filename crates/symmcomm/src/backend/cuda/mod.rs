@@ -1,27 +1,485 @@
-//! The CUDA backend: NCCL communicators, symmetric windows from `ncclMemAlloc`, CUDA graphs,
-//! and our own kernels compiled by NVRTC.
+//! The CUDA backend: one device and one stream per rank, NCCL communicators per group,
+//! symmetric windows from `ncclMemAlloc`, CUDA graph capture, and our kernels compiled by
+//! NVRTC. Every wait polls NCCL's asynchronous errors against the communicator's deadline.
 
-use std::sync::Arc;
+mod driver;
+mod group;
+mod memory;
+mod modules;
+mod nccl;
 
-use crate::backend::RankBackend;
-use crate::bootstrap::Bootstrap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaContext, CudaGraph, CudaStream};
+use nccl_sys::{Nccl, Version};
+
+use self::driver::{Event, check};
+use self::group::CudaGroup;
+use self::memory::DeviceAlloc;
+use self::modules::UtilKernels;
+use self::nccl::NcclComm;
+use crate::backend::{BackendKind, Copy2d, FillSpec, GraphExec, GroupBackend, RankBackend};
+use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::comm::CommConfig;
-use crate::error::{Error, Result};
+use crate::dtype::DType;
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::memory::{MemRef, Memory};
 
-/// Whether the CUDA backend can start here: a driver, a GPU and NCCL.
-pub(crate) fn probe() -> std::result::Result<(), String> {
-    Err("the CUDA backend is not built yet".into())
+/// NCCL 2.28.0 to 2.30.6 launch their symmetric kernels with programmatic dependent launch
+/// but lost the `cudaGridDependencySynchronize` those kernels need (restored in 2.30.7).
+pub fn pdl_hazard(v: Version) -> bool {
+    Version::new(2, 28, 0) <= v && v <= Version::new(2, 30, 6)
+}
+
+/// Whether the CUDA backend can start here: the driver, a device, and NCCL. Returns the
+/// number of devices.
+pub(crate) fn probe() -> std::result::Result<usize, String> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver (libcuda.so.1 not found)".into());
+    }
+    cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e}"))?;
+    let n = cudarc::driver::result::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e}"))?;
+    if n <= 0 {
+        return Err("the CUDA driver sees no device".into());
+    }
+    Nccl::load().map_err(|e| e.to_string())?;
+    Ok(n as usize)
 }
 
 /// Number of usable devices, or why none.
 pub(crate) fn device_count() -> std::result::Result<usize, String> {
-    probe().map(|()| 0)
+    probe()
+}
+
+/// The NCCL library the backend uses, if it loads.
+pub fn nccl() -> std::result::Result<&'static Nccl, String> {
+    Nccl::load().map_err(|e| e.to_string())
 }
 
 /// Start the CUDA device of this rank.
 pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn RankBackend>> {
-    let _ = (boot, config);
-    Err(Error::NoGpu {
-        reason: probe().unwrap_err(),
+    let count = probe().map_err(|reason| Error::NoGpu { reason })?;
+    let ordinal = config.device.unwrap_or(boot.local_rank);
+    let op = OpCtx {
+        op: Op::Init,
+        group: format!("cuda:{ordinal}"),
+        rank: boot.rank,
+        world: boot.world_size,
+        bytes: 0,
+    };
+    if ordinal >= count {
+        return Err(Error::NoGpu {
+            reason: format!("rank {} wants device {ordinal}, but only {count} are visible", boot.rank),
+        });
+    }
+    let cu = |e: cudarc::driver::DriverError, call: &'static str| Error::Cuda {
+        ctx: op.clone(),
+        call,
+        message: e.to_string(),
+    };
+    let ctx = CudaContext::new(ordinal).map_err(|e| cu(e, "cuDevicePrimaryCtxRetain"))?;
+    // SAFETY: symmcomm never hands cudarc slices to this context, so nothing relies on
+    // cudarc's event tracking.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(|e| cu(e, "cuStreamCreate"))?;
+    let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+    let cc = ctx.compute_capability().map_err(|e| cu(e, "cuDeviceGetAttribute"))?;
+    let nccl = Nccl::load()?;
+    let dev = Arc::new(DeviceShared {
+        rank: boot.rank,
+        ordinal,
+        ctx,
+        stream,
+        nccl,
+        name,
+        cc,
+        util: OnceLock::new(),
+        scratch: OnceLock::new(),
+        capturing: AtomicBool::new(false),
+        graph: Mutex::new(()),
+        comms: Mutex::new(Vec::new()),
+        timeout: config.timeout,
+        pdl_guard: config.pdl_guard && pdl_hazard(nccl.version()),
+    });
+    Ok(Arc::new(CudaDevice { dev }))
+}
+
+/// What a rank's device and its groups share.
+#[derive(Debug)]
+pub(crate) struct DeviceShared {
+    rank: usize,
+    ordinal: usize,
+    pub(crate) ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pub(crate) nccl: &'static Nccl,
+    name: String,
+    cc: (i32, i32),
+    util: OnceLock<std::result::Result<UtilKernels, String>>,
+    scratch: OnceLock<DeviceAlloc>,
+    capturing: AtomicBool,
+    /// Serialises capture begin/end.
+    graph: Mutex<()>,
+    comms: Mutex<Vec<Weak<NcclComm>>>,
+    timeout: Duration,
+    /// Launch the guard kernel before NCCL's symmetric kernels (affected NCCL versions).
+    pub(crate) pdl_guard: bool,
+}
+
+impl DeviceShared {
+    fn op(&self, op: Op, bytes: usize) -> OpCtx {
+        OpCtx {
+            op,
+            group: format!("cuda:{}", self.ordinal),
+            rank: self.rank,
+            world: 1,
+            bytes,
+        }
+    }
+
+    /// Make this device's context current on the calling thread.
+    pub(crate) fn bind(&self, ctx: &OpCtx) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| Error::Cuda {
+            ctx: ctx.clone(),
+            call: "cuCtxSetCurrent",
+            message: e.to_string(),
+        })
+    }
+
+    pub(crate) fn stream_raw(&self) -> *mut c_void {
+        self.stream.cu_stream() as *mut c_void
+    }
+
+    fn cu_stream(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    /// The utility kernels, compiled and loaded on first use.
+    pub(crate) fn util(&self) -> Result<&UtilKernels> {
+        self.util
+            .get_or_init(|| UtilKernels::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0)).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|reason| Error::NoGpu {
+                reason: format!("utility kernels unavailable: {reason}"),
+            })
+    }
+
+    /// 256 bytes of device memory for warm-ups.
+    pub(crate) fn scratch(&self, ctx: &OpCtx) -> Result<u64> {
+        if let Some(s) = self.scratch.get() {
+            return Ok(s.ptr);
+        }
+        let a = alloc(&self.ctx, 256, ctx)?;
+        Ok(self.scratch.get_or_init(|| a).ptr)
+    }
+
+    /// Remember a communicator so waits poll its asynchronous errors.
+    pub(crate) fn track(&self, c: &Arc<NcclComm>) {
+        let mut v = self.comms.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(c));
+    }
+
+    fn poll_comms(&self, ctx: &OpCtx) -> Result<()> {
+        let comms: Vec<Arc<NcclComm>> = self
+            .comms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for c in comms {
+            c.async_error(ctx)?;
+        }
+        Ok(())
+    }
+
+    fn fail_comms(&self) {
+        for c in self
+            .comms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+        {
+            c.mark_failed();
+        }
+    }
+
+    /// Wait for everything queued on the stream, polling NCCL's errors, within the deadline.
+    pub(crate) fn sync(&self, ctx: &OpCtx) -> Result<()> {
+        self.bind(ctx)?;
+        let ev = Event::new(false, ctx)?;
+        ev.record(self.cu_stream(), ctx)?;
+        let res = ev.wait(Instant::now() + self.timeout, ctx, || self.poll_comms(ctx));
+        if res.is_err() {
+            // Finalizing would wait for peers that may be gone: abort on drop instead.
+            self.fail_comms();
+        }
+        res
+    }
+}
+
+/// Allocate `bytes` of plain device memory.
+fn alloc(ctx: &Arc<CudaContext>, bytes: usize, op: &OpCtx) -> Result<DeviceAlloc> {
+    ctx.bind_to_thread().map_err(|e| Error::Cuda {
+        ctx: op.clone(),
+        call: "cuCtxSetCurrent",
+        message: e.to_string(),
+    })?;
+    let mut ptr = 0u64;
+    // SAFETY: `ptr` is valid for writing; the context is current.
+    check(unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) }, "cuMemAlloc", op)?;
+    Ok(DeviceAlloc {
+        ptr,
+        len: bytes,
+        ctx: ctx.clone(),
     })
+}
+
+/// One rank's CUDA device.
+#[derive(Debug)]
+pub(crate) struct CudaDevice {
+    dev: Arc<DeviceShared>,
+}
+
+/// A captured CUDA graph.
+struct CudaGraphExec {
+    graph: Option<CudaGraph>,
+    dev: Arc<DeviceShared>,
+}
+
+impl std::fmt::Debug for CudaGraphExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaGraph(cuda:{})", self.dev.ordinal)
+    }
+}
+
+// SAFETY: graph handles are driver objects usable from any thread with the owning context
+// current; replays bind it first and the graph is never used concurrently (`&self` replays are
+// serialised by the rank that owns the graph).
+unsafe impl Send for CudaGraphExec {}
+
+impl GraphExec for CudaGraphExec {
+    fn replay(&self) -> Result<()> {
+        let ctx = self.dev.op(Op::Replay, 0);
+        self.dev.bind(&ctx)?;
+        match &self.graph {
+            Some(g) => g.launch().map_err(|e| Error::Cuda {
+                ctx,
+                call: "cuGraphLaunch",
+                message: e.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn cuda_of(r: &MemRef) -> u64 {
+    r.addr()
+}
+
+impl RankBackend for CudaDevice {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (cuda:{}, sm_{}{}), NCCL {}",
+            self.dev.name,
+            self.dev.ordinal,
+            self.dev.cc.0,
+            self.dev.cc.1,
+            self.dev.nccl.version()
+        )
+    }
+
+    fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {
+        Ok(Arc::new(CudaGroup::world(self.dev.clone(), control)?))
+    }
+
+    fn alloc_plain(&self, bytes: usize) -> Result<Arc<dyn Memory>> {
+        let op = self.dev.op(Op::PoolAlloc, bytes);
+        Ok(Arc::new(alloc(&self.dev.ctx, bytes, &op)?))
+    }
+
+    fn upload(&self, dst: &MemRef, src: &[u8]) -> Result<()> {
+        let op = self.dev.op(Op::Copy, src.len());
+        self.dev.sync(&op)?;
+        // SAFETY: validation guaranteed `dst` holds `src.len()` bytes of this device; the
+        // stream is idle, so nothing races with the copy.
+        check(
+            unsafe { sys::cuMemcpyHtoD_v2(cuda_of(dst), src.as_ptr() as *const c_void, src.len()) },
+            "cuMemcpyHtoD",
+            &op,
+        )
+    }
+
+    fn download(&self, src: &MemRef, dst: &mut [u8]) -> Result<()> {
+        let op = self.dev.op(Op::Copy, dst.len());
+        self.dev.sync(&op)?;
+        // SAFETY: as for upload, with `dst` valid for writing `dst.len()` bytes.
+        check(
+            unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, cuda_of(src), dst.len()) },
+            "cuMemcpyDtoH",
+            &op,
+        )
+    }
+
+    fn copy_2d(&self, c: &Copy2d) -> Result<()> {
+        let op = self.dev.op(Op::Copy, c.rows * c.row_bytes);
+        self.dev.bind(&op)?;
+        if c.rows == 1 || (c.src_pitch == c.row_bytes && c.dst_pitch == c.row_bytes) {
+            // SAFETY: both ranges hold `rows * row_bytes` bytes of device memory (validated).
+            return check(
+                unsafe { sys::cuMemcpyAsync(cuda_of(&c.dst), cuda_of(&c.src), c.rows * c.row_bytes, self.dev.cu_stream()) },
+                "cuMemcpyAsync",
+                &op,
+            );
+        }
+        // SAFETY: an all-zero CUDA_MEMCPY2D is a valid starting value of this plain C struct.
+        let mut p: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+        p.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+        p.srcDevice = cuda_of(&c.src);
+        p.srcPitch = c.src_pitch;
+        p.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+        p.dstDevice = cuda_of(&c.dst);
+        p.dstPitch = c.dst_pitch;
+        p.WidthInBytes = c.row_bytes;
+        p.Height = c.rows;
+        // SAFETY: every row lies inside its buffer (validated by the group).
+        check(unsafe { sys::cuMemcpy2DAsync_v2(&p, self.dev.cu_stream()) }, "cuMemcpy2DAsync", &op)
+    }
+
+    fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()> {
+        let op = self.dev.op(Op::Fill, elems * dtype.size());
+        self.dev.bind(&op)?;
+        let util = self.dev.util()?;
+        let mut out = cuda_of(dst);
+        let mut n = elems as u64;
+        let mut seed = spec.seed;
+        let mut rank = spec.rank;
+        let mut epoch = spec.epoch.as_ref().map_or(0, cuda_of);
+        let mut epoch_if_null = 0u64;
+        let grid = (elems.div_ceil(256)).clamp(1, 4096) as u32;
+        let mut args = [
+            &mut out as *mut u64 as *mut c_void,
+            &mut n as *mut u64 as *mut c_void,
+            &mut seed as *mut u64 as *mut c_void,
+            &mut rank as *mut u64 as *mut c_void,
+            &mut epoch as *mut u64 as *mut c_void,
+            &mut epoch_if_null as *mut u64 as *mut c_void,
+        ];
+        // SAFETY: the arguments match `symm_fill_*(T*, u64, u64, u64, const u64*, u64)`; `out`
+        // holds `elems` elements and `epoch` is null or an 8-byte counter, both alive until
+        // the work is enqueued (and kept by graphs).
+        unsafe { util.fill(dtype).launch(grid, 256, 0, self.dev.cu_stream(), &mut args, false, &op) }
+    }
+
+    fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()> {
+        let op = self.dev.op(Op::Fill, bytes);
+        self.dev.bind(&op)?;
+        // SAFETY: `dst` holds `bytes` bytes of device memory (validated by the caller).
+        check(
+            unsafe { sys::cuMemsetD8Async(cuda_of(dst), byte, bytes, self.dev.cu_stream()) },
+            "cuMemsetD8Async",
+            &op,
+        )
+    }
+
+    fn bump(&self, counter: &MemRef) -> Result<()> {
+        let op = self.dev.op(Op::Kernel, 8);
+        self.dev.bind(&op)?;
+        let util = self.dev.util()?;
+        let mut p = cuda_of(counter);
+        let mut args = [&mut p as *mut u64 as *mut c_void];
+        // SAFETY: `symm_bump(u64*)` gets an 8-byte device counter.
+        unsafe { util.bump.launch(1, 1, 0, self.dev.cu_stream(), &mut args, false, &op) }
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let op = self.dev.op(Op::Capture, 0);
+        let _g = self.dev.graph.lock().unwrap_or_else(|p| p.into_inner());
+        self.dev.bind(&op)?;
+        // Thread-local mode: other ranks' threads keep allocating while this one captures.
+        self.dev
+            .stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| Error::Cuda {
+                ctx: op,
+                call: "cuStreamBeginCapture",
+                message: e.to_string(),
+            })?;
+        self.dev.capturing.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn GraphExec>> {
+        let op = self.dev.op(Op::Capture, 0);
+        let _g = self.dev.graph.lock().unwrap_or_else(|p| p.into_inner());
+        self.dev.bind(&op)?;
+        let res = self
+            .dev
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0));
+        self.dev.capturing.store(false, Ordering::Release);
+        let graph = res.map_err(|e| Error::Cuda {
+            ctx: op.clone(),
+            call: "cuStreamEndCapture/cuGraphInstantiate",
+            message: e.to_string(),
+        })?;
+        if let Some(g) = &graph {
+            g.upload().map_err(|e| Error::Cuda {
+                ctx: op,
+                call: "cuGraphUpload",
+                message: e.to_string(),
+            })?;
+        }
+        Ok(Box::new(CudaGraphExec {
+            graph,
+            dev: self.dev.clone(),
+        }))
+    }
+
+    fn capturing(&self) -> bool {
+        self.dev.capturing.load(Ordering::Acquire)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.sync(&self.dev.op(Op::Barrier, 0))
+    }
+
+    fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
+        let op = self.dev.op(Op::Kernel, 0);
+        self.dev.bind(&op)?;
+        let (a, b) = (Event::new(true, &op)?, Event::new(true, &op)?);
+        a.record(self.dev.cu_stream(), &op)?;
+        enqueue()?;
+        self.dev.bind(&op)?;
+        b.record(self.dev.cu_stream(), &op)?;
+        b.wait(Instant::now() + self.dev.timeout, &op, || self.dev.poll_comms(&op))?;
+        let ms = a.elapsed_ms(&b, &op)?;
+        Ok(Duration::from_secs_f64(ms as f64 / 1e3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pdl_hazard_range() {
+        assert!(!pdl_hazard(Version::new(2, 27, 7)));
+        assert!(pdl_hazard(Version::new(2, 28, 0)));
+        assert!(pdl_hazard(Version::new(2, 28, 3)));
+        assert!(pdl_hazard(Version::new(2, 28, 9)));
+        assert!(pdl_hazard(Version::new(2, 30, 6)));
+        assert!(!pdl_hazard(Version::new(2, 30, 7)));
+        assert!(!pdl_hazard(Version::new(2, 31, 0)));
+    }
 }

@@ -1,0 +1,260 @@
+//! One group on the CUDA backend: two NCCL communicators over the same ranks — one whose
+//! windows hold the group's symmetric pool (NCCL runs its symmetric kernels there), and one
+//! with no windows, so the regular path stays regular even on window memory (NCCL 2.27–2.28
+//! always pick a symmetric kernel when both buffers are registered, even where it is slower).
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use nccl_sys::{DataType, RedOp, UniqueId, WIN_COLL_SYMMETRIC};
+
+use super::DeviceShared;
+use super::memory::NcclSegment;
+use super::nccl::NcclComm;
+use crate::backend::{Call, Collective, GroupBackend, Impl};
+use crate::bootstrap::ControlPlane;
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::memory::Memory;
+
+pub(crate) fn nccl_dtype(d: DType) -> DataType {
+    match d {
+        DType::F32 => DataType::FLOAT32,
+        DType::F16 => DataType::FLOAT16,
+        DType::BF16 => DataType::BFLOAT16,
+        DType::I32 => DataType::INT32,
+        DType::U8 => DataType::UINT8,
+    }
+}
+
+pub(crate) fn nccl_op(r: ReduceOp) -> RedOp {
+    match r {
+        ReduceOp::Sum => RedOp::SUM,
+        ReduceOp::Avg => RedOp::AVG,
+        ReduceOp::Max => RedOp::MAX,
+        ReduceOp::Min => RedOp::MIN,
+    }
+}
+
+/// One rank's view of a CUDA group.
+#[derive(Debug)]
+pub(crate) struct CudaGroup {
+    dev: Arc<DeviceShared>,
+    /// Windows are registered here: the symmetric path.
+    windows: Arc<NcclComm>,
+    /// No windows: the regular path.
+    plain: Arc<NcclComm>,
+    rank: usize,
+    size: usize,
+    label: String,
+}
+
+impl CudaGroup {
+    fn ctx(&self, op: Op, bytes: usize) -> OpCtx {
+        OpCtx {
+            op,
+            group: self.label.clone(),
+            rank: self.rank,
+            world: self.size,
+            bytes,
+        }
+    }
+
+    /// The world group: rank 0 makes a unique id and shares it over the control plane.
+    pub(crate) fn world(dev: Arc<DeviceShared>, control: Arc<ControlPlane>) -> Result<Self> {
+        let label = control.prefix().to_string();
+        let ctx = OpCtx {
+            op: Op::Init,
+            group: label.clone(),
+            rank: control.rank(),
+            world: control.size(),
+            bytes: 0,
+        };
+        dev.bind(&ctx)?;
+        let mut id = UniqueId::default();
+        if control.rank() == 0 {
+            // SAFETY: `id` is valid for writing.
+            let r = unsafe { dev.nccl.get_unique_id(&mut id) };
+            super::nccl::check(dev.nccl, r, "ncclGetUniqueId", &ctx)?;
+        }
+        let bytes = control.broadcast("nccl unique id", 0, id.as_bytes())?;
+        let id = UniqueId::from_bytes(&bytes).ok_or_else(|| Error::InvalidArgument {
+            ctx: ctx.clone(),
+            detail: format!("rank 0 sent a unique id of {} bytes", bytes.len()),
+        })?;
+        let windows = Arc::new(NcclComm::init(dev.nccl, &id, control.size(), control.rank(), &label, &ctx)?);
+        Self::finish(dev, windows, control.rank(), control.size(), label)
+    }
+
+    /// Make the regular-path twin, connect both communicators' peers (so the first
+    /// collective inside a graph capture does not try to), and register them for polling.
+    fn finish(dev: Arc<DeviceShared>, windows: Arc<NcclComm>, rank: usize, size: usize, label: String) -> Result<Self> {
+        let ctx = OpCtx {
+            op: Op::Init,
+            group: label.clone(),
+            rank,
+            world: size,
+            bytes: 0,
+        };
+        let plain = Arc::new(windows.split(0, rank, &format!("{label}/regular"), &ctx)?);
+        dev.track(&windows);
+        dev.track(&plain);
+        let g = CudaGroup {
+            dev,
+            windows,
+            plain,
+            rank,
+            size,
+            label,
+        };
+        g.warm_up()?;
+        Ok(g)
+    }
+
+    /// One tiny all-reduce on each communicator, outside any capture.
+    fn warm_up(&self) -> Result<()> {
+        let ctx = self.ctx(Op::Init, 4);
+        let scratch = self.dev.scratch(&ctx)?;
+        for comm in [&self.windows, &self.plain] {
+            let p = scratch as *mut c_void;
+            // SAFETY: `scratch` is 256 B of device memory of this device, alive for the
+            // device's lifetime; the stream belongs to the current context.
+            let r = unsafe {
+                comm.nccl
+                    .all_reduce(p, p, 1, DataType::FLOAT32, RedOp::SUM, comm.raw(), self.dev.stream_raw())
+            };
+            comm.check(r, "ncclAllReduce (warm-up)", &ctx)?;
+        }
+        self.dev.sync(&ctx)
+    }
+
+    fn comm_for(&self, imp: Impl) -> Option<&Arc<NcclComm>> {
+        match imp {
+            Impl::Regular => Some(&self.plain),
+            Impl::Symmetric => Some(&self.windows),
+            _ => None,
+        }
+    }
+}
+
+impl GroupBackend for CudaGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
+        self.dev.bind(ctx)?;
+        let nccl = self.dev.nccl;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `ptr` is valid for writing; the device's context is current.
+        let r = unsafe { nccl.mem_alloc(&mut ptr, bytes) };
+        super::nccl::check(nccl, r, "ncclMemAlloc", ctx)?;
+        let mut window = std::ptr::null_mut();
+        // SAFETY: `ptr` is a live `ncclMemAlloc` allocation of `bytes`; every rank of the
+        // group registers its segment of this index now (the pool's SPMD order).
+        let r = unsafe { nccl.comm_window_register(self.windows.raw(), ptr, bytes, &mut window, WIN_COLL_SYMMETRIC) };
+        if let Err(e) = self.windows.check(r, "ncclCommWindowRegister", ctx) {
+            // SAFETY: `ptr` is ours and not registered.
+            let _ = unsafe { nccl.mem_free(ptr) };
+            return Err(e);
+        }
+        if window.is_null() {
+            // SAFETY: as above.
+            let _ = unsafe { nccl.mem_free(ptr) };
+            return Err(Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: "nccl_symm".into(),
+                why: "NCCL registered no window: symmetric memory is unsupported on this system (cuMem off, or GPUs not all connected by NVLink)".into(),
+            });
+        }
+        Ok(Arc::new(NcclSegment {
+            ptr: ptr as u64,
+            len: bytes,
+            window,
+            comm: self.windows.clone(),
+            ctx: self.dev.ctx.clone(),
+        }))
+    }
+
+    fn unavailable(&self, imp: Impl, call: &Call) -> Option<String> {
+        match imp {
+            Impl::Regular => None,
+            Impl::Symmetric => {
+                if let Some(op) = call.coll.reduce() {
+                    if op != ReduceOp::Sum {
+                        return Some(format!(
+                            "NCCL's symmetric kernels reduce with sum only; {op} runs NCCL's regular kernels"
+                        ));
+                    }
+                }
+                if self.dev.pdl_guard && self.dev.util().is_err() {
+                    return Some(format!(
+                        "NCCL {} launches symmetric kernels that can read inputs early; the guard kernel could not be loaded",
+                        self.dev.nccl.version()
+                    ));
+                }
+                None
+            }
+            Impl::Kernel(_) => Some("our NVLink kernels are not built into this backend yet".into()),
+            Impl::Auto => Some("auto is resolved before dispatch".into()),
+        }
+    }
+
+    fn collective(&self, call: &Call) -> Result<()> {
+        let ctx = &call.ctx;
+        let Some(comm) = self.comm_for(call.imp) else {
+            return Err(Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: call.imp.name(crate::BackendKind::Cuda),
+                why: self.unavailable(call.imp, call).unwrap_or_default(),
+            });
+        };
+        self.dev.bind(ctx)?;
+        let stream = self.dev.stream_raw();
+        if call.imp == Impl::Symmetric && self.dev.pdl_guard {
+            // NCCL 2.28.0–2.30.6 launch symmetric kernels with programmatic dependent launch
+            // but never wait on the grid dependency: an empty kernel in between restores full
+            // ordering with whatever produced the input.
+            let util = self.dev.util()?;
+            // SAFETY: the guard kernel takes no parameters.
+            unsafe { util.guard.launch(1, 32, 0, stream, &mut [], false, ctx)? };
+        }
+        let send = call.input.addr() as *const c_void;
+        let recv = call.output.addr() as *mut c_void;
+        let nccl = comm.nccl;
+        let dt = nccl_dtype(call.dtype);
+        // SAFETY: validation guaranteed both ranges hold the elements each call reads or writes
+        // on this rank's device, and the buffers stay alive (the caller holds them, and graph
+        // captures keep them); the stream belongs to the current context.
+        let (r, name) = unsafe {
+            match call.coll {
+                Collective::AllReduce(op) => (
+                    nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), comm.raw(), stream),
+                    "ncclAllReduce",
+                ),
+                Collective::AllGather => (nccl.all_gather(send, recv, call.piece, dt, comm.raw(), stream), "ncclAllGather"),
+                Collective::ReduceScatter(op) => (
+                    nccl.reduce_scatter(send, recv, call.piece, dt, nccl_op(op), comm.raw(), stream),
+                    "ncclReduceScatter",
+                ),
+            }
+        };
+        comm.check(r, name, ctx)
+    }
+
+    fn split(&self, color: usize, key: usize, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {
+        let label = control.prefix().to_string();
+        let ctx = self.ctx(Op::Split, 0);
+        self.dev.bind(&ctx)?;
+        let windows = Arc::new(self.windows.split(color, key, &label, &ctx)?);
+        Ok(Arc::new(Self::finish(self.dev.clone(), windows, control.rank(), control.size(), label)?))
+    }
+
+    fn describe(&self) -> String {
+        format!("NCCL {} communicator of {} ranks", self.dev.nccl.version(), self.size)
+    }
+}

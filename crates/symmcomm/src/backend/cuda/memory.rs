@@ -1,0 +1,101 @@
+//! Device memory of the CUDA backend: plain allocations (`cuMemAlloc`, the regular path) and
+//! symmetric segments (`ncclMemAlloc`, registered once as a window of one communicator;
+//! deregistered and freed on drop).
+
+use std::any::Any;
+use std::sync::Arc;
+
+use cudarc::driver::CudaContext;
+use cudarc::driver::sys;
+use nccl_sys::NcclWindow;
+
+use super::nccl::NcclComm;
+use crate::memory::Memory;
+
+/// A `cuMemAlloc` allocation, freed on drop.
+#[derive(Debug)]
+pub(crate) struct DeviceAlloc {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+    pub(crate) ctx: Arc<CudaContext>,
+}
+
+impl Memory for DeviceAlloc {
+    fn addr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            tracing::warn!(ptr = self.ptr, "could not bind the context to free device memory");
+            return;
+        }
+        // SAFETY: `ptr` came from `cuMemAlloc` in this context and is freed once; work that
+        // used it holds the buffer alive until it was enqueued, and the free is ordered after
+        // the context's queued work by the driver (cuMemFree synchronises).
+        let r = unsafe { sys::cuMemFree_v2(self.ptr) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            tracing::warn!(ptr = self.ptr, error = %super::driver::describe(r), "cuMemFree failed");
+        }
+    }
+}
+
+/// One symmetric segment: `ncclMemAlloc` memory registered as a window of `comm`.
+#[derive(Debug)]
+pub(crate) struct NcclSegment {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+    pub(crate) window: NcclWindow,
+    pub(crate) comm: Arc<NcclComm>,
+    pub(crate) ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the window handle is an opaque NCCL pointer only passed back to NCCL, from the
+// owning rank's thread with its context bound.
+unsafe impl Send for NcclSegment {}
+// SAFETY: see `Send`; shared references only read the address.
+unsafe impl Sync for NcclSegment {}
+
+impl Memory for NcclSegment {
+    fn addr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Drop for NcclSegment {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            tracing::warn!(ptr = self.ptr, "could not bind the context to release a window");
+            return;
+        }
+        // Queued work may still read the segment: wait for the context first.
+        // SAFETY: synchronising the bound context has no preconditions.
+        let _ = unsafe { sys::cuCtxSynchronize() };
+        let nccl = self.comm.nccl;
+        // SAFETY: the window was registered on `comm`, which is alive (we hold an Arc), and is
+        // deregistered once; deregistration is local to this rank in NCCL 2.27–2.30.
+        let r = unsafe { nccl.comm_window_deregister(self.comm.raw(), self.window) };
+        if !r.is_success() {
+            tracing::warn!(comm = self.comm.label(), code = %r.name(), "ncclCommWindowDeregister failed");
+        }
+        // SAFETY: `ptr` came from `ncclMemAlloc` and is freed once, after its window is gone.
+        let r = unsafe { nccl.mem_free(self.ptr as *mut std::ffi::c_void) };
+        if !r.is_success() {
+            tracing::warn!(code = %r.name(), "ncclMemFree failed");
+        }
+    }
+}

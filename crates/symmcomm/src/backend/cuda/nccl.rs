@@ -1,0 +1,140 @@
+//! An owned NCCL communicator: created from a unique id or split from a parent, polled for
+//! asynchronous errors, finalized and destroyed on drop, aborted when anything went wrong.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nccl_sys::{Config, Nccl, NcclComm, NcclResult, UniqueId};
+
+use crate::error::{Error, OpCtx, Result};
+
+/// Turn an NCCL result into ours, with NCCL's own last-error message.
+pub(crate) fn check(nccl: &Nccl, r: NcclResult, call: &'static str, ctx: &OpCtx) -> Result<()> {
+    if r.is_success() {
+        return Ok(());
+    }
+    // SAFETY: a null communicator is allowed; NCCL returns its process-wide last error.
+    let last_error = unsafe { nccl.last_error(std::ptr::null_mut()) };
+    Err(Error::Nccl {
+        ctx: ctx.clone(),
+        call,
+        code: r.0,
+        code_name: r.name().into_owned(),
+        message: nccl.error_string(r),
+        last_error,
+    })
+}
+
+/// One NCCL communicator on this rank.
+#[derive(Debug)]
+pub(crate) struct NcclComm {
+    pub(crate) nccl: &'static Nccl,
+    comm: NcclComm,
+    /// Set when an error was seen: drop aborts instead of finalizing.
+    failed: AtomicBool,
+    label: String,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
+// concurrent; symmcomm calls it only from the rank that owns it (one thread at a time, with
+// the rank's CUDA context bound).
+unsafe impl Send for NcclComm {}
+// SAFETY: see `Send`; shared references only read the handle.
+unsafe impl Sync for NcclComm {}
+
+impl NcclComm {
+    /// Join the communicator named by `id` as `rank` of `size` (blocking, collective).
+    pub(crate) fn init(nccl: &'static Nccl, id: &UniqueId, size: usize, rank: usize, label: &str, ctx: &OpCtx) -> Result<Self> {
+        let mut comm: NcclComm = std::ptr::null_mut();
+        let mut config = Config::new(nccl.version().code());
+        let name = std::ffi::CString::new(label).unwrap_or_default();
+        config.comm_name = name.as_ptr();
+        // SAFETY: `comm` and `config` are valid for the call; `name` outlives it; the rank's
+        // CUDA context is current; every rank of the id calls this.
+        let r = unsafe {
+            nccl.comm_init_rank_config(&mut comm, size as i32, *id, rank as i32, &mut config)
+        };
+        check(nccl, r, "ncclCommInitRankConfig", ctx)?;
+        Ok(NcclComm {
+            nccl,
+            comm,
+            failed: AtomicBool::new(false),
+            label: label.into(),
+        })
+    }
+
+    /// Split: ranks with equal `color` form a new communicator ordered by `key` (collective
+    /// over `self`).
+    pub(crate) fn split(&self, color: usize, key: usize, label: &str, ctx: &OpCtx) -> Result<Self> {
+        let mut comm: NcclComm = std::ptr::null_mut();
+        // SAFETY: `self.comm` is live; `comm` is valid for writing; a null config inherits the
+        // parent's; every rank of `self` calls this in the same order.
+        let r = unsafe { self.nccl.comm_split(self.comm, color as i32, key as i32, &mut comm, std::ptr::null_mut()) };
+        self.check(r, "ncclCommSplit", ctx)?;
+        if comm.is_null() {
+            return Err(Error::InvalidArgument {
+                ctx: ctx.clone(),
+                detail: "ncclCommSplit returned no communicator".into(),
+            });
+        }
+        Ok(NcclComm {
+            nccl: self.nccl,
+            comm,
+            failed: AtomicBool::new(false),
+            label: label.into(),
+        })
+    }
+
+    /// The raw handle, for calls that pass it to NCCL.
+    pub(crate) fn raw(&self) -> NcclComm {
+        self.comm
+    }
+
+    /// Check a result of a call on this communicator; an error marks it failed.
+    pub(crate) fn check(&self, r: NcclResult, call: &'static str, ctx: &OpCtx) -> Result<()> {
+        let res = check(self.nccl, r, call, ctx);
+        if res.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+
+    /// NCCL's asynchronous error state (a dead peer, a remote failure).
+    pub(crate) fn async_error(&self, ctx: &OpCtx) -> Result<()> {
+        let mut state = NcclResult::SUCCESS;
+        // SAFETY: the communicator is live; `state` is valid for writing.
+        let r = unsafe { self.nccl.comm_get_async_error(self.comm, &mut state) };
+        self.check(r, "ncclCommGetAsyncError", ctx)?;
+        if state.is_success() || state == NcclResult::IN_PROGRESS {
+            Ok(())
+        } else {
+            self.check(state, "asynchronous NCCL operation", ctx)
+        }
+    }
+
+    /// Mark failed: drop will abort rather than wait for peers.
+    pub(crate) fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: the communicator is live, no window or group uses it any more (they hold an
+        // `Arc` to it), and it is dropped once. Abort when something failed: finalize would
+        // wait for peers that may be gone.
+        let r = unsafe {
+            if self.failed.load(Ordering::Relaxed) {
+                self.nccl.comm_abort(self.comm)
+            } else {
+                self.nccl.comm_destroy(self.comm)
+            }
+        };
+        if !r.is_success() {
+            tracing::warn!(comm = %self.label, code = %r.name(), "NCCL communicator teardown failed");
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! The benchmark: per (op, dtype, size, implementation, mode) the median time per operation,
+//! measured with device events (eager: back-to-back launches; graph: a graph of several
+//! operations, replayed), every row's output checked against the reference, and the results
+//! in nccl-tests' columns and in the results-file format of `design.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendKind, Collective, Impl};
+use crate::comm::Communicator;
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Result};
+use crate::group::Group;
+use crate::verify::{self, Case};
+
+/// Eager launches or graph replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Back-to-back launches timed with events.
+    Eager,
+    /// A graph of `graph_ops` operations, replayed.
+    Graph,
+}
+
+impl Mode {
+    /// `eager` or `graph`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Eager => "eager",
+            Mode::Graph => "graph",
+        }
+    }
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchSpec {
+    /// Collectives (reductions use sum).
+    pub ops: Vec<Collective>,
+    /// Element types.
+    pub dtypes: Vec<DType>,
+    /// Sizes in bytes of the larger buffer (nccl-tests' convention).
+    pub sizes: Vec<usize>,
+    /// Implementations.
+    pub impls: Vec<Impl>,
+    /// Modes.
+    pub modes: Vec<Mode>,
+    /// Untimed operations before timing.
+    pub warmup: usize,
+    /// Operations per timed region in eager mode.
+    pub iters: usize,
+    /// Operations captured in one graph.
+    pub graph_ops: usize,
+    /// Replays per timed region in graph mode.
+    pub replays: usize,
+    /// Timed regions per row; the median is reported.
+    pub repeats: usize,
+    /// Seed of the inputs.
+    pub seed: u64,
+}
+
+impl BenchSpec {
+    /// The sweep of the issue: 2 KiB to 256 MiB, AllGather, ReduceScatter, AllReduce in bf16.
+    pub fn standard(impls: Vec<Impl>) -> Self {
+        BenchSpec {
+            ops: vec![
+                Collective::AllGather,
+                Collective::ReduceScatter(ReduceOp::Sum),
+                Collective::AllReduce(ReduceOp::Sum),
+            ],
+            dtypes: vec![DType::BF16],
+            sizes: [2 << 10, 8 << 10, 32 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20].to_vec(),
+            impls,
+            modes: vec![Mode::Eager, Mode::Graph],
+            warmup: 5,
+            iters: 20,
+            graph_ops: 20,
+            replays: 10,
+            repeats: 7,
+            seed: 0x5EED,
+        }
+    }
+
+    /// Number of rows the sweep produces.
+    pub fn rows(&self) -> usize {
+        self.ops.len() * self.dtypes.len() * self.sizes.len() * self.impls.len() * self.modes.len()
+    }
+}
+
+/// One measured row of the results file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// `all_reduce`, `all_gather`, `reduce_scatter`.
+    pub op: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Bytes of the larger buffer.
+    pub bytes: usize,
+    /// Ranks.
+    pub world: usize,
+    /// Implementation name (`nccl`, `nccl_symm`, `auto`, ...).
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// `eager` or `graph`.
+    pub mode: Mode,
+    /// Median µs per operation (the slowest rank's median).
+    pub us: f64,
+    /// Algorithm bandwidth, GB/s.
+    pub algbw_gbps: f64,
+    /// Bus bandwidth, GB/s (nccl-tests' factors).
+    pub busbw_gbps: f64,
+    /// Whether every rank's output matched the reference.
+    pub ok: bool,
+    /// For `auto`: what ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran: Option<String>,
+    /// Elements whose value was wrong, summed over ranks.
+    #[serde(default)]
+    pub wrong: usize,
+}
+
+/// Physical limits measured on the machine.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Peer copy bandwidth with the copy engine, one direction, GB/s.
+    pub p2p_copy_gbps: f64,
+    /// Peer copy bandwidth each way with both directions at once, GB/s.
+    #[serde(default)]
+    pub p2p_bidir_gbps: f64,
+    /// GPU-to-GPU flag round trip, µs.
+    pub flag_roundtrip_us: f64,
+}
+
+/// Where and how the results were produced.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// GPU model (or `host`).
+    pub gpu: String,
+    /// GPUs (ranks) used.
+    pub gpus: usize,
+    /// NCCL version.
+    pub nccl: String,
+    /// Driver version.
+    pub driver: String,
+    /// Git commit of the code.
+    pub commit: String,
+    /// Date (YYYY-MM-DD).
+    pub date: String,
+    /// The exact command.
+    pub command: String,
+    /// Extra facts (backend, PDL guard, ...).
+    #[serde(default, flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// The results file of `design.md`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// Provenance.
+    pub meta: Meta,
+    /// Physical limits.
+    pub limits: Limits,
+    /// Measured rows.
+    pub rows: Vec<Row>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// The per-rank input shape for a row of `bytes` (the larger buffer), or `None` when the size
+/// does not split over the ranks.
+pub fn case_shape(coll: Collective, dtype: DType, bytes: usize, world: usize) -> Option<Vec<usize>> {
+    let elems = bytes / dtype.size();
+    match coll {
+        Collective::AllReduce(_) => (elems > 0).then(|| vec![elems]),
+        Collective::AllGather => (elems % world == 0 && elems > 0).then(|| vec![elems / world]),
+        Collective::ReduceScatter(_) => (elems % world == 0 && elems > 0).then(|| vec![elems]),
+    }
+}
+
+/// Whether `imp` keeps its buffers in windows for a benchmark row (`nccl` uses plain memory).
+fn wants_windows(imp: Impl) -> bool {
+    imp != Impl::Regular
+}
+
+fn to_f64(b: &[u8]) -> f64 {
+    f64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
+}
+
+/// Measure one row on every rank of `group` (collective). Returns the row as rank 0 reports
+/// it (every rank gets the same values).
+pub fn measure_row(
+    comm: &Communicator,
+    group: &Group,
+    spec: &BenchSpec,
+    coll: Collective,
+    dtype: DType,
+    bytes: usize,
+    imp: Impl,
+    mode: Mode,
+) -> Result<Row> {
+    let world = group.size();
+    let shape = case_shape(coll, dtype, bytes, world).ok_or_else(|| Error::InvalidArgument {
+        ctx: crate::error::OpCtx {
+            op: crate::error::Op::Init,
+            group: group.label().into(),
+            rank: group.rank(),
+            world,
+            bytes,
+        },
+        detail: format!("{bytes} B of {dtype} does not split over {world} ranks"),
+    })?;
+    let case = Case {
+        coll,
+        dtype,
+        shape,
+        dim: None,
+        imp,
+        input_symm: wants_windows(imp),
+        output_symm: wants_windows(imp),
+        seed: spec.seed ^ bytes as u64,
+    };
+    let bufs = verify::alloc(group, &case)?;
+    group.fill_random(&bufs.input, case.seed, None)?;
+    let run = || group.collective(coll, &bufs.input, &bufs.output, None, imp);
+    let mut ran = None;
+    for _ in 0..spec.warmup.max(1) {
+        ran = Some(run()?.name);
+    }
+    group.barrier()?;
+    let mut samples = Vec::with_capacity(spec.repeats);
+    let graph = match mode {
+        Mode::Eager => {
+            for _ in 0..spec.repeats {
+                let t = comm.time(&mut || {
+                    for _ in 0..spec.iters {
+                        run()?;
+                    }
+                    Ok(())
+                })?;
+                samples.push(t.as_secs_f64() * 1e6 / spec.iters as f64);
+            }
+            None
+        }
+        Mode::Graph => {
+            comm.begin_capture()?;
+            let captured = (0..spec.graph_ops).try_for_each(|_| run().map(|_| ()));
+            let graph = comm.end_capture();
+            captured?;
+            let graph = graph?;
+            for _ in 0..2 {
+                graph.replay()?;
+            }
+            comm.synchronize()?;
+            group.barrier()?;
+            for _ in 0..spec.repeats {
+                let t = comm.time(&mut || {
+                    for _ in 0..spec.replays {
+                        graph.replay()?;
+                    }
+                    Ok(())
+                })?;
+                samples.push(t.as_secs_f64() * 1e6 / (spec.replays * spec.graph_ops) as f64);
+            }
+            Some(graph)
+        }
+    };
+    // Check the output of exactly this configuration: poison, run once more, compare.
+    group.poison(&bufs.output)?;
+    match &graph {
+        Some(g) => g.replay()?,
+        None => {
+            run()?;
+        }
+    }
+    let got = group.download_bytes(&bufs.output)?;
+    let wrong = match verify::compare(&case, world, group.rank(), 0, &got) {
+        Ok(()) => 0usize,
+        Err(m) => {
+            tracing::warn!(op = coll.name(), bytes, implementation = %imp.name(comm.backend()), rank = group.rank(), "wrong result: {} of {} elements, first at {} (got {}, want {})", m.wrong, m.total, m.first_index, m.got, m.want);
+            m.wrong
+        }
+    };
+    let us_mine = median(samples);
+    let mut msg = us_mine.to_le_bytes().to_vec();
+    msg.extend_from_slice(&(wrong as u64).to_le_bytes());
+    let all = group.control().all_gather("bench row", &msg)?;
+    let us = all.iter().map(|m| to_f64(&m[..8])).fold(0.0, f64::max);
+    let wrong_total: usize = all
+        .iter()
+        .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap_or([0; 8])) as usize)
+        .sum();
+    let algbw = bytes as f64 / (us * 1e-6) / 1e9;
+    Ok(Row {
+        op: coll.name().into(),
+        dtype,
+        bytes,
+        world,
+        implementation: imp.name(comm.backend()),
+        mode,
+        us,
+        algbw_gbps: algbw,
+        busbw_gbps: algbw * coll.busbw_factor(world),
+        ok: wrong_total == 0,
+        ran: (imp == Impl::Auto).then(|| ran.unwrap_or_default()),
+        wrong: wrong_total,
+    })
+}
+
+/// Run the whole sweep on `group`; `progress(done, total, what)` is called after each row.
+pub fn run(
+    comm: &Communicator,
+    group: &Group,
+    spec: &BenchSpec,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<Row>> {
+    // One segment holds the largest input and output together: nothing registers mid-sweep.
+    let world = group.size();
+    let mut largest = 0;
+    for &op in &spec.ops {
+        for &d in &spec.dtypes {
+            for &b in &spec.sizes {
+                if let Some(shape) = case_shape(op, d, b, world) {
+                    let n: usize = shape.iter().product();
+                    let (i, o) = op.io_elems(n / if matches!(op, Collective::ReduceScatter(_)) { world } else { 1 }, world);
+                    largest = largest.max((i + o) * d.size() + 4096);
+                }
+            }
+        }
+    }
+    if spec.impls.iter().any(|&i| wants_windows(i)) {
+        group.reserve(largest)?;
+    }
+    let total = spec.rows();
+    let mut rows = Vec::with_capacity(total);
+    for &op in &spec.ops {
+        for &dtype in &spec.dtypes {
+            for &bytes in &spec.sizes {
+                for &imp in &spec.impls {
+                    for &mode in &spec.modes {
+                        let what = format!("{} {} {} B {} {}", op.name(), dtype, bytes, imp.name(comm.backend()), mode.name());
+                        if case_shape(op, dtype, bytes, world).is_some() {
+                            rows.push(measure_row(comm, group, spec, op, dtype, bytes, imp, mode)?);
+                        }
+                        progress(rows.len(), total, &what);
+                    }
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Sizes in nccl-tests' style (`2K`, `16M`).
+pub fn human_bytes(b: usize) -> String {
+    if b >= 1 << 30 && b % (1 << 30) == 0 {
+        format!("{}G", b >> 30)
+    } else if b >= 1 << 20 && b % (1 << 20) == 0 {
+        format!("{}M", b >> 20)
+    } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+        format!("{}K", b >> 10)
+    } else {
+        format!("{b}")
+    }
+}
+
+/// Parse `2K`, `64M`, `1G` or plain bytes.
+pub fn parse_bytes(s: &str) -> std::result::Result<usize, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .map(|n| n * mul)
+        .map_err(|_| format!("not a size: {s:?} (e.g. 2048, 2K, 64M, 1G)"))
+}
+
+/// One nccl-tests-style table per (op, implementation, mode).
+pub fn nccl_tests_tables(rows: &[Row], backend: BackendKind) -> String {
+    let _ = backend;
+    let mut out = String::new();
+    let mut keys: Vec<(String, String, Mode)> = rows
+        .iter()
+        .map(|r| (r.op.clone(), r.implementation.clone(), r.mode))
+        .collect();
+    keys.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    for k in keys {
+        if !seen.insert(k.clone()) {
+            continue;
+        }
+        let (op, imp, mode) = &k;
+        let _ = writeln!(out, "# {op}  impl {imp}  mode {}", mode.name());
+        let _ = writeln!(
+            out,
+            "# {:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8} {:>7}",
+            "size", "count", "type", "redop", "time", "algbw", "busbw", "#wrong"
+        );
+        let _ = writeln!(
+            out,
+            "# {:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8} {:>7}",
+            "(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)", ""
+        );
+        for r in rows.iter().filter(|r| &r.op == op && &r.implementation == imp && r.mode == *mode) {
+            let count = r.bytes / r.dtype.size();
+            let redop = if r.op == "all_gather" { "none" } else { "sum" };
+            let wrong = if r.ok { "0".to_string() } else { r.wrong.to_string() };
+            let _ = writeln!(
+                out,
+                "  {:>12} {:>12} {:>6} {:>6} {:>10.2} {:>8.2} {:>8.2} {:>7}{}",
+                r.bytes,
+                count,
+                r.dtype.name(),
+                redop,
+                r.us,
+                r.algbw_gbps,
+                r.busbw_gbps,
+                wrong,
+                r.ran.as_ref().map(|x| format!("  (ran {x})")).unwrap_or_default()
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The seed-003-style comparison: per op and size, µs of each implementation and mode, and
+/// `auto` against the best of the NCCL paths.
+pub fn comparison_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let mut cols: Vec<(String, Mode)> = Vec::new();
+    for r in rows {
+        let c = (r.implementation.clone(), r.mode);
+        if !cols.contains(&c) {
+            cols.push(c);
+        }
+    }
+    cols.sort_by_key(|(i, m)| (*m, i.clone()));
+    let mut ops: Vec<&str> = Vec::new();
+    for r in rows {
+        if !ops.contains(&r.op.as_str()) {
+            ops.push(&r.op);
+        }
+    }
+    for op in ops {
+        let _ = write!(out, "{op:<15} {:>6}", "size");
+        for (i, m) in &cols {
+            let _ = write!(out, " {:>16}", format!("{i} {}", m.name()));
+        }
+        let _ = writeln!(out, " {:>14}", "auto/best graph");
+        let mut sizes: Vec<usize> = rows.iter().filter(|r| r.op == op).map(|r| r.bytes).collect();
+        sizes.sort();
+        sizes.dedup();
+        for b in sizes {
+            let _ = write!(out, "{:<15} {:>6}", "", human_bytes(b));
+            let find = |i: &str, m: Mode| rows.iter().find(|r| r.op == op && r.bytes == b && r.implementation == i && r.mode == m);
+            for (i, m) in &cols {
+                match find(i, *m) {
+                    Some(r) => {
+                        let _ = write!(out, " {:>16}", format!("{:.2}{}", r.us, if r.ok { "" } else { " WRONG" }));
+                    }
+                    None => {
+                        let _ = write!(out, " {:>16}", "-");
+                    }
+                }
+            }
+            let best = ["nccl", "nccl_symm", "host", "host_symm"]
+                .iter()
+                .filter_map(|i| find(i, Mode::Graph))
+                .map(|r| r.us)
+                .fold(f64::INFINITY, f64::min);
+            match find("auto", Mode::Graph) {
+                Some(a) if best.is_finite() => {
+                    let _ = writeln!(out, " {:>14.3}", a.us / best);
+                }
+                _ => {
+                    let _ = writeln!(out, " {:>14}", "-");
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Total time a sweep took, for the log.
+pub fn elapsed_line(d: Duration, rows: usize) -> String {
+    format!("{rows} rows in {:.1} s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        for (s, b) in [("2K", 2048), ("64M", 64 << 20), ("1G", 1 << 30), ("1000", 1000)] {
+            assert_eq!(parse_bytes(s).unwrap(), b);
+        }
+        assert!(parse_bytes("2X").is_err());
+        assert_eq!(human_bytes(256 << 20), "256M");
+        assert_eq!(human_bytes(2048), "2K");
+        assert_eq!(human_bytes(1000), "1000");
+    }
+
+    #[test]
+    fn shapes_follow_nccl_tests_bytes() {
+        let ar = Collective::AllReduce(ReduceOp::Sum);
+        assert_eq!(case_shape(ar, DType::BF16, 2048, 2), Some(vec![1024]));
+        assert_eq!(case_shape(Collective::AllGather, DType::BF16, 2048, 2), Some(vec![512]));
+        assert_eq!(case_shape(Collective::ReduceScatter(ReduceOp::Sum), DType::BF16, 2048, 2), Some(vec![1024]));
+        assert_eq!(case_shape(Collective::AllGather, DType::BF16, 2048, 3), None);
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
