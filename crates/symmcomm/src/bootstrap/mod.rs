@@ -16,7 +16,7 @@ use crate::error::Result;
 
 pub use control::ControlPlane;
 pub use env::{EnvRanks, LaunchEnv};
-pub use tcp::{RendezvousConfig, TcpStore};
+pub use tcp::{RendezvousConfig, TcpStore, free_port};
 pub use threads::ThreadStore;
 
 /// Default deadline for bootstrap waits.

@@ -1,0 +1,474 @@
+//! The `torchrun`-style launcher behind `symmcomm launch --nproc N -- CMD ARGS`: starts `N`
+//! ranks of a program on this node with the torchrun variables set, prefixes their output with
+//! `[rank N] `, and stops them all at the first failure or at the timeout.
+//!
+//! Children inherit the launcher's environment (so `NCCL_NVLS_ENABLE=0` set by the caller
+//! reaches them), then get the six torchrun variables, then `extra_env`. On Linux each child
+//! is killed by the kernel if the launcher dies (`PR_SET_PDEATHSIG`); the signal is tied to the
+//! thread that called [`launch`], which stays inside it until every child has exited.
+
+// The crate's one error enum is larger than clippy's threshold; boxing it is error.rs's call.
+#![allow(clippy::result_large_err)]
+
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::bootstrap::{LaunchEnv, free_port};
+use crate::error::{Error, Op, OpCtx, Result};
+
+/// How often the launcher looks at its children.
+const POLL: Duration = Duration::from_millis(10);
+/// How long the launcher waits for the output of exited children to drain.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// What to launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// Number of ranks (processes) to start on this node.
+    pub nproc: usize,
+    /// The program every rank runs.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// `MASTER_ADDR` given to the ranks (rank 0 listens there).
+    pub master_addr: String,
+    /// `MASTER_PORT`; `None` picks a free port on `master_addr`.
+    pub master_port: Option<u16>,
+    /// Kill every rank when this much time has passed; `None` waits for ever.
+    pub timeout: Option<Duration>,
+    /// More variables for every rank, set after (and over) the torchrun ones.
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl LaunchSpec {
+    /// `nproc` ranks of `program args` on loopback, with a free port, no timeout and no extra
+    /// variables.
+    pub fn new(nproc: usize, program: impl Into<PathBuf>, args: Vec<String>) -> Self {
+        LaunchSpec {
+            nproc,
+            program: program.into(),
+            args,
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            timeout: None,
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+/// How a rank ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RankStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was ended by this signal, not sent by the launcher.
+    Signal(i32),
+    /// The launcher killed it (another rank failed first, or the timeout passed).
+    Killed,
+}
+
+impl RankStatus {
+    /// Whether the rank exited with code 0.
+    pub fn is_success(self) -> bool {
+        self == RankStatus::Code(0)
+    }
+}
+
+impl fmt::Display for RankStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RankStatus::Code(c) => write!(f, "exit code {c}"),
+            RankStatus::Signal(s) => write!(f, "signal {s}"),
+            RankStatus::Killed => f.write_str("killed by the launcher"),
+        }
+    }
+}
+
+/// One rank's end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankExit {
+    /// The rank.
+    pub rank: usize,
+    /// How it ended.
+    pub status: RankStatus,
+    /// Whether this is the failure that made the launcher stop the others.
+    pub first_failure: bool,
+}
+
+/// How a launch ended: every rank's status, in rank order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchReport {
+    /// One entry per rank, in rank order.
+    pub ranks: Vec<RankExit>,
+    /// Set when the timeout passed and the launcher killed the ranks still running.
+    pub timed_out: Option<Duration>,
+}
+
+impl LaunchReport {
+    /// Whether every rank exited with code 0.
+    pub fn success(&self) -> bool {
+        self.timed_out.is_none() && self.ranks.iter().all(|r| r.status.is_success())
+    }
+
+    /// The rank whose failure stopped the launch, if one did.
+    pub fn first_failure(&self) -> Option<&RankExit> {
+        self.ranks.iter().find(|r| r.first_failure)
+    }
+
+    /// The exit code for the launcher's own process: 0 on success, the first failure's exit
+    /// code when it has one, else 1.
+    pub fn exit_code(&self) -> i32 {
+        if self.success() {
+            return 0;
+        }
+        match self.first_failure().map(|r| r.status) {
+            Some(RankStatus::Code(c)) if c != 0 => c,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for LaunchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.success() {
+            return write!(f, "all {} ranks exited with code 0", self.ranks.len());
+        }
+        match (self.first_failure(), self.timed_out) {
+            (Some(r), _) => write!(f, "rank {} failed first ({})", r.rank, r.status)?,
+            (None, Some(t)) => write!(f, "timed out after {t:?}")?,
+            (None, None) => f.write_str("failed")?,
+        }
+        for r in &self.ranks {
+            if !r.first_failure {
+                write!(f, "; rank {}: {}", r.rank, r.status)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn launch_ctx(rank: usize, world: usize) -> OpCtx {
+    OpCtx {
+        op: Op::Init,
+        group: "launch".into(),
+        rank,
+        world,
+        bytes: 0,
+    }
+}
+
+/// Start `spec.nproc` ranks and wait for them: returns when all have exited, or after killing
+/// the others when one fails (non-zero exit or a signal) or the timeout passes. `Err` only when
+/// the launch itself could not be made (no free port, a rank that would not start).
+pub fn launch(spec: &LaunchSpec) -> Result<LaunchReport> {
+    let n = spec.nproc;
+    if n == 0 {
+        return Err(Error::InvalidArgument {
+            ctx: launch_ctx(0, 0),
+            detail: "launch needs at least one process (--nproc 0)".into(),
+        });
+    }
+    let port = match spec.master_port {
+        Some(p) => p,
+        None => free_port(&spec.master_addr)?,
+    };
+    let start = Instant::now();
+    let deadline = spec.timeout.map(|t| start + t);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut children: Vec<Child> = Vec::with_capacity(n);
+    let mut readers = 0usize;
+    for rank in 0..n {
+        let env = LaunchEnv::for_rank(rank, n, rank, n, &spec.master_addr, port);
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .envs(env.vars.iter().map(|(k, v)| (k, v)))
+            .envs(spec.extra_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(Error::io(
+                    format!(
+                        "launch: starting rank {rank} of {n}: {}",
+                        spec.program.display()
+                    ),
+                    e,
+                ));
+            }
+        };
+        debug!("launch: rank {rank} is pid {}", child.id());
+        if let Some(out) = child.stdout.take() {
+            readers += spawn_prefixer(rank, out, false, done_tx.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            readers += spawn_prefixer(rank, err, true, done_tx.clone());
+        }
+        children.push(child);
+    }
+    drop(done_tx);
+
+    let mut status: Vec<Option<RankStatus>> = vec![None; n];
+    let mut killed = vec![false; n];
+    let mut first_failure: Option<usize> = None;
+    let mut timed_out = None;
+    let mut stopping = false;
+    loop {
+        for (rank, child) in children.iter_mut().enumerate() {
+            if status[rank].is_some() {
+                continue;
+            }
+            match child.try_wait() {
+                Ok(Some(st)) => {
+                    let s = rank_status(st, killed[rank]);
+                    debug!("launch: rank {rank} ended: {s}");
+                    if !s.is_success() && first_failure.is_none() && !killed[rank] {
+                        first_failure = Some(rank);
+                    }
+                    status[rank] = Some(s);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!("launch: waiting for rank {rank}: {e}; killing it");
+                    let _ = child.kill();
+                    killed[rank] = true;
+                }
+            }
+        }
+        if status.iter().all(Option::is_some) {
+            break;
+        }
+        let expired = deadline.is_some_and(|d| Instant::now() >= d);
+        if (first_failure.is_some() || expired) && !stopping {
+            stopping = true;
+            if expired && first_failure.is_none() {
+                timed_out = spec.timeout;
+                warn!(
+                    "launch: timeout of {:?} passed; killing every rank",
+                    spec.timeout
+                );
+            } else if let Some(f) = first_failure {
+                warn!("launch: rank {f} failed; killing the other ranks");
+            }
+            for (rank, child) in children.iter_mut().enumerate() {
+                if status[rank].is_none() && !killed[rank] {
+                    if let Err(e) = child.kill() {
+                        debug!("launch: killing rank {rank}: {e}");
+                    }
+                    killed[rank] = true;
+                }
+            }
+        }
+        thread::sleep(POLL);
+    }
+
+    // Exited children close their pipes; a grandchild holding one open must not hang us.
+    let drain_deadline = Instant::now() + DRAIN;
+    for _ in 0..readers {
+        let left = drain_deadline.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            warn!(
+                "launch: some rank output is still open {DRAIN:?} after every rank exited (a process they started?); not waiting for it"
+            );
+            break;
+        }
+    }
+
+    let ranks = status
+        .into_iter()
+        .enumerate()
+        .map(|(rank, s)| RankExit {
+            rank,
+            status: s.unwrap_or(RankStatus::Killed),
+            first_failure: first_failure == Some(rank),
+        })
+        .collect();
+    Ok(LaunchReport { ranks, timed_out })
+}
+
+fn rank_status(st: ExitStatus, killed_by_us: bool) -> RankStatus {
+    if let Some(c) = st.code() {
+        return RankStatus::Code(c);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = st.signal() {
+            if killed_by_us && sig == libc::SIGKILL {
+                return RankStatus::Killed;
+            }
+            return RankStatus::Signal(sig);
+        }
+    }
+    if killed_by_us {
+        RankStatus::Killed
+    } else {
+        RankStatus::Signal(-1)
+    }
+}
+
+fn kill_all(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Copy `pipe` to the launcher's stdout or stderr, a line at a time, each prefixed with
+/// `[rank N] `. Returns the number of threads started (0 or 1); each sends on `done` at EOF.
+fn spawn_prefixer(
+    rank: usize,
+    pipe: impl Read + Send + 'static,
+    to_stderr: bool,
+    done: mpsc::Sender<()>,
+) -> usize {
+    let name = format!(
+        "symmcomm-launch-rank{rank}-{}",
+        if to_stderr { "err" } else { "out" }
+    );
+    let spawned = thread::Builder::new().name(name).spawn(move || {
+        let prefix = format!("[rank {rank}] ");
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
+                    out.extend_from_slice(prefix.as_bytes());
+                    out.extend_from_slice(&line);
+                    if !line.ends_with(b"\n") {
+                        out.push(b'\n');
+                    }
+                    // One write per line, so lines of different ranks never interleave.
+                    let res = if to_stderr {
+                        let mut e = io::stderr().lock();
+                        e.write_all(&out).and_then(|()| e.flush())
+                    } else {
+                        let mut o = io::stdout().lock();
+                        o.write_all(&out).and_then(|()| o.flush())
+                    };
+                    if res.is_err() {
+                        // Our own output is gone; keep draining so the child never blocks.
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    debug!("launch: reading the output of rank {rank}: {e}");
+                    break;
+                }
+            }
+        }
+        let _ = done.send(());
+    });
+    match spawned {
+        Ok(_) => 1,
+        Err(e) => {
+            warn!("launch: cannot start the output thread of rank {rank}: {e}");
+            0
+        }
+    }
+}
+
+/// Ask the kernel to SIGKILL the child when the launcher dies.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `getpid` has no preconditions.
+    let launcher = unsafe { libc::getpid() };
+    // Runs in the child between fork and exec: only async-signal-safe work (two system calls,
+    // a captured integer, an `io::Error` built from an errno value without allocating).
+    let hook = move || -> io::Result<()> {
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number; the other arguments are unused.
+        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The launcher may have died before prctl took effect: then nobody would kill us.
+        // SAFETY: `getppid` has no preconditions.
+        if unsafe { libc::getppid() } != launcher {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: `hook` runs between fork and exec and makes only async-signal-safe calls
+    // (`prctl`, `getppid`, reading errno); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(statuses: &[(RankStatus, bool)], timed_out: Option<Duration>) -> LaunchReport {
+        LaunchReport {
+            ranks: statuses
+                .iter()
+                .enumerate()
+                .map(|(rank, &(status, first_failure))| RankExit {
+                    rank,
+                    status,
+                    first_failure,
+                })
+                .collect(),
+            timed_out,
+        }
+    }
+
+    #[test]
+    fn report_codes() {
+        let ok = report(&[(RankStatus::Code(0), false); 3], None);
+        assert!(ok.success());
+        assert_eq!(ok.exit_code(), 0);
+        let failed = report(
+            &[
+                (RankStatus::Killed, false),
+                (RankStatus::Code(3), true),
+                (RankStatus::Code(0), false),
+            ],
+            None,
+        );
+        assert!(!failed.success());
+        assert_eq!(failed.exit_code(), 3);
+        assert_eq!(failed.first_failure().map(|r| r.rank), Some(1));
+        let s = failed.to_string();
+        assert!(s.starts_with("rank 1 failed first (exit code 3)"), "{s}");
+        let signal = report(&[(RankStatus::Signal(11), true)], None);
+        assert_eq!(signal.exit_code(), 1);
+        let timeout = report(&[(RankStatus::Killed, false)], Some(Duration::from_secs(1)));
+        assert!(!timeout.success());
+        assert_eq!(timeout.exit_code(), 1);
+        assert!(timeout.to_string().contains("timed out"));
+    }
+
+    #[test]
+    fn zero_processes_is_an_error() {
+        let spec = LaunchSpec::new(0, "/bin/true", vec![]);
+        assert!(matches!(launch(&spec), Err(Error::InvalidArgument { .. })));
+    }
+
+    #[test]
+    fn missing_program_is_an_error() {
+        let spec = LaunchSpec::new(2, "/nonexistent/symmcomm-test-program", vec![]);
+        match launch(&spec) {
+            Err(Error::Io { context, .. }) => assert!(context.contains("rank 0"), "{context}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

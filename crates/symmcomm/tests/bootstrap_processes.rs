@@ -1,0 +1,795 @@
+//! The TCP rendezvous, store and launcher across real processes on loopback.
+//!
+//! Ranks are this test binary run again (`current_exe() --exact child_… --nocapture`) with
+//! `SYMMCOMM_TEST_CHILD` naming the role; without it the `child_…` tests return at once. A
+//! rank prints `ELAPSED <ms>` (time spent in the rendezvous) and `RESULT <variant> <message>`,
+//! which the parent test checks for every rank.
+
+// The crate's one error enum is larger than clippy's threshold; boxing it is error.rs's call.
+#![allow(clippy::result_large_err)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use symmcomm::bootstrap::{Bootstrap, free_port};
+use symmcomm::error::Error;
+use symmcomm::launch::{LaunchSpec, RankStatus, launch};
+
+const ROLE: &str = "SYMMCOMM_TEST_CHILD";
+const SCENARIO: &str = "SYMMCOMM_TEST_SCENARIO";
+const TIMEOUT_MS: &str = "SYMMCOMM_TEST_TIMEOUT_MS";
+const FAIL_RANK: &str = "SYMMCOMM_TEST_FAIL_RANK";
+const FAIL_CODE: &str = "SYMMCOMM_TEST_FAIL_CODE";
+const LAUNCH_CASE: &str = "SYMMCOMM_TEST_LAUNCH";
+
+// ---------------------------------------------------------------------------------------------
+// Children
+// ---------------------------------------------------------------------------------------------
+
+fn role_is(role: &str) -> bool {
+    std::env::var(ROLE).as_deref() == Ok(role)
+}
+
+fn env_u64(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("child needs {name}"))
+}
+
+fn variant(e: &Error) -> &'static str {
+    match e {
+        Error::WrongWorldSize { .. } => "WrongWorldSize",
+        Error::DuplicateRank { .. } => "DuplicateRank",
+        Error::RankOutOfRange { .. } => "RankOutOfRange",
+        Error::MasterUnreachable { .. } => "MasterUnreachable",
+        Error::AddrInUse { .. } => "AddrInUse",
+        Error::Malformed { .. } => "Malformed",
+        Error::RendezvousFailed { .. } => "RendezvousFailed",
+        Error::BadEnv { .. } => "BadEnv",
+        Error::Timeout { .. } => "Timeout",
+        Error::Io { .. } => "Io",
+        _ => "Other",
+    }
+}
+
+/// A rank: rendezvous through the torchrun variables, then the scenario's work.
+#[test]
+fn child_rank() {
+    if !role_is("rank") {
+        return;
+    }
+    let timeout = Duration::from_millis(env_u64(TIMEOUT_MS));
+    let scenario = std::env::var(SCENARIO).unwrap_or_default();
+    let t0 = Instant::now();
+    let boot = Bootstrap::from_env(timeout);
+    println!("ELAPSED {}", t0.elapsed().as_millis());
+    let boot = match boot {
+        Ok(b) => b,
+        Err(e) => {
+            println!("RESULT {} {e}", variant(&e));
+            std::process::exit(0);
+        }
+    };
+    let outcome = match scenario.as_str() {
+        "rendezvous" => finish(&boot),
+        "store" => store_work(&boot).and_then(|()| finish(&boot)),
+        "idle" => {
+            println!("READY");
+            thread::sleep(Duration::from_secs(60));
+            Ok(())
+        }
+        "block-get" => {
+            println!("BLOCKING");
+            let t = Instant::now();
+            let r = boot.store().get("never-set", t + timeout);
+            println!("GET_ELAPSED {}", t.elapsed().as_millis());
+            match r {
+                Ok(v) => {
+                    println!("RESULT Ok get returned {v:?}");
+                    std::process::exit(0);
+                }
+                Err(e) => {
+                    println!("RESULT {} {e}", variant(&e));
+                    std::process::exit(0);
+                }
+            }
+        }
+        other => panic!("unknown scenario {other:?}"),
+    };
+    match outcome {
+        Ok(()) => println!("RESULT Ok"),
+        Err(e) => println!("RESULT {} {e}", variant(&e)),
+    }
+    // Exit without the harness's summary, after rank 0's server is gone.
+    drop(boot);
+    std::process::exit(0);
+}
+
+/// Every rank's key and value, an `add` counter, and the control plane over the TCP store.
+fn store_work(b: &Bootstrap) -> symmcomm::Result<()> {
+    let (me, w) = (b.rank, b.world_size);
+    let store = b.store();
+    store.set(
+        &format!("key/{me}"),
+        format!("value of rank {me}").as_bytes(),
+    )?;
+    let deadline = Instant::now() + b.timeout;
+    for r in 0..w {
+        let v = store.get(&format!("key/{r}"), deadline)?;
+        assert_eq!(
+            v,
+            Some(format!("value of rank {r}").into_bytes()),
+            "rank {me}: key/{r}"
+        );
+    }
+    store.add("counter", 1)?;
+    let plane = b.world_control();
+    plane.barrier("after add")?;
+    assert_eq!(store.add("counter", 0)?, w as i64, "rank {me}: counter");
+    let mine = vec![me as u8 + 1; me + 1];
+    let all = plane.all_gather("ranks", &mine)?;
+    for (r, v) in all.iter().enumerate() {
+        assert_eq!(
+            v,
+            &vec![r as u8 + 1; r + 1],
+            "rank {me}: all_gather slot {r}"
+        );
+    }
+    let v = plane.broadcast("from the last", w - 1, b"last word")?;
+    assert_eq!(v, b"last word");
+    Ok(())
+}
+
+/// Tell rank 0 this rank is done; rank 0 waits for everyone before its server goes away.
+fn finish(b: &Bootstrap) -> symmcomm::Result<()> {
+    let store = b.store();
+    if b.rank != 0 {
+        return store.set(&format!("done/{}", b.rank), b"");
+    }
+    let deadline = Instant::now() + b.timeout;
+    for r in 1..b.world_size {
+        if store.get(&format!("done/{r}"), deadline)?.is_none() {
+            panic!("rank 0: rank {r} never said it was done");
+        }
+    }
+    Ok(())
+}
+
+/// A launched rank: prints what it was given, then exits, fails or sleeps as told.
+#[test]
+fn child_echo() {
+    if !role_is("echo") {
+        return;
+    }
+    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| "-".into());
+    let rank: usize = var("RANK").parse().unwrap_or(usize::MAX);
+    // End the harness's "test child_echo ... " line so ours start their own.
+    println!();
+    println!(
+        "echo rank={} world={} local_rank={} local_world={} addr={} port={} nvls={} extra={}",
+        var("RANK"),
+        var("WORLD_SIZE"),
+        var("LOCAL_RANK"),
+        var("LOCAL_WORLD_SIZE"),
+        var("MASTER_ADDR"),
+        var("MASTER_PORT"),
+        var("NCCL_NVLS_ENABLE"),
+        var("SYMMCOMM_TEST_EXTRA"),
+    );
+    eprintln!("to stderr from rank {rank}");
+    print!("no newline at the end from rank {rank}");
+    let _ = std::io::stdout().flush();
+    match std::env::var(FAIL_RANK)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        None => std::process::exit(0),
+        Some(f) if f == rank => {
+            thread::sleep(Duration::from_millis(300));
+            let code = std::env::var(FAIL_CODE)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            std::process::exit(code);
+        }
+        Some(_) => {
+            thread::sleep(Duration::from_secs(60));
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Runs `launch()` on echo children and prints the report, one `REPORT` line per rank.
+#[test]
+fn child_launcher() {
+    if !role_is("launcher") {
+        return;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut spec = LaunchSpec::new(
+        3,
+        exe,
+        ["--exact", "child_echo", "--nocapture", "--test-threads=1"]
+            .map(String::from)
+            .to_vec(),
+    );
+    spec.extra_env = vec![
+        (ROLE.into(), "echo".into()),
+        ("SYMMCOMM_TEST_EXTRA".into(), "yes".into()),
+    ];
+    match std::env::var(LAUNCH_CASE).as_deref() {
+        Ok("ok") => {}
+        Ok("fail") => {
+            spec.extra_env.push((FAIL_RANK.into(), "1".into()));
+            spec.extra_env.push((FAIL_CODE.into(), "3".into()));
+        }
+        Ok("timeout") => {
+            spec.nproc = 2;
+            spec.extra_env.push((FAIL_RANK.into(), "99".into()));
+            spec.timeout = Some(Duration::from_millis(1500));
+        }
+        other => panic!("unknown launch case {other:?}"),
+    }
+    if spec.timeout.is_none() {
+        spec.timeout = Some(Duration::from_secs(30));
+    }
+    let t0 = Instant::now();
+    let report = launch(&spec).expect("launch");
+    for r in &report.ranks {
+        println!(
+            "REPORT rank={} status={:?} first={}",
+            r.rank, r.status, r.first_failure
+        );
+    }
+    println!(
+        "REPORT success={} code={} timed_out={} ms={}",
+        report.success(),
+        report.exit_code(),
+        report.timed_out.is_some(),
+        t0.elapsed().as_millis()
+    );
+    println!("SUMMARY {report}");
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parent side
+// ---------------------------------------------------------------------------------------------
+
+/// The rest of `line` after `key` (the harness may print its own words before ours).
+fn after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.find(key).map(|i| &line[i + key.len()..])
+}
+
+/// A child process whose output lines arrive on a channel; killed if dropped while running.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn spawn_child(name: &str, test: &str, env: &[(&str, String)]) -> Proc {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env_remove("LOCAL_RANK")
+        .env_remove("LOCAL_WORLD_SIZE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn child");
+    let (tx, rx) = mpsc::channel();
+    let pipes: Vec<(Box<dyn Read + Send>, &str)> = vec![
+        (Box::new(child.stdout.take().expect("stdout")), ""),
+        (Box::new(child.stderr.take().expect("stderr")), "stderr: "),
+    ];
+    for (pipe, tag) in pipes {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(format!("{tag}{line}")).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Proc {
+        name: name.to_string(),
+        child,
+        lines: rx,
+        seen: Vec::new(),
+    }
+}
+
+fn spawn_rank(rank: usize, world: usize, port: u16, timeout_ms: u64, scenario: &str) -> Proc {
+    spawn_child(
+        &format!("rank {rank}"),
+        "child_rank",
+        &[
+            (ROLE, "rank".into()),
+            (SCENARIO, scenario.into()),
+            (TIMEOUT_MS, timeout_ms.to_string()),
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", port.to_string()),
+        ],
+    )
+}
+
+/// What a rank reported.
+#[derive(Debug)]
+struct Outcome {
+    variant: String,
+    message: String,
+    elapsed_ms: u64,
+    output: Vec<String>,
+}
+
+impl Proc {
+    /// Wait for a line containing `prefix`, at most until `deadline`.
+    fn wait_line(&mut self, prefix: &str, deadline: Instant) -> String {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no line starting with {prefix:?}; output so far:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Wait for the process to exit (killing it at `deadline`) and collect its output.
+    fn finish(mut self, deadline: Instant) -> Vec<String> {
+        loop {
+            match self.child.try_wait().expect("try_wait") {
+                Some(_) => break,
+                None if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    let rest: Vec<String> = self.lines.try_iter().collect();
+                    self.seen.extend(rest);
+                    panic!(
+                        "{}: still running at its deadline; output:\n{}",
+                        self.name,
+                        self.seen.join("\n")
+                    );
+                }
+                None => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        // The pipes close with the process; the reader threads then hang up.
+        let drain = Instant::now() + Duration::from_secs(5);
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(drain.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(l);
+        }
+        std::mem::take(&mut self.seen)
+    }
+
+    fn outcome(self, deadline: Instant) -> Outcome {
+        let name = self.name.clone();
+        let output = self.finish(deadline);
+        let result = output
+            .iter()
+            .find_map(|l| after(l, "RESULT "))
+            .unwrap_or_else(|| panic!("{name}: no RESULT line; output:\n{}", output.join("\n")));
+        let (variant, message) = result.split_once(' ').unwrap_or((result, ""));
+        let elapsed_ms = output
+            .iter()
+            .find_map(|l| after(l, "ELAPSED "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        Outcome {
+            variant: variant.to_string(),
+            message: message.to_string(),
+            elapsed_ms,
+            output,
+        }
+    }
+}
+
+/// Every rank's outcome, each checked to have returned within `timeout_ms` + 1 s.
+fn outcomes(procs: Vec<Proc>, timeout_ms: u64) -> Vec<Outcome> {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms + 10_000);
+    procs
+        .into_iter()
+        .map(|p| {
+            let name = p.name.clone();
+            let o = p.outcome(deadline);
+            assert!(
+                o.elapsed_ms <= timeout_ms + 1000,
+                "{name}: the rendezvous took {} ms, deadline {timeout_ms} ms; output:\n{}",
+                o.elapsed_ms,
+                o.output.join("\n")
+            );
+            o
+        })
+        .collect()
+}
+
+fn expect_all(outs: &[Outcome], variant: &str, needles: &[&str]) {
+    for (i, o) in outs.iter().enumerate() {
+        // Shown with --nocapture: what each rank said.
+        println!(
+            "process {i} ({} ms): {} {}",
+            o.elapsed_ms, o.variant, o.message
+        );
+        assert_eq!(
+            o.variant,
+            variant,
+            "process {i}: {} {}; output:\n{}",
+            o.variant,
+            o.message,
+            o.output.join("\n")
+        );
+        for n in needles {
+            assert!(
+                o.message.contains(n),
+                "process {i}: message lacks {n:?}: {}",
+                o.message
+            );
+        }
+    }
+}
+
+fn port() -> u16 {
+    free_port("127.0.0.1").expect("free port")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendezvous and store
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn happy_path_three_and_four_processes() {
+    for world in [3, 4] {
+        let p = port();
+        let procs = (0..world)
+            .map(|r| spawn_rank(r, world, p, 5000, "store"))
+            .collect();
+        let outs = outcomes(procs, 5000);
+        expect_all(&outs, "Ok", &[]);
+    }
+}
+
+#[test]
+fn wrong_world_size_reaches_every_rank() {
+    let p = port();
+    let procs = vec![
+        spawn_rank(0, 3, p, 3000, "rendezvous"),
+        spawn_rank(1, 2, p, 3000, "rendezvous"),
+        spawn_rank(2, 3, p, 3000, "rendezvous"),
+    ];
+    let outs = outcomes(procs, 3000);
+    expect_all(
+        &outs,
+        "WrongWorldSize",
+        &["rank 1 announced world size 2, the master expects 3"],
+    );
+}
+
+#[test]
+fn duplicate_rank_reaches_every_rank() {
+    let p = port();
+    let procs = vec![
+        spawn_rank(0, 3, p, 2500, "rendezvous"),
+        spawn_rank(1, 3, p, 2500, "rendezvous"),
+        spawn_rank(1, 3, p, 2500, "rendezvous"),
+    ];
+    let outs = outcomes(procs, 2500);
+    // The message names both peers' addresses.
+    expect_all(
+        &outs,
+        "DuplicateRank",
+        &["rank 1 joined twice (from 127.0.0.1:"],
+    );
+    for o in &outs {
+        assert_eq!(o.message.matches("127.0.0.1:").count(), 2, "{}", o.message);
+    }
+}
+
+#[test]
+fn master_unreachable() {
+    let p = port();
+    let outs = outcomes(vec![spawn_rank(1, 2, p, 1500, "rendezvous")], 1500);
+    expect_all(
+        &outs,
+        "MasterUnreachable",
+        &[
+            "rank 1 could not reach the master at 127.0.0.1:",
+            &p.to_string(),
+        ],
+    );
+    assert!(outs[0].elapsed_ms >= 1400, "gave up early: {outs:?}");
+}
+
+#[test]
+fn port_in_use() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let p = taken.local_addr().expect("addr").port();
+    let outs = outcomes(vec![spawn_rank(0, 2, p, 2000, "rendezvous")], 2000);
+    expect_all(
+        &outs,
+        "AddrInUse",
+        &[&format!("rank 0 could not listen on 127.0.0.1:{p}")],
+    );
+    drop(taken);
+}
+
+/// Connect to the master once it listens (retrying until `deadline`).
+fn connect_when_up(port: u16, deadline: Instant) -> TcpStream {
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("master on {port} never came up: {e}"),
+        }
+    }
+}
+
+fn assert_closed_by_master(mut s: TcpStream, what: &str) {
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("read timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("{what}: the master answered garbage with {n} bytes"),
+        Err(e) => panic!("{what}: the master did not close the connection: {e}"),
+    }
+}
+
+#[test]
+fn malformed_connections_do_not_stop_the_real_ranks() {
+    let p = port();
+    let rank0 = spawn_rank(0, 2, p, 5000, "store");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let garbage: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "http request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("4 GiB frame header", {
+            let mut v = u32::MAX.to_le_bytes().to_vec();
+            v.extend_from_slice(&[0xab; 32]);
+            v
+        }),
+        ("bad magic", {
+            let mut v = 27u32.to_le_bytes().to_vec();
+            v.push(0x01);
+            v.extend_from_slice(b"NOTMAGIC");
+            v.extend_from_slice(&[0; 18]);
+            v
+        }),
+        ("unknown kind", vec![1, 0, 0, 0, 0x42]),
+        ("truncated frame", vec![100, 0, 0, 0, 1, 2, 3]),
+    ];
+    let mut socks = Vec::new();
+    for (what, bytes) in &garbage {
+        let mut s = connect_when_up(p, deadline);
+        s.write_all(bytes).expect("write garbage");
+        socks.push((what, s));
+    }
+    // The truncated frame is only malformed once the sender gives up.
+    if let Some((_, s)) = socks.last() {
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    }
+    let rank1 = spawn_rank(1, 2, p, 5000, "store");
+    for (what, s) in socks {
+        assert_closed_by_master(s, what);
+    }
+    let outs = outcomes(vec![rank0, rank1], 5000);
+    expect_all(&outs, "Ok", &[]);
+}
+
+#[test]
+fn malformed_connection_in_place_of_a_rank_times_out_everyone() {
+    let p = port();
+    let procs = vec![
+        spawn_rank(0, 3, p, 2000, "rendezvous"),
+        spawn_rank(1, 3, p, 2000, "rendezvous"),
+    ];
+    let mut s = connect_when_up(p, Instant::now() + Duration::from_secs(2));
+    s.write_all(&u32::MAX.to_le_bytes()).expect("write");
+    let outs = outcomes(procs, 2000);
+    expect_all(
+        &outs,
+        "Timeout",
+        &[
+            "rank(s) [2] never arrived",
+            "1 malformed connection(s)",
+            "4294967295",
+        ],
+    );
+}
+
+#[test]
+fn late_joiner_is_named_by_everyone_else() {
+    let p = port();
+    let procs = vec![
+        spawn_rank(0, 3, p, 2000, "rendezvous"),
+        spawn_rank(1, 3, p, 2000, "rendezvous"),
+    ];
+    let outs = outcomes(procs, 2000);
+    expect_all(
+        &outs,
+        "Timeout",
+        &["rank(s) [2] never arrived (joined: [0, 1])"],
+    );
+    // Past everyone's deadline the master is gone.
+    let late = outcomes(vec![spawn_rank(2, 3, p, 1000, "rendezvous")], 1000);
+    expect_all(&late, "MasterUnreachable", &["rank 2"]);
+}
+
+#[test]
+fn killed_master_fails_a_blocked_get() {
+    let p = port();
+    let mut rank0 = spawn_rank(0, 2, p, 4000, "idle");
+    let mut rank1 = spawn_rank(1, 2, p, 4000, "block-get");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    rank0.wait_line("READY", deadline);
+    rank1.wait_line("BLOCKING", deadline);
+    thread::sleep(Duration::from_millis(200));
+    rank0.child.kill().expect("kill rank 0");
+    let out = rank1.outcome(deadline);
+    assert!(
+        out.variant == "RendezvousFailed" || out.variant == "Io",
+        "{out:?}"
+    );
+    assert!(out.message.contains("127.0.0.1:"), "{}", out.message);
+    assert!(out.message.contains("get 'never-set'"), "{}", out.message);
+    let get_ms: u64 = out
+        .output
+        .iter()
+        .find_map(|l| after(l, "GET_ELAPSED "))
+        .and_then(|v| v.parse().ok())
+        .expect("GET_ELAPSED");
+    assert!(get_ms < 4000, "the get took {get_ms} ms: {out:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launcher
+// ---------------------------------------------------------------------------------------------
+
+fn run_launcher(case: &str) -> Vec<String> {
+    let p = spawn_child(
+        &format!("launcher ({case})"),
+        "child_launcher",
+        &[
+            (ROLE, "launcher".into()),
+            (LAUNCH_CASE, case.into()),
+            ("NCCL_NVLS_ENABLE", "0".into()),
+        ],
+    );
+    p.finish(Instant::now() + Duration::from_secs(30))
+}
+
+fn report_line<'a>(out: &'a [String], prefix: &str) -> &'a str {
+    out.iter()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{}", out.join("\n")))
+}
+
+#[test]
+fn launch_prefixes_output_and_passes_the_environment() {
+    let out = run_launcher("ok");
+    let port_line = report_line(&out, "[rank 0] echo ");
+    let port = port_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("port="))
+        .expect("port");
+    for r in 0..3 {
+        let want = format!(
+            "[rank {r}] echo rank={r} world=3 local_rank={r} local_world=3 addr=127.0.0.1 port={port} nvls=0 extra=yes"
+        );
+        assert!(
+            out.contains(&want),
+            "missing {want:?} in:\n{}",
+            out.join("\n")
+        );
+        let err = format!("stderr: [rank {r}] to stderr from rank {r}");
+        assert!(
+            out.contains(&err),
+            "missing {err:?} in:\n{}",
+            out.join("\n")
+        );
+        let tail = format!("[rank {r}] no newline at the end from rank {r}");
+        assert!(
+            out.iter().any(|l| l.starts_with(&tail)),
+            "missing {tail:?} in:\n{}",
+            out.join("\n")
+        );
+    }
+    // Every line the ranks wrote carries a prefix.
+    for l in &out {
+        let l = l.strip_prefix("stderr: ").unwrap_or(l);
+        if l.starts_with("REPORT") || l.starts_with("SUMMARY") || !l.contains("echo rank=") {
+            continue;
+        }
+        assert!(l.starts_with("[rank "), "unprefixed: {l:?}");
+    }
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("REPORT success=true code=0 timed_out=false"))
+    );
+}
+
+#[test]
+fn launch_stops_everyone_when_a_rank_fails() {
+    let out = run_launcher("fail");
+    let all = out.join("\n");
+    assert!(
+        out.contains(&"REPORT rank=1 status=Code(3) first=true".to_string()),
+        "{all}"
+    );
+    for r in [0, 2] {
+        let want = format!(
+            "REPORT rank={r} status={:?} first=false",
+            RankStatus::Killed
+        );
+        assert!(out.contains(&want), "missing {want:?} in:\n{all}");
+    }
+    let summary = report_line(&out, "REPORT success=");
+    assert!(
+        summary.starts_with("REPORT success=false code=3 timed_out=false"),
+        "{all}"
+    );
+    let ms: u64 = summary
+        .rsplit("ms=")
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("ms");
+    assert!(ms < 20_000, "the sleeping ranks were not killed: {all}");
+    assert!(
+        report_line(&out, "SUMMARY").contains("rank 1 failed first (exit code 3)"),
+        "{all}"
+    );
+}
+
+#[test]
+fn launch_timeout_kills_every_rank() {
+    let out = run_launcher("timeout");
+    let all = out.join("\n");
+    for r in [0, 1] {
+        let want = format!("REPORT rank={r} status=Killed first=false");
+        assert!(out.contains(&want), "missing {want:?} in:\n{all}");
+    }
+    assert!(
+        report_line(&out, "REPORT success=")
+            .starts_with("REPORT success=false code=1 timed_out=true"),
+        "{all}"
+    );
+}
