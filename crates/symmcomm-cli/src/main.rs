@@ -1,1 +1,91 @@
-fn main() {}
+//! `symmcomm`: what this machine has (`info`), torchrun-style launching (`launch`), the
+//! benchmark against NCCL (`bench`), a correctness sweep (`check`) and dispatch tuning (`tune`).
+//! The work is in the library; this binary is glue.
+
+mod bench_cmd;
+mod check_cmd;
+mod info;
+mod ranks;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Collectives for LLM-inference parallelism on NCCL symmetric memory.
+#[derive(Debug, Parser)]
+#[command(name = "symmcomm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Backends, GPUs, NCCL, NVRTC, the NCCL environment policy and the dispatch table.
+    Info(info::InfoArgs),
+    /// Start N ranks of a command with torchrun's variables (RANK, WORLD_SIZE, ...).
+    Launch(LaunchArgs),
+    /// Measure every collective and implementation against NCCL's regular path.
+    Bench(bench_cmd::BenchArgs),
+    /// Check every op, dtype and size (odd ones too) against the f64 reference.
+    Check(check_cmd::CheckArgs),
+    /// Measure implementations per size and write the dispatch table `auto` loads.
+    Tune(bench_cmd::TuneArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LaunchArgs {
+    /// Number of ranks.
+    #[arg(long)]
+    nproc: usize,
+    /// Rendezvous address (rank 0 listens there).
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Rendezvous port (default: a free one).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Kill every rank after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
+    let (program, rest) = args.command.split_first().expect("clap requires a command");
+    let mut spec = symmcomm::launch::LaunchSpec::new(args.nproc, program, rest.to_vec());
+    spec.master_addr = args.master_addr;
+    spec.master_port = args.master_port;
+    spec.timeout = args.timeout.map(std::time::Duration::from_secs);
+    let report = symmcomm::launch::launch(&spec)?;
+    if !report.success() {
+        eprintln!("{report}");
+    }
+    Ok(ExitCode::from(report.exit_code().clamp(0, 255) as u8))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SYMMCOMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Info(a) => info::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Launch(a) => launch(a),
+        Command::Bench(a) => bench_cmd::run_bench(a),
+        Command::Check(a) => check_cmd::run(a),
+        Command::Tune(a) => bench_cmd::run_tune(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

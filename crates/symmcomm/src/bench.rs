@@ -36,6 +36,53 @@ impl Mode {
     }
 }
 
+/// An implementation and where its buffers live: `nccl` on plain memory, the others on
+/// windows, and `auto_plain` (`auto` on plain memory, which stages where the table says so).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// The implementation requested.
+    pub imp: Impl,
+    /// Input and output in the group's windows.
+    pub windows: bool,
+}
+
+impl Variant {
+    /// The usual placement for `imp`: plain memory for the regular path, windows otherwise.
+    pub fn of(imp: Impl) -> Self {
+        Variant {
+            imp,
+            windows: imp != Impl::Regular,
+        }
+    }
+
+    /// Name in tables and results.
+    pub fn name(&self, backend: BackendKind) -> String {
+        let base = self.imp.name(backend);
+        match (self.imp, self.windows) {
+            (Impl::Auto, false) => format!("{base}_plain"),
+            (Impl::Regular, true) => format!("{base}_on_windows"),
+            _ => base,
+        }
+    }
+
+    /// Parse `nccl`, `nccl_symm`, `auto`, `auto_plain`, `oneshot`, ...
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        if let Some(base) = s.strip_suffix("_plain") {
+            return Ok(Variant {
+                imp: base.parse()?,
+                windows: false,
+            });
+        }
+        if let Some(base) = s.strip_suffix("_on_windows") {
+            return Ok(Variant {
+                imp: base.parse()?,
+                windows: true,
+            });
+        }
+        Ok(Variant::of(s.parse()?))
+    }
+}
+
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct BenchSpec {
@@ -45,8 +92,8 @@ pub struct BenchSpec {
     pub dtypes: Vec<DType>,
     /// Sizes in bytes of the larger buffer (nccl-tests' convention).
     pub sizes: Vec<usize>,
-    /// Implementations.
-    pub impls: Vec<Impl>,
+    /// Implementations and buffer placements.
+    pub impls: Vec<Variant>,
     /// Modes.
     pub modes: Vec<Mode>,
     /// Untimed operations before timing.
@@ -65,7 +112,7 @@ pub struct BenchSpec {
 
 impl BenchSpec {
     /// The sweep of the issue: 2 KiB to 256 MiB, AllGather, ReduceScatter, AllReduce in bf16.
-    pub fn standard(impls: Vec<Impl>) -> Self {
+    pub fn standard(impls: Vec<Variant>) -> Self {
         BenchSpec {
             ops: vec![
                 Collective::AllGather,
@@ -188,17 +235,13 @@ pub fn case_shape(coll: Collective, dtype: DType, bytes: usize, world: usize) ->
     }
 }
 
-/// Whether `imp` keeps its buffers in windows for a benchmark row (`nccl` uses plain memory).
-fn wants_windows(imp: Impl) -> bool {
-    imp != Impl::Regular
-}
-
 fn to_f64(b: &[u8]) -> f64 {
     f64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
 }
 
 /// Measure one row on every rank of `group` (collective). Returns the row as rank 0 reports
 /// it (every rank gets the same values).
+#[allow(clippy::too_many_arguments)]
 pub fn measure_row(
     comm: &Communicator,
     group: &Group,
@@ -206,9 +249,10 @@ pub fn measure_row(
     coll: Collective,
     dtype: DType,
     bytes: usize,
-    imp: Impl,
+    variant: Variant,
     mode: Mode,
 ) -> Result<Row> {
+    let imp = variant.imp;
     let world = group.size();
     let shape = case_shape(coll, dtype, bytes, world).ok_or_else(|| Error::InvalidArgument {
         ctx: crate::error::OpCtx {
@@ -226,8 +270,8 @@ pub fn measure_row(
         shape,
         dim: None,
         imp,
-        input_symm: wants_windows(imp),
-        output_symm: wants_windows(imp),
+        input_symm: variant.windows,
+        output_symm: variant.windows,
         seed: spec.seed ^ bytes as u64,
     };
     let bufs = verify::alloc(group, &case)?;
@@ -306,7 +350,7 @@ pub fn measure_row(
         dtype,
         bytes,
         world,
-        implementation: imp.name(comm.backend()),
+        implementation: variant.name(comm.backend()),
         mode,
         us,
         algbw_gbps: algbw,
@@ -338,7 +382,7 @@ pub fn run(
             }
         }
     }
-    if spec.impls.iter().any(|&i| wants_windows(i)) {
+    if spec.impls.iter().any(|v| v.windows || v.imp == Impl::Auto) {
         group.reserve(largest)?;
     }
     let total = spec.rows();
@@ -346,11 +390,11 @@ pub fn run(
     for &op in &spec.ops {
         for &dtype in &spec.dtypes {
             for &bytes in &spec.sizes {
-                for &imp in &spec.impls {
+                for &variant in &spec.impls {
                     for &mode in &spec.modes {
-                        let what = format!("{} {} {} B {} {}", op.name(), dtype, bytes, imp.name(comm.backend()), mode.name());
+                        let what = format!("{} {} {} B {} {}", op.name(), dtype, bytes, variant.name(comm.backend()), mode.name());
                         if case_shape(op, dtype, bytes, world).is_some() {
-                            rows.push(measure_row(comm, group, spec, op, dtype, bytes, imp, mode)?);
+                            rows.push(measure_row(comm, group, spec, op, dtype, bytes, variant, mode)?);
                         }
                         progress(rows.len(), total, &what);
                     }
@@ -529,5 +573,67 @@ mod tests {
     fn median_of_even_and_odd() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
+
+/// Build a dispatch table from graph-mode rows: for each (op, dtype, world) and measured size
+/// (a bucket up to that size), the fastest implementation with both buffers in windows, and
+/// whether `auto_plain` (staging plain buffers into windows) beat `nccl` there. Above the
+/// largest measured size the last bucket's choice holds.
+pub fn tune_table(rows: &[Row], backend: BackendKind, device: &str, source: &str) -> crate::dispatch::DispatchTable {
+    use crate::dispatch::{DispatchRow, DispatchTable};
+    let regular = Impl::Regular.name(backend);
+    let mut keys: Vec<(String, DType, usize)> = rows
+        .iter()
+        .filter(|r| r.mode == Mode::Graph)
+        .map(|r| (r.op.clone(), r.dtype, r.world))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = Vec::new();
+    for (op, dtype, world) in keys {
+        let mine: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.mode == Mode::Graph && r.op == op && r.dtype == dtype && r.world == world && r.ok)
+            .collect();
+        let mut sizes: Vec<usize> = mine.iter().map(|r| r.bytes).collect();
+        sizes.sort();
+        sizes.dedup();
+        let last = sizes.last().copied();
+        for b in sizes {
+            let at: Vec<&&Row> = mine.iter().filter(|r| r.bytes == b).collect();
+            let candidates = at.iter().filter_map(|r| {
+                let v = Variant::parse(&r.implementation).ok()?;
+                (v.imp != Impl::Auto && (v.windows || v.imp == Impl::Regular) && !r.implementation.ends_with("_on_windows"))
+                    .then_some((v.imp, r.us))
+            });
+            let Some((best, best_us)) = candidates.clone().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+                continue;
+            };
+            let regular_us = at.iter().find(|r| r.implementation == regular).map(|r| r.us);
+            let staged_us = at.iter().find(|r| r.implementation == "auto_plain").map(|r| r.us);
+            let stage = best != Impl::Regular
+                && matches!((staged_us, regular_us), (Some(s), Some(r)) if s < 0.98 * r);
+            let mut measured_us: BTreeMap<String, f64> = candidates.map(|(i, t)| (i.name(backend), t)).collect();
+            if let Some(s) = staged_us {
+                measured_us.insert("auto_plain".into(), s);
+            }
+            let _ = best_us;
+            out.push(DispatchRow {
+                op: op.clone(),
+                dtype,
+                world,
+                max_bytes: if Some(b) == last { usize::MAX } else { b },
+                best,
+                stage,
+                measured_us,
+            });
+        }
+    }
+    DispatchTable {
+        source: source.into(),
+        device: device.into(),
+        backend,
+        rows: out,
     }
 }

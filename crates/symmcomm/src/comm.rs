@@ -89,7 +89,7 @@ pub(crate) struct CommShared {
     pub(crate) boot: Bootstrap,
     pub(crate) device: Arc<dyn RankBackend>,
     pub(crate) config: CommConfig,
-    pub(crate) table: Option<DispatchTable>,
+    table: std::sync::RwLock<Option<Arc<DispatchTable>>>,
     capture: Mutex<Option<KeepAlive>>,
 }
 
@@ -106,6 +106,11 @@ impl fmt::Debug for CommShared {
 }
 
 impl CommShared {
+    /// The dispatch table `auto` uses now.
+    pub(crate) fn table(&self) -> Option<Arc<DispatchTable>> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn capture_lock(&self) -> MutexGuard<'_, Option<KeepAlive>> {
         self.capture.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -177,7 +182,7 @@ impl Communicator {
             boot,
             device: device.clone(),
             config,
-            table,
+            table: std::sync::RwLock::new(table.map(Arc::new)),
             capture: Mutex::new(None),
         });
         let backend = device.world_group(control.clone())?;
@@ -218,8 +223,18 @@ impl Communicator {
     }
 
     /// The dispatch table `auto` uses, if any.
-    pub fn table(&self) -> Option<&DispatchTable> {
-        self.shared.table.as_ref()
+    pub fn table(&self) -> Option<Arc<DispatchTable>> {
+        self.shared.table()
+    }
+
+    /// Replace the dispatch table (every rank must install the same one).
+    pub fn set_table(&self, table: Option<DispatchTable>) {
+        *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = table.map(Arc::new);
+    }
+
+    /// Facts about the device for reports.
+    pub fn facts(&self) -> crate::backend::DeviceFacts {
+        self.shared.device.facts()
     }
 
     /// Split the world into groups of `kind`: ranks passing the same `color` form one group,

@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::backend::{Call, Collective, Copy2d, FillSpec, GroupBackend, Impl, SymmLoc};
+use crate::backend::{Call, CallShape, Collective, Copy2d, FillSpec, GroupBackend, Impl, SymmLoc};
 use crate::bootstrap::ControlPlane;
 use crate::comm::CommShared;
 use crate::dispatch;
@@ -725,6 +725,20 @@ impl Group {
         )
     }
 
+    /// Whether `imp` can run `coll` on `dtype` in this group (buffers in windows where it
+    /// needs them), or why not.
+    pub fn supports(&self, coll: Collective, dtype: DType, imp: Impl) -> std::result::Result<(), String> {
+        if let Some(r) = coll.reduce() {
+            if !dtype.allows(r) {
+                return Err(format!("{r} is not defined on {dtype}"));
+            }
+        }
+        match self.inner.backend.unavailable(imp, &CallShape { coll, dtype, piece: 1 }) {
+            None => Ok(()),
+            Some(why) => Err(why),
+        }
+    }
+
     fn symm_loc(&self, t: &Tensor) -> Option<SymmLoc> {
         let (pool, segment, offset) = t.buf.symm_location(t.byte_offset())?;
         Arc::ptr_eq(pool, &self.inner.pool).then_some(SymmLoc { segment, offset })
@@ -804,25 +818,16 @@ impl Group {
         let reorder_in = plan.reorder.is_some() && matches!(coll, Collective::ReduceScatter(_));
         let reorder_out = plan.reorder.is_some() && matches!(coll, Collective::AllGather);
 
-        // Whether an implementation can run this op, dtype, size and world at all; where the
-        // buffers lie is the dispatcher's and the symmetry check's business, so the probe
-        // presents both sides as windows.
-        let any_window = Some(SymmLoc { segment: 0, offset: 0 });
-        let probe = |imp: Impl| Call {
+        let shape = CallShape {
             coll,
             dtype,
             piece: plan.piece,
-            input: input.buf.mem_ref(input.byte_offset()),
-            input_symm: any_window,
-            output: output.buf.mem_ref(output.byte_offset()),
-            output_symm: any_window,
-            imp,
-            ctx: ctx.clone(),
         };
         let (imp, stage_in, stage_out, reason) = if imp == Impl::Auto {
             let stage_ok = self.can_stage(in_bytes.max(out_bytes));
+            let table = self.inner.comm.table();
             let d = dispatch::decide(
-                self.inner.comm.table.as_ref(),
+                table.as_deref(),
                 coll,
                 dtype,
                 world,
@@ -830,11 +835,11 @@ impl Group {
                 in_loc.is_some() || (reorder_in && stage_ok),
                 out_loc.is_some() || (reorder_out && stage_ok),
                 stage_ok,
-                &|i| self.inner.backend.unavailable(i, &probe(i)).is_none(),
+                &|i| self.inner.backend.unavailable(i, &shape).is_none(),
             );
             (d.imp, d.stage_input, d.stage_output, d.reason)
         } else {
-            if let Some(why) = self.inner.backend.unavailable(imp, &probe(imp)) {
+            if let Some(why) = self.inner.backend.unavailable(imp, &shape) {
                 return Err(Error::ImplUnavailable {
                     ctx,
                     implementation: imp.name(backend),

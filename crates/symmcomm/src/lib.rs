@@ -40,6 +40,16 @@ pub use policy::{GroupKind, Placement, SymmPolicy};
 pub use rank_threads::run_rank_threads;
 pub use tensor::{Layout, Tensor};
 
+/// The visible GPUs, or why none.
+pub fn gpus() -> std::result::Result<Vec<backend::cuda::GpuInfo>, String> {
+    backend::cuda::gpus()
+}
+
+/// Measure the physical limits between GPUs `a` and `b` (peer copy bandwidth, flag round trip).
+pub mod limits {
+    pub use crate::backend::cuda::limits::measure;
+}
+
 /// How many CUDA devices this process can use with the CUDA backend (driver and NCCL present),
 /// or why none.
 pub fn cuda_devices() -> std::result::Result<usize, String> {

@@ -167,7 +167,8 @@ pub struct EnvDecision {
 
 /// The NCCL environment symmcomm wants for a deployment: `NCCL_CUMEM_ENABLE=1` whenever
 /// symmetric memory is on (windows need cuMem memory), `NCCL_GRAPH_MIXING_SUPPORT=0` for DCP > 1
-/// with symmetric memory (seed 003), and `NCCL_NVLS_ENABLE` never touched (NVLink multicast
+/// with symmetric memory (seed 003), `NCCL_RUNTIME_CONNECT=0` (peers connected before any
+/// capture), and `NCCL_NVLS_ENABLE` never touched (NVLink multicast
 /// stays the user's or the machine's choice; it is never forced on). A user's value always wins.
 pub fn nccl_env_plan(
     policy: &SymmPolicy,
@@ -217,6 +218,11 @@ pub fn nccl_env_plan(
             "no DCP with symmetric memory: NCCL's default applies".into(),
         );
     }
+    want(
+        "NCCL_RUNTIME_CONNECT",
+        Some("0"),
+        "connect peers when a communicator starts, so the first collective inside a CUDA graph capture does not try to".into(),
+    );
     want(
         "NCCL_NVLS_ENABLE",
         None,

@@ -1,7 +1,7 @@
 //! The backend seam: what the host reference and the CUDA backend each implement. The library
 //! above it validates arguments, decides dispatch and manages pools; a backend moves bytes.
 
-pub(crate) mod cuda;
+pub mod cuda;
 pub(crate) mod host;
 
 use std::fmt;
@@ -169,6 +169,15 @@ pub(crate) struct SymmLoc {
     pub(crate) offset: usize,
 }
 
+/// What decides whether an implementation can run a call at all: the collective, the element
+/// type, the per-rank piece and the world (not where the buffers lie).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CallShape {
+    pub(crate) coll: Collective,
+    pub(crate) dtype: DType,
+    pub(crate) piece: usize,
+}
+
 /// One validated, contiguous collective with a concrete implementation.
 #[derive(Clone, Debug)]
 pub(crate) struct Call {
@@ -228,8 +237,8 @@ pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
     /// Allocate a segment of `bytes` on every rank and register it as a symmetric window
     /// (collective: every rank calls it in the same order).
     fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>>;
-    /// Why `imp` cannot run `call` on this backend, if it cannot.
-    fn unavailable(&self, imp: Impl, call: &Call) -> Option<String>;
+    /// Why `imp` cannot run calls of this shape on this backend, if it cannot.
+    fn unavailable(&self, imp: Impl, shape: &CallShape) -> Option<String>;
     /// Run (enqueue, on CUDA) a validated call; `call.imp` is concrete.
     fn collective(&self, call: &Call) -> Result<()>;
     /// Make a sub-communicator: members with equal `color` form a group ordered by `key`.
@@ -244,10 +253,27 @@ pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
     fn describe(&self) -> String;
 }
 
+/// Facts about a rank's device, for reports and results files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFacts {
+    /// Device model (`NVIDIA H200`, or `host`).
+    pub name: String,
+    /// NCCL version, when NCCL runs.
+    pub nccl: Option<String>,
+    /// Path of the NCCL library loaded.
+    pub nccl_path: Option<String>,
+    /// Driver version (`580.159.04`), when known.
+    pub driver: Option<String>,
+    /// Whether the guard kernel runs before NCCL's symmetric kernels.
+    pub pdl_guard: Option<bool>,
+}
+
 /// The per-rank device: memory, copies, the stream, graph capture.
 pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     /// Which backend.
     fn kind(&self) -> BackendKind;
+    /// Facts for reports.
+    fn facts(&self) -> DeviceFacts;
     /// Human-readable device description.
     fn describe(&self) -> String;
     /// The world communicator of this rank.

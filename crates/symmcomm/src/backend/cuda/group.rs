@@ -11,7 +11,7 @@ use nccl_sys::{DataType, RedOp, UniqueId, WIN_COLL_SYMMETRIC};
 use super::DeviceShared;
 use super::memory::NcclSegment;
 use super::nccl::NcclComm;
-use crate::backend::{Call, Collective, GroupBackend, Impl};
+use crate::backend::{Call, CallShape, Collective, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};
@@ -180,7 +180,7 @@ impl GroupBackend for CudaGroup {
         }))
     }
 
-    fn unavailable(&self, imp: Impl, call: &Call) -> Option<String> {
+    fn unavailable(&self, imp: Impl, call: &CallShape) -> Option<String> {
         match imp {
             Impl::Regular => None,
             Impl::Symmetric => {
@@ -210,7 +210,16 @@ impl GroupBackend for CudaGroup {
             return Err(Error::ImplUnavailable {
                 ctx: ctx.clone(),
                 implementation: call.imp.name(crate::BackendKind::Cuda),
-                why: self.unavailable(call.imp, call).unwrap_or_default(),
+                why: self
+                    .unavailable(
+                        call.imp,
+                        &CallShape {
+                            coll: call.coll,
+                            dtype: call.dtype,
+                            piece: call.piece,
+                        },
+                    )
+                    .unwrap_or_default(),
             });
         };
         self.dev.bind(ctx)?;

@@ -4,6 +4,7 @@
 
 mod driver;
 mod group;
+pub mod limits;
 mod memory;
 mod modules;
 mod nccl;
@@ -56,9 +57,61 @@ pub(crate) fn device_count() -> std::result::Result<usize, String> {
     probe()
 }
 
+/// One visible GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// CUDA ordinal.
+    pub ordinal: usize,
+    /// Model name.
+    pub name: String,
+    /// Compute capability.
+    pub cc: (i32, i32),
+    /// Device memory in bytes.
+    pub memory: usize,
+}
+
+/// The visible GPUs (no context is created).
+pub fn gpus() -> std::result::Result<Vec<GpuInfo>, String> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver (libcuda.so.1 not found)".into());
+    }
+    use cudarc::driver::result::device;
+    cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e}"))?;
+    let n = device::get_count().map_err(|e| e.to_string())?;
+    (0..n)
+        .map(|i| {
+            let d = device::get(i).map_err(|e| e.to_string())?;
+            let attr = |a| {
+                // SAFETY: `d` is a valid device handle.
+                unsafe { device::get_attribute(d, a) }.map_err(|e| e.to_string())
+            };
+            Ok(GpuInfo {
+                ordinal: i as usize,
+                name: device::get_name(d).map_err(|e| e.to_string())?,
+                cc: (
+                    attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                    attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+                ),
+                // SAFETY: `d` is a valid device handle.
+                memory: unsafe { device::total_mem(d) }.map_err(|e| e.to_string())?,
+            })
+        })
+        .collect()
+}
+
 /// The NCCL library the backend uses, if it loads.
 pub fn nccl() -> std::result::Result<&'static Nccl, String> {
     Nccl::load().map_err(|e| e.to_string())
+}
+
+/// The NVIDIA kernel driver's version (`580.159.04`), from `/proc/driver/nvidia/version`.
+pub fn driver_version() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
+    let line = text.lines().next()?;
+    line.split_whitespace()
+        .find(|w| w.chars().filter(|c| *c == '.').count() >= 1 && w.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .map(str::to_string)
 }
 
 /// Start the CUDA device of this rank.
@@ -297,6 +350,16 @@ impl RankBackend for CudaDevice {
             self.dev.cc.1,
             self.dev.nccl.version()
         )
+    }
+
+    fn facts(&self) -> crate::backend::DeviceFacts {
+        crate::backend::DeviceFacts {
+            name: self.dev.name.clone(),
+            nccl: Some(self.dev.nccl.version().to_string()),
+            nccl_path: Some(self.dev.nccl.path().display().to_string()),
+            driver: driver_version(),
+            pdl_guard: Some(self.dev.pdl_guard),
+        }
     }
 
     fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {

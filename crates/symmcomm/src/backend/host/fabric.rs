@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::{HostMemory, HostQueue, host_mem};
-use crate::backend::{Call, Collective, GroupBackend, Impl};
+use crate::backend::{Call, CallShape, Collective, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};

@@ -133,6 +133,13 @@ impl RankBackend for HostDevice {
         "host (ranks are threads)".into()
     }
 
+    fn facts(&self) -> crate::backend::DeviceFacts {
+        crate::backend::DeviceFacts {
+            name: "host".into(),
+            ..Default::default()
+        }
+    }
+
     fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {
         Ok(Arc::new(HostGroup::new(control, self.queue.clone())?))
     }

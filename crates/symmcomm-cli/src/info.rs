@@ -1,0 +1,101 @@
+//! `symmcomm info`: what this machine offers symmcomm, and what symmcomm will do about the
+//! NCCL environment, and why.
+
+use symmcomm::policy::{EnvAction, SymmPolicy, nccl_env_plan};
+
+/// Options of `info`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct InfoArgs {
+    /// Assume symmetric memory is switched off.
+    #[arg(long)]
+    no_symm: bool,
+    /// Decode-context-parallel size to plan the environment for.
+    #[arg(long, default_value_t = 1)]
+    dcp_size: usize,
+    /// A dispatch table file to show instead of the built-in one.
+    #[arg(long)]
+    table: Option<std::path::PathBuf>,
+}
+
+pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
+    println!("symmcomm {}", env!("CARGO_PKG_VERSION"));
+    println!("backends:");
+    println!("  host: available (ranks are threads of one process, memory is host memory)");
+    match symmcomm::cuda_devices() {
+        Ok(n) => println!("  cuda: available, {n} device(s)"),
+        Err(why) => println!("  cuda: unavailable: {why}"),
+    }
+    match symmcomm::gpus() {
+        Ok(gpus) => {
+            for g in gpus {
+                println!("  cuda:{} {} (sm_{}{}, {} MiB)", g.ordinal, g.name, g.cc.0, g.cc.1, g.memory >> 20);
+            }
+        }
+        Err(why) => println!("  GPUs: none ({why})"),
+    }
+    if let Some(d) = symmcomm::backend::cuda::driver_version() {
+        println!("  driver: {d}");
+    }
+    match symmcomm::backend::cuda::nccl() {
+        Ok(n) => {
+            println!("NCCL: {} at {}", n.version(), n.path().display());
+            if symmcomm::backend::cuda::pdl_hazard(n.version()) {
+                println!(
+                    "  PDL hazard: NCCL {} (2.28.0–2.30.6) launches its symmetric kernels with programmatic dependent launch\n  but without cudaGridDependencySynchronize, so they can read an input before its producer finished.\n  symmcomm launches an empty guard kernel before every nccl_symm collective (cost in BENCHMARKS.md);\n  --no-pdl-guard turns it off.",
+                    n.version()
+                );
+            } else {
+                println!("  PDL hazard: none for NCCL {}", n.version());
+            }
+        }
+        Err(why) => println!("NCCL: unavailable: {why}"),
+    }
+    match symmcomm::kernels::NvrtcCompiler::new() {
+        Ok(c) => println!("NVRTC: {}", c.describe()),
+        Err(e) => println!("NVRTC: unavailable: {e}"),
+    }
+    let policy = SymmPolicy {
+        enabled: !args.no_symm,
+        dcp_size: args.dcp_size,
+    };
+    println!(
+        "NCCL environment (symmetric memory {}, DCP size {}):",
+        if policy.enabled { "on" } else { "off" },
+        policy.dcp_size
+    );
+    for d in nccl_env_plan(&policy, |k| std::env::var(k).ok()) {
+        let what = match &d.action {
+            EnvAction::Set { value } => format!("symmcomm sets {value}"),
+            EnvAction::KeepUser { user, wanted } => format!("your {user} stays (symmcomm would set {wanted})"),
+            EnvAction::Observe { user: Some(u) } => format!("your {u} stays"),
+            EnvAction::Observe { user: None } => "unset, left alone".into(),
+        };
+        println!("  {:<27} {:<40} {}", d.name, what, d.why);
+    }
+    let table = match &args.table {
+        Some(p) => Some(symmcomm::dispatch::DispatchTable::load(p)?),
+        None => symmcomm::gpus()
+            .ok()
+            .and_then(|g| g.first().map(|d| (d.name.clone(), g.len())))
+            .and_then(|(name, n)| symmcomm::dispatch::DispatchTable::builtin(symmcomm::BackendKind::Cuda, &name, n)),
+    };
+    match table {
+        Some(t) => {
+            println!("dispatch table: {} ({}, {} rows)", t.source, t.device, t.rows.len());
+            for r in &t.rows {
+                let upto = if r.max_bytes == usize::MAX { "∞".into() } else { symmcomm::bench::human_bytes(r.max_bytes) };
+                println!(
+                    "  {:<15} {:<5} world {} up to {:>5}: {:<10} staging {}",
+                    r.op,
+                    r.dtype.name(),
+                    r.world,
+                    upto,
+                    r.best.name(t.backend),
+                    if r.stage { "wins" } else { "loses" }
+                );
+            }
+        }
+        None => println!("dispatch table: none for this machine; auto follows NCCL's rule (symmetric path iff both buffers are in windows)"),
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! How a command gets its ranks: thread ranks in this process (host backend, or `--threads`
+//! on GPUs), or one process per GPU that this process launches (itself, with `--rank-child`),
+//! or a rank of a job started by `symmcomm launch` / torchrun (RANK is set).
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use symmcomm::policy::{SymmPolicy, apply_env_plan, nccl_env_plan};
+use symmcomm::{BackendChoice, BackendKind, Bootstrap, CommConfig, Communicator};
+
+/// Options every rank-running command shares.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RankArgs {
+    /// Backend: auto (CUDA when GPUs, the driver and NCCL are present), host or cuda.
+    #[arg(long, default_value = "auto")]
+    pub(crate) backend: String,
+    /// Ranks: threads on the host backend (default 2), GPUs on CUDA (default: all visible).
+    #[arg(long)]
+    pub(crate) world: Option<usize>,
+    /// On GPUs, run the ranks as threads of this process instead of one process per GPU.
+    #[arg(long)]
+    pub(crate) threads: bool,
+    /// Deadline of every wait, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub(crate) timeout: u64,
+    /// Turn symmetric memory off (the seeds' `--enable-symm-mem` not given).
+    #[arg(long)]
+    pub(crate) no_symm: bool,
+    /// Decode-context-parallel size of the deployment (only the DCP group uses symmetric
+    /// memory when > 1).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) dcp_size: usize,
+    /// Do not put the guard kernel before NCCL's symmetric kernels on NCCL 2.28.0–2.30.6
+    /// (only to measure the hazard or the guard's cost).
+    #[arg(long)]
+    pub(crate) no_pdl_guard: bool,
+    /// Internal: this process is a rank launched by a parent `symmcomm` command.
+    #[arg(long, hide = true)]
+    pub(crate) rank_child: bool,
+}
+
+/// Where the ranks run.
+pub(crate) enum Plan {
+    /// `world` thread ranks in this process.
+    Threads { world: usize, config: CommConfig },
+    /// This process launches `nproc` copies of itself, one per GPU.
+    Parent { nproc: usize },
+    /// This process is one rank of a launched job.
+    Child { config: CommConfig },
+}
+
+impl RankArgs {
+    pub(crate) fn policy(&self) -> SymmPolicy {
+        SymmPolicy {
+            enabled: !self.no_symm,
+            dcp_size: self.dcp_size,
+        }
+    }
+
+    fn backend_choice(&self) -> anyhow::Result<BackendChoice> {
+        Ok(match self.backend.as_str() {
+            "auto" => BackendChoice::Auto,
+            "host" => BackendChoice::Host,
+            "cuda" => BackendChoice::Cuda,
+            other => bail!("unknown backend {other:?} (auto, host, cuda)"),
+        })
+    }
+
+    /// The configuration of every rank.
+    pub(crate) fn config(&self, backend: BackendChoice) -> CommConfig {
+        CommConfig {
+            backend,
+            policy: self.policy(),
+            timeout: Duration::from_secs(self.timeout),
+            pdl_guard: !self.no_pdl_guard,
+            ..CommConfig::default()
+        }
+    }
+
+    /// Apply the NCCL environment plan (before any thread exists) and decide where ranks run.
+    pub(crate) fn plan(&self) -> anyhow::Result<Plan> {
+        let env_plan = nccl_env_plan(&self.policy(), |k| std::env::var(k).ok());
+        // SAFETY: called from `main` before this process starts any thread of its own
+        // (tracing's subscriber starts none), so nothing reads the environment concurrently.
+        unsafe { apply_env_plan(&env_plan) };
+        let launched = std::env::var("RANK").is_ok() && std::env::var("WORLD_SIZE").is_ok();
+        let choice = self.backend_choice()?;
+        let backend = match choice {
+            BackendChoice::Host => BackendKind::Host,
+            BackendChoice::Cuda => BackendKind::Cuda,
+            BackendChoice::Auto => match symmcomm::cuda_devices() {
+                Ok(_) => BackendKind::Cuda,
+                Err(why) => {
+                    if !launched {
+                        eprintln!("note: no usable GPU ({why}); running the host backend (ranks are threads, memory is host memory)");
+                    }
+                    BackendKind::Host
+                }
+            },
+        };
+        let fixed = match backend {
+            BackendKind::Host => BackendChoice::Host,
+            BackendKind::Cuda => BackendChoice::Cuda,
+        };
+        if self.rank_child || launched {
+            return Ok(Plan::Child {
+                config: self.config(fixed),
+            });
+        }
+        match backend {
+            BackendKind::Host => Ok(Plan::Threads {
+                world: self.world.unwrap_or(2),
+                config: self.config(fixed),
+            }),
+            BackendKind::Cuda => {
+                let gpus = symmcomm::cuda_devices().map_err(|why| anyhow::anyhow!("the CUDA backend cannot start: {why}"))?;
+                let world = self.world.unwrap_or(gpus);
+                if world > gpus {
+                    bail!("{world} ranks asked for, {gpus} GPUs visible");
+                }
+                if self.threads {
+                    Ok(Plan::Threads {
+                        world,
+                        config: self.config(fixed),
+                    })
+                } else {
+                    Ok(Plan::Parent { nproc: world })
+                }
+            }
+        }
+    }
+}
+
+/// Launch `nproc` copies of this process with the same arguments plus `--rank-child`.
+pub(crate) fn launch_self(nproc: usize, extra_env: Vec<(String, String)>) -> anyhow::Result<std::process::ExitCode> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--rank-child".into());
+    let mut spec = symmcomm::launch::LaunchSpec::new(nproc, exe, args);
+    spec.extra_env = extra_env;
+    let report = symmcomm::launch::launch(&spec)?;
+    if !report.success() {
+        eprintln!("{report}");
+    }
+    Ok(std::process::ExitCode::from(report.exit_code().clamp(0, 255) as u8))
+}
+
+/// This process's communicator as a launched rank.
+pub(crate) fn child_comm(config: CommConfig) -> anyhow::Result<Communicator> {
+    let boot = Bootstrap::from_env(config.timeout).context("joining the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")?;
+    Ok(Communicator::new(boot, config)?)
+}

@@ -1,0 +1,168 @@
+//! The physical floors of a GPU pair, measured in one process with peer access on: copy-engine
+//! peer bandwidth (one direction, and both at once) and the GPU-to-GPU flag round trip.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaContext, CudaStream};
+
+use super::driver::{Event, check};
+use super::memory::DeviceAlloc;
+use super::modules::UtilKernels;
+use crate::bench::Limits;
+use crate::error::{Error, Op, OpCtx, Result};
+
+const COPY_BYTES: usize = 256 << 20;
+const COPIES: usize = 8;
+const PINGS: u32 = 20_000;
+
+struct Side {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    buf: DeviceAlloc,
+    flag: DeviceAlloc,
+}
+
+fn op(ordinal: usize) -> OpCtx {
+    OpCtx {
+        op: Op::Kernel,
+        group: format!("limits cuda:{ordinal}"),
+        rank: ordinal,
+        world: 2,
+        bytes: COPY_BYTES,
+    }
+}
+
+fn side(ordinal: usize) -> Result<Side> {
+    let o = op(ordinal);
+    let cu = |e: cudarc::driver::DriverError| Error::Cuda {
+        ctx: o.clone(),
+        call: "context setup",
+        message: e.to_string(),
+    };
+    let ctx = CudaContext::new(ordinal).map_err(cu)?;
+    // SAFETY: no cudarc slices are used with this context.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(cu)?;
+    let buf = super::alloc(&ctx, COPY_BYTES, &o)?;
+    let flag = super::alloc(&ctx, 256, &o)?;
+    // SAFETY: both allocations are live device memory of the current context.
+    unsafe {
+        check(sys::cuMemsetD8_v2(buf.ptr, 1, COPY_BYTES), "cuMemsetD8", &o)?;
+        check(sys::cuMemsetD8_v2(flag.ptr, 0, 256), "cuMemsetD8", &o)?;
+    }
+    Ok(Side { ctx, stream, buf, flag })
+}
+
+fn enable_peer(from: &Side, to: &Side, o: &OpCtx) -> Result<()> {
+    from.ctx.bind_to_thread().map_err(|e| Error::Cuda {
+        ctx: o.clone(),
+        call: "cuCtxSetCurrent",
+        message: e.to_string(),
+    })?;
+    // SAFETY: both contexts are live primary contexts.
+    let r = unsafe { sys::cuCtxEnablePeerAccess(to.ctx.cu_ctx(), 0) };
+    if r == sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+        return Ok(());
+    }
+    check(r, "cuCtxEnablePeerAccess", o)
+}
+
+/// Time `n` copies of `COPY_BYTES` from `src` to `dst` on `s`'s stream, as GB/s.
+fn copies(s: &Side, dst: u64, src: u64, o: &OpCtx) -> Result<(Event, Event)> {
+    s.ctx.bind_to_thread().map_err(|e| Error::Cuda {
+        ctx: o.clone(),
+        call: "cuCtxSetCurrent",
+        message: e.to_string(),
+    })?;
+    let (a, b) = (Event::new(true, o)?, Event::new(true, o)?);
+    a.record(s.stream.cu_stream(), o)?;
+    for _ in 0..COPIES {
+        // SAFETY: both buffers hold COPY_BYTES bytes; peer access is enabled.
+        check(
+            unsafe { sys::cuMemcpyAsync(dst, src, COPY_BYTES, s.stream.cu_stream()) },
+            "cuMemcpyAsync",
+            o,
+        )?;
+    }
+    b.record(s.stream.cu_stream(), o)?;
+    Ok((a, b))
+}
+
+fn gbps(ms: f32) -> f64 {
+    (COPIES * COPY_BYTES) as f64 / (ms as f64 * 1e-3) / 1e9
+}
+
+/// Measure the limits between devices `a` and `b`.
+pub fn measure(a: usize, b: usize) -> Result<Limits> {
+    let (sa, sb) = (side(a)?, side(b)?);
+    let (oa, ob) = (op(a), op(b));
+    enable_peer(&sa, &sb, &oa)?;
+    enable_peer(&sb, &sa, &ob)?;
+    let deadline = || Instant::now() + Duration::from_secs(60);
+    // Warm the path once.
+    let (w0, w1) = copies(&sa, sb.buf.ptr, sa.buf.ptr, &oa)?;
+    w1.wait(deadline(), &oa, || Ok(()))?;
+    drop(w0);
+    // One direction.
+    let (e0, e1) = copies(&sa, sb.buf.ptr, sa.buf.ptr, &oa)?;
+    e1.wait(deadline(), &oa, || Ok(()))?;
+    let one_way = gbps(e0.elapsed_ms(&e1, &oa)?);
+    // Both directions at once.
+    let (f0, f1) = copies(&sa, sb.buf.ptr, sa.buf.ptr, &oa)?;
+    let (g0, g1) = copies(&sb, sa.buf.ptr, sb.buf.ptr, &ob)?;
+    sa.ctx.bind_to_thread().ok();
+    f1.wait(deadline(), &oa, || Ok(()))?;
+    sb.ctx.bind_to_thread().ok();
+    g1.wait(deadline(), &ob, || Ok(()))?;
+    sa.ctx.bind_to_thread().ok();
+    let fa = f0.elapsed_ms(&f1, &oa)?;
+    sb.ctx.bind_to_thread().ok();
+    let fb = g0.elapsed_ms(&g1, &ob)?;
+    let both = gbps(fa.max(fb));
+    // Flag round trip: one thread on each GPU bouncing a counter through the other's memory.
+    let ka = UtilKernels::load(&sa.ctx, sa.ctx.compute_capability().unwrap_or((9, 0)), &oa)?;
+    let kb = UtilKernels::load(&sb.ctx, sb.ctx.compute_capability().unwrap_or((9, 0)), &ob)?;
+    let out_ns = sa.flag.ptr + 64;
+    let launch = |k: &UtilKernels, s: &Side, my: u64, peer: u64, initiator: u32, o: &OpCtx| -> Result<()> {
+        s.ctx.bind_to_thread().ok();
+        let (mut my, mut peer, mut iters, mut init, mut out, mut timeout) =
+            (my, peer, PINGS, initiator, if initiator == 1 { out_ns } else { 0u64 }, 5_000_000_000u64);
+        let mut args = [
+            &mut my as *mut u64 as *mut c_void,
+            &mut peer as *mut u64 as *mut c_void,
+            &mut iters as *mut u32 as *mut c_void,
+            &mut init as *mut u32 as *mut c_void,
+            &mut out as *mut u64 as *mut c_void,
+            &mut timeout as *mut u64 as *mut c_void,
+        ];
+        // SAFETY: the arguments match `symm_flag_pingpong(u32*, u32*, u32, u32, u64*, u64)`;
+        // the flags are device memory reachable from both GPUs (peer access is on).
+        unsafe { k.pingpong.launch(1, 1, 0, s.stream.cu_stream(), &mut args, false, o) }
+    };
+    launch(&kb, &sb, sb.flag.ptr, sa.flag.ptr, 0, &ob)?;
+    launch(&ka, &sa, sa.flag.ptr, sb.flag.ptr, 1, &oa)?;
+    let ea = Event::new(false, &oa)?;
+    ea.record(sa.stream.cu_stream(), &oa)?;
+    ea.wait(deadline(), &oa, || Ok(()))?;
+    sb.ctx.bind_to_thread().ok();
+    let eb = Event::new(false, &ob)?;
+    eb.record(sb.stream.cu_stream(), &ob)?;
+    eb.wait(deadline(), &ob, || Ok(()))?;
+    sa.ctx.bind_to_thread().ok();
+    let mut ns = [0u8; 8];
+    // SAFETY: `out_ns` is 8 bytes inside the flag allocation; the kernel has finished.
+    check(
+        unsafe { sys::cuMemcpyDtoH_v2(ns.as_mut_ptr() as *mut c_void, out_ns, 8) },
+        "cuMemcpyDtoH",
+        &oa,
+    )?;
+    let ns = u64::from_le_bytes(ns);
+    Ok(Limits {
+        p2p_copy_gbps: one_way,
+        p2p_bidir_gbps: both,
+        flag_roundtrip_us: ns as f64 / PINGS as f64 / 1e3,
+    })
+}
