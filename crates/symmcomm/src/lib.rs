@@ -13,6 +13,7 @@ pub mod bootstrap;
 pub mod dtype;
 pub mod error;
 pub mod fill;
+pub mod kernels;
 pub mod memory;
 pub mod policy;
 pub mod pool;
