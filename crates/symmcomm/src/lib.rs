@@ -20,6 +20,7 @@ pub mod dtype;
 pub mod error;
 pub mod fill;
 pub mod group;
+pub mod kernels;
 pub mod launch;
 pub mod memory;
 pub mod policy;

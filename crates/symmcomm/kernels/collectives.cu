@@ -1,0 +1,754 @@
+// collectives.cu: our own NVLink collectives over symmetric memory (all-reduce one-shot and
+// two-shot, all-gather, reduce-scatter, barrier) for bf16, f16 and f32 with f32 accumulation.
+//
+// Model: push, one barrier, finish locally. Each block stores its share of the data into the
+// peers' workspaces (plain 16-byte stores over NVLink), signals every peer's flag for this block
+// with a system-scope release store, waits on its own flags with acquire loads, then reads only
+// its own workspace. One epoch per launch, the same on every rank; the workspace is
+// double-buffered on the epoch's parity, so one barrier per phase is enough. The argument, the
+// layouts and the launch rules are in crates/symmcomm/KERNELS.md; keep the two in step.
+//
+// No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#define SYMM_DEVICE static __device__ __forceinline__
+
+#define SYMM_MAX_WORLD 8
+#define SYMM_MAX_BLOCKS 64
+#define SYMM_BLOCK_THREADS 512
+#define SYMM_PHASES 2
+#define SYMM_AREAS 2
+#define SYMM_PARITIES 2
+#define SYMM_DEFAULT_TIMEOUT_NS 10000000000ULL
+#define SYMM_SPIN_CHECK_EVERY 256
+
+// Values of SymmState::error.
+#define SYMM_ERR_NONE 0u
+#define SYMM_ERR_TIMEOUT 1u
+#define SYMM_ERR_PEER 2u
+#define SYMM_ERR_ARGS 3u
+
+// Signal pad of one rank: flags[phase][block][src] (u64 epochs), then peer_error[src] (u32).
+#define SYMM_PAD_FLAGS_OFFSET 0ULL
+#define SYMM_PAD_PEER_ERROR_OFFSET \
+    (8ULL * SYMM_PHASES * SYMM_MAX_BLOCKS * SYMM_MAX_WORLD) /* 8192 */
+#define SYMM_PAD_BYTES (SYMM_PAD_PEER_ERROR_OFFSET + 4ULL * SYMM_MAX_WORLD) /* 8224 */
+
+// Kernel argument, passed by value. Plain C layout, mirrored by `#[repr(C)] SymmArgs` in
+// src/kernels.rs; offsets in KERNELS.md.
+struct SymmArgs {
+    unsigned long long ws[SYMM_MAX_WORLD];  // rank p's workspace base, in this rank's space
+    unsigned long long pad[SYMM_MAX_WORLD]; // rank p's signal pad base, in this rank's space
+    unsigned long long in;                  // this rank's input
+    unsigned long long out;                 // this rank's output
+    unsigned long long count;               // elements (bytes for symm_allgather), see KERNELS.md
+    unsigned long long slot_bytes;          // bytes of one workspace slot, multiple of 16
+    unsigned long long state;               // this rank's SymmState (local memory)
+    unsigned long long timeout_ns;          // flag-wait deadline; 0 = 10 s
+    unsigned int rank;                      // this rank, < world
+    unsigned int world;                     // 2..8
+};
+
+// NVRTC has no offsetof; the fields are all naturally aligned and in order, so the sizes pin the
+// offsets given in KERNELS.md (and by offset_of! on the Rust mirror).
+static_assert(sizeof(SymmArgs) == 184, "SymmArgs size");
+
+// Per-rank local state, zeroed once by the host before the first launch on a group.
+struct SymmState {
+    unsigned long long epoch;       // launches completed on this group (and on every rank)
+    unsigned long long error_epoch; // epoch of the launch that recorded `error`
+    unsigned int blocks_done;       // blocks of the running launch that started; 0 between
+    unsigned int error;             // SYMM_ERR_*; sticky until the host clears it
+    unsigned int error_src;         // peer rank waited on (TIMEOUT) or that reported (PEER)
+    unsigned int error_block;       // block that recorded the error
+    unsigned int error_phase;       // barrier phase that recorded the error
+    unsigned int reserved[7];
+};
+
+static_assert(sizeof(SymmState) == 64, "SymmState size");
+
+// ---------------------------------------------------------------------------------------------
+// Plumbing.
+
+// A no-op unless this grid was launched with programmatic dependent launch; then it waits until
+// the preceding grid has finished and its memory is visible. First statement of every kernel.
+SYMM_DEVICE void symm_grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Nanoseconds from the GPU's global timer.
+SYMM_DEVICE unsigned long long symm_globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Generic addressing (no state space): correct for any pointer, local or a peer's mapping.
+SYMM_DEVICE void symm_st_release_sys_u64(unsigned long long* p, unsigned long long v) {
+    asm volatile("st.release.sys.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+SYMM_DEVICE unsigned long long symm_ld_acquire_sys_u64(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+SYMM_DEVICE void symm_st_release_sys_u32(unsigned int* p, unsigned int v) {
+    asm volatile("st.release.sys.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Signal: make this block's earlier stores (ordered before by __syncthreads) visible to a peer,
+// then store the flag: one release store at system scope. Measured on 2 x H200 against a fence
+// plus a relaxed store and against __threadfence_system plus a volatile store: the release store
+// was the fastest of the three (KERNELS.md).
+SYMM_DEVICE void symm_signal(unsigned long long* flag, unsigned long long v) {
+    symm_st_release_sys_u64(flag, v);
+}
+
+// Poll a flag with acquire semantics: once it shows the awaited epoch, this thread's later loads
+// (and, after __syncthreads, the block's) see everything the peer stored before signalling.
+SYMM_DEVICE unsigned long long symm_poll(const unsigned long long* flag) {
+    return symm_ld_acquire_sys_u64(flag);
+}
+
+SYMM_DEVICE unsigned long long symm_min(unsigned long long x, unsigned long long y) {
+    return x < y ? x : y;
+}
+
+SYMM_DEVICE bool symm_aligned16(unsigned long long address) { return (address & 15ULL) == 0; }
+
+// ---------------------------------------------------------------------------------------------
+// Element types: raw bits <-> f32. ES = element size in bytes.
+
+struct SymmF32 {
+    enum : int { ES = 4 };
+    static __device__ __forceinline__ float to_f32(unsigned int b) { return __uint_as_float(b); }
+    static __device__ __forceinline__ unsigned int from_f32(float f) { return __float_as_uint(f); }
+};
+
+struct SymmBF16 {
+    enum : int { ES = 2 };
+    static __device__ __forceinline__ float to_f32(unsigned int b) {
+        return __bfloat162float(__ushort_as_bfloat16((unsigned short)b));
+    }
+    static __device__ __forceinline__ unsigned int from_f32(float f) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    }
+};
+
+struct SymmF16 {
+    enum : int { ES = 2 };
+    static __device__ __forceinline__ float to_f32(unsigned int b) {
+        return __half2float(__ushort_as_half((unsigned short)b));
+    }
+    static __device__ __forceinline__ unsigned int from_f32(float f) {
+        return __half_as_ushort(__float2half_rn(f));
+    }
+};
+
+// One element's raw bits at p (naturally aligned).
+template <int ES>
+SYMM_DEVICE unsigned int symm_ld_elem(const unsigned char* p) {
+    if constexpr (ES == 4) {
+        return *reinterpret_cast<const unsigned int*>(p);
+    } else if constexpr (ES == 2) {
+        return *reinterpret_cast<const unsigned short*>(p);
+    } else {
+        return *p;
+    }
+}
+
+template <int ES>
+SYMM_DEVICE void symm_st_elem(unsigned char* p, unsigned int v) {
+    if constexpr (ES == 4) {
+        *reinterpret_cast<unsigned int*>(p) = v;
+    } else if constexpr (ES == 2) {
+        *reinterpret_cast<unsigned short*>(p) = (unsigned short)v;
+    } else {
+        *p = (unsigned char)v;
+    }
+}
+
+// 16 bytes at p: one vector access when p is 16-byte aligned, else element by element (p is
+// then only ES-aligned). `aligned` is uniform over the block.
+template <int ES>
+SYMM_DEVICE uint4 symm_ld_unit(const unsigned char* p, bool aligned) {
+    if (aligned) {
+        return *reinterpret_cast<const uint4*>(p);
+    }
+    unsigned int w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const unsigned char* q = p + 4 * k;
+        if constexpr (ES == 4) {
+            w[k] = symm_ld_elem<4>(q);
+        } else if constexpr (ES == 2) {
+            w[k] = symm_ld_elem<2>(q) | (symm_ld_elem<2>(q + 2) << 16);
+        } else {
+            w[k] = symm_ld_elem<1>(q) | (symm_ld_elem<1>(q + 1) << 8) |
+                   (symm_ld_elem<1>(q + 2) << 16) | (symm_ld_elem<1>(q + 3) << 24);
+        }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <int ES>
+SYMM_DEVICE void symm_st_unit(unsigned char* p, uint4 v, bool aligned) {
+    if (aligned) {
+        *reinterpret_cast<uint4*>(p) = v;
+        return;
+    }
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        unsigned char* q = p + 4 * k;
+        if constexpr (ES == 4) {
+            symm_st_elem<4>(q, w[k]);
+        } else if constexpr (ES == 2) {
+            symm_st_elem<2>(q, w[k] & 0xffffu);
+            symm_st_elem<2>(q + 2, w[k] >> 16);
+        } else {
+            symm_st_elem<1>(q, w[k] & 0xffu);
+            symm_st_elem<1>(q + 1, (w[k] >> 8) & 0xffu);
+            symm_st_elem<1>(q + 2, (w[k] >> 16) & 0xffu);
+            symm_st_elem<1>(q + 3, w[k] >> 24);
+        }
+    }
+}
+
+// The 16 / ES elements of a unit, widened to f32 (exact for every type).
+template <class Ty>
+SYMM_DEVICE void symm_unit_to_f32(uint4 v, float* f) {
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        if constexpr (Ty::ES == 4) {
+            f[k] = Ty::to_f32(w[k]);
+        } else {
+            f[2 * k] = Ty::to_f32(w[k] & 0xffffu);
+            f[2 * k + 1] = Ty::to_f32(w[k] >> 16);
+        }
+    }
+}
+
+// f32 accumulators back to a unit of Ty, rounded to nearest even.
+template <class Ty>
+SYMM_DEVICE uint4 symm_f32_to_unit(const float* f) {
+    unsigned int w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        if constexpr (Ty::ES == 4) {
+            w[k] = Ty::from_f32(f[k]);
+        } else {
+            w[k] = Ty::from_f32(f[2 * k]) | (Ty::from_f32(f[2 * k + 1]) << 16);
+        }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout.
+
+// Slot (area, parity, src) of rank `owner`'s workspace, as mapped in this rank's address space.
+SYMM_DEVICE unsigned char* symm_ws_slot(const SymmArgs& a, unsigned int owner, unsigned int area,
+                                        unsigned int parity, unsigned int src) {
+    const unsigned long long index =
+        ((unsigned long long)(area * SYMM_PARITIES + parity) * a.world + src);
+    return reinterpret_cast<unsigned char*>(a.ws[owner]) + index * a.slot_bytes;
+}
+
+// flags[phase][block][src] of the pad at `pad`.
+SYMM_DEVICE unsigned long long* symm_flag(unsigned long long pad, unsigned int phase,
+                                          unsigned int block, unsigned int src) {
+    return reinterpret_cast<unsigned long long*>(pad + SYMM_PAD_FLAGS_OFFSET) +
+           ((phase * SYMM_MAX_BLOCKS + block) * SYMM_MAX_WORLD + src);
+}
+
+// peer_error[src] of the pad at `pad`.
+SYMM_DEVICE unsigned int* symm_peer_error(unsigned long long pad, unsigned int src) {
+    return reinterpret_cast<unsigned int*>(pad + SYMM_PAD_PEER_ERROR_OFFSET) + src;
+}
+
+// Elements [lo, hi) of a range of `len` that this block handles: whole 16-byte units (n elements
+// each) split as evenly as possible over the grid; only the range's last unit may be partial.
+// Depends only on (len, n, blockIdx.x, gridDim.x), so block b covers the same elements on every
+// rank.
+SYMM_DEVICE void symm_block_range(unsigned long long len, unsigned long long n,
+                                  unsigned long long* lo, unsigned long long* hi) {
+    const unsigned long long units = (len + n - 1) / n;
+    const unsigned long long b = blockIdx.x;
+    const unsigned long long g = gridDim.x;
+    *lo = symm_min(units * b / g * n, len);
+    *hi = symm_min(units * (b + 1) / g * n, len);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epoch, barrier, errors.
+
+SYMM_DEVICE void symm_record_error(SymmState* st, unsigned int code, unsigned int src,
+                                   unsigned int phase, unsigned long long e) {
+    if (atomicCAS(&st->error, SYMM_ERR_NONE, code) == SYMM_ERR_NONE) {
+        st->error_src = src;
+        st->error_block = blockIdx.x;
+        st->error_phase = phase;
+        st->error_epoch = e;
+    }
+}
+
+// The host's arguments, checked the same way on every rank. `slot_need`: bytes of the largest
+// piece a slot must hold; `uses_ws`: whether the kernel touches the workspace.
+SYMM_DEVICE bool symm_args_ok(const SymmArgs& a, unsigned long long slot_need, bool uses_ws) {
+    if (a.world < 2 || a.world > SYMM_MAX_WORLD || a.rank >= a.world) {
+        return false;
+    }
+    if (gridDim.x > SYMM_MAX_BLOCKS || gridDim.y != 1 || gridDim.z != 1 ||
+        blockDim.x < a.world || blockDim.y != 1 || blockDim.z != 1) {
+        return false;
+    }
+    for (unsigned int p = 0; p < a.world; ++p) {
+        if (a.pad[p] == 0 || (a.pad[p] & 7ULL) != 0) {
+            return false;
+        }
+        if (uses_ws && (a.ws[p] == 0 || !symm_aligned16(a.ws[p]))) {
+            return false;
+        }
+    }
+    if (uses_ws && (slot_need > a.slot_bytes || (a.slot_bytes & 15ULL) != 0)) {
+        return false;
+    }
+    return true;
+}
+
+// One launch as seen by one block: its epoch (the same in every block and on every rank), and,
+// in thread 0 only, this block's arrival number and which peers had reported an error.
+struct SymmLaunch {
+    SymmState* st;
+    unsigned long long e;
+    unsigned int arrival;
+    unsigned int peer_errors;
+};
+
+// Start of a launch: wait for the predecessor grid (PDL), read the epoch (one more than the last
+// completed launch on this rank), then count this block in. Counting in only after the whole
+// block has the epoch is what lets the last block to arrive advance it (in symm_finish) while
+// other blocks may still be running. Thread 0 also reads this rank's peer_error words. Both
+// results are used only in symm_finish, so their latency hides behind the block's work.
+// False when there is no state to work with (nothing can be reported then).
+SYMM_DEVICE bool symm_begin(const SymmArgs& a, SymmLaunch* l) {
+    symm_grid_dependency_wait();
+    __shared__ unsigned long long epoch;
+    l->st = reinterpret_cast<SymmState*>(a.state);
+    if (l->st == nullptr) {
+        return false;
+    }
+    if (threadIdx.x == 0) {
+        epoch = *reinterpret_cast<const volatile unsigned long long*>(&l->st->epoch) + 1;
+    }
+    __syncthreads();
+    l->e = epoch;
+    l->arrival = 0;
+    l->peer_errors = 0;
+    if (threadIdx.x == 0) {
+        l->arrival = atomicAdd(&l->st->blocks_done, 1u);
+        if (a.world <= SYMM_MAX_WORLD && a.rank < a.world && a.pad[a.rank] != 0) {
+#pragma unroll
+            for (unsigned int p = 0; p < SYMM_MAX_WORLD; ++p) {
+                if (p < a.world && p != a.rank &&
+                    *reinterpret_cast<const volatile unsigned int*>(
+                        symm_peer_error(a.pad[a.rank], p)) != 0u) {
+                    l->peer_errors |= 1u << p;
+                }
+            }
+        }
+    }
+    return true;
+}
+
+// One thread waits until *flag >= e. Past the deadline it records SYMM_ERR_TIMEOUT, tells every
+// peer through its pad, and gives up. Once this rank has an error, it stops waiting at once, so
+// a stuck peer costs one timeout, not one per launch.
+SYMM_DEVICE void symm_wait_flag(const SymmArgs& a, SymmState* st, const unsigned long long* flag,
+                                unsigned long long e, unsigned int src, unsigned int phase) {
+    const unsigned long long timeout = a.timeout_ns != 0 ? a.timeout_ns : SYMM_DEFAULT_TIMEOUT_NS;
+    unsigned long long start = 0;
+    for (unsigned long long it = 0;; ++it) {
+        if (symm_poll(flag) >= e) {
+            return;
+        }
+        if (it % SYMM_SPIN_CHECK_EVERY == 0) {
+            if (*reinterpret_cast<volatile unsigned int*>(&st->error) != SYMM_ERR_NONE) {
+                return;
+            }
+            const unsigned long long now = symm_globaltimer();
+            if (it == 0) {
+                start = now;
+            } else if (now - start > timeout) {
+                symm_record_error(st, SYMM_ERR_TIMEOUT, src, phase, e);
+                for (unsigned int p = 0; p < a.world; ++p) {
+                    if (p != a.rank) {
+                        symm_st_release_sys_u32(symm_peer_error(a.pad[p], a.rank), 1u);
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+// Block barrier with the same block of every peer, for `phase` of launch epoch `e`. Everything
+// this block stored before it (any thread) is visible to the peers' blocks after theirs.
+SYMM_DEVICE void symm_block_barrier(const SymmArgs& a, const SymmLaunch& l, unsigned int phase) {
+    __syncthreads();
+    const unsigned int t = threadIdx.x;
+    if (t < a.world && t != a.rank) {
+        symm_signal(symm_flag(a.pad[t], phase, blockIdx.x, a.rank), l.e);
+        symm_wait_flag(a, l.st, symm_flag(a.pad[a.rank], phase, blockIdx.x, t), l.e, t, phase);
+    }
+    __syncthreads();
+}
+
+// End of a launch: the last block to have arrived advances the epoch for the next launch (every
+// block of this one has read it) and surfaces a peer's error report seen at the start. No fence:
+// the next launch on this stream starts after this grid has completed and its writes are visible
+// (also under PDL, through griddepcontrol.wait).
+SYMM_DEVICE void symm_finish(const SymmLaunch& l, bool ok) {
+    if (threadIdx.x != 0 || l.arrival != gridDim.x - 1) {
+        return;
+    }
+    if (ok && l.peer_errors != 0) {
+        const unsigned int src = (unsigned int)(__ffs((int)l.peer_errors) - 1);
+        symm_record_error(l.st, SYMM_ERR_PEER, src, 0, l.e);
+    }
+    l.st->blocks_done = 0;
+    *reinterpret_cast<volatile unsigned long long*>(&l.st->epoch) = l.e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data movement. Offsets are element offsets within a "frame": the same element index addresses
+// the source, the workspace slot and the destination.
+
+// Elements [lo, hi) of src (this rank's memory) into slot (area, parity, rank) of each peer, or
+// of `only_peer` alone when it is >= 0. Loads once, stores to every peer.
+template <int ES>
+SYMM_DEVICE void symm_push(const SymmArgs& a, const unsigned char* src, bool src_aligned,
+                           unsigned long long lo, unsigned long long hi, unsigned int area,
+                           unsigned int parity, int only_peer) {
+    constexpr unsigned long long n = 16 / ES;
+    unsigned char* dst[SYMM_MAX_WORLD];
+#pragma unroll
+    for (int p = 0; p < SYMM_MAX_WORLD; ++p) {
+        const bool to_p = (unsigned int)p < a.world && (unsigned int)p != a.rank &&
+                          (only_peer < 0 || p == only_peer);
+        dst[p] = to_p ? symm_ws_slot(a, p, area, parity, a.rank) : nullptr;
+    }
+    const unsigned long long units = (hi - lo) / n;
+    for (unsigned long long k = threadIdx.x; k < units; k += blockDim.x) {
+        const unsigned long long off = (lo + k * n) * ES;
+        const uint4 v = symm_ld_unit<ES>(src + off, src_aligned);
+#pragma unroll
+        for (int p = 0; p < SYMM_MAX_WORLD; ++p) {
+            if (dst[p] != nullptr) {
+                *reinterpret_cast<uint4*>(dst[p] + off) = v;
+            }
+        }
+    }
+    for (unsigned long long i = lo + units * n + threadIdx.x; i < hi; i += blockDim.x) {
+        const unsigned int v = symm_ld_elem<ES>(src + i * ES);
+#pragma unroll
+        for (int p = 0; p < SYMM_MAX_WORLD; ++p) {
+            if (dst[p] != nullptr) {
+                symm_st_elem<ES>(dst[p] + i * ES, v);
+            }
+        }
+    }
+}
+
+// Elements [lo, hi): dst = src.
+template <int ES>
+SYMM_DEVICE void symm_copy(unsigned char* dst, bool dst_aligned, const unsigned char* src,
+                           bool src_aligned, unsigned long long lo, unsigned long long hi) {
+    constexpr unsigned long long n = 16 / ES;
+    const unsigned long long units = (hi - lo) / n;
+    for (unsigned long long k = threadIdx.x; k < units; k += blockDim.x) {
+        const unsigned long long off = (lo + k * n) * ES;
+        symm_st_unit<ES>(dst + off, symm_ld_unit<ES>(src + off, src_aligned), dst_aligned);
+    }
+    for (unsigned long long i = lo + units * n + threadIdx.x; i < hi; i += blockDim.x) {
+        symm_st_elem<ES>(dst + i * ES, symm_ld_elem<ES>(src + i * ES));
+    }
+}
+
+// Elements [lo, hi): out = sum over src = 0..world-1 of (src == rank ? own : this rank's slot
+// (0, parity, src)), accumulated in f32 in src order and rounded once to Ty, so every rank that
+// sums the same values gets the same bits. With `forward`, the result is also stored into slot
+// (1, parity, rank) of every peer (two-shot's second phase).
+template <class Ty>
+SYMM_DEVICE void symm_reduce(const SymmArgs& a, const unsigned char* own, bool own_aligned,
+                             unsigned int parity, unsigned long long lo, unsigned long long hi,
+                             unsigned char* out, bool out_aligned, bool forward) {
+    constexpr int ES = Ty::ES;
+    constexpr int n = 16 / ES;
+    const unsigned char* slot[SYMM_MAX_WORLD];
+    unsigned char* fwd[SYMM_MAX_WORLD];
+#pragma unroll
+    for (int s = 0; s < SYMM_MAX_WORLD; ++s) {
+        const bool peer = (unsigned int)s < a.world && (unsigned int)s != a.rank;
+        slot[s] = peer ? symm_ws_slot(a, a.rank, 0, parity, s) : nullptr;
+        fwd[s] = (peer && forward) ? symm_ws_slot(a, s, 1, parity, a.rank) : nullptr;
+    }
+    const unsigned long long units = (hi - lo) / n;
+    for (unsigned long long k = threadIdx.x; k < units; k += blockDim.x) {
+        const unsigned long long off = (lo + k * n) * ES;
+        uint4 v[SYMM_MAX_WORLD];
+#pragma unroll
+        for (int s = 0; s < SYMM_MAX_WORLD; ++s) {
+            if ((unsigned int)s < a.world) {
+                v[s] = slot[s] != nullptr ? *reinterpret_cast<const uint4*>(slot[s] + off)
+                                          : symm_ld_unit<ES>(own + off, own_aligned);
+            }
+        }
+        float acc[n];
+        symm_unit_to_f32<Ty>(v[0], acc);
+#pragma unroll
+        for (int s = 1; s < SYMM_MAX_WORLD; ++s) {
+            if ((unsigned int)s < a.world) {
+                float x[n];
+                symm_unit_to_f32<Ty>(v[s], x);
+#pragma unroll
+                for (int j = 0; j < n; ++j) {
+                    acc[j] = __fadd_rn(acc[j], x[j]);
+                }
+            }
+        }
+        const uint4 r = symm_f32_to_unit<Ty>(acc);
+        symm_st_unit<ES>(out + off, r, out_aligned);
+#pragma unroll
+        for (int s = 0; s < SYMM_MAX_WORLD; ++s) {
+            if (fwd[s] != nullptr) {
+                *reinterpret_cast<uint4*>(fwd[s] + off) = r;
+            }
+        }
+    }
+    for (unsigned long long i = lo + units * n + threadIdx.x; i < hi; i += blockDim.x) {
+        const unsigned long long off = i * ES;
+        float acc = 0.0f;
+#pragma unroll
+        for (int s = 0; s < SYMM_MAX_WORLD; ++s) {
+            if ((unsigned int)s < a.world) {
+                const unsigned int bits = slot[s] != nullptr ? symm_ld_elem<ES>(slot[s] + off)
+                                                             : symm_ld_elem<ES>(own + off);
+                const float x = Ty::to_f32(bits);
+                acc = s == 0 ? x : __fadd_rn(acc, x);
+            }
+        }
+        const unsigned int r = Ty::from_f32(acc);
+        symm_st_elem<ES>(out + off, r);
+#pragma unroll
+        for (int s = 0; s < SYMM_MAX_WORLD; ++s) {
+            if (fwd[s] != nullptr) {
+                symm_st_elem<ES>(fwd[s] + off, r);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The collectives. Each: wait for the predecessor (PDL), take the epoch, check the arguments,
+// move data, finish. Invalid arguments move nothing, record SYMM_ERR_ARGS and still advance the
+// epoch, so the epochs of the ranks stay equal when every rank got the same arguments.
+
+// count = elements of the whole buffer; slot >= count * ES.
+template <class Ty>
+SYMM_DEVICE void symm_oneshot_allreduce(const SymmArgs& a) {
+    SymmLaunch l;
+    if (!symm_begin(a, &l)) {
+        return;
+    }
+    constexpr int ES = Ty::ES;
+    const bool ok = a.count <= (~0ULL >> 5) && symm_args_ok(a, a.count * ES, true);
+    if (ok) {
+        const unsigned int parity = (unsigned int)(l.e & 1);
+        unsigned long long lo, hi;
+        symm_block_range(a.count, 16 / ES, &lo, &hi);
+        const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
+        unsigned char* out = reinterpret_cast<unsigned char*>(a.out);
+        symm_push<ES>(a, in, symm_aligned16(a.in), lo, hi, 0, parity, -1);
+        symm_block_barrier(a, l, 0);
+        symm_reduce<Ty>(a, in, symm_aligned16(a.in), parity, lo, hi, out, symm_aligned16(a.out),
+                        false);
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}
+
+// Elements per piece of two-shot: ceil(count / world), rounded up to whole 16-byte units so that
+// every piece starts 16-byte aligned relative to the buffer.
+template <int ES>
+SYMM_DEVICE unsigned long long symm_twoshot_chunk(const SymmArgs& a) {
+    constexpr unsigned long long n = 16 / ES;
+    const unsigned long long per_rank = (a.count + a.world - 1) / a.world;
+    return (per_rank + n - 1) / n * n;
+}
+
+// Elements of piece c (the last pieces may be short or empty).
+SYMM_DEVICE unsigned long long symm_piece_len(unsigned long long count, unsigned long long chunk,
+                                              unsigned int c) {
+    const unsigned long long start = chunk * c;
+    return start >= count ? 0 : symm_min(chunk, count - start);
+}
+
+// count = elements of the whole buffer; slot >= twoshot chunk * ES; workspace holds both areas.
+template <class Ty>
+SYMM_DEVICE void symm_twoshot_allreduce(const SymmArgs& a) {
+    SymmLaunch l;
+    if (!symm_begin(a, &l)) {
+        return;
+    }
+    constexpr int ES = Ty::ES;
+    constexpr unsigned long long n = 16 / ES;
+    const bool sane = a.count <= (~0ULL >> 5) && a.world >= 2 && a.world <= SYMM_MAX_WORLD;
+    const unsigned long long chunk = sane ? symm_twoshot_chunk<ES>(a) : 0;
+    const bool ok = sane && symm_args_ok(a, chunk * ES, true);
+    if (ok) {
+        const unsigned int parity = (unsigned int)(l.e & 1);
+        const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
+        unsigned char* out = reinterpret_cast<unsigned char*>(a.out);
+        unsigned long long lo, hi;
+        // Phase 0: piece c of the input to rank c.
+        for (unsigned int c = 0; c < a.world; ++c) {
+            if (c == a.rank) {
+                continue;
+            }
+            symm_block_range(symm_piece_len(a.count, chunk, c), n, &lo, &hi);
+            const unsigned long long base = chunk * c * ES;
+            symm_push<ES>(a, in + base, symm_aligned16(a.in + base), lo, hi, 0, parity, (int)c);
+        }
+        symm_block_barrier(a, l, 0);
+        // Reduce this rank's piece into the output and forward it to every peer's area 1.
+        {
+            const unsigned long long base = chunk * a.rank * ES;
+            symm_block_range(symm_piece_len(a.count, chunk, a.rank), n, &lo, &hi);
+            symm_reduce<Ty>(a, in + base, symm_aligned16(a.in + base), parity, lo, hi, out + base,
+                            symm_aligned16(a.out + base), true);
+        }
+        symm_block_barrier(a, l, 1);
+        // Phase 1: the peers' reduced pieces into the output.
+        for (unsigned int s = 0; s < a.world; ++s) {
+            if (s == a.rank) {
+                continue;
+            }
+            symm_block_range(symm_piece_len(a.count, chunk, s), n, &lo, &hi);
+            const unsigned long long base = chunk * s * ES;
+            symm_copy<ES>(out + base, symm_aligned16(a.out + base),
+                          symm_ws_slot(a, a.rank, 1, parity, s), true, lo, hi);
+        }
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}
+
+// count = elements of each rank's piece (output has world * count); slot >= count * ES.
+template <class Ty>
+SYMM_DEVICE void symm_reducescatter(const SymmArgs& a) {
+    SymmLaunch l;
+    if (!symm_begin(a, &l)) {
+        return;
+    }
+    constexpr int ES = Ty::ES;
+    const bool ok = a.count <= (~0ULL >> 8) && symm_args_ok(a, a.count * ES, true);
+    if (ok) {
+        const unsigned int parity = (unsigned int)(l.e & 1);
+        const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
+        unsigned char* out = reinterpret_cast<unsigned char*>(a.out);
+        unsigned long long lo, hi;
+        symm_block_range(a.count, 16 / ES, &lo, &hi);
+        for (unsigned int c = 0; c < a.world; ++c) {
+            if (c == a.rank) {
+                continue;
+            }
+            const unsigned long long base = a.count * c * ES;
+            symm_push<ES>(a, in + base, symm_aligned16(a.in + base), lo, hi, 0, parity, (int)c);
+        }
+        symm_block_barrier(a, l, 0);
+        const unsigned long long base = a.count * a.rank * ES;
+        symm_reduce<Ty>(a, in + base, symm_aligned16(a.in + base), parity, lo, hi, out,
+                        symm_aligned16(a.out), false);
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. Launch: block (SYMM_BLOCK_THREADS, 1, 1), grid (g, 1, 1) with 1 <= g <= 64, the
+// same g on every rank; see KERNELS.md.
+
+#define SYMM_KERNEL extern "C" __global__ void __launch_bounds__(SYMM_BLOCK_THREADS)
+
+SYMM_KERNEL symm_oneshot_allreduce_bf16(const SymmArgs a) { symm_oneshot_allreduce<SymmBF16>(a); }
+SYMM_KERNEL symm_oneshot_allreduce_f16(const SymmArgs a) { symm_oneshot_allreduce<SymmF16>(a); }
+SYMM_KERNEL symm_oneshot_allreduce_f32(const SymmArgs a) { symm_oneshot_allreduce<SymmF32>(a); }
+
+SYMM_KERNEL symm_twoshot_allreduce_bf16(const SymmArgs a) { symm_twoshot_allreduce<SymmBF16>(a); }
+SYMM_KERNEL symm_twoshot_allreduce_f16(const SymmArgs a) { symm_twoshot_allreduce<SymmF16>(a); }
+SYMM_KERNEL symm_twoshot_allreduce_f32(const SymmArgs a) { symm_twoshot_allreduce<SymmF32>(a); }
+
+SYMM_KERNEL symm_reducescatter_bf16(const SymmArgs a) { symm_reducescatter<SymmBF16>(a); }
+SYMM_KERNEL symm_reducescatter_f16(const SymmArgs a) { symm_reducescatter<SymmF16>(a); }
+SYMM_KERNEL symm_reducescatter_f32(const SymmArgs a) { symm_reducescatter<SymmF32>(a); }
+
+// count = BYTES of each rank's piece (output has world * count bytes); slot >= count. Any dtype.
+SYMM_KERNEL symm_allgather(const SymmArgs a) {
+    SymmLaunch l;
+    if (!symm_begin(a, &l)) {
+        return;
+    }
+    const bool ok = a.count <= (~0ULL >> 8) && symm_args_ok(a, a.count, true);
+    if (ok) {
+        const unsigned int parity = (unsigned int)(l.e & 1);
+        const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
+        unsigned char* out = reinterpret_cast<unsigned char*>(a.out);
+        unsigned long long lo, hi;
+        symm_block_range(a.count, 16, &lo, &hi);
+        symm_push<1>(a, in, symm_aligned16(a.in), lo, hi, 0, parity, -1);
+        symm_block_barrier(a, l, 0);
+        for (unsigned int s = 0; s < a.world; ++s) {
+            const unsigned long long base = a.count * s;
+            if (s == a.rank) {
+                if (a.in != a.out + base) {
+                    symm_copy<1>(out + base, symm_aligned16(a.out + base), in, symm_aligned16(a.in),
+                                 lo, hi);
+                }
+            } else {
+                symm_copy<1>(out + base, symm_aligned16(a.out + base),
+                             symm_ws_slot(a, a.rank, 0, parity, s), true, lo, hi);
+            }
+        }
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}
+
+// The epoch + flag barrier alone (phase 0), no data: for tests and copy-engine algorithms.
+// Needs pad and state; ws, in, out, count, slot_bytes are ignored.
+SYMM_KERNEL symm_barrier(const SymmArgs a) {
+    SymmLaunch l;
+    if (!symm_begin(a, &l)) {
+        return;
+    }
+    const bool ok = symm_args_ok(a, 0, false);
+    if (ok) {
+        symm_block_barrier(a, l, 0);
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}

@@ -1,0 +1,730 @@
+//! Our CUDA kernels, as source, and the run-time compiler that turns them into a CUBIN for the
+//! GPU at hand: NVRTC (loaded by cudarc), with an in-process and an on-disk cache keyed by the
+//! source, the options, NVRTC's version and the architecture.
+//!
+//! Also the kernels' ABI as seen from the host: the by-value argument [`SymmArgs`], the per-rank
+//! [`SymmState`], the signal-pad and workspace layouts, and the launch limits. `KERNELS.md` next
+//! to this crate's `Cargo.toml` describes all of it and the synchronisation protocol.
+
+// The crate's one `Error` enum is large by design (structured context in every variant); every
+// fallible function of the crate returns it, so boxing it here alone would change nothing.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_char, c_int};
+use std::fmt;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::nvrtc::sys as nvrtc;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// One `.cu` file of `kernels/`, compiled by NVRTC as one program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelModule {
+    /// The file's stem (`util` for `kernels/util.cu`); names the program, cache files and errors.
+    pub name: &'static str,
+    /// The CUDA C++ source.
+    pub source: &'static str,
+}
+
+/// `kernels/util.cu`: the reference fill (and a slow one for PDL tests), the epoch bump, the PDL
+/// guard and the flag ping-pong.
+pub const UTIL: KernelModule = KernelModule {
+    name: "util",
+    source: include_str!("../kernels/util.cu"),
+};
+
+/// `kernels/collectives.cu`: one-shot and two-shot all-reduce, all-gather, reduce-scatter and
+/// the bare barrier over symmetric memory.
+pub const COLLECTIVES: KernelModule = KernelModule {
+    name: "collectives",
+    source: include_str!("../kernels/collectives.cu"),
+};
+
+/// Every kernel module.
+pub const MODULES: &[KernelModule] = &[UTIL, COLLECTIVES];
+
+// ---------------------------------------------------------------------------------------------
+// ABI: keep in step with kernels/collectives.cu and KERNELS.md.
+
+/// Threads per block the collectives are built for (`__launch_bounds__`); launch with exactly this.
+pub const BLOCK_THREADS: u32 = 512;
+/// Most blocks a collective may be launched with (flag slots per phase in the signal pad).
+pub const MAX_BLOCKS: u32 = 64;
+/// Most ranks in a group the collectives handle.
+pub const MAX_WORLD: usize = 8;
+/// Barrier phases (two-shot uses both; everything else phase 0).
+pub const PHASES: usize = 2;
+/// Byte offset of `peer_error[MAX_WORLD]` (u32 each) in a rank's signal pad.
+pub const PAD_PEER_ERROR_OFFSET: usize = 8 * PHASES * MAX_BLOCKS as usize * MAX_WORLD;
+/// Bytes of one rank's signal pad: `flags[PHASES][MAX_BLOCKS][MAX_WORLD]` (u64), then
+/// `peer_error[MAX_WORLD]` (u32). Zero it before first use.
+pub const PAD_BYTES: usize = PAD_PEER_ERROR_OFFSET + 4 * MAX_WORLD;
+/// Flag-wait deadline the kernels use when [`SymmArgs::timeout_ns`] is 0.
+pub const DEFAULT_TIMEOUT_NS: u64 = 10_000_000_000;
+
+/// [`SymmState::error`]: no error.
+pub const ERR_NONE: u32 = 0;
+/// [`SymmState::error`]: a flag wait ran past its deadline.
+pub const ERR_TIMEOUT: u32 = 1;
+/// [`SymmState::error`]: a peer reported a timeout of its own through this rank's pad.
+pub const ERR_PEER: u32 = 2;
+/// [`SymmState::error`]: the arguments were rejected (nothing was moved).
+pub const ERR_ARGS: u32 = 3;
+
+/// The by-value argument of every collective kernel, `struct SymmArgs` of `collectives.cu`
+/// (184 bytes, no padding). Addresses are device pointers as seen by *this* rank.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SymmArgs {
+    /// Rank `p`'s workspace base in this rank's address space (symmetric memory), `p < world`.
+    pub ws: [u64; MAX_WORLD],
+    /// Rank `p`'s signal pad base in this rank's address space (symmetric memory).
+    pub pad: [u64; MAX_WORLD],
+    /// This rank's input (`in` in C). Elements naturally aligned; 16 B alignment is not required.
+    pub input: u64,
+    /// This rank's output (`out` in C). Same alignment rule as `input`.
+    pub output: u64,
+    /// Elements: the whole buffer for all-reduce, each rank's piece for reduce-scatter; bytes
+    /// of each rank's piece for `symm_allgather`.
+    pub count: u64,
+    /// Bytes of one workspace slot; a multiple of 16 and at least
+    /// [`CollectiveKernel::slot_bytes_needed`].
+    pub slot_bytes: u64,
+    /// This rank's [`SymmState`] (plain device memory, zeroed once).
+    pub state: u64,
+    /// Flag-wait deadline in ns; 0 means [`DEFAULT_TIMEOUT_NS`].
+    pub timeout_ns: u64,
+    /// This rank, `< world`.
+    pub rank: u32,
+    /// Ranks in the group, `2..=MAX_WORLD`.
+    pub world: u32,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<SymmArgs>() == 184);
+    assert!(std::mem::offset_of!(SymmArgs, ws) == 0);
+    assert!(std::mem::offset_of!(SymmArgs, pad) == 64);
+    assert!(std::mem::offset_of!(SymmArgs, input) == 128);
+    assert!(std::mem::offset_of!(SymmArgs, output) == 136);
+    assert!(std::mem::offset_of!(SymmArgs, count) == 144);
+    assert!(std::mem::offset_of!(SymmArgs, slot_bytes) == 152);
+    assert!(std::mem::offset_of!(SymmArgs, state) == 160);
+    assert!(std::mem::offset_of!(SymmArgs, timeout_ns) == 168);
+    assert!(std::mem::offset_of!(SymmArgs, rank) == 176);
+    assert!(std::mem::offset_of!(SymmArgs, world) == 180);
+};
+
+// SAFETY: `SymmArgs` is `#[repr(C)]`, `Copy`, made only of integers with no padding, and its
+// layout is that of `struct SymmArgs` in collectives.cu (asserted above and in the tests), so its
+// bytes are a valid by-value kernel parameter.
+unsafe impl cudarc::driver::DeviceRepr for SymmArgs {}
+
+/// One rank's local state for a group's collectives, `struct SymmState` of `collectives.cu`
+/// (64 bytes). Zero it once before the first launch; read it back to check `error`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SymmState {
+    /// Launches completed on this group; equal on every rank between launches.
+    pub epoch: u64,
+    /// Epoch of the launch that recorded `error`.
+    pub error_epoch: u64,
+    /// Blocks of the running launch that have started; 0 between launches.
+    pub blocks_done: u32,
+    /// One of [`ERR_NONE`], [`ERR_TIMEOUT`], [`ERR_PEER`], [`ERR_ARGS`]; sticky.
+    pub error: u32,
+    /// The peer waited on ([`ERR_TIMEOUT`]) or that reported ([`ERR_PEER`]).
+    pub error_src: u32,
+    /// The block that recorded the error.
+    pub error_block: u32,
+    /// The barrier phase that recorded the error.
+    pub error_phase: u32,
+    /// Unused; keeps the size at 64 bytes.
+    pub reserved: [u32; 7],
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<SymmState>() == 64);
+    assert!(std::mem::offset_of!(SymmState, epoch) == 0);
+    assert!(std::mem::offset_of!(SymmState, error_epoch) == 8);
+    assert!(std::mem::offset_of!(SymmState, blocks_done) == 16);
+    assert!(std::mem::offset_of!(SymmState, error) == 20);
+    assert!(std::mem::offset_of!(SymmState, error_src) == 24);
+    assert!(std::mem::offset_of!(SymmState, error_block) == 28);
+    assert!(std::mem::offset_of!(SymmState, error_phase) == 32);
+};
+
+impl SymmState {
+    /// A sentence describing `error`, or `None` when there is none.
+    pub fn error_message(&self) -> Option<String> {
+        let at = format!(
+            "block {}, phase {}, epoch {}",
+            self.error_block, self.error_phase, self.error_epoch
+        );
+        match self.error {
+            ERR_NONE => None,
+            ERR_TIMEOUT => Some(format!(
+                "timed out waiting for rank {}'s flag ({at})",
+                self.error_src
+            )),
+            ERR_PEER => Some(format!(
+                "rank {} timed out and reported it; results since are void ({at})",
+                self.error_src
+            )),
+            ERR_ARGS => Some(format!("kernel rejected its arguments ({at})")),
+            other => Some(format!("unknown kernel error code {other} ({at})")),
+        }
+    }
+}
+
+/// Bytes of one rank's workspace: `[area 0..2][parity 0..2][src 0..world][slot_bytes]`. Area 1
+/// is used only by two-shot all-reduce; the others need the first half only.
+pub fn workspace_bytes(world: usize, slot_bytes: usize) -> usize {
+    2 * 2 * world * slot_bytes
+}
+
+/// The collective kernels of `collectives.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CollectiveKernel {
+    /// `symm_oneshot_allreduce_{bf16,f16,f32}`: push the whole input to every peer, reduce locally.
+    OneShotAllReduce,
+    /// `symm_twoshot_allreduce_{bf16,f16,f32}`: reduce-scatter, then all-gather of the pieces.
+    TwoShotAllReduce,
+    /// `symm_allgather`: bytes, any dtype.
+    AllGather,
+    /// `symm_reducescatter_{bf16,f16,f32}`.
+    ReduceScatter,
+    /// `symm_barrier`: the epoch and flag barrier alone.
+    Barrier,
+}
+
+impl CollectiveKernel {
+    /// Every collective kernel.
+    pub const ALL: [CollectiveKernel; 5] = [
+        CollectiveKernel::OneShotAllReduce,
+        CollectiveKernel::TwoShotAllReduce,
+        CollectiveKernel::AllGather,
+        CollectiveKernel::ReduceScatter,
+        CollectiveKernel::Barrier,
+    ];
+
+    /// The kernel's function name for `dtype`, or `None` if there is no such kernel (reductions
+    /// exist for floats only).
+    pub fn function(self, dtype: DType) -> Option<&'static str> {
+        use CollectiveKernel as K;
+        Some(match (self, dtype) {
+            (K::OneShotAllReduce, DType::BF16) => "symm_oneshot_allreduce_bf16",
+            (K::OneShotAllReduce, DType::F16) => "symm_oneshot_allreduce_f16",
+            (K::OneShotAllReduce, DType::F32) => "symm_oneshot_allreduce_f32",
+            (K::TwoShotAllReduce, DType::BF16) => "symm_twoshot_allreduce_bf16",
+            (K::TwoShotAllReduce, DType::F16) => "symm_twoshot_allreduce_f16",
+            (K::TwoShotAllReduce, DType::F32) => "symm_twoshot_allreduce_f32",
+            (K::ReduceScatter, DType::BF16) => "symm_reducescatter_bf16",
+            (K::ReduceScatter, DType::F16) => "symm_reducescatter_f16",
+            (K::ReduceScatter, DType::F32) => "symm_reducescatter_f32",
+            (K::AllGather, _) => "symm_allgather",
+            (K::Barrier, _) => "symm_barrier",
+            _ => return None,
+        })
+    }
+
+    /// [`SymmArgs::count`] for `elements` of `dtype`: the whole buffer (all-reduce) or one
+    /// rank's piece (all-gather, reduce-scatter). All-gather counts bytes.
+    pub fn args_count(self, elements: u64, dtype: DType) -> u64 {
+        match self {
+            CollectiveKernel::AllGather => elements * dtype.size() as u64,
+            _ => elements,
+        }
+    }
+
+    /// The least [`SymmArgs::slot_bytes`] the kernel accepts for `count` (as in [`SymmArgs`])
+    /// of `dtype` on `world` ranks, rounded up to 16 bytes.
+    pub fn slot_bytes_needed(self, count: u64, dtype: DType, world: u32) -> u64 {
+        let es = dtype.size() as u64;
+        let bytes = match self {
+            CollectiveKernel::OneShotAllReduce | CollectiveKernel::ReduceScatter => count * es,
+            CollectiveKernel::TwoShotAllReduce => {
+                let unit = 16 / es;
+                count.div_ceil(u64::from(world.max(1))).div_ceil(unit) * unit * es
+            }
+            CollectiveKernel::AllGather => count,
+            CollectiveKernel::Barrier => 0,
+        };
+        bytes.div_ceil(16) * 16
+    }
+}
+
+/// The fill kernel of `util.cu` for `dtype` (`symm_fill_bf16`, ...).
+pub fn fill_function(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "symm_fill_f32",
+        DType::F16 => "symm_fill_f16",
+        DType::BF16 => "symm_fill_bf16",
+        DType::I32 => "symm_fill_i32",
+        DType::U8 => "symm_fill_u8",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compiler.
+
+/// NVRTC target for a GPU of compute capability `major.minor`: the arch-specific `sm_90a` on
+/// Hopper (9.0) and `sm_100a` on Blackwell (10.0), where the `a` features (`griddepcontrol`,
+/// and later wgmma/tcgen05) live; `sm_{major}{minor}` otherwise.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    match (major, minor) {
+        (9, 0) => "sm_90a".to_string(),
+        (10, 0) => "sm_100a".to_string(),
+        _ => format!("sm_{major}{minor}"),
+    }
+}
+
+/// How often [`NvrtcCompiler::compile`] answered from each place, since the compiler was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Answered from this process's memory.
+    pub memory_hits: u64,
+    /// Read from the on-disk cache.
+    pub disk_hits: u64,
+    /// Compiled by NVRTC.
+    pub compiles: u64,
+}
+
+/// Compiles [`KernelModule`]s to CUBINs with NVRTC: once per compiler (keep one per process)
+/// and, across processes, through an on-disk cache. `Send + Sync`.
+///
+/// Errors: [`Error::NoGpu`] when NVRTC or the CUDA headers are missing from this machine (the
+/// caller falls back or skips, as it does without a GPU); [`Error::Nvrtc`] when NVRTC rejects a
+/// module, with NVRTC's log.
+pub struct NvrtcCompiler {
+    version: (i32, i32),
+    include_dir: PathBuf,
+    cache_dir: Option<PathBuf>,
+    /// Finished CUBINs by cache key. Held while compiling, so a module compiles once even
+    /// when several threads ask at once.
+    compiled: Mutex<HashMap<u128, Arc<Vec<u8>>>>,
+    memory_hits: AtomicU64,
+    disk_hits: AtomicU64,
+    compiles: AtomicU64,
+}
+
+impl fmt::Debug for NvrtcCompiler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NvrtcCompiler")
+            .field("version", &self.version)
+            .field("include_dir", &self.include_dir)
+            .field("cache_dir", &self.cache_dir)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Where the headers may be, in order; the first holding `cuda_bf16.h` wins.
+fn include_candidates() -> Vec<(String, PathBuf)> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("SYMMCOMM_CUDA_INCLUDE").filter(|d| !d.is_empty()) {
+        dirs.push(("SYMMCOMM_CUDA_INCLUDE".to_string(), PathBuf::from(dir)));
+    }
+    if let Some(home) = std::env::var_os("CUDA_HOME").filter(|d| !d.is_empty()) {
+        dirs.push((
+            "$CUDA_HOME/include".to_string(),
+            Path::new(&home).join("include"),
+        ));
+    }
+    for dir in [
+        "/usr/local/cuda/include",
+        "/usr/local/cuda-13.0/targets/x86_64-linux/include",
+    ] {
+        dirs.push((dir.to_string(), PathBuf::from(dir)));
+    }
+    dirs
+}
+
+fn find_include_dir() -> Result<PathBuf> {
+    let candidates = include_candidates();
+    if let Some((_, dir)) = candidates
+        .iter()
+        .find(|(_, dir)| dir.join("cuda_bf16.h").is_file())
+    {
+        return Ok(dir.clone());
+    }
+    let tried: Vec<String> = candidates
+        .iter()
+        .map(|(what, dir)| {
+            if what.starts_with('/') {
+                what.clone()
+            } else {
+                format!("{} ({what})", dir.display())
+            }
+        })
+        .collect();
+    Err(Error::NoGpu {
+        reason: format!(
+            "cannot compile kernels: no cuda_bf16.h in {}; set SYMMCOMM_CUDA_INCLUDE to a CUDA \
+             include folder (`source scripts/nvrtc-env.sh` fetches one from PyPI)",
+            tried.join(", ")
+        ),
+    })
+}
+
+/// `SYMMCOMM_KERNEL_CACHE` (`off` disables the disk cache), else
+/// `$XDG_CACHE_HOME/symmcomm/kernels`, else `$HOME/.cache/symmcomm/kernels`.
+fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("SYMMCOMM_KERNEL_CACHE").filter(|d| !d.is_empty()) {
+        return (dir != "off").then(|| PathBuf::from(dir));
+    }
+    // The XDG spec ignores relative paths.
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from)
+        && xdg.is_absolute()
+    {
+        return Some(xdg.join("symmcomm").join("kernels"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|home| {
+            Path::new(&home)
+                .join(".cache")
+                .join("symmcomm")
+                .join("kernels")
+        })
+}
+
+/// NVRTC's description of a result code.
+fn nvrtc_error_string(code: nvrtc::nvrtcResult) -> String {
+    // SAFETY: nvrtcGetErrorString accepts any result code and returns a pointer to a static,
+    // NUL-terminated string (or null, handled below); NVRTC is loaded (checked in `new`).
+    let ptr = unsafe { nvrtc::nvrtcGetErrorString(code) };
+    if ptr.is_null() {
+        return format!("{code:?}");
+    }
+    // SAFETY: non-null pointers from nvrtcGetErrorString are static C strings.
+    unsafe { std::ffi::CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Destroys an NVRTC program on every path out of a compile.
+struct Program(nvrtc::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from nvrtcCreateProgram and is destroyed only here, once.
+        let code = unsafe { nvrtc::nvrtcDestroyProgram(&mut self.0) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            tracing::warn!("nvrtcDestroyProgram: {}", nvrtc_error_string(code));
+        }
+    }
+}
+
+impl Program {
+    /// NVRTC's log for this program (warnings and errors; ptxas output with `-v`).
+    fn log(&self) -> String {
+        let mut size: usize = 0;
+        // SAFETY: self.0 is a live program; `size` is a valid out-pointer.
+        let code = unsafe { nvrtc::nvrtcGetProgramLogSize(self.0, &mut size) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+            return String::new();
+        }
+        let mut buf = vec![0u8; size];
+        // SAFETY: buf holds the `size` bytes NVRTC asked for, terminator included.
+        let code = unsafe { nvrtc::nvrtcGetProgramLog(self.0, buf.as_mut_ptr().cast::<c_char>()) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return String::new();
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).trim_end().to_string()
+    }
+}
+
+impl NvrtcCompiler {
+    /// Loads NVRTC, reads its version, finds the CUDA headers and picks the cache folder (from
+    /// the environment, read now). Fails with [`Error::NoGpu`] when NVRTC or the headers are
+    /// missing: they are machine set-up, like a GPU, and callers treat them the same way.
+    pub fn new() -> Result<Self> {
+        // SAFETY: is_culib_present only tries to dlopen the candidate library names and drops
+        // what it opened; it runs no library code besides the dynamic loader's, and it is what
+        // keeps the first real NVRTC call below from panicking when the library is absent.
+        if !unsafe { nvrtc::is_culib_present() } {
+            return Err(Error::NoGpu {
+                reason: "cannot compile kernels: NVRTC (libnvrtc.so.13) is not on the library \
+                         search path; add its folder to LD_LIBRARY_PATH (`source \
+                         scripts/nvrtc-env.sh` fetches it from PyPI)"
+                    .to_string(),
+            });
+        }
+        let (mut major, mut minor): (c_int, c_int) = (0, 0);
+        // SAFETY: NVRTC is present (checked above); both out-pointers are valid.
+        let code = unsafe { nvrtc::nvrtcVersion(&mut major, &mut minor) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::NoGpu {
+                reason: format!(
+                    "cannot compile kernels: nvrtcVersion failed: {}",
+                    nvrtc_error_string(code)
+                ),
+            });
+        }
+        let include_dir = find_include_dir()?;
+        let cache_dir = default_cache_dir();
+        tracing::debug!(
+            "NVRTC {major}.{minor}, headers {}, kernel cache {:?}",
+            include_dir.display(),
+            cache_dir
+        );
+        Ok(NvrtcCompiler {
+            version: (major, minor),
+            include_dir,
+            cache_dir,
+            compiled: Mutex::new(HashMap::new()),
+            memory_hits: AtomicU64::new(0),
+            disk_hits: AtomicU64::new(0),
+            compiles: AtomicU64::new(0),
+        })
+    }
+
+    /// The same compiler with another on-disk cache folder, or none.
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.cache_dir = dir;
+        self
+    }
+
+    /// NVRTC's version, `(major, minor)`.
+    pub fn version(&self) -> (i32, i32) {
+        self.version
+    }
+
+    /// The folder passed as `--include-path` (holds `cuda_bf16.h`).
+    pub fn include_dir(&self) -> &Path {
+        &self.include_dir
+    }
+
+    /// The on-disk cache folder, if any.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache_dir.as_deref()
+    }
+
+    /// Where compiles were answered from so far.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            memory_hits: self.memory_hits.load(Ordering::Relaxed),
+            disk_hits: self.disk_hits.load(Ordering::Relaxed),
+            compiles: self.compiles.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The NVRTC options for `arch` (e.g. `sm_90a`). No `--use_fast_math`: the reductions and
+    /// the fill must round exactly as KERNELS.md says.
+    pub fn options(&self, arch: &str) -> Vec<String> {
+        vec![
+            format!("--gpu-architecture={arch}"),
+            format!("--include-path={}", self.include_dir.display()),
+            "-std=c++17".to_string(),
+            "-lineinfo".to_string(),
+            "-default-device".to_string(),
+        ]
+    }
+
+    /// The cache key: xxh3-128 over the module, the options, NVRTC's version and the arch, each
+    /// length-prefixed so that no two different inputs hash the same bytes.
+    fn key(&self, module: &KernelModule, arch: &str, options: &[String]) -> u128 {
+        let mut bytes = Vec::with_capacity(module.source.len() + 512);
+        let mut field = |b: &[u8]| {
+            bytes.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(b);
+        };
+        field(b"symmcomm-kernel-cache-v1");
+        field(module.name.as_bytes());
+        field(module.source.as_bytes());
+        for option in options {
+            field(option.as_bytes());
+        }
+        field(&self.version.0.to_le_bytes());
+        field(&self.version.1.to_le_bytes());
+        field(arch.as_bytes());
+        xxhash_rust::xxh3::xxh3_128(&bytes)
+    }
+
+    /// `module` compiled for `arch` (`sm_90a`, see [`arch_for`]) to a CUBIN: from this process's
+    /// memory, else from the disk cache, else by NVRTC (then written to the disk cache; a cache
+    /// that cannot be written is a warning, not an error).
+    pub fn compile(&self, module: &KernelModule, arch: &str) -> Result<Arc<Vec<u8>>> {
+        let options = self.options(arch);
+        let key = self.key(module, arch, &options);
+        let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cubin) = compiled.get(&key) {
+            self.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Arc::clone(cubin));
+        }
+        let file = format!("{}-{arch}-{key:032x}.cubin", module.name);
+        let cubin = match self.read_cached(&file) {
+            Some(cubin) => {
+                self.disk_hits.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("kernel {} for {arch}: disk cache hit ({file})", module.name);
+                cubin
+            }
+            None => {
+                let (cubin, log) = self.compile_uncached(module, arch, &options)?;
+                self.compiles.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "kernel {} for {arch}: compiled, {} bytes{}{log}",
+                    module.name,
+                    cubin.len(),
+                    if log.is_empty() {
+                        ""
+                    } else {
+                        "; NVRTC says:\n"
+                    }
+                );
+                self.write_cached(&file, &cubin);
+                cubin
+            }
+        };
+        let cubin = Arc::new(cubin);
+        compiled.insert(key, Arc::clone(&cubin));
+        Ok(cubin)
+    }
+
+    /// Compiles `module` for `arch` with `--ptxas-options=-v`, bypassing every cache, and
+    /// returns ptxas's report (registers, stack, spills per kernel). For tuning and reports.
+    pub fn ptxas_report(&self, module: &KernelModule, arch: &str) -> Result<String> {
+        let mut options = self.options(arch);
+        options.push("--ptxas-options=-v".to_string());
+        let (_, log) = self.compile_uncached(module, arch, &options)?;
+        Ok(log)
+    }
+
+    /// A cached CUBIN, if the file exists and looks like one (an ELF file).
+    fn read_cached(&self, file: &str) -> Option<Vec<u8>> {
+        let path = self.cache_dir.as_ref()?.join(file);
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.starts_with(b"\x7fELF") => Some(bytes),
+            Ok(_) => {
+                tracing::warn!(
+                    "kernel cache: {} is not a CUBIN; compiling again",
+                    path.display()
+                );
+                None
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!("kernel cache: cannot read {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    /// Writes a CUBIN to the cache: a temporary file in the same folder, then a rename, so a
+    /// reader never sees half a file. Failures are warnings.
+    fn write_cached(&self, file: &str, cubin: &[u8]) {
+        let Some(dir) = self.cache_dir.as_ref() else {
+            return;
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tmp = dir.join(format!(".{file}.{}.{nanos}.tmp", std::process::id()));
+        let result = std::fs::create_dir_all(dir)
+            .and_then(|()| {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(cubin)?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, dir.join(file)));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(
+                "kernel cache: cannot write {} (kernels will be compiled again next run): {e}",
+                dir.join(file).display()
+            );
+        }
+    }
+
+    /// One NVRTC compile: the CUBIN and NVRTC's log.
+    fn compile_uncached(
+        &self,
+        module: &KernelModule,
+        arch: &str,
+        options: &[String],
+    ) -> Result<(Vec<u8>, String)> {
+        let fail = |log: String| Error::Nvrtc {
+            kernel: module.name.to_string(),
+            arch: arch.to_string(),
+            log,
+        };
+        let source = CString::new(module.source)
+            .map_err(|_| fail("the source contains a NUL byte".to_string()))?;
+        let name = CString::new(format!("{}.cu", module.name))
+            .map_err(|_| fail("the module name contains a NUL byte".to_string()))?;
+        let options: Vec<CString> = options
+            .iter()
+            .map(|o| CString::new(o.as_str()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| fail("an option contains a NUL byte".to_string()))?;
+        let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
+        let num_options =
+            c_int::try_from(option_ptrs.len()).map_err(|_| fail("too many options".to_string()))?;
+
+        let mut raw: nvrtc::nvrtcProgram = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer; source and name are NUL-terminated and outlive
+        // the program (dropped at the end of this function, after `program`); no headers are
+        // passed (count 0, null arrays).
+        let code = unsafe {
+            nvrtc::nvrtcCreateProgram(
+                &mut raw,
+                source.as_ptr(),
+                name.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(fail(format!(
+                "nvrtcCreateProgram: {}",
+                nvrtc_error_string(code)
+            )));
+        }
+        let program = Program(raw);
+
+        // SAFETY: program.0 is live; option_ptrs holds num_options NUL-terminated strings that
+        // live in `options` until after this call.
+        let code =
+            unsafe { nvrtc::nvrtcCompileProgram(program.0, num_options, option_ptrs.as_ptr()) };
+        let log = program.log();
+        if code == nvrtc::nvrtcResult::NVRTC_ERROR_BUILTIN_OPERATION_FAILURE {
+            // libnvrtc-builtins missing or mismatched: an installation problem, not our source.
+            return Err(Error::NoGpu {
+                reason: format!(
+                    "cannot compile kernels: NVRTC's builtins library failed ({}): {log}",
+                    nvrtc_error_string(code)
+                ),
+            });
+        }
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(fail(format!("{}\n{log}", nvrtc_error_string(code))));
+        }
+
+        let mut size: usize = 0;
+        // SAFETY: program.0 is live and compiled; `size` is a valid out-pointer.
+        let code = unsafe { nvrtc::nvrtcGetCUBINSize(program.0, &mut size) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+            return Err(fail(format!(
+                "no CUBIN ({}); a virtual target (compute_XX) gives PTX only, use sm_XX",
+                nvrtc_error_string(code)
+            )));
+        }
+        let mut cubin = vec![0u8; size];
+        // SAFETY: cubin holds exactly the `size` bytes NVRTC reported for this program.
+        let code = unsafe { nvrtc::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast::<c_char>()) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(fail(format!("nvrtcGetCUBIN: {}", nvrtc_error_string(code))));
+        }
+        drop(program);
+        Ok((cubin, log))
+    }
+}

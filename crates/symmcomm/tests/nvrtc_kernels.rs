@@ -1,0 +1,471 @@
+//! Every kernel module compiles with NVRTC to a CUBIN that holds the expected kernels, the
+//! compiler's caches work, and the kernels' source stays in step with the host (fill constants,
+//! struct layouts, no multicast).
+//!
+//! NVRTC tests skip with a message when NVRTC or the CUDA headers are missing, and fail instead
+//! when `SYMMCOMM_REQUIRE_NVRTC=1` (CI sets it after `source scripts/nvrtc-env.sh`).
+
+use std::sync::Arc;
+
+use symmcomm::Error;
+use symmcomm::dtype::DType;
+use symmcomm::kernels::{
+    self, COLLECTIVES, CollectiveKernel, KernelModule, MODULES, NvrtcCompiler, SymmArgs, SymmState,
+    UTIL, arch_for,
+};
+
+/// The kernels each module must define.
+const EXPECTED: &[(&str, &[&str])] = &[
+    (
+        "util",
+        &[
+            "symm_fill_f32",
+            "symm_fill_f16",
+            "symm_fill_bf16",
+            "symm_fill_i32",
+            "symm_fill_u8",
+            "symm_slow_fill_bf16",
+            "symm_bump",
+            "symm_guard",
+            "symm_flag_pingpong",
+        ],
+    ),
+    (
+        "collectives",
+        &[
+            "symm_oneshot_allreduce_bf16",
+            "symm_oneshot_allreduce_f16",
+            "symm_oneshot_allreduce_f32",
+            "symm_twoshot_allreduce_bf16",
+            "symm_twoshot_allreduce_f16",
+            "symm_twoshot_allreduce_f32",
+            "symm_reducescatter_bf16",
+            "symm_reducescatter_f16",
+            "symm_reducescatter_f32",
+            "symm_allgather",
+            "symm_barrier",
+        ],
+    ),
+];
+
+const ARCHES: &[&str] = &["sm_90a", "sm_90"];
+
+fn nvrtc_required() -> bool {
+    std::env::var("SYMMCOMM_REQUIRE_NVRTC").is_ok_and(|v| v == "1")
+}
+
+/// Whether an ELF string table holds `name` as a whole entry (`\0name\0`).
+fn has_symbol(cubin: &[u8], name: &str) -> bool {
+    let mut needle = vec![0u8];
+    needle.extend_from_slice(name.as_bytes());
+    needle.push(0);
+    cubin.windows(needle.len()).any(|w| w == needle.as_slice())
+}
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read the cache folder")
+        .map(|e| {
+            e.expect("a cache folder entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Everything that needs NVRTC or reads the environment, in one test: the environment is
+/// process-wide and NVRTC may read it from C while another thread writes it.
+#[test]
+fn nvrtc_compiles_every_module_and_caches() {
+    let cache = tempfile::tempdir().expect("a temporary folder");
+    // SAFETY: no other test in this binary reads or writes the environment or calls NVRTC, so
+    // no other thread can be in getenv while this runs.
+    unsafe { std::env::set_var("SYMMCOMM_KERNEL_CACHE", cache.path()) };
+
+    let compiler = match NvrtcCompiler::new() {
+        Ok(c) => c,
+        Err(Error::NoGpu { reason }) if !nvrtc_required() => {
+            eprintln!("SKIPPED nvrtc_kernels: {reason} (set SYMMCOMM_REQUIRE_NVRTC=1 to fail)");
+            return;
+        }
+        Err(e) => panic!("NVRTC unavailable but SYMMCOMM_REQUIRE_NVRTC=1: {e}"),
+    };
+    eprintln!(
+        "NVRTC {}.{}, headers {}",
+        compiler.version().0,
+        compiler.version().1,
+        compiler.include_dir().display()
+    );
+    assert_eq!(compiler.cache_dir(), Some(cache.path()));
+    assert!(
+        compiler.include_dir().join("cuda_bf16.h").is_file(),
+        "include dir without cuda_bf16.h"
+    );
+
+    // The module list and the expectations name the same modules.
+    let names: Vec<&str> = MODULES.iter().map(|m| m.name).collect();
+    let expected_names: Vec<&str> = EXPECTED.iter().map(|(m, _)| *m).collect();
+    assert_eq!(names, expected_names);
+
+    // Every module, every arch: a CUBIN (ELF) that defines every expected kernel.
+    let mut first: Vec<Arc<Vec<u8>>> = Vec::new();
+    for module in MODULES {
+        let kernels = EXPECTED
+            .iter()
+            .find(|(m, _)| *m == module.name)
+            .map(|(_, k)| *k)
+            .unwrap_or_default();
+        for arch in ARCHES {
+            let cubin = match compiler.compile(module, arch) {
+                Ok(c) => c,
+                Err(Error::NoGpu { reason }) if !nvrtc_required() => {
+                    eprintln!("SKIPPED nvrtc_kernels: {reason}");
+                    return;
+                }
+                Err(e) => panic!("{}: {e}", module.name),
+            };
+            assert!(
+                cubin.starts_with(b"\x7fELF"),
+                "{} {arch}: not ELF",
+                module.name
+            );
+            for kernel in kernels {
+                assert!(
+                    has_symbol(&cubin, kernel),
+                    "{} for {arch}: no kernel {kernel}",
+                    module.name
+                );
+            }
+            first.push(cubin);
+        }
+    }
+    let compiles = (MODULES.len() * ARCHES.len()) as u64;
+    assert_eq!(compiler.stats().compiles, compiles);
+    assert_eq!(compiler.stats().disk_hits, 0);
+
+    // Every name CollectiveKernel hands out is in the collectives CUBIN.
+    let cubin = compiler.compile(&COLLECTIVES, "sm_90a").expect("in memory");
+    for kernel in CollectiveKernel::ALL {
+        for dtype in DType::ALL {
+            if let Some(name) = kernel.function(dtype) {
+                assert!(has_symbol(&cubin, name), "no kernel {name}");
+            }
+        }
+    }
+    let cubin = compiler.compile(&UTIL, "sm_90a").expect("in memory");
+    for dtype in DType::ALL {
+        assert!(has_symbol(&cubin, kernels::fill_function(dtype)));
+    }
+
+    // In-process cache: the very same bytes, no new compile.
+    let again = compiler.compile(&UTIL, "sm_90a").expect("in memory");
+    assert!(Arc::ptr_eq(&again, &first[0]));
+    assert_eq!(compiler.stats().compiles, compiles);
+    assert!(compiler.stats().memory_hits >= 3);
+
+    // Disk cache: one file per (module, arch), no temporary left; a new compiler reads them.
+    let files = files_in(cache.path());
+    assert_eq!(files.len(), MODULES.len() * ARCHES.len(), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.ends_with(".cubin") && !f.starts_with('.'))
+    );
+    let fresh = NvrtcCompiler::new().expect("NVRTC loaded a moment ago");
+    let from_disk = fresh.compile(&UTIL, "sm_90a").expect("cached");
+    assert_eq!(from_disk.as_slice(), first[0].as_slice());
+    assert_eq!(fresh.stats().disk_hits, 1);
+    assert_eq!(fresh.stats().compiles, 0);
+
+    // A damaged cache file is compiled again and replaced.
+    let util_file = files
+        .iter()
+        .find(|f| f.starts_with("util-sm_90-"))
+        .expect("util for sm_90 cached");
+    std::fs::write(cache.path().join(util_file), b"not a cubin").expect("damage the cache");
+    let repaired = fresh.compile(&UTIL, "sm_90").expect("recompiled");
+    assert!(repaired.starts_with(b"\x7fELF"));
+    assert_eq!(fresh.stats().compiles, 1);
+    let rewritten = std::fs::read(cache.path().join(util_file)).expect("rewritten");
+    assert_eq!(rewritten.as_slice(), repaired.as_slice());
+
+    // No disk cache at all: still compiles.
+    let uncached = NvrtcCompiler::new().expect("NVRTC").with_cache_dir(None);
+    assert_eq!(uncached.cache_dir(), None);
+    uncached.compile(&UTIL, "sm_90a").expect("compiles");
+    assert_eq!(uncached.stats().compiles, 1);
+
+    // An unwritable cache is a warning, not an error.
+    let blocker = cache.path().join("a-file-not-a-folder");
+    std::fs::write(&blocker, b"x").expect("a file");
+    let unwritable = NvrtcCompiler::new()
+        .expect("NVRTC")
+        .with_cache_dir(Some(blocker.join("kernels")));
+    unwritable
+        .compile(&UTIL, "sm_90a")
+        .expect("compiles anyway");
+
+    // A syntax error: Error::Nvrtc naming the module and arch, with NVRTC's log.
+    let broken = KernelModule {
+        name: "broken",
+        source: "extern \"C\" __global__ void symm_broken(int* p) { *p = ; }\n",
+    };
+    match compiler.compile(&broken, "sm_90a") {
+        Err(Error::Nvrtc { kernel, arch, log }) => {
+            assert_eq!(kernel, "broken");
+            assert_eq!(arch, "sm_90a");
+            assert!(log.contains("broken.cu(1): error"), "log: {log}");
+            assert!(log.contains("expected an expression"), "log: {log}");
+        }
+        other => panic!("expected Error::Nvrtc, got {other:?}"),
+    }
+
+    // A target NVRTC does not know: Error::Nvrtc too.
+    match compiler.compile(&UTIL, "sm_1") {
+        Err(Error::Nvrtc { arch, .. }) => assert_eq!(arch, "sm_1"),
+        other => panic!("expected Error::Nvrtc, got {other:?}"),
+    }
+
+    // Registers and spills, for the record (visible with --nocapture).
+    let report = compiler
+        .ptxas_report(&COLLECTIVES, "sm_90a")
+        .expect("ptxas report");
+    assert!(report.contains("registers"), "report: {report}");
+    for line in report.lines().filter(|l| l.contains("spill")) {
+        assert!(
+            line.contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
+            "collectives spill or use a stack: {line}"
+        );
+    }
+    eprintln!("{report}");
+}
+
+#[test]
+fn arch_for_targets_arch_specific_hopper_and_blackwell() {
+    assert_eq!(arch_for(9, 0), "sm_90a");
+    assert_eq!(arch_for(10, 0), "sm_100a");
+    assert_eq!(arch_for(8, 0), "sm_80");
+    assert_eq!(arch_for(8, 9), "sm_89");
+    assert_eq!(arch_for(12, 0), "sm_120");
+}
+
+/// The fill kernel cannot run here, so check the next best thing: every constant and shift of
+/// `fill.rs` appears in `util.cu`, and the composition is spelled the same way.
+#[test]
+fn fill_kernel_uses_the_constants_of_fill_rs() {
+    let fill_rs = include_str!("../src/fill.rs");
+    let code = fill_rs.split("#[cfg(test)]").next().unwrap_or(fill_rs);
+    let cu = UTIL.source.to_ascii_uppercase();
+
+    let mut hex = 0;
+    for (at, _) in code.match_indices("0x") {
+        let digits: String = code[at + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || *c == '_')
+            .filter(|c| *c != '_')
+            .collect();
+        assert!(
+            cu.contains(&format!("0X{}ULL", digits.to_ascii_uppercase())),
+            "util.cu lacks fill.rs's constant 0x{digits}"
+        );
+        hex += 1;
+    }
+    assert_eq!(
+        hex, 5,
+        "fill.rs has 5 hex constants (3 SplitMix64, 2 mixers)"
+    );
+
+    for (at, _) in code.match_indices(">> ") {
+        let shift: String = code[at + 3..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        assert!(
+            UTIL.source.contains(&format!(">> {shift}")),
+            "util.cu lacks the shift >> {shift} of fill.rs"
+        );
+    }
+    assert!(code.contains("8_388_608") && UTIL.source.contains("8388608.0f"));
+    // The composition: epoch mixed with i, then rank, then the seed.
+    for step in [
+        "symm_splitmix64((epoch * 0xD1B54A32D192ED03ULL) ^ i)",
+        "symm_splitmix64((rank * 0x8CB92BA72F3D8DD7ULL) ^ a)",
+        "symm_splitmix64(seed ^ b)",
+        "__float2half_rn(symm_unit_f32(bits))",
+        "__float2bfloat16_rn(symm_unit_f32(bits))",
+        "(int)(unsigned int)(bits >> 32)",
+        "(unsigned char)(bits >> 56)",
+    ] {
+        assert!(UTIL.source.contains(step), "util.cu lacks `{step}`");
+    }
+}
+
+/// NVLink multicast must never be used on the shared GPU machine.
+#[test]
+fn kernels_use_no_multicast() {
+    for module in MODULES {
+        for banned in ["multimem.", ".multicast", "cuMulticast", "multimem_"] {
+            assert!(
+                !module.source.contains(banned),
+                "{}.cu contains {banned}",
+                module.name
+            );
+        }
+    }
+}
+
+/// `(type, name)` of each field of `struct <name>` in a .cu source, in order.
+fn c_struct_fields(source: &str, name: &str) -> Vec<(String, String)> {
+    let start = source
+        .find(&format!("struct {name} {{"))
+        .unwrap_or_else(|| panic!("no struct {name}"));
+    let body = &source[start..];
+    let body = &body[body.find('{').unwrap_or(0) + 1..body.find("};").unwrap_or(body.len())];
+    body.lines()
+        .map(|l| l.split("//").next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let decl = l.trim_end_matches(';');
+            let split = decl.rfind(' ').expect("type and name");
+            (
+                decl[..split].trim().to_string(),
+                decl[split + 1..].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// C offsets of naturally aligned fields declared in order.
+fn c_offsets(fields: &[(String, String)]) -> Vec<(String, usize)> {
+    let mut offset: usize = 0;
+    fields
+        .iter()
+        .map(|(ty, name)| {
+            let size = match ty.as_str() {
+                "unsigned long long" => 8,
+                "unsigned int" => 4,
+                other => panic!("unexpected C type {other}"),
+            };
+            let (base, count) = match name.split_once('[') {
+                Some((base, rest)) => {
+                    let n = rest.trim_end_matches(']');
+                    let n = match n {
+                        "SYMM_MAX_WORLD" => kernels::MAX_WORLD,
+                        other => other.parse().expect("array length"),
+                    };
+                    (base.to_string(), n)
+                }
+                None => (name.clone(), 1),
+            };
+            offset = offset.div_ceil(size) * size;
+            let at = offset;
+            offset += size * count;
+            (base, at)
+        })
+        .collect()
+}
+
+#[test]
+fn symm_args_mirror_matches_the_cu_struct() {
+    let fields = c_struct_fields(COLLECTIVES.source, "SymmArgs");
+    let offsets = c_offsets(&fields);
+    let rust = [
+        ("ws", std::mem::offset_of!(SymmArgs, ws)),
+        ("pad", std::mem::offset_of!(SymmArgs, pad)),
+        ("in", std::mem::offset_of!(SymmArgs, input)),
+        ("out", std::mem::offset_of!(SymmArgs, output)),
+        ("count", std::mem::offset_of!(SymmArgs, count)),
+        ("slot_bytes", std::mem::offset_of!(SymmArgs, slot_bytes)),
+        ("state", std::mem::offset_of!(SymmArgs, state)),
+        ("timeout_ns", std::mem::offset_of!(SymmArgs, timeout_ns)),
+        ("rank", std::mem::offset_of!(SymmArgs, rank)),
+        ("world", std::mem::offset_of!(SymmArgs, world)),
+    ];
+    let rust: Vec<(String, usize)> = rust.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+    assert_eq!(offsets, rust);
+    assert!(COLLECTIVES.source.contains("sizeof(SymmArgs) == 184"));
+    assert_eq!(std::mem::size_of::<SymmArgs>(), 184);
+}
+
+#[test]
+fn symm_state_mirror_matches_the_cu_struct() {
+    let fields = c_struct_fields(COLLECTIVES.source, "SymmState");
+    let offsets = c_offsets(&fields);
+    let rust = [
+        ("epoch", std::mem::offset_of!(SymmState, epoch)),
+        ("error_epoch", std::mem::offset_of!(SymmState, error_epoch)),
+        ("blocks_done", std::mem::offset_of!(SymmState, blocks_done)),
+        ("error", std::mem::offset_of!(SymmState, error)),
+        ("error_src", std::mem::offset_of!(SymmState, error_src)),
+        ("error_block", std::mem::offset_of!(SymmState, error_block)),
+        ("error_phase", std::mem::offset_of!(SymmState, error_phase)),
+        ("reserved", std::mem::offset_of!(SymmState, reserved)),
+    ];
+    let rust: Vec<(String, usize)> = rust.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+    assert_eq!(offsets, rust);
+    assert!(COLLECTIVES.source.contains("sizeof(SymmState) == 64"));
+    assert_eq!(std::mem::size_of::<SymmState>(), 64);
+}
+
+#[test]
+fn abi_constants_match_the_cu_defines() {
+    let src = COLLECTIVES.source;
+    for (define, value) in [
+        ("SYMM_MAX_WORLD", kernels::MAX_WORLD as u64),
+        ("SYMM_MAX_BLOCKS", u64::from(kernels::MAX_BLOCKS)),
+        ("SYMM_BLOCK_THREADS", u64::from(kernels::BLOCK_THREADS)),
+        ("SYMM_PHASES", kernels::PHASES as u64),
+        ("SYMM_ERR_TIMEOUT", u64::from(kernels::ERR_TIMEOUT)),
+        ("SYMM_ERR_PEER", u64::from(kernels::ERR_PEER)),
+        ("SYMM_ERR_ARGS", u64::from(kernels::ERR_ARGS)),
+        ("SYMM_DEFAULT_TIMEOUT_NS", kernels::DEFAULT_TIMEOUT_NS),
+    ] {
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {define} ")))
+            .unwrap_or_else(|| panic!("no #define {define}"));
+        let text = line[format!("#define {define} ").len()..]
+            .trim()
+            .trim_end_matches("ULL")
+            .trim_end_matches('u');
+        assert_eq!(text.parse::<u64>().ok(), Some(value), "{line}");
+    }
+    assert!(src.contains(&format!("/* {} */", kernels::PAD_PEER_ERROR_OFFSET)));
+    assert!(src.contains(&format!("/* {} */", kernels::PAD_BYTES)));
+}
+
+#[test]
+fn slot_sizes_cover_each_piece() {
+    use CollectiveKernel as K;
+    // One-shot: the whole buffer. Two-shot: ceil(count / world) in whole 16-byte units.
+    assert_eq!(
+        K::OneShotAllReduce.slot_bytes_needed(1000, DType::BF16, 2),
+        2000
+    );
+    assert_eq!(
+        K::TwoShotAllReduce.slot_bytes_needed(1000, DType::BF16, 3),
+        672
+    );
+    assert_eq!(K::TwoShotAllReduce.slot_bytes_needed(1, DType::F32, 8), 16);
+    assert_eq!(K::ReduceScatter.slot_bytes_needed(7, DType::F16, 4), 16);
+    let count = K::AllGather.args_count(100, DType::F32);
+    assert_eq!(count, 400);
+    assert_eq!(K::AllGather.slot_bytes_needed(count, DType::F32, 2), 400);
+    assert_eq!(K::Barrier.slot_bytes_needed(0, DType::U8, 2), 0);
+    assert_eq!(K::OneShotAllReduce.function(DType::I32), None);
+    assert_eq!(K::AllGather.function(DType::U8), Some("symm_allgather"));
+    assert_eq!(kernels::workspace_bytes(4, 4096), 65536);
+}
+
+#[test]
+fn state_errors_read_as_sentences() {
+    let mut st = SymmState::default();
+    assert_eq!(st.error_message(), None);
+    st.error = kernels::ERR_TIMEOUT;
+    st.error_src = 3;
+    let msg = st.error_message().expect("an error");
+    assert!(msg.contains("rank 3"), "{msg}");
+}
