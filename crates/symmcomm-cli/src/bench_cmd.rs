@@ -18,7 +18,11 @@ pub(crate) struct BenchArgs {
     #[command(flatten)]
     pub(crate) ranks: RankArgs,
     /// Collectives: all_reduce, all_gather, reduce_scatter (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "all_gather,reduce_scatter,all_reduce")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "all_gather,reduce_scatter,all_reduce"
+    )]
     pub(crate) ops: Vec<String>,
     /// Element types.
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
@@ -90,7 +94,11 @@ impl BenchArgs {
                 .map(|s| Variant::parse(s).map_err(anyhow::Error::msg))
                 .collect::<anyhow::Result<_>>()?,
         );
-        spec.ops = self.ops.iter().map(|s| parse_op(s)).collect::<anyhow::Result<_>>()?;
+        spec.ops = self
+            .ops
+            .iter()
+            .map(|s| parse_op(s))
+            .collect::<anyhow::Result<_>>()?;
         spec.dtypes = self
             .dtypes
             .iter()
@@ -146,8 +154,11 @@ fn sweep(comm: &Communicator, spec: &BenchSpec) -> anyhow::Result<Vec<Row>> {
         if let Some(b) = &bar {
             b.set_position(done as u64);
             b.set_message(what.to_string());
-        } else if rank0 && (done % 10 == 0 || done == total) {
-            eprintln!("[{done}/{total}] {what} ({:.0} s)", t0.elapsed().as_secs_f64());
+        } else if rank0 && (done.is_multiple_of(10) || done == total) {
+            eprintln!(
+                "[{done}/{total}] {what} ({:.0} s)",
+                t0.elapsed().as_secs_f64()
+            );
         }
     };
     let rows = bench::run(comm, comm.world(), spec, &mut progress)?;
@@ -253,7 +264,10 @@ fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow:
             limits.p2p_copy_gbps, limits.p2p_bidir_gbps, limits.flag_roundtrip_us
         );
         if !ok {
-            println!("WRONG RESULTS in {} rows", rows.iter().filter(|r| !r.ok).count());
+            println!(
+                "WRONG RESULTS in {} rows",
+                rows.iter().filter(|r| !r.ok).count()
+            );
         }
         if let Some(path) = &args.json {
             let results = Results {
@@ -262,7 +276,8 @@ fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow:
                 rows,
             };
             let text = serde_json::to_string_pretty(&results)?;
-            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("results written to {}", path.display());
         }
     }
@@ -270,14 +285,21 @@ fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow:
 }
 
 fn exit(all_ok: bool) -> ExitCode {
-    if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.ranks.plan()? {
         Plan::Parent { nproc } => {
             let limits = measure_limits(&args, BackendKind::Cuda, nproc);
-            launch_self(nproc, vec![(LIMITS_ENV.into(), serde_json::to_string(&limits)?)])
+            launch_self(
+                nproc,
+                vec![(LIMITS_ENV.into(), serde_json::to_string(&limits)?)],
+            )
         }
         Plan::Threads { world, config } => {
             let backend = match config.backend {
@@ -338,13 +360,22 @@ fn tune_rank(comm: &Communicator, args: &TuneArgs) -> anyhow::Result<bool> {
         eprintln!("symmcomm tune: pass 2 of 2 (staging), {} rows", spec.rows());
     }
     rows.extend(sweep(comm, &spec)?);
-    let table = bench::tune_table(&rows, backend, &device, &format!("symmcomm tune at {}", env!("SYMMCOMM_GIT_COMMIT")));
+    let table = bench::tune_table(
+        &rows,
+        backend,
+        &device,
+        &format!("symmcomm tune at {}", env!("SYMMCOMM_GIT_COMMIT")),
+    );
     comm.set_table(Some(table.clone()));
     let ok = rows.iter().all(|r| r.ok);
     if comm.rank() == 0 {
         println!("{}", bench::nccl_tests_tables(&rows, backend));
         table.save(&args.out)?;
-        eprintln!("dispatch table ({} rows) written to {}", table.rows.len(), args.out.display());
+        eprintln!(
+            "dispatch table ({} rows) written to {}",
+            table.rows.len(),
+            args.out.display()
+        );
     }
     Ok(ok)
 }

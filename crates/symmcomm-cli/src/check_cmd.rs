@@ -15,7 +15,11 @@ pub(crate) struct CheckArgs {
     #[command(flatten)]
     pub(crate) ranks: RankArgs,
     /// Element counts per rank piece (odd ones on purpose).
-    #[arg(long, value_delimiter = ',', default_value = "1,3,7,127,1000,4099,65537")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,3,7,127,1000,4099,65537"
+    )]
     pub(crate) elems: Vec<usize>,
     /// Seed of the inputs (default: random, printed).
     #[arg(long)]
@@ -32,7 +36,11 @@ fn colls() -> Vec<Collective> {
 }
 
 /// Run every case on this rank; returns (cases run, failures described).
-fn check_rank(comm: &Communicator, args: &CheckArgs, seed: u64) -> symmcomm::Result<(usize, usize, Vec<String>)> {
+fn check_rank(
+    comm: &Communicator,
+    args: &CheckArgs,
+    seed: u64,
+) -> symmcomm::Result<(usize, usize, Vec<String>)> {
     let g = comm.world();
     let world = g.size();
     let (mut run, mut skipped, mut failed) = (0, 0, Vec::new());
@@ -45,10 +53,18 @@ fn check_rank(comm: &Communicator, args: &CheckArgs, seed: u64) -> symmcomm::Res
     ];
     let mut cases = Vec::new();
     for coll in colls() {
-        let dtypes: &[DType] = if coll.reduce().is_some() { &DType::FLOATS } else { &DType::ALL };
+        let dtypes: &[DType] = if coll.reduce().is_some() {
+            &DType::FLOATS
+        } else {
+            &DType::ALL
+        };
         for &dtype in dtypes {
             for &e in &args.elems {
-                let elems = if matches!(coll, Collective::ReduceScatter(_)) { e * world } else { e };
+                let elems = if matches!(coll, Collective::ReduceScatter(_)) {
+                    e * world
+                } else {
+                    e
+                };
                 for (imp, symm) in impls {
                     cases.push((coll, dtype, vec![elems], None, imp, symm));
                 }
@@ -58,7 +74,9 @@ fn check_rank(comm: &Communicator, args: &CheckArgs, seed: u64) -> symmcomm::Res
                 if matches!(coll, Collective::ReduceScatter(_)) {
                     shape[dim] *= world;
                 }
-                if coll == Collective::AllReduce(ReduceOp::Sum) || matches!(coll, Collective::AllReduce(_)) {
+                if coll == Collective::AllReduce(ReduceOp::Sum)
+                    || matches!(coll, Collective::AllReduce(_))
+                {
                     continue;
                 }
                 for (imp, symm) in impls {
@@ -95,7 +113,10 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let seed = args.seed.unwrap_or_else(rand_seed);
     let report = |r: usize, (run, skipped, failed): (usize, usize, Vec<String>)| {
         if r == 0 {
-            println!("symmcomm check (seed {seed}): {run} cases run, {skipped} not supported by the backend, {} failed", failed.len());
+            println!(
+                "symmcomm check (seed {seed}): {run} cases run, {skipped} not supported by the backend, {} failed",
+                failed.len()
+            );
         }
         for f in &failed {
             println!("rank {r} FAILED {f}");
@@ -103,7 +124,10 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         failed.is_empty()
     };
     match args.ranks.plan()? {
-        Plan::Parent { nproc } => launch_self(nproc, vec![("SYMMCOMM_CHECK_SEED".into(), seed.to_string())]),
+        Plan::Parent { nproc } => launch_self(
+            nproc,
+            vec![("SYMMCOMM_CHECK_SEED".into(), seed.to_string())],
+        ),
         Plan::Threads { world, config } => {
             let mut ok = true;
             for (r, res) in run_rank_threads(world, &config, |comm| check_rank(comm, &args, seed))
@@ -115,13 +139,24 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
                     Err(e) => bail!("rank {r}: {e}"),
                 }
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Plan::Child { config } => {
-            let seed = std::env::var("SYMMCOMM_CHECK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(seed);
+            let seed = std::env::var("SYMMCOMM_CHECK_SEED")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(seed);
             let comm = child_comm(config)?;
             let ok = report(comm.rank(), check_rank(&comm, &args, seed)?);
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -28,7 +28,14 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
     match symmcomm::gpus() {
         Ok(gpus) => {
             for g in gpus {
-                println!("  cuda:{} {} (sm_{}{}, {} MiB)", g.ordinal, g.name, g.cc.0, g.cc.1, g.memory >> 20);
+                println!(
+                    "  cuda:{} {} (sm_{}{}, {} MiB)",
+                    g.ordinal,
+                    g.name,
+                    g.cc.0,
+                    g.cc.1,
+                    g.memory >> 20
+                );
             }
         }
         Err(why) => println!("  GPUs: none ({why})"),
@@ -51,7 +58,13 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
         Err(why) => println!("NCCL: unavailable: {why}"),
     }
     match symmcomm::kernels::NvrtcCompiler::new() {
-        Ok(c) => println!("NVRTC: {}", c.describe()),
+        Ok(c) => {
+            let (major, minor) = c.version();
+            println!(
+                "NVRTC: {major}.{minor}, CUDA headers in {}",
+                c.include_dir().display()
+            );
+        }
         Err(e) => println!("NVRTC: unavailable: {e}"),
     }
     let policy = SymmPolicy {
@@ -66,7 +79,9 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
     for d in nccl_env_plan(&policy, |k| std::env::var(k).ok()) {
         let what = match &d.action {
             EnvAction::Set { value } => format!("symmcomm sets {value}"),
-            EnvAction::KeepUser { user, wanted } => format!("your {user} stays (symmcomm would set {wanted})"),
+            EnvAction::KeepUser { user, wanted } => {
+                format!("your {user} stays (symmcomm would set {wanted})")
+            }
             EnvAction::Observe { user: Some(u) } => format!("your {u} stays"),
             EnvAction::Observe { user: None } => "unset, left alone".into(),
         };
@@ -77,13 +92,24 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
         None => symmcomm::gpus()
             .ok()
             .and_then(|g| g.first().map(|d| (d.name.clone(), g.len())))
-            .and_then(|(name, n)| symmcomm::dispatch::DispatchTable::builtin(symmcomm::BackendKind::Cuda, &name, n)),
+            .and_then(|(name, n)| {
+                symmcomm::dispatch::DispatchTable::builtin(symmcomm::BackendKind::Cuda, &name, n)
+            }),
     };
     match table {
         Some(t) => {
-            println!("dispatch table: {} ({}, {} rows)", t.source, t.device, t.rows.len());
+            println!(
+                "dispatch table: {} ({}, {} rows)",
+                t.source,
+                t.device,
+                t.rows.len()
+            );
             for r in &t.rows {
-                let upto = if r.max_bytes == usize::MAX { "∞".into() } else { symmcomm::bench::human_bytes(r.max_bytes) };
+                let upto = if r.max_bytes == usize::MAX {
+                    "∞".into()
+                } else {
+                    symmcomm::bench::human_bytes(r.max_bytes)
+                };
                 println!(
                     "  {:<15} {:<5} world {} up to {:>5}: {:<10} staging {}",
                     r.op,
@@ -95,7 +121,9 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        None => println!("dispatch table: none for this machine; auto follows NCCL's rule (symmetric path iff both buffers are in windows)"),
+        None => println!(
+            "dispatch table: none for this machine; auto follows NCCL's rule (symmetric path iff both buffers are in windows)"
+        ),
     }
     Ok(())
 }

@@ -92,7 +92,9 @@ impl RankArgs {
                 Ok(_) => BackendKind::Cuda,
                 Err(why) => {
                     if !launched {
-                        eprintln!("note: no usable GPU ({why}); running the host backend (ranks are threads, memory is host memory)");
+                        eprintln!(
+                            "note: no usable GPU ({why}); running the host backend (ranks are threads, memory is host memory)"
+                        );
                     }
                     BackendKind::Host
                 }
@@ -113,7 +115,8 @@ impl RankArgs {
                 config: self.config(fixed),
             }),
             BackendKind::Cuda => {
-                let gpus = symmcomm::cuda_devices().map_err(|why| anyhow::anyhow!("the CUDA backend cannot start: {why}"))?;
+                let gpus = symmcomm::cuda_devices()
+                    .map_err(|why| anyhow::anyhow!("the CUDA backend cannot start: {why}"))?;
                 let world = self.world.unwrap_or(gpus);
                 if world > gpus {
                     bail!("{world} ranks asked for, {gpus} GPUs visible");
@@ -132,7 +135,10 @@ impl RankArgs {
 }
 
 /// Launch `nproc` copies of this process with the same arguments plus `--rank-child`.
-pub(crate) fn launch_self(nproc: usize, extra_env: Vec<(String, String)>) -> anyhow::Result<std::process::ExitCode> {
+pub(crate) fn launch_self(
+    nproc: usize,
+    extra_env: Vec<(String, String)>,
+) -> anyhow::Result<std::process::ExitCode> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.push("--rank-child".into());
@@ -142,11 +148,14 @@ pub(crate) fn launch_self(nproc: usize, extra_env: Vec<(String, String)>) -> any
     if !report.success() {
         eprintln!("{report}");
     }
-    Ok(std::process::ExitCode::from(report.exit_code().clamp(0, 255) as u8))
+    Ok(std::process::ExitCode::from(
+        report.exit_code().clamp(0, 255) as u8,
+    ))
 }
 
 /// This process's communicator as a launched rank.
 pub(crate) fn child_comm(config: CommConfig) -> anyhow::Result<Communicator> {
-    let boot = Bootstrap::from_env(config.timeout).context("joining the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")?;
+    let boot = Bootstrap::from_env(config.timeout)
+        .context("joining the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")?;
     Ok(Communicator::new(boot, config)?)
 }

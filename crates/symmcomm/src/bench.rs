@@ -120,7 +120,19 @@ impl BenchSpec {
                 Collective::AllReduce(ReduceOp::Sum),
             ],
             dtypes: vec![DType::BF16],
-            sizes: [2 << 10, 8 << 10, 32 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20].to_vec(),
+            sizes: [
+                2 << 10,
+                8 << 10,
+                32 << 10,
+                64 << 10,
+                256 << 10,
+                1 << 20,
+                4 << 20,
+                16 << 20,
+                64 << 20,
+                256 << 20,
+            ]
+            .to_vec(),
             impls,
             modes: vec![Mode::Eager, Mode::Graph],
             warmup: 5,
@@ -221,17 +233,30 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n == 0 {
         return f64::NAN;
     }
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// The per-rank input shape for a row of `bytes` (the larger buffer), or `None` when the size
 /// does not split over the ranks.
-pub fn case_shape(coll: Collective, dtype: DType, bytes: usize, world: usize) -> Option<Vec<usize>> {
+pub fn case_shape(
+    coll: Collective,
+    dtype: DType,
+    bytes: usize,
+    world: usize,
+) -> Option<Vec<usize>> {
     let elems = bytes / dtype.size();
     match coll {
         Collective::AllReduce(_) => (elems > 0).then(|| vec![elems]),
-        Collective::AllGather => (elems % world == 0 && elems > 0).then(|| vec![elems / world]),
-        Collective::ReduceScatter(_) => (elems % world == 0 && elems > 0).then(|| vec![elems]),
+        Collective::AllGather => {
+            (elems.is_multiple_of(world) && elems > 0).then(|| vec![elems / world])
+        }
+        Collective::ReduceScatter(_) => {
+            (elems.is_multiple_of(world) && elems > 0).then(|| vec![elems])
+        }
     }
 }
 
@@ -376,7 +401,14 @@ pub fn run(
             for &b in &spec.sizes {
                 if let Some(shape) = case_shape(op, d, b, world) {
                     let n: usize = shape.iter().product();
-                    let (i, o) = op.io_elems(n / if matches!(op, Collective::ReduceScatter(_)) { world } else { 1 }, world);
+                    let (i, o) = op.io_elems(
+                        n / if matches!(op, Collective::ReduceScatter(_)) {
+                            world
+                        } else {
+                            1
+                        },
+                        world,
+                    );
                     largest = largest.max((i + o) * d.size() + 4096);
                 }
             }
@@ -392,9 +424,18 @@ pub fn run(
             for &bytes in &spec.sizes {
                 for &variant in &spec.impls {
                     for &mode in &spec.modes {
-                        let what = format!("{} {} {} B {} {}", op.name(), dtype, bytes, variant.name(comm.backend()), mode.name());
+                        let what = format!(
+                            "{} {} {} B {} {}",
+                            op.name(),
+                            dtype,
+                            bytes,
+                            variant.name(comm.backend()),
+                            mode.name()
+                        );
                         if case_shape(op, dtype, bytes, world).is_some() {
-                            rows.push(measure_row(comm, group, spec, op, dtype, bytes, variant, mode)?);
+                            rows.push(measure_row(
+                                comm, group, spec, op, dtype, bytes, variant, mode,
+                            )?);
                         }
                         progress(rows.len(), total, &what);
                     }
@@ -407,11 +448,11 @@ pub fn run(
 
 /// Sizes in nccl-tests' style (`2K`, `16M`).
 pub fn human_bytes(b: usize) -> String {
-    if b >= 1 << 30 && b % (1 << 30) == 0 {
+    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
         format!("{}G", b >> 30)
-    } else if b >= 1 << 20 && b % (1 << 20) == 0 {
+    } else if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{}M", b >> 20)
-    } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
         format!("{}K", b >> 10)
     } else {
         format!("{b}")
@@ -458,10 +499,17 @@ pub fn nccl_tests_tables(rows: &[Row], backend: BackendKind) -> String {
             "# {:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8} {:>7}",
             "(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)", ""
         );
-        for r in rows.iter().filter(|r| &r.op == op && &r.implementation == imp && r.mode == *mode) {
+        for r in rows
+            .iter()
+            .filter(|r| &r.op == op && &r.implementation == imp && r.mode == *mode)
+        {
             let count = r.bytes / r.dtype.size();
             let redop = if r.op == "all_gather" { "none" } else { "sum" };
-            let wrong = if r.ok { "0".to_string() } else { r.wrong.to_string() };
+            let wrong = if r.ok {
+                "0".to_string()
+            } else {
+                r.wrong.to_string()
+            };
             let _ = writeln!(
                 out,
                 "  {:>12} {:>12} {:>6} {:>6} {:>10.2} {:>8.2} {:>8.2} {:>7}{}",
@@ -473,7 +521,10 @@ pub fn nccl_tests_tables(rows: &[Row], backend: BackendKind) -> String {
                 r.algbw_gbps,
                 r.busbw_gbps,
                 wrong,
-                r.ran.as_ref().map(|x| format!("  (ran {x})")).unwrap_or_default()
+                r.ran
+                    .as_ref()
+                    .map(|x| format!("  (ran {x})"))
+                    .unwrap_or_default()
             );
         }
         out.push('\n');
@@ -505,16 +556,27 @@ pub fn comparison_table(rows: &[Row]) -> String {
             let _ = write!(out, " {:>16}", format!("{i} {}", m.name()));
         }
         let _ = writeln!(out, " {:>14}", "auto/best graph");
-        let mut sizes: Vec<usize> = rows.iter().filter(|r| r.op == op).map(|r| r.bytes).collect();
+        let mut sizes: Vec<usize> = rows
+            .iter()
+            .filter(|r| r.op == op)
+            .map(|r| r.bytes)
+            .collect();
         sizes.sort();
         sizes.dedup();
         for b in sizes {
             let _ = write!(out, "{:<15} {:>6}", "", human_bytes(b));
-            let find = |i: &str, m: Mode| rows.iter().find(|r| r.op == op && r.bytes == b && r.implementation == i && r.mode == m);
+            let find = |i: &str, m: Mode| {
+                rows.iter()
+                    .find(|r| r.op == op && r.bytes == b && r.implementation == i && r.mode == m)
+            };
             for (i, m) in &cols {
                 match find(i, *m) {
                     Some(r) => {
-                        let _ = write!(out, " {:>16}", format!("{:.2}{}", r.us, if r.ok { "" } else { " WRONG" }));
+                        let _ = write!(
+                            out,
+                            " {:>16}",
+                            format!("{:.2}{}", r.us, if r.ok { "" } else { " WRONG" })
+                        );
                     }
                     None => {
                         let _ = write!(out, " {:>16}", "-");
@@ -545,42 +607,16 @@ pub fn elapsed_line(d: Duration, rows: usize) -> String {
     format!("{rows} rows in {:.1} s", d.as_secs_f64())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_and_print() {
-        for (s, b) in [("2K", 2048), ("64M", 64 << 20), ("1G", 1 << 30), ("1000", 1000)] {
-            assert_eq!(parse_bytes(s).unwrap(), b);
-        }
-        assert!(parse_bytes("2X").is_err());
-        assert_eq!(human_bytes(256 << 20), "256M");
-        assert_eq!(human_bytes(2048), "2K");
-        assert_eq!(human_bytes(1000), "1000");
-    }
-
-    #[test]
-    fn shapes_follow_nccl_tests_bytes() {
-        let ar = Collective::AllReduce(ReduceOp::Sum);
-        assert_eq!(case_shape(ar, DType::BF16, 2048, 2), Some(vec![1024]));
-        assert_eq!(case_shape(Collective::AllGather, DType::BF16, 2048, 2), Some(vec![512]));
-        assert_eq!(case_shape(Collective::ReduceScatter(ReduceOp::Sum), DType::BF16, 2048, 2), Some(vec![1024]));
-        assert_eq!(case_shape(Collective::AllGather, DType::BF16, 2048, 3), None);
-    }
-
-    #[test]
-    fn median_of_even_and_odd() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-    }
-}
-
 /// Build a dispatch table from graph-mode rows: for each (op, dtype, world) and measured size
 /// (a bucket up to that size), the fastest implementation with both buffers in windows, and
 /// whether `auto_plain` (staging plain buffers into windows) beat `nccl` there. Above the
 /// largest measured size the last bucket's choice holds.
-pub fn tune_table(rows: &[Row], backend: BackendKind, device: &str, source: &str) -> crate::dispatch::DispatchTable {
+pub fn tune_table(
+    rows: &[Row],
+    backend: BackendKind,
+    device: &str,
+    source: &str,
+) -> crate::dispatch::DispatchTable {
     use crate::dispatch::{DispatchRow, DispatchTable};
     let regular = Impl::Regular.name(backend);
     let mut keys: Vec<(String, DType, usize)> = rows
@@ -594,7 +630,9 @@ pub fn tune_table(rows: &[Row], backend: BackendKind, device: &str, source: &str
     for (op, dtype, world) in keys {
         let mine: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.mode == Mode::Graph && r.op == op && r.dtype == dtype && r.world == world && r.ok)
+            .filter(|r| {
+                r.mode == Mode::Graph && r.op == op && r.dtype == dtype && r.world == world && r.ok
+            })
             .collect();
         let mut sizes: Vec<usize> = mine.iter().map(|r| r.bytes).collect();
         sizes.sort();
@@ -604,17 +642,27 @@ pub fn tune_table(rows: &[Row], backend: BackendKind, device: &str, source: &str
             let at: Vec<&&Row> = mine.iter().filter(|r| r.bytes == b).collect();
             let candidates = at.iter().filter_map(|r| {
                 let v = Variant::parse(&r.implementation).ok()?;
-                (v.imp != Impl::Auto && (v.windows || v.imp == Impl::Regular) && !r.implementation.ends_with("_on_windows"))
-                    .then_some((v.imp, r.us))
+                (v.imp != Impl::Auto
+                    && (v.windows || v.imp == Impl::Regular)
+                    && !r.implementation.ends_with("_on_windows"))
+                .then_some((v.imp, r.us))
             });
-            let Some((best, best_us)) = candidates.clone().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            let Some((best, best_us)) = candidates.clone().min_by(|a, b| a.1.total_cmp(&b.1))
+            else {
                 continue;
             };
-            let regular_us = at.iter().find(|r| r.implementation == regular).map(|r| r.us);
-            let staged_us = at.iter().find(|r| r.implementation == "auto_plain").map(|r| r.us);
+            let regular_us = at
+                .iter()
+                .find(|r| r.implementation == regular)
+                .map(|r| r.us);
+            let staged_us = at
+                .iter()
+                .find(|r| r.implementation == "auto_plain")
+                .map(|r| r.us);
             let stage = best != Impl::Regular
                 && matches!((staged_us, regular_us), (Some(s), Some(r)) if s < 0.98 * r);
-            let mut measured_us: BTreeMap<String, f64> = candidates.map(|(i, t)| (i.name(backend), t)).collect();
+            let mut measured_us: BTreeMap<String, f64> =
+                candidates.map(|(i, t)| (i.name(backend), t)).collect();
             if let Some(s) = staged_us {
                 measured_us.insert("auto_plain".into(), s);
             }
@@ -635,5 +683,55 @@ pub fn tune_table(rows: &[Row], backend: BackendKind, device: &str, source: &str
         device: device.into(),
         backend,
         rows: out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        for (s, b) in [
+            ("2K", 2048),
+            ("64M", 64 << 20),
+            ("1G", 1 << 30),
+            ("1000", 1000),
+        ] {
+            assert_eq!(parse_bytes(s).unwrap(), b);
+        }
+        assert!(parse_bytes("2X").is_err());
+        assert_eq!(human_bytes(256 << 20), "256M");
+        assert_eq!(human_bytes(2048), "2K");
+        assert_eq!(human_bytes(1000), "1000");
+    }
+
+    #[test]
+    fn shapes_follow_nccl_tests_bytes() {
+        let ar = Collective::AllReduce(ReduceOp::Sum);
+        assert_eq!(case_shape(ar, DType::BF16, 2048, 2), Some(vec![1024]));
+        assert_eq!(
+            case_shape(Collective::AllGather, DType::BF16, 2048, 2),
+            Some(vec![512])
+        );
+        assert_eq!(
+            case_shape(
+                Collective::ReduceScatter(ReduceOp::Sum),
+                DType::BF16,
+                2048,
+                2
+            ),
+            Some(vec![1024])
+        );
+        assert_eq!(
+            case_shape(Collective::AllGather, DType::BF16, 2048, 3),
+            None
+        );
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

@@ -157,16 +157,19 @@ impl Communicator {
     /// Start this rank's communicator. Collective: every rank of the bootstrap calls it.
     pub fn new(boot: Bootstrap, config: CommConfig) -> Result<Self> {
         let id = NEXT_COMM_ID.fetch_add(1, Ordering::Relaxed);
-        config.pool.validate().map_err(|detail| Error::InvalidArgument {
-            ctx: OpCtx {
-                op: Op::Init,
-                group: "world".into(),
-                rank: boot.rank,
-                world: boot.world_size,
-                bytes: 0,
-            },
-            detail: format!("pool configuration: {detail}"),
-        })?;
+        config
+            .pool
+            .validate()
+            .map_err(|detail| Error::InvalidArgument {
+                ctx: OpCtx {
+                    op: Op::Init,
+                    group: "world".into(),
+                    rank: boot.rank,
+                    world: boot.world_size,
+                    bytes: 0,
+                },
+                detail: format!("pool configuration: {detail}"),
+            })?;
         let device = crate::backend::start(&boot, &config)?;
         let table = match &config.table {
             TableSource::None => None,

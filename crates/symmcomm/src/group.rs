@@ -161,14 +161,14 @@ pub(crate) fn validate(
             output: output.dtype,
         });
     }
-    if let Some(r) = coll.reduce() {
-        if !input.dtype.allows(r) {
-            return Err(Error::OpNotAllowed {
-                ctx: ctx(),
-                reduce: r,
-                dtype: input.dtype,
-            });
-        }
+    if let Some(r) = coll.reduce()
+        && !input.dtype.allows(r)
+    {
+        return Err(Error::OpNotAllowed {
+            ctx: ctx(),
+            reduce: r,
+            dtype: input.dtype,
+        });
     }
     for (arg, t) in [(Arg::Input, input), (Arg::Output, output)] {
         if !t.is_contiguous() {
@@ -210,7 +210,7 @@ pub(crate) fn validate(
             (input.numel(), None)
         }
         (Collective::ReduceScatter(_), None) => {
-            if input.numel() % world != 0 {
+            if !input.numel().is_multiple_of(world) {
                 return Err(Error::NotDivisible {
                     ctx: ctx(),
                     arg: Arg::Input,
@@ -246,7 +246,7 @@ pub(crate) fn validate(
                     ndim: input.shape().len(),
                 });
             }
-            if input.shape()[d] % world != 0 {
+            if !input.shape()[d].is_multiple_of(world) {
                 return Err(Error::NotDivisible {
                     ctx: ctx(),
                     arg: Arg::Input,
@@ -623,11 +623,35 @@ impl Group {
     /// Enqueue a fill of `t` with the reference generator ([`crate::fill`]) for `seed` and this
     /// group's rank, at the epoch `counter` holds when the fill runs (0 without a counter).
     pub fn fill_random(&self, t: &Tensor, seed: u64, counter: Option<&EpochCounter>) -> Result<()> {
+        self.fill_with(t, seed, counter, None)
+    }
+
+    /// [`Group::fill_random`] by a producer that lets the next kernel start at once and writes
+    /// only after `delay_ns` (bf16 only on CUDA): what a consumer launched with programmatic
+    /// dependent launch that does not wait on its grid dependency sees. For hazard tests.
+    pub fn fill_random_early_release(
+        &self,
+        t: &Tensor,
+        seed: u64,
+        counter: Option<&EpochCounter>,
+        delay_ns: u64,
+    ) -> Result<()> {
+        self.fill_with(t, seed, counter, Some(delay_ns))
+    }
+
+    fn fill_with(
+        &self,
+        t: &Tensor,
+        seed: u64,
+        counter: Option<&EpochCounter>,
+        early_release_ns: Option<u64>,
+    ) -> Result<()> {
         let r = self.contiguous_ref(t, Op::Fill)?;
         let spec = FillSpec {
             seed,
             rank: self.rank() as u64,
             epoch: counter.map(|c| c.t.buf.mem_ref(0)),
+            early_release_ns,
         };
         let mut keep = vec![&t.buf];
         if let Some(c) = counter {
@@ -727,13 +751,25 @@ impl Group {
 
     /// Whether `imp` can run `coll` on `dtype` in this group (buffers in windows where it
     /// needs them), or why not.
-    pub fn supports(&self, coll: Collective, dtype: DType, imp: Impl) -> std::result::Result<(), String> {
-        if let Some(r) = coll.reduce() {
-            if !dtype.allows(r) {
-                return Err(format!("{r} is not defined on {dtype}"));
-            }
+    pub fn supports(
+        &self,
+        coll: Collective,
+        dtype: DType,
+        imp: Impl,
+    ) -> std::result::Result<(), String> {
+        if let Some(r) = coll.reduce()
+            && !dtype.allows(r)
+        {
+            return Err(format!("{r} is not defined on {dtype}"));
         }
-        match self.inner.backend.unavailable(imp, &CallShape { coll, dtype, piece: 1 }) {
+        match self.inner.backend.unavailable(
+            imp,
+            &CallShape {
+                coll,
+                dtype,
+                piece: 1,
+            },
+        ) {
             None => Ok(()),
             Some(why) => Err(why),
         }
@@ -750,10 +786,10 @@ impl Group {
             .plain_scratch
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = s.as_ref() {
-            if m.len() >= bytes {
-                return Ok(m.clone());
-            }
+        if let Some(m) = s.as_ref()
+            && m.len() >= bytes
+        {
+            return Ok(m.clone());
         }
         if self.inner.comm.device.capturing() {
             return Err(Error::DuringCapture {

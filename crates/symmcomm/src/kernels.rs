@@ -8,7 +8,6 @@
 
 // The crate's one `Error` enum is large by design (structured context in every variant); every
 // fallible function of the crate returns it, so boxing it here alone would change nothing.
-#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_int};

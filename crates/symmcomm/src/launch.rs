@@ -8,7 +8,6 @@
 //! thread that called [`launch`], which stays inside it until every child has exited.
 
 // The crate's one error enum is larger than clippy's threshold; boxing it is error.rs's call.
-#![allow(clippy::result_large_err)]
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};

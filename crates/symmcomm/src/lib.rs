@@ -7,9 +7,6 @@
 
 #![warn(missing_docs, unreachable_pub)]
 #![deny(unused_must_use)]
-// `Error` carries the operation's context by value so every message names rank, group, op
-// and size; errors are rare and never on a hot path, so their size does not matter.
-#![allow(clippy::result_large_err)]
 
 pub mod backend;
 pub mod bench;
@@ -24,8 +21,8 @@ pub mod kernels;
 pub mod launch;
 pub mod memory;
 pub mod policy;
-pub mod rank_threads;
 pub mod pool;
+pub mod rank_threads;
 pub mod reference;
 pub mod symm_pool;
 pub mod tensor;

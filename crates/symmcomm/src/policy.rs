@@ -417,9 +417,11 @@ mod tests {
             dcp_size: 8,
         };
         let plan = nccl_env_plan(&off, env(&[]));
-        assert!(
-            plan.iter()
-                .all(|d| !matches!(d.action, EnvAction::Set { .. }))
-        );
+        let set: Vec<&str> = plan
+            .iter()
+            .filter(|d| matches!(d.action, EnvAction::Set { .. }))
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(set, vec!["NCCL_RUNTIME_CONNECT"]);
     }
 }

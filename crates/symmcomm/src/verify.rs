@@ -40,7 +40,9 @@ impl Case {
             (Collective::AllGather, Some(d)) => s[d] *= world,
             (Collective::ReduceScatter(_), Some(d)) => s[d] /= world,
             (Collective::AllGather, None) => s = vec![self.shape.iter().product::<usize>() * world],
-            (Collective::ReduceScatter(_), None) => s = vec![self.shape.iter().product::<usize>() / world],
+            (Collective::ReduceScatter(_), None) => {
+                s = vec![self.shape.iter().product::<usize>() / world]
+            }
         }
         s
     }
@@ -97,7 +99,13 @@ fn inputs(case: &Case, world: usize, epoch: u64) -> Vec<Vec<f64>> {
 }
 
 /// Compare `got` (this rank's output bytes after a run at `epoch`) with the reference.
-pub fn compare(case: &Case, world: usize, rank: usize, epoch: u64, got: &[u8]) -> std::result::Result<(), Mismatch> {
+pub fn compare(
+    case: &Case,
+    world: usize,
+    rank: usize,
+    epoch: u64,
+    got: &[u8],
+) -> std::result::Result<(), Mismatch> {
     match case.dim {
         None => compare_flat(case, world, rank, epoch, got),
         Some(d) => compare_dim(case, d, world, rank, epoch, got),
@@ -105,7 +113,14 @@ pub fn compare(case: &Case, world: usize, rank: usize, epoch: u64, got: &[u8]) -
 }
 
 /// Along a dimension: materialise every rank's input and use the general reference.
-fn compare_dim(case: &Case, d: usize, world: usize, rank: usize, epoch: u64, got: &[u8]) -> std::result::Result<(), Mismatch> {
+fn compare_dim(
+    case: &Case,
+    d: usize,
+    world: usize,
+    rank: usize,
+    epoch: u64,
+    got: &[u8],
+) -> std::result::Result<(), Mismatch> {
     let xs = inputs(case, world, epoch);
     let shape = match case.coll {
         Collective::ReduceScatter(_) => case.output_shape(world),
@@ -117,7 +132,10 @@ fn compare_dim(case: &Case, d: usize, world: usize, rank: usize, epoch: u64, got
         None => vec![0.0; want.len()],
         Some(_) => {
             // Σ|x| at each output position: the same reference on absolute values with a sum.
-            let abs: Vec<Vec<f64>> = xs.iter().map(|x| x.iter().map(|v| v.abs()).collect()).collect();
+            let abs: Vec<Vec<f64>> = xs
+                .iter()
+                .map(|x| x.iter().map(|v| v.abs()).collect())
+                .collect();
             let sum = match case.coll {
                 Collective::AllReduce(_) => Collective::AllReduce(ReduceOp::Sum),
                 _ => Collective::ReduceScatter(ReduceOp::Sum),
@@ -142,7 +160,13 @@ fn tolerance_for(case: &Case, world: usize, mag: f64) -> f64 {
 
 /// Flat operations: every expected element is recomputed from the generator on the fly, in
 /// parallel over chunks, so multi-GiB outputs check without materialising the inputs.
-fn compare_flat(case: &Case, world: usize, rank: usize, epoch: u64, got: &[u8]) -> std::result::Result<(), Mismatch> {
+fn compare_flat(
+    case: &Case,
+    world: usize,
+    rank: usize,
+    epoch: u64,
+    got: &[u8],
+) -> std::result::Result<(), Mismatch> {
     let n_in: usize = case.shape.iter().product();
     let e = case.dtype.size();
     let n_out = got.len() / e;
@@ -163,7 +187,9 @@ fn compare_flat(case: &Case, world: usize, rank: usize, epoch: u64, got: &[u8]) 
             }
         }
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(64);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(64);
     let chunk = n_out.div_ceil(threads).max(1 << 14);
     let results: Vec<std::result::Result<(), Mismatch>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n_out)
@@ -194,7 +220,10 @@ fn compare_flat(case: &Case, world: usize, rank: usize, epoch: u64, got: &[u8]) 
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("checker thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("checker thread"))
+            .collect()
     });
     let mut total_wrong = 0;
     let mut first: Option<Mismatch> = None;

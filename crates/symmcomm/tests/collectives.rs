@@ -9,8 +9,8 @@ use symmcomm::dispatch::{DispatchRow, DispatchTable};
 use symmcomm::pool::{CheckMode, PoolConfig};
 use symmcomm::verify::{self, Case};
 use symmcomm::{
-    Collective, CommConfig, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy, TableSource,
-    run_rank_threads,
+    Collective, CommConfig, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy,
+    TableSource, run_rank_threads,
 };
 
 fn small_pool(mut c: CommConfig) -> CommConfig {
@@ -40,7 +40,11 @@ fn colls() -> Vec<Collective> {
 }
 
 fn dtypes_for(c: Collective) -> &'static [DType] {
-    if c.reduce().is_some() { &DType::FLOATS } else { &DType::ALL }
+    if c.reduce().is_some() {
+        &DType::FLOATS
+    } else {
+        &DType::ALL
+    }
 }
 
 fn flat_collectives(b: TestBackend) {
@@ -79,8 +83,7 @@ fn flat_collectives(b: TestBackend) {
                                 output_symm: symm,
                                 seed: seed ^ n,
                             };
-                            let d = verify::run_checked(g, &case)
-                                .map_err(|e| wrong(e, &case))?;
+                            let d = verify::run_checked(g, &case).map_err(|e| wrong(e, &case))?;
                             if imp == Impl::Auto {
                                 // NCCL's rule without a table: symmetric iff both in windows.
                                 let want = if symm { Impl::Symmetric } else { Impl::Regular };
@@ -121,7 +124,11 @@ fn dim_collectives(b: TestBackend) {
                         if matches!(coll, Collective::ReduceScatter(_)) {
                             shape[dim] *= world;
                         }
-                        for (imp, symm) in [(Impl::Regular, false), (Impl::Symmetric, true), (Impl::Auto, true)] {
+                        for (imp, symm) in [
+                            (Impl::Regular, false),
+                            (Impl::Symmetric, true),
+                            (Impl::Auto, true),
+                        ] {
                             n += 1;
                             let case = Case {
                                 coll,
@@ -167,7 +174,17 @@ fn bad_inputs(b: TestBackend) {
         let out = g.alloc_symmetric(DType::BF16, &[3])?;
         g.poison(&out)?;
         let e = g.reduce_scatter(&odd, &out, ReduceOp::Sum).unwrap_err();
-        assert!(matches!(e, Error::NotDivisible { len: 7, world: 2, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::NotDivisible {
+                    len: 7,
+                    world: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(poisoned(&out)?);
 
         let m = g.alloc_symmetric(DType::BF16, &[2, 4])?;
@@ -181,21 +198,46 @@ fn bad_inputs(b: TestBackend) {
         let small = g.alloc_symmetric(DType::BF16, &[15])?;
         g.poison(&small)?;
         let e = g.all_gather(&x, &small).unwrap_err();
-        assert!(matches!(e, Error::OutputTooSmall { needed: 16, got: 15, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::OutputTooSmall {
+                    needed: 16,
+                    got: 15,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(poisoned(&small)?);
 
         let ints = g.alloc_symmetric(DType::I32, &[8])?;
         let out = g.alloc_symmetric(DType::I32, &[8])?;
         g.poison(&out)?;
         let e = g.all_reduce(&ints, &out, ReduceOp::Sum).unwrap_err();
-        assert!(matches!(e, Error::OpNotAllowed { dtype: DType::I32, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::OpNotAllowed {
+                    dtype: DType::I32,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(poisoned(&out)?);
 
         let plain = g.alloc_plain(DType::BF16, &[8])?;
         let out = g.alloc_symmetric(DType::BF16, &[8])?;
         g.poison(&out)?;
         let e = g
-            .collective(Collective::AllReduce(ReduceOp::Sum), &plain, &out, None, Impl::Symmetric)
+            .collective(
+                Collective::AllReduce(ReduceOp::Sum),
+                &plain,
+                &out,
+                None,
+                Impl::Symmetric,
+            )
             .unwrap_err();
         assert!(matches!(e, Error::NotSymmetric { .. }), "{e}");
         assert!(poisoned(&out)?);
@@ -204,7 +246,17 @@ fn bad_inputs(b: TestBackend) {
         let out = g.alloc_symmetric(DType::BF16, &[2, 2, 4])?;
         g.poison(&out)?;
         let e = g.all_gather_dim(&cube, &out, 3).unwrap_err();
-        assert!(matches!(e, Error::BadDim { dim: 3, ndim: 3, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::BadDim {
+                    dim: 3,
+                    ndim: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = g.all_gather_dim(&cube, &out, 1).unwrap_err();
         assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
         assert!(poisoned(&out)?);
@@ -223,7 +275,13 @@ fn bad_inputs(b: TestBackend) {
         let out = g.alloc_symmetric(DType::BF16, &[8])?;
         g.poison(&out)?;
         let e = g
-            .collective(Collective::AllReduce(ReduceOp::Sum), &foreign, &out, None, Impl::Symmetric)
+            .collective(
+                Collective::AllReduce(ReduceOp::Sum),
+                &foreign,
+                &out,
+                None,
+                Impl::Symmetric,
+            )
             .unwrap_err();
         assert!(matches!(e, Error::ForeignBuffer { .. }), "{e}");
         assert!(poisoned(&out)?);
@@ -244,7 +302,13 @@ fn bad_inputs(b: TestBackend) {
             &{
                 other.fill_random(&foreign, 5, None)?;
                 // fill_random uses the group rank, equal in both groups here
-                g.collective(Collective::AllReduce(ReduceOp::Sum), &foreign, &out, None, Impl::Regular)?;
+                g.collective(
+                    Collective::AllReduce(ReduceOp::Sum),
+                    &foreign,
+                    &out,
+                    None,
+                    Impl::Regular,
+                )?;
                 g.download_bytes(&out)?
             },
         )?;
@@ -442,12 +506,20 @@ fn spmd_divergence(b: TestBackend) {
     });
     for (r, res) in results.into_iter().enumerate() {
         match res {
-            Err(Error::SpmdDivergence { index, mine, theirs, .. }) => {
+            Err(Error::SpmdDivergence {
+                index,
+                mine,
+                theirs,
+                ..
+            }) => {
                 // request #0 is the 100-byte one; #1 is the first difference... but the first
                 // registration (for #0) verified only #0, so the divergence is #1.
                 assert_eq!(index, 1, "rank {r}");
                 let both = format!("{mine} / {theirs}");
-                assert!(both.contains("4194304") && both.contains("5242880"), "rank {r}: {both}");
+                assert!(
+                    both.contains("4194304") && both.contains("5242880"),
+                    "rank {r}: {both}"
+                );
             }
             other => panic!("rank {r}: expected SpmdDivergence, got {other:?}"),
         }
@@ -476,7 +548,9 @@ fn scopes_and_lookup(b: TestBackend) {
         assert!(!p.is_symmetric());
         let hit = dcp.lookup(t.addr()).expect("a window address is found");
         assert_eq!(hit.segment, 0);
-        let last = dcp.lookup(t.addr() + t.bytes() as u64 - 1).expect("last byte");
+        let last = dcp
+            .lookup(t.addr() + t.bytes() as u64 - 1)
+            .expect("last byte");
         assert_eq!(last.offset, hit.offset + t.bytes() - 1);
         assert!(dcp.lookup(p.addr()).is_none());
         assert!(tp.lookup(t.addr()).is_none());

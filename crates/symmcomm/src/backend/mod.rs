@@ -209,6 +209,9 @@ pub(crate) struct FillSpec {
     pub(crate) seed: u64,
     pub(crate) rank: u64,
     pub(crate) epoch: Option<MemRef>,
+    /// Let dependent launches start at once and write only after this many ns (a producer
+    /// that exposes consumers reading early under programmatic dependent launch).
+    pub(crate) early_release_ns: Option<u64>,
 }
 
 /// A strided copy between two memories of one rank: `rows` rows of `row_bytes`.
@@ -310,7 +313,7 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
         BackendChoice::Host => Ok(Arc::new(host::HostDevice::new(boot.rank))),
         BackendChoice::Cuda => cuda::start(boot, config),
         BackendChoice::Auto => match cuda::probe() {
-            Ok(()) => cuda::start(boot, config),
+            Ok(_) => cuda::start(boot, config),
             Err(why) => {
                 tracing::info!("CUDA backend unavailable ({why}); using the host backend");
                 Ok(Arc::new(host::HostDevice::new(boot.rank)))

@@ -2,7 +2,6 @@
 //! ranks that `symmcomm launch` starts ([`LaunchEnv`]).
 
 // The crate's one error enum is larger than clippy's threshold; boxing it is error.rs's call.
-#![allow(clippy::result_large_err)]
 
 use crate::error::{Error, Result};
 

@@ -48,7 +48,6 @@
 //! threads. Ranks should agree they are done (a barrier) before rank 0 drops its store.
 
 // The crate's one error enum is larger than clippy's threshold; boxing it is error.rs's call.
-#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::fmt;

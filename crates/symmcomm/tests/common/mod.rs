@@ -44,8 +44,13 @@ impl TestBackend {
                         false
                     }
                     Err(why) => {
-                        assert!(!require, "SYMMCOMM_REQUIRE_GPU=1 but the CUDA backend cannot start: {why}");
-                        eprintln!("SKIP: no GPU ({why}); set SYMMCOMM_REQUIRE_GPU=1 to fail instead");
+                        assert!(
+                            !require,
+                            "SYMMCOMM_REQUIRE_GPU=1 but the CUDA backend cannot start: {why}"
+                        );
+                        eprintln!(
+                            "SKIP: no GPU ({why}); set SYMMCOMM_REQUIRE_GPU=1 to fail instead"
+                        );
                         false
                     }
                 }

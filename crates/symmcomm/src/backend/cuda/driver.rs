@@ -24,13 +24,22 @@ pub(crate) fn describe(r: CUresult) -> String {
     let mut name: *const std::ffi::c_char = std::ptr::null();
     let mut text: *const std::ffi::c_char = std::ptr::null();
     // SAFETY: both calls only write a pointer to a static string (or leave it null).
-    let (a, b) = unsafe { (sys::cuGetErrorName(r, &mut name), sys::cuGetErrorString(r, &mut text)) };
+    let (a, b) = unsafe {
+        (
+            sys::cuGetErrorName(r, &mut name),
+            sys::cuGetErrorString(r, &mut text),
+        )
+    };
     let read = |p: *const std::ffi::c_char, ok: CUresult| {
         if ok != CUresult::CUDA_SUCCESS || p.is_null() {
             None
         } else {
             // SAFETY: the driver returned a pointer to a NUL-terminated static string.
-            Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            Some(
+                unsafe { std::ffi::CStr::from_ptr(p) }
+                    .to_string_lossy()
+                    .into_owned(),
+            )
         }
     };
     match (read(name, a), read(text, b)) {
@@ -61,18 +70,29 @@ impl Event {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
         };
         let mut ev = std::ptr::null_mut();
-        // SAFETY: `ev` is valid for writing; the caller's context is current.
-        check(unsafe { sys::cuEventCreate(&mut ev, flags as u32) }, "cuEventCreate", ctx)?;
+        let r = {
+            // SAFETY: `ev` is valid for writing; the caller's context is current.
+            unsafe { sys::cuEventCreate(&mut ev, flags as u32) }
+        };
+        check(r, "cuEventCreate", ctx)?;
         Ok(Event { ev })
     }
 
     pub(crate) fn record(&self, stream: sys::CUstream, ctx: &OpCtx) -> Result<()> {
-        // SAFETY: the event and the stream belong to the current context.
-        check(unsafe { sys::cuEventRecord(self.ev, stream) }, "cuEventRecord", ctx)
+        let r = {
+            // SAFETY: the event and the stream belong to the current context.
+            unsafe { sys::cuEventRecord(self.ev, stream) }
+        };
+        check(r, "cuEventRecord", ctx)
     }
 
     /// Poll until the event completes or `deadline` passes.
-    pub(crate) fn wait(&self, deadline: Instant, ctx: &OpCtx, mut poll: impl FnMut() -> Result<()>) -> Result<()> {
+    pub(crate) fn wait(
+        &self,
+        deadline: Instant,
+        ctx: &OpCtx,
+        mut poll: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
@@ -103,8 +123,11 @@ impl Event {
     /// Milliseconds from `self` to `end` (both completed timing events).
     pub(crate) fn elapsed_ms(&self, end: &Event, ctx: &OpCtx) -> Result<f32> {
         let mut ms = 0f32;
-        // SAFETY: both events are live timing events that have completed.
-        check(unsafe { sys::cuEventElapsedTime_v2(&mut ms, self.ev, end.ev) }, "cuEventElapsedTime", ctx)?;
+        let r = {
+            // SAFETY: both events are live timing events that have completed.
+            unsafe { sys::cuEventElapsedTime_v2(&mut ms, self.ev, end.ev) }
+        };
+        check(r, "cuEventElapsedTime", ctx)?;
         Ok(ms)
     }
 }

@@ -10,7 +10,7 @@ use nccl_sys::{DataType, RedOp, UniqueId, WIN_COLL_SYMMETRIC};
 
 use super::DeviceShared;
 use super::memory::NcclSegment;
-use super::nccl::NcclComm;
+use super::nccl::OwnedComm;
 use crate::backend::{Call, CallShape, Collective, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
@@ -41,9 +41,9 @@ pub(crate) fn nccl_op(r: ReduceOp) -> RedOp {
 pub(crate) struct CudaGroup {
     dev: Arc<DeviceShared>,
     /// Windows are registered here: the symmetric path.
-    windows: Arc<NcclComm>,
+    windows: Arc<OwnedComm>,
     /// No windows: the regular path.
-    plain: Arc<NcclComm>,
+    plain: Arc<OwnedComm>,
     rank: usize,
     size: usize,
     label: String,
@@ -82,13 +82,26 @@ impl CudaGroup {
             ctx: ctx.clone(),
             detail: format!("rank 0 sent a unique id of {} bytes", bytes.len()),
         })?;
-        let windows = Arc::new(NcclComm::init(dev.nccl, &id, control.size(), control.rank(), &label, &ctx)?);
+        let windows = Arc::new(OwnedComm::init(
+            dev.nccl,
+            &id,
+            control.size(),
+            control.rank(),
+            &label,
+            &ctx,
+        )?);
         Self::finish(dev, windows, control.rank(), control.size(), label)
     }
 
     /// Make the regular-path twin, connect both communicators' peers (so the first
     /// collective inside a graph capture does not try to), and register them for polling.
-    fn finish(dev: Arc<DeviceShared>, windows: Arc<NcclComm>, rank: usize, size: usize, label: String) -> Result<Self> {
+    fn finish(
+        dev: Arc<DeviceShared>,
+        windows: Arc<OwnedComm>,
+        rank: usize,
+        size: usize,
+        label: String,
+    ) -> Result<Self> {
         let ctx = OpCtx {
             op: Op::Init,
             group: label.clone(),
@@ -120,15 +133,22 @@ impl CudaGroup {
             // SAFETY: `scratch` is 256 B of device memory of this device, alive for the
             // device's lifetime; the stream belongs to the current context.
             let r = unsafe {
-                comm.nccl
-                    .all_reduce(p, p, 1, DataType::FLOAT32, RedOp::SUM, comm.raw(), self.dev.stream_raw())
+                comm.nccl.all_reduce(
+                    p,
+                    p,
+                    1,
+                    DataType::FLOAT32,
+                    RedOp::SUM,
+                    comm.raw(),
+                    self.dev.stream_raw(),
+                )
             };
             comm.check(r, "ncclAllReduce (warm-up)", &ctx)?;
         }
         self.dev.sync(&ctx)
     }
 
-    fn comm_for(&self, imp: Impl) -> Option<&Arc<NcclComm>> {
+    fn comm_for(&self, imp: Impl) -> Option<&Arc<OwnedComm>> {
         match imp {
             Impl::Regular => Some(&self.plain),
             Impl::Symmetric => Some(&self.windows),
@@ -156,7 +176,15 @@ impl GroupBackend for CudaGroup {
         let mut window = std::ptr::null_mut();
         // SAFETY: `ptr` is a live `ncclMemAlloc` allocation of `bytes`; every rank of the
         // group registers its segment of this index now (the pool's SPMD order).
-        let r = unsafe { nccl.comm_window_register(self.windows.raw(), ptr, bytes, &mut window, WIN_COLL_SYMMETRIC) };
+        let r = unsafe {
+            nccl.comm_window_register(
+                self.windows.raw(),
+                ptr,
+                bytes,
+                &mut window,
+                WIN_COLL_SYMMETRIC,
+            )
+        };
         if let Err(e) = self.windows.check(r, "ncclCommWindowRegister", ctx) {
             // SAFETY: `ptr` is ours and not registered.
             let _ = unsafe { nccl.mem_free(ptr) };
@@ -184,12 +212,12 @@ impl GroupBackend for CudaGroup {
         match imp {
             Impl::Regular => None,
             Impl::Symmetric => {
-                if let Some(op) = call.coll.reduce() {
-                    if op != ReduceOp::Sum {
-                        return Some(format!(
-                            "NCCL's symmetric kernels reduce with sum only; {op} runs NCCL's regular kernels"
-                        ));
-                    }
+                if let Some(op) = call.coll.reduce()
+                    && op != ReduceOp::Sum
+                {
+                    return Some(format!(
+                        "NCCL's symmetric kernels reduce with sum only; {op} runs NCCL's regular kernels"
+                    ));
                 }
                 if self.dev.pdl_guard && self.dev.util().is_err() {
                     return Some(format!(
@@ -199,7 +227,9 @@ impl GroupBackend for CudaGroup {
                 }
                 None
             }
-            Impl::Kernel(_) => Some("our NVLink kernels are not built into this backend yet".into()),
+            Impl::Kernel(_) => {
+                Some("our NVLink kernels are not built into this backend yet".into())
+            }
             Impl::Auto => Some("auto is resolved before dispatch".into()),
         }
     }
@@ -224,13 +254,28 @@ impl GroupBackend for CudaGroup {
         };
         self.dev.bind(ctx)?;
         let stream = self.dev.stream_raw();
+        debug_assert!(
+            call.imp != Impl::Symmetric
+                || (call.input_symm.is_some() && call.output_symm.is_some()),
+            "the symmetric path is dispatched with both buffers in windows"
+        );
         if call.imp == Impl::Symmetric && self.dev.pdl_guard {
             // NCCL 2.28.0–2.30.6 launch symmetric kernels with programmatic dependent launch
             // but never wait on the grid dependency: an empty kernel in between restores full
             // ordering with whatever produced the input.
             let util = self.dev.util()?;
             // SAFETY: the guard kernel takes no parameters.
-            unsafe { util.guard.launch(1, 32, 0, stream, &mut [], false, ctx)? };
+            unsafe {
+                util.guard.launch(
+                    1,
+                    32,
+                    0,
+                    stream as cudarc::driver::sys::CUstream,
+                    &mut [],
+                    false,
+                    ctx,
+                )?
+            };
         }
         let send = call.input.addr() as *const c_void;
         let recv = call.output.addr() as *mut c_void;
@@ -245,9 +290,20 @@ impl GroupBackend for CudaGroup {
                     nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), comm.raw(), stream),
                     "ncclAllReduce",
                 ),
-                Collective::AllGather => (nccl.all_gather(send, recv, call.piece, dt, comm.raw(), stream), "ncclAllGather"),
+                Collective::AllGather => (
+                    nccl.all_gather(send, recv, call.piece, dt, comm.raw(), stream),
+                    "ncclAllGather",
+                ),
                 Collective::ReduceScatter(op) => (
-                    nccl.reduce_scatter(send, recv, call.piece, dt, nccl_op(op), comm.raw(), stream),
+                    nccl.reduce_scatter(
+                        send,
+                        recv,
+                        call.piece,
+                        dt,
+                        nccl_op(op),
+                        comm.raw(),
+                        stream,
+                    ),
                     "ncclReduceScatter",
                 ),
             }
@@ -255,15 +311,30 @@ impl GroupBackend for CudaGroup {
         comm.check(r, name, ctx)
     }
 
-    fn split(&self, color: usize, key: usize, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {
+    fn split(
+        &self,
+        color: usize,
+        key: usize,
+        control: Arc<ControlPlane>,
+    ) -> Result<Arc<dyn GroupBackend>> {
         let label = control.prefix().to_string();
         let ctx = self.ctx(Op::Split, 0);
         self.dev.bind(&ctx)?;
         let windows = Arc::new(self.windows.split(color, key, &label, &ctx)?);
-        Ok(Arc::new(Self::finish(self.dev.clone(), windows, control.rank(), control.size(), label)?))
+        Ok(Arc::new(Self::finish(
+            self.dev.clone(),
+            windows,
+            control.rank(),
+            control.size(),
+            label,
+        )?))
     }
 
     fn describe(&self) -> String {
-        format!("NCCL {} communicator of {} ranks", self.dev.nccl.version(), self.size)
+        format!(
+            "NCCL {} communicator of {} ranks",
+            self.dev.nccl.version(),
+            self.size
+        )
     }
 }

@@ -53,7 +53,12 @@ fn side(ordinal: usize) -> Result<Side> {
         check(sys::cuMemsetD8_v2(buf.ptr, 1, COPY_BYTES), "cuMemsetD8", &o)?;
         check(sys::cuMemsetD8_v2(flag.ptr, 0, 256), "cuMemsetD8", &o)?;
     }
-    Ok(Side { ctx, stream, buf, flag })
+    Ok(Side {
+        ctx,
+        stream,
+        buf,
+        flag,
+    })
 }
 
 fn enable_peer(from: &Side, to: &Side, o: &OpCtx) -> Result<()> {
@@ -80,12 +85,11 @@ fn copies(s: &Side, dst: u64, src: u64, o: &OpCtx) -> Result<(Event, Event)> {
     let (a, b) = (Event::new(true, o)?, Event::new(true, o)?);
     a.record(s.stream.cu_stream(), o)?;
     for _ in 0..COPIES {
-        // SAFETY: both buffers hold COPY_BYTES bytes; peer access is enabled.
-        check(
-            unsafe { sys::cuMemcpyAsync(dst, src, COPY_BYTES, s.stream.cu_stream()) },
-            "cuMemcpyAsync",
-            o,
-        )?;
+        let r = {
+            // SAFETY: both buffers hold COPY_BYTES bytes; peer access is enabled.
+            unsafe { sys::cuMemcpyAsync(dst, src, COPY_BYTES, s.stream.cu_stream()) }
+        };
+        check(r, "cuMemcpyAsync", o)?;
     }
     b.record(s.stream.cu_stream(), o)?;
     Ok((a, b))
@@ -126,22 +130,30 @@ pub fn measure(a: usize, b: usize) -> Result<Limits> {
     let ka = UtilKernels::load(&sa.ctx, sa.ctx.compute_capability().unwrap_or((9, 0)), &oa)?;
     let kb = UtilKernels::load(&sb.ctx, sb.ctx.compute_capability().unwrap_or((9, 0)), &ob)?;
     let out_ns = sa.flag.ptr + 64;
-    let launch = |k: &UtilKernels, s: &Side, my: u64, peer: u64, initiator: u32, o: &OpCtx| -> Result<()> {
-        s.ctx.bind_to_thread().ok();
-        let (mut my, mut peer, mut iters, mut init, mut out, mut timeout) =
-            (my, peer, PINGS, initiator, if initiator == 1 { out_ns } else { 0u64 }, 5_000_000_000u64);
-        let mut args = [
-            &mut my as *mut u64 as *mut c_void,
-            &mut peer as *mut u64 as *mut c_void,
-            &mut iters as *mut u32 as *mut c_void,
-            &mut init as *mut u32 as *mut c_void,
-            &mut out as *mut u64 as *mut c_void,
-            &mut timeout as *mut u64 as *mut c_void,
-        ];
-        // SAFETY: the arguments match `symm_flag_pingpong(u32*, u32*, u32, u32, u64*, u64)`;
-        // the flags are device memory reachable from both GPUs (peer access is on).
-        unsafe { k.pingpong.launch(1, 1, 0, s.stream.cu_stream(), &mut args, false, o) }
-    };
+    let launch =
+        |k: &UtilKernels, s: &Side, my: u64, peer: u64, initiator: u32, o: &OpCtx| -> Result<()> {
+            s.ctx.bind_to_thread().ok();
+            let (mut my, mut peer, mut iters, mut init, mut out) = (
+                my,
+                peer,
+                PINGS,
+                initiator,
+                if initiator == 1 { out_ns } else { 0u64 },
+            );
+            let mut args = [
+                &mut my as *mut u64 as *mut c_void,
+                &mut peer as *mut u64 as *mut c_void,
+                &mut iters as *mut u32 as *mut c_void,
+                &mut init as *mut u32 as *mut c_void,
+                &mut out as *mut u64 as *mut c_void,
+            ];
+            // SAFETY: the arguments match `symm_flag_pingpong(u32*, u32*, u32, u32, u64*)`;
+            // the flags are device memory reachable from both GPUs (peer access is on).
+            unsafe {
+                k.pingpong
+                    .launch(1, 1, 0, s.stream.cu_stream(), &mut args, false, o)
+            }
+        };
     launch(&kb, &sb, sb.flag.ptr, sa.flag.ptr, 0, &ob)?;
     launch(&ka, &sa, sa.flag.ptr, sb.flag.ptr, 1, &oa)?;
     let ea = Event::new(false, &oa)?;
@@ -153,13 +165,19 @@ pub fn measure(a: usize, b: usize) -> Result<Limits> {
     eb.wait(deadline(), &ob, || Ok(()))?;
     sa.ctx.bind_to_thread().ok();
     let mut ns = [0u8; 8];
-    // SAFETY: `out_ns` is 8 bytes inside the flag allocation; the kernel has finished.
-    check(
-        unsafe { sys::cuMemcpyDtoH_v2(ns.as_mut_ptr() as *mut c_void, out_ns, 8) },
-        "cuMemcpyDtoH",
-        &oa,
-    )?;
+    let r = {
+        // SAFETY: `out_ns` is 8 bytes inside the flag allocation; the kernel has finished.
+        unsafe { sys::cuMemcpyDtoH_v2(ns.as_mut_ptr() as *mut c_void, out_ns, 8) }
+    };
+    check(r, "cuMemcpyDtoH", &oa)?;
     let ns = u64::from_le_bytes(ns);
+    if ns == u64::MAX {
+        return Err(Error::Timeout {
+            ctx: oa,
+            waited: Duration::from_secs(10),
+            detail: "the flag ping-pong between the GPUs did not complete".into(),
+        });
+    }
     Ok(Limits {
         p2p_copy_gbps: one_way,
         p2p_bidir_gbps: both,

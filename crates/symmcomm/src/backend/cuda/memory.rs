@@ -9,7 +9,7 @@ use cudarc::driver::CudaContext;
 use cudarc::driver::sys;
 use nccl_sys::NcclWindow;
 
-use super::nccl::NcclComm;
+use super::nccl::OwnedComm;
 use crate::memory::Memory;
 
 /// A `cuMemAlloc` allocation, freed on drop.
@@ -35,7 +35,10 @@ impl Memory for DeviceAlloc {
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_err() {
-            tracing::warn!(ptr = self.ptr, "could not bind the context to free device memory");
+            tracing::warn!(
+                ptr = self.ptr,
+                "could not bind the context to free device memory"
+            );
             return;
         }
         // SAFETY: `ptr` came from `cuMemAlloc` in this context and is freed once; work that
@@ -54,7 +57,7 @@ pub(crate) struct NcclSegment {
     pub(crate) ptr: u64,
     pub(crate) len: usize,
     pub(crate) window: NcclWindow,
-    pub(crate) comm: Arc<NcclComm>,
+    pub(crate) comm: Arc<OwnedComm>,
     pub(crate) ctx: Arc<CudaContext>,
 }
 
@@ -79,7 +82,10 @@ impl Memory for NcclSegment {
 impl Drop for NcclSegment {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_err() {
-            tracing::warn!(ptr = self.ptr, "could not bind the context to release a window");
+            tracing::warn!(
+                ptr = self.ptr,
+                "could not bind the context to release a window"
+            );
             return;
         }
         // Queued work may still read the segment: wait for the context first.

@@ -22,7 +22,7 @@ use self::driver::{Event, check};
 use self::group::CudaGroup;
 use self::memory::DeviceAlloc;
 use self::modules::UtilKernels;
-use self::nccl::NcclComm;
+use self::nccl::OwnedComm;
 use crate::backend::{BackendKind, Copy2d, FillSpec, GraphExec, GroupBackend, RankBackend};
 use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::comm::CommConfig;
@@ -44,7 +44,8 @@ pub(crate) fn probe() -> std::result::Result<usize, String> {
         return Err("no CUDA driver (libcuda.so.1 not found)".into());
     }
     cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e}"))?;
-    let n = cudarc::driver::result::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e}"))?;
+    let n = cudarc::driver::result::device::get_count()
+        .map_err(|e| format!("cuDeviceGetCount failed: {e}"))?;
     if n <= 0 {
         return Err("the CUDA driver sees no device".into());
     }
@@ -110,7 +111,10 @@ pub fn driver_version() -> Option<String> {
     let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
     let line = text.lines().next()?;
     line.split_whitespace()
-        .find(|w| w.chars().filter(|c| *c == '.').count() >= 1 && w.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .find(|w| {
+            w.chars().filter(|c| *c == '.').count() >= 1
+                && w.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
         .map(str::to_string)
 }
 
@@ -127,7 +131,10 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
     };
     if ordinal >= count {
         return Err(Error::NoGpu {
-            reason: format!("rank {} wants device {ordinal}, but only {count} are visible", boot.rank),
+            reason: format!(
+                "rank {} wants device {ordinal}, but only {count} are visible",
+                boot.rank
+            ),
         });
     }
     let cu = |e: cudarc::driver::DriverError, call: &'static str| Error::Cuda {
@@ -141,7 +148,9 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().map_err(|e| cu(e, "cuStreamCreate"))?;
     let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-    let cc = ctx.compute_capability().map_err(|e| cu(e, "cuDeviceGetAttribute"))?;
+    let cc = ctx
+        .compute_capability()
+        .map_err(|e| cu(e, "cuDeviceGetAttribute"))?;
     let nccl = Nccl::load()?;
     let dev = Arc::new(DeviceShared {
         rank: boot.rank,
@@ -177,7 +186,7 @@ pub(crate) struct DeviceShared {
     capturing: AtomicBool,
     /// Serialises capture begin/end.
     graph: Mutex<()>,
-    comms: Mutex<Vec<Weak<NcclComm>>>,
+    comms: Mutex<Vec<Weak<OwnedComm>>>,
     timeout: Duration,
     /// Launch the guard kernel before NCCL's symmetric kernels (affected NCCL versions).
     pub(crate) pdl_guard: bool,
@@ -214,7 +223,10 @@ impl DeviceShared {
     /// The utility kernels, compiled and loaded on first use.
     pub(crate) fn util(&self) -> Result<&UtilKernels> {
         self.util
-            .get_or_init(|| UtilKernels::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0)).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                UtilKernels::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0))
+                    .map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(|reason| Error::NoGpu {
                 reason: format!("utility kernels unavailable: {reason}"),
@@ -231,14 +243,14 @@ impl DeviceShared {
     }
 
     /// Remember a communicator so waits poll its asynchronous errors.
-    pub(crate) fn track(&self, c: &Arc<NcclComm>) {
+    pub(crate) fn track(&self, c: &Arc<OwnedComm>) {
         let mut v = self.comms.lock().unwrap_or_else(|p| p.into_inner());
         v.retain(|w| w.strong_count() > 0);
         v.push(Arc::downgrade(c));
     }
 
     fn poll_comms(&self, ctx: &OpCtx) -> Result<()> {
-        let comms: Vec<Arc<NcclComm>> = self
+        let comms: Vec<Arc<OwnedComm>> = self
             .comms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -285,8 +297,11 @@ fn alloc(ctx: &Arc<CudaContext>, bytes: usize, op: &OpCtx) -> Result<DeviceAlloc
         message: e.to_string(),
     })?;
     let mut ptr = 0u64;
-    // SAFETY: `ptr` is valid for writing; the context is current.
-    check(unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) }, "cuMemAlloc", op)?;
+    let r = {
+        // SAFETY: `ptr` is valid for writing; the context is current.
+        unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) }
+    };
+    check(r, "cuMemAlloc", op)?;
     Ok(DeviceAlloc {
         ptr,
         len: bytes,
@@ -374,36 +389,42 @@ impl RankBackend for CudaDevice {
     fn upload(&self, dst: &MemRef, src: &[u8]) -> Result<()> {
         let op = self.dev.op(Op::Copy, src.len());
         self.dev.sync(&op)?;
-        // SAFETY: validation guaranteed `dst` holds `src.len()` bytes of this device; the
-        // stream is idle, so nothing races with the copy.
-        check(
-            unsafe { sys::cuMemcpyHtoD_v2(cuda_of(dst), src.as_ptr() as *const c_void, src.len()) },
-            "cuMemcpyHtoD",
-            &op,
-        )
+        let r = {
+            // SAFETY: validation guaranteed `dst` holds `src.len()` bytes of this device; the
+            // stream is idle, so nothing races with the copy.
+            unsafe { sys::cuMemcpyHtoD_v2(cuda_of(dst), src.as_ptr() as *const c_void, src.len()) }
+        };
+        check(r, "cuMemcpyHtoD", &op)
     }
 
     fn download(&self, src: &MemRef, dst: &mut [u8]) -> Result<()> {
         let op = self.dev.op(Op::Copy, dst.len());
         self.dev.sync(&op)?;
-        // SAFETY: as for upload, with `dst` valid for writing `dst.len()` bytes.
-        check(
-            unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, cuda_of(src), dst.len()) },
-            "cuMemcpyDtoH",
-            &op,
-        )
+        let r = {
+            // SAFETY: as for upload, with `dst` valid for writing `dst.len()` bytes.
+            unsafe {
+                sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, cuda_of(src), dst.len())
+            }
+        };
+        check(r, "cuMemcpyDtoH", &op)
     }
 
     fn copy_2d(&self, c: &Copy2d) -> Result<()> {
         let op = self.dev.op(Op::Copy, c.rows * c.row_bytes);
         self.dev.bind(&op)?;
         if c.rows == 1 || (c.src_pitch == c.row_bytes && c.dst_pitch == c.row_bytes) {
-            // SAFETY: both ranges hold `rows * row_bytes` bytes of device memory (validated).
-            return check(
-                unsafe { sys::cuMemcpyAsync(cuda_of(&c.dst), cuda_of(&c.src), c.rows * c.row_bytes, self.dev.cu_stream()) },
-                "cuMemcpyAsync",
-                &op,
-            );
+            let r = {
+                // SAFETY: both ranges hold `rows * row_bytes` bytes of device memory (validated).
+                unsafe {
+                    sys::cuMemcpyAsync(
+                        cuda_of(&c.dst),
+                        cuda_of(&c.src),
+                        c.rows * c.row_bytes,
+                        self.dev.cu_stream(),
+                    )
+                }
+            };
+            return check(r, "cuMemcpyAsync", &op);
         }
         // SAFETY: an all-zero CUDA_MEMCPY2D is a valid starting value of this plain C struct.
         let mut p: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
@@ -415,8 +436,11 @@ impl RankBackend for CudaDevice {
         p.dstPitch = c.dst_pitch;
         p.WidthInBytes = c.row_bytes;
         p.Height = c.rows;
-        // SAFETY: every row lies inside its buffer (validated by the group).
-        check(unsafe { sys::cuMemcpy2DAsync_v2(&p, self.dev.cu_stream()) }, "cuMemcpy2DAsync", &op)
+        let r = {
+            // SAFETY: every row lies inside its buffer (validated by the group).
+            unsafe { sys::cuMemcpy2DAsync_v2(&p, self.dev.cu_stream()) }
+        };
+        check(r, "cuMemcpy2DAsync", &op)
     }
 
     fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()> {
@@ -430,6 +454,7 @@ impl RankBackend for CudaDevice {
         let mut epoch = spec.epoch.as_ref().map_or(0, cuda_of);
         let mut epoch_if_null = 0u64;
         let grid = (elems.div_ceil(256)).clamp(1, 4096) as u32;
+        let mut delay = spec.early_release_ns.unwrap_or(0);
         let mut args = [
             &mut out as *mut u64 as *mut c_void,
             &mut n as *mut u64 as *mut c_void,
@@ -437,22 +462,55 @@ impl RankBackend for CudaDevice {
             &mut rank as *mut u64 as *mut c_void,
             &mut epoch as *mut u64 as *mut c_void,
             &mut epoch_if_null as *mut u64 as *mut c_void,
+            &mut delay as *mut u64 as *mut c_void,
         ];
-        // SAFETY: the arguments match `symm_fill_*(T*, u64, u64, u64, const u64*, u64)`; `out`
-        // holds `elems` elements and `epoch` is null or an 8-byte counter, both alive until
-        // the work is enqueued (and kept by graphs).
-        unsafe { util.fill(dtype).launch(grid, 256, 0, self.dev.cu_stream(), &mut args, false, &op) }
+        if spec.early_release_ns.is_some() {
+            if dtype != DType::BF16 {
+                return Err(Error::InvalidArgument {
+                    ctx: op,
+                    detail: format!("the early-release producer writes bf16, not {dtype}"),
+                });
+            }
+            // One wave of blocks, so every block releases its dependents at once.
+            let grid = grid.min(132);
+            // SAFETY: the arguments match `symm_slow_fill_bf16(bf16*, u64, u64, u64, const u64*,
+            // u64, u64)`; buffers as for the plain fill below.
+            return unsafe {
+                util.slow_fill_bf16().launch(
+                    grid,
+                    256,
+                    0,
+                    self.dev.cu_stream(),
+                    &mut args,
+                    false,
+                    &op,
+                )
+            };
+        }
+        // SAFETY: the arguments match `symm_fill_*(T*, u64, u64, u64, const u64*, u64)` (the
+        // last pointer is not passed); `out` holds `elems` elements and `epoch` is null or an
+        // 8-byte counter, both alive until the work is enqueued (and kept by graphs).
+        unsafe {
+            util.fill(dtype).launch(
+                grid,
+                256,
+                0,
+                self.dev.cu_stream(),
+                &mut args[..6],
+                false,
+                &op,
+            )
+        }
     }
 
     fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()> {
         let op = self.dev.op(Op::Fill, bytes);
         self.dev.bind(&op)?;
-        // SAFETY: `dst` holds `bytes` bytes of device memory (validated by the caller).
-        check(
-            unsafe { sys::cuMemsetD8Async(cuda_of(dst), byte, bytes, self.dev.cu_stream()) },
-            "cuMemsetD8Async",
-            &op,
-        )
+        let r = {
+            // SAFETY: `dst` holds `bytes` bytes of device memory (validated by the caller).
+            unsafe { sys::cuMemsetD8Async(cuda_of(dst), byte, bytes, self.dev.cu_stream()) }
+        };
+        check(r, "cuMemsetD8Async", &op)
     }
 
     fn bump(&self, counter: &MemRef) -> Result<()> {
@@ -462,7 +520,10 @@ impl RankBackend for CudaDevice {
         let mut p = cuda_of(counter);
         let mut args = [&mut p as *mut u64 as *mut c_void];
         // SAFETY: `symm_bump(u64*)` gets an 8-byte device counter.
-        unsafe { util.bump.launch(1, 1, 0, self.dev.cu_stream(), &mut args, false, &op) }
+        unsafe {
+            util.bump
+                .launch(1, 1, 0, self.dev.cu_stream(), &mut args, false, &op)
+        }
     }
 
     fn begin_capture(&self) -> Result<()> {
@@ -525,7 +586,9 @@ impl RankBackend for CudaDevice {
         enqueue()?;
         self.dev.bind(&op)?;
         b.record(self.dev.cu_stream(), &op)?;
-        b.wait(Instant::now() + self.dev.timeout, &op, || self.dev.poll_comms(&op))?;
+        b.wait(Instant::now() + self.dev.timeout, &op, || {
+            self.dev.poll_comms(&op)
+        })?;
         let ms = a.elapsed_ms(&b, &op)?;
         Ok(Duration::from_secs_f64(ms as f64 / 1e3))
     }

@@ -57,7 +57,12 @@ unsafe impl Sync for Function {}
 
 impl Module {
     /// Compile (or fetch from the cache) and load `module` for this context's device.
-    pub(crate) fn load(ctx: &Arc<CudaContext>, module: &KernelModule, cc: (i32, i32), op: &OpCtx) -> Result<Arc<Self>> {
+    pub(crate) fn load(
+        ctx: &Arc<CudaContext>,
+        module: &KernelModule,
+        cc: (i32, i32),
+        op: &OpCtx,
+    ) -> Result<Arc<Self>> {
         let compiler = compiler().map_err(|reason| Error::NoGpu {
             reason: format!("cannot compile kernels: {reason}"),
         })?;
@@ -68,17 +73,26 @@ impl Module {
             message: e.to_string(),
         })?;
         let mut raw = std::ptr::null_mut();
-        // SAFETY: `cubin` is a complete CUBIN image that outlives the call; `raw` is valid for
-        // writing; the context is current.
-        check(unsafe { sys::cuModuleLoadData(&mut raw, cubin.as_ptr() as *const c_void) }, "cuModuleLoadData", op)?;
-        Ok(Arc::new(Module { raw, ctx: ctx.clone() }))
+        let r = {
+            // SAFETY: `cubin` is a complete CUBIN image that outlives the call; `raw` is valid for
+            // writing; the context is current.
+            unsafe { sys::cuModuleLoadData(&mut raw, cubin.as_ptr() as *const c_void) }
+        };
+        check(r, "cuModuleLoadData", op)?;
+        Ok(Arc::new(Module {
+            raw,
+            ctx: ctx.clone(),
+        }))
     }
 
     pub(crate) fn function(self: &Arc<Self>, name: &'static str, op: &OpCtx) -> Result<Function> {
         let c = CString::new(name).expect("kernel names have no NUL");
         let mut raw = std::ptr::null_mut();
-        // SAFETY: the module is loaded; `raw` is valid for writing.
-        check(unsafe { sys::cuModuleGetFunction(&mut raw, self.raw, c.as_ptr()) }, "cuModuleGetFunction", op)?;
+        let r = {
+            // SAFETY: the module is loaded; `raw` is valid for writing.
+            unsafe { sys::cuModuleGetFunction(&mut raw, self.raw, c.as_ptr()) }
+        };
+        check(r, "cuModuleGetFunction", op)?;
         Ok(Function {
             raw,
             name,
@@ -103,6 +117,7 @@ impl Function {
     /// # Safety
     /// `args` must match the kernel's parameter list in number, order and types, and every
     /// pointer argument must be valid for the kernel's accesses until the launch completes.
+    #[allow(clippy::too_many_arguments)] // a launch has this many independent parts
     pub(crate) unsafe fn launch(
         &self,
         grid: u32,
@@ -133,7 +148,9 @@ impl Function {
         };
         // SAFETY: the caller guarantees the arguments; the function's module is loaded and its
         // context current; `config` and `attr` outlive the call.
-        let r = unsafe { sys::cuLaunchKernelEx(&config, self.raw, args.as_mut_ptr(), std::ptr::null_mut()) };
+        let r = unsafe {
+            sys::cuLaunchKernelEx(&config, self.raw, args.as_mut_ptr(), std::ptr::null_mut())
+        };
         check(r, "cuLaunchKernelEx", op).map_err(|e| match e {
             Error::Cuda { ctx, message, .. } => Error::Cuda {
                 ctx,
@@ -152,6 +169,7 @@ pub(crate) struct UtilKernels {
     slow_fill_bf16: Function,
     pub(crate) bump: Function,
     pub(crate) guard: Function,
+    pub(crate) pingpong: Function,
 }
 
 impl UtilKernels {
@@ -168,6 +186,7 @@ impl UtilKernels {
             slow_fill_bf16: m.function("symm_slow_fill_bf16", op)?,
             bump: m.function("symm_bump", op)?,
             guard: m.function("symm_guard", op)?,
+            pingpong: m.function("symm_flag_pingpong", op)?,
         })
     }
 

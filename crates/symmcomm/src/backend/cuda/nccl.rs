@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nccl_sys::{Config, Nccl, NcclComm, NcclResult, UniqueId};
+use nccl_sys::{Config, Nccl, NcclComm as RawComm, NcclResult, UniqueId};
 
 use crate::error::{Error, OpCtx, Result};
 
@@ -26,9 +26,9 @@ pub(crate) fn check(nccl: &Nccl, r: NcclResult, call: &'static str, ctx: &OpCtx)
 
 /// One NCCL communicator on this rank.
 #[derive(Debug)]
-pub(crate) struct NcclComm {
+pub(crate) struct OwnedComm {
     pub(crate) nccl: &'static Nccl,
-    comm: NcclComm,
+    comm: RawComm,
     /// Set when an error was seen: drop aborts instead of finalizing.
     failed: AtomicBool,
     label: String,
@@ -37,14 +37,21 @@ pub(crate) struct NcclComm {
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
 // concurrent; symmcomm calls it only from the rank that owns it (one thread at a time, with
 // the rank's CUDA context bound).
-unsafe impl Send for NcclComm {}
+unsafe impl Send for OwnedComm {}
 // SAFETY: see `Send`; shared references only read the handle.
-unsafe impl Sync for NcclComm {}
+unsafe impl Sync for OwnedComm {}
 
-impl NcclComm {
+impl OwnedComm {
     /// Join the communicator named by `id` as `rank` of `size` (blocking, collective).
-    pub(crate) fn init(nccl: &'static Nccl, id: &UniqueId, size: usize, rank: usize, label: &str, ctx: &OpCtx) -> Result<Self> {
-        let mut comm: NcclComm = std::ptr::null_mut();
+    pub(crate) fn init(
+        nccl: &'static Nccl,
+        id: &UniqueId,
+        size: usize,
+        rank: usize,
+        label: &str,
+        ctx: &OpCtx,
+    ) -> Result<Self> {
+        let mut comm: RawComm = std::ptr::null_mut();
         let mut config = Config::new(nccl.version().code());
         let name = std::ffi::CString::new(label).unwrap_or_default();
         config.comm_name = name.as_ptr();
@@ -54,7 +61,7 @@ impl NcclComm {
             nccl.comm_init_rank_config(&mut comm, size as i32, *id, rank as i32, &mut config)
         };
         check(nccl, r, "ncclCommInitRankConfig", ctx)?;
-        Ok(NcclComm {
+        Ok(OwnedComm {
             nccl,
             comm,
             failed: AtomicBool::new(false),
@@ -65,10 +72,18 @@ impl NcclComm {
     /// Split: ranks with equal `color` form a new communicator ordered by `key` (collective
     /// over `self`).
     pub(crate) fn split(&self, color: usize, key: usize, label: &str, ctx: &OpCtx) -> Result<Self> {
-        let mut comm: NcclComm = std::ptr::null_mut();
+        let mut comm: RawComm = std::ptr::null_mut();
         // SAFETY: `self.comm` is live; `comm` is valid for writing; a null config inherits the
         // parent's; every rank of `self` calls this in the same order.
-        let r = unsafe { self.nccl.comm_split(self.comm, color as i32, key as i32, &mut comm, std::ptr::null_mut()) };
+        let r = unsafe {
+            self.nccl.comm_split(
+                self.comm,
+                color as i32,
+                key as i32,
+                &mut comm,
+                std::ptr::null_mut(),
+            )
+        };
         self.check(r, "ncclCommSplit", ctx)?;
         if comm.is_null() {
             return Err(Error::InvalidArgument {
@@ -76,7 +91,7 @@ impl NcclComm {
                 detail: "ncclCommSplit returned no communicator".into(),
             });
         }
-        Ok(NcclComm {
+        Ok(OwnedComm {
             nccl: self.nccl,
             comm,
             failed: AtomicBool::new(false),
@@ -85,7 +100,7 @@ impl NcclComm {
     }
 
     /// The raw handle, for calls that pass it to NCCL.
-    pub(crate) fn raw(&self) -> NcclComm {
+    pub(crate) fn raw(&self) -> RawComm {
         self.comm
     }
 
@@ -121,7 +136,7 @@ impl NcclComm {
     }
 }
 
-impl Drop for NcclComm {
+impl Drop for OwnedComm {
     fn drop(&mut self) {
         // SAFETY: the communicator is live, no window or group uses it any more (they hold an
         // `Arc` to it), and it is dropped once. Abort when something failed: finalize would

@@ -344,14 +344,9 @@ impl GroupBackend for HostGroup {
         self.inner.alloc_segment(bytes, ctx)
     }
 
-    fn unavailable(&self, imp: Impl, call: &Call) -> Option<String> {
+    fn unavailable(&self, imp: Impl, _shape: &CallShape) -> Option<String> {
         match imp {
-            Impl::Regular => None,
-            Impl::Symmetric => {
-                (call.input_symm.is_none() || call.output_symm.is_none()).then(|| {
-                    "the symmetric path needs input and output in this group's windows".into()
-                })
-            }
+            Impl::Regular | Impl::Symmetric => None,
             Impl::Kernel(_) => Some("our NVLink kernels run on the CUDA backend only".into()),
             Impl::Auto => Some("auto is resolved before dispatch".into()),
         }
