@@ -340,7 +340,6 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 fn tune_rank(comm: &Communicator, args: &TuneArgs) -> anyhow::Result<bool> {
     let backend = comm.backend();
     let mut spec = args.bench.spec(backend)?;
-    spec.modes = vec![Mode::Graph];
     spec.impls.retain(|v| v.imp != symmcomm::Impl::Auto);
     if comm.rank() == 0 {
         eprintln!("symmcomm tune: pass 1 of 2, {} rows", spec.rows());

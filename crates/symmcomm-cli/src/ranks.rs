@@ -34,6 +34,10 @@ pub(crate) struct RankArgs {
     /// (only to measure the hazard or the guard's cost).
     #[arg(long)]
     pub(crate) no_pdl_guard: bool,
+    /// Dispatch table for `auto` (a file written by `symmcomm tune`; default: the built-in one
+    /// for this machine, if any).
+    #[arg(long)]
+    pub(crate) table: Option<std::path::PathBuf>,
     /// Internal: this process is a rank launched by a parent `symmcomm` command.
     #[arg(long, hide = true)]
     pub(crate) rank_child: bool,
@@ -73,6 +77,10 @@ impl RankArgs {
             policy: self.policy(),
             timeout: Duration::from_secs(self.timeout),
             pdl_guard: !self.no_pdl_guard,
+            table: match &self.table {
+                Some(p) => symmcomm::TableSource::File(p.clone()),
+                None => symmcomm::TableSource::Builtin,
+            },
             ..CommConfig::default()
         }
     }

@@ -16,25 +16,7 @@ use crate::error::{Error, Result};
 use crate::group::Group;
 use crate::verify::{self, Case};
 
-/// Eager launches or graph replays.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Back-to-back launches timed with events.
-    Eager,
-    /// A graph of `graph_ops` operations, replayed.
-    Graph,
-}
-
-impl Mode {
-    /// `eager` or `graph`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Eager => "eager",
-            Mode::Graph => "graph",
-        }
-    }
-}
+pub use crate::dispatch::Mode;
 
 /// An implementation and where its buffers live: `nccl` on plain memory, the others on
 /// windows, and `auto_plain` (`auto` on plain memory, which stages where the table says so).
@@ -607,7 +589,7 @@ pub fn elapsed_line(d: Duration, rows: usize) -> String {
     format!("{rows} rows in {:.1} s", d.as_secs_f64())
 }
 
-/// Build a dispatch table from graph-mode rows: for each (op, dtype, world) and measured size
+/// Build a dispatch table from measured rows: for each (op, dtype, world, mode) and measured size
 /// (a bucket up to that size), the fastest implementation with both buffers in windows, and
 /// whether `auto_plain` (staging plain buffers into windows) beat `nccl` there. Above the
 /// largest measured size the last bucket's choice holds.
@@ -619,20 +601,17 @@ pub fn tune_table(
 ) -> crate::dispatch::DispatchTable {
     use crate::dispatch::{DispatchRow, DispatchTable};
     let regular = Impl::Regular.name(backend);
-    let mut keys: Vec<(String, DType, usize)> = rows
+    let mut keys: Vec<(String, DType, usize, Mode)> = rows
         .iter()
-        .filter(|r| r.mode == Mode::Graph)
-        .map(|r| (r.op.clone(), r.dtype, r.world))
+        .map(|r| (r.op.clone(), r.dtype, r.world, r.mode))
         .collect();
     keys.sort();
     keys.dedup();
     let mut out = Vec::new();
-    for (op, dtype, world) in keys {
+    for (op, dtype, world, mode) in keys {
         let mine: Vec<&Row> = rows
             .iter()
-            .filter(|r| {
-                r.mode == Mode::Graph && r.op == op && r.dtype == dtype && r.world == world && r.ok
-            })
+            .filter(|r| r.mode == mode && r.op == op && r.dtype == dtype && r.world == world && r.ok)
             .collect();
         let mut sizes: Vec<usize> = mine.iter().map(|r| r.bytes).collect();
         sizes.sort();
@@ -672,6 +651,7 @@ pub fn tune_table(
                 dtype,
                 world,
                 max_bytes: if Some(b) == last { usize::MAX } else { b },
+                mode: Some(mode),
                 best,
                 stage,
                 measured_us,

@@ -12,6 +12,26 @@ use crate::backend::{BackendKind, Collective, Impl};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
+/// Eager launches or graph replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Back-to-back launches timed with events.
+    Eager,
+    /// A graph of `graph_ops` operations, replayed.
+    Graph,
+}
+
+impl Mode {
+    /// `eager` or `graph`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Eager => "eager",
+            Mode::Graph => "graph",
+        }
+    }
+}
+
 /// One measured size bucket: for sizes up to `max_bytes` (and above the previous row's), which
 /// implementation is fastest when both buffers are symmetric, and whether staging a plain
 /// buffer into a window still beats the regular path.
@@ -25,6 +45,9 @@ pub struct DispatchRow {
     pub world: usize,
     /// Largest size (nccl-tests bytes: the larger buffer) this row covers.
     pub max_bytes: usize,
+    /// Eager launches or graph capture (`None`: both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
     /// Fastest implementation with both buffers symmetric.
     pub best: Impl,
     /// Whether copying a plain input into a window (and a window output back out) and running
@@ -101,20 +124,29 @@ impl DispatchTable {
         Ok(())
     }
 
-    /// The row covering `bytes`, if any.
+    /// The row covering `bytes` in `mode` (rows measured in that mode first, then rows for
+    /// both modes), if any.
     pub fn lookup(
         &self,
         coll: Collective,
         dtype: DType,
         world: usize,
         bytes: usize,
+        mode: Mode,
     ) -> Option<&DispatchRow> {
-        self.rows
-            .iter()
-            .filter(|r| {
-                r.op == coll.name() && r.dtype == dtype && r.world == world && bytes <= r.max_bytes
-            })
-            .min_by_key(|r| r.max_bytes)
+        let covering = |m: Option<Mode>| {
+            self.rows
+                .iter()
+                .filter(|r| {
+                    r.op == coll.name()
+                        && r.dtype == dtype
+                        && r.world == world
+                        && bytes <= r.max_bytes
+                        && r.mode == m
+                })
+                .min_by_key(|r| r.max_bytes)
+        };
+        covering(Some(mode)).or_else(|| covering(None))
     }
 
     /// The table shipped for a device, if one was measured for it.
@@ -131,6 +163,7 @@ impl DispatchTable {
 #[allow(clippy::too_many_arguments)]
 pub fn decide(
     table: Option<&DispatchTable>,
+    mode: Mode,
     coll: Collective,
     dtype: DType,
     world: usize,
@@ -147,7 +180,7 @@ pub fn decide(
         stage_output: false,
         reason,
     };
-    let Some(row) = table.and_then(|t| t.lookup(coll, dtype, world, bytes)) else {
+    let Some(row) = table.and_then(|t| t.lookup(coll, dtype, world, bytes, mode)) else {
         return if both && available(Impl::Symmetric) {
             Decision {
                 imp: Impl::Symmetric,
@@ -221,6 +254,7 @@ mod tests {
             dtype: DType::BF16,
             world: 2,
             max_bytes,
+            mode: None,
             best,
             stage,
             measured_us: BTreeMap::new(),
@@ -246,29 +280,41 @@ mod tests {
     fn lookup_picks_the_smallest_covering_bucket() {
         let t = table();
         assert_eq!(
-            t.lookup(AR, DType::BF16, 2, 2048).unwrap().max_bytes,
+            t.lookup(AR, DType::BF16, 2, 2048, Mode::Graph).unwrap().max_bytes,
             64 << 10
         );
         assert_eq!(
-            t.lookup(AR, DType::BF16, 2, 64 << 10).unwrap().max_bytes,
+            t.lookup(AR, DType::BF16, 2, 64 << 10, Mode::Graph).unwrap().max_bytes,
             64 << 10
         );
         assert_eq!(
-            t.lookup(AR, DType::BF16, 2, (64 << 10) + 1)
+            t.lookup(AR, DType::BF16, 2, (64 << 10) + 1, Mode::Graph)
                 .unwrap()
                 .max_bytes,
             1 << 20
         );
         assert_eq!(
-            t.lookup(AR, DType::BF16, 2, 1 << 30).unwrap().best,
+            t.lookup(AR, DType::BF16, 2, 1 << 30, Mode::Graph).unwrap().best,
             Impl::Regular
         );
-        assert!(t.lookup(AR, DType::F32, 2, 2048).is_none());
-        assert!(t.lookup(AR, DType::BF16, 4, 2048).is_none());
+        assert!(t.lookup(AR, DType::F32, 2, 2048, Mode::Graph).is_none());
+        assert!(t.lookup(AR, DType::BF16, 4, 2048, Mode::Graph).is_none());
         assert!(
-            t.lookup(Collective::AllGather, DType::BF16, 2, 2048)
+            t.lookup(Collective::AllGather, DType::BF16, 2, 2048, Mode::Graph)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn rows_of_a_mode_win_in_that_mode() {
+        let mut t = table();
+        let mut eager = row(1 << 30, Impl::Regular, false);
+        eager.mode = Some(Mode::Eager);
+        t.rows.push(eager);
+        let e = t.lookup(AR, DType::BF16, 2, 2048, Mode::Eager).unwrap();
+        assert_eq!((e.best, e.mode), (Impl::Regular, Some(Mode::Eager)));
+        let g = t.lookup(AR, DType::BF16, 2, 2048, Mode::Graph).unwrap();
+        assert_eq!((g.best, g.max_bytes), (Impl::Kernel(Algo::OneShot), 64 << 10));
     }
 
     #[test]
@@ -276,21 +322,22 @@ mod tests {
         let t = table();
         let all = |_: Impl| true;
         // both symmetric, small: own kernel
-        let d = decide(Some(&t), AR, DType::BF16, 2, 4096, true, true, true, &all);
+        let d = decide(Some(&t), Mode::Graph, AR, DType::BF16, 2, 4096, true, true, true, &all);
         assert_eq!(d.imp, Impl::Kernel(Algo::OneShot));
         assert!(!d.stage_input && !d.stage_output);
         // plain input, small: staging wins per the row
-        let d = decide(Some(&t), AR, DType::BF16, 2, 4096, false, true, true, &all);
+        let d = decide(Some(&t), Mode::Graph, AR, DType::BF16, 2, 4096, false, true, true, &all);
         assert_eq!(
             (d.imp, d.stage_input, d.stage_output),
             (Impl::Kernel(Algo::OneShot), true, false)
         );
         // plain input but no scratch now: regular
-        let d = decide(Some(&t), AR, DType::BF16, 2, 4096, false, true, false, &all);
+        let d = decide(Some(&t), Mode::Graph, AR, DType::BF16, 2, 4096, false, true, false, &all);
         assert_eq!(d.imp, Impl::Regular);
         // plain input, medium: staging loses
         let d = decide(
             Some(&t),
+            Mode::Graph,
             AR,
             DType::BF16,
             2,
@@ -305,6 +352,7 @@ mod tests {
         // large: regular even with windows
         let d = decide(
             Some(&t),
+            Mode::Graph,
             AR,
             DType::BF16,
             2,
@@ -319,6 +367,7 @@ mod tests {
         let no_kernel = |i: Impl| !matches!(i, Impl::Kernel(_));
         let d = decide(
             Some(&t),
+            Mode::Graph,
             AR,
             DType::BF16,
             2,
@@ -334,12 +383,12 @@ mod tests {
     #[test]
     fn without_a_table_nccl_rules_apply() {
         let all = |_: Impl| true;
-        let d = decide(None, AR, DType::BF16, 2, 1 << 30, true, true, true, &all);
+        let d = decide(None, Mode::Graph, AR, DType::BF16, 2, 1 << 30, true, true, true, &all);
         assert_eq!(d.imp, Impl::Symmetric);
-        let d = decide(None, AR, DType::BF16, 2, 1024, true, false, true, &all);
+        let d = decide(None, Mode::Graph, AR, DType::BF16, 2, 1024, true, false, true, &all);
         assert_eq!(d.imp, Impl::Regular);
         let none = |i: Impl| i == Impl::Regular;
-        let d = decide(None, AR, DType::BF16, 2, 1024, true, true, true, &none);
+        let d = decide(None, Mode::Graph, AR, DType::BF16, 2, 1024, true, true, true, &none);
         assert_eq!(d.imp, Impl::Regular);
     }
 

@@ -862,8 +862,14 @@ impl Group {
         let (imp, stage_in, stage_out, reason) = if imp == Impl::Auto {
             let stage_ok = self.can_stage(in_bytes.max(out_bytes));
             let table = self.inner.comm.table();
+            let mode = if self.inner.comm.device.capturing() {
+                dispatch::Mode::Graph
+            } else {
+                dispatch::Mode::Eager
+            };
             let d = dispatch::decide(
                 table.as_deref(),
+                mode,
                 coll,
                 dtype,
                 world,

@@ -6,6 +6,10 @@
 //! every replay checked. With symmcomm's guard (the default) no replay may be wrong; without it,
 //! on an affected NCCL, wrong replays must show up (otherwise this test could not see the
 //! hazard at all). Also run eagerly, since PDL applies to plain stream launches too.
+//!
+//! NCCL launches straight onto the caller's stream, so that the programmatic edge to the
+//! producer exists, only with `NCCL_GRAPH_MIXING_SUPPORT=0` (what seed 003 sets for DCP);
+//! otherwise its graph-mixing events sit between producer and kernel. The tests set it.
 
 mod common;
 
@@ -16,8 +20,21 @@ use symmcomm::{Collective, DType, Impl, ReduceOp, run_rank_threads};
 const REPLAYS: u64 = 60;
 const DELAY_NS: u64 = 30_000;
 
+fn mixing_off() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("NCCL_GRAPH_MIXING_SUPPORT").is_none() {
+            // SAFETY: every test of this binary calls this first, before it starts any thread
+            // or NCCL; the `Once` makes the other test wait here, so nothing reads the
+            // environment while it changes.
+            unsafe { std::env::set_var("NCCL_GRAPH_MIXING_SUPPORT", "0") };
+        }
+    });
+}
+
 /// Wrong replays (any rank) out of `REPLAYS`.
 fn wrong_replays(guard: bool, graph: bool) -> u64 {
+    mixing_off();
     let mut cfg = TestBackend::Cuda.config();
     cfg.pdl_guard = guard;
     let seed = common::seed();

@@ -426,16 +426,24 @@ impl RankBackend for CudaDevice {
             };
             return check(r, "cuMemcpyAsync", &op);
         }
-        // SAFETY: an all-zero CUDA_MEMCPY2D is a valid starting value of this plain C struct.
-        let mut p: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
-        p.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-        p.srcDevice = cuda_of(&c.src);
-        p.srcPitch = c.src_pitch;
-        p.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-        p.dstDevice = cuda_of(&c.dst);
-        p.dstPitch = c.dst_pitch;
-        p.WidthInBytes = c.row_bytes;
-        p.Height = c.rows;
+        let p = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: cuda_of(&c.src),
+            srcArray: std::ptr::null_mut(),
+            srcPitch: c.src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: cuda_of(&c.dst),
+            dstArray: std::ptr::null_mut(),
+            dstPitch: c.dst_pitch,
+            WidthInBytes: c.row_bytes,
+            Height: c.rows,
+        };
         let r = {
             // SAFETY: every row lies inside its buffer (validated by the group).
             unsafe { sys::cuMemcpy2DAsync_v2(&p, self.dev.cu_stream()) }

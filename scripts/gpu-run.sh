@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (no Rust there): the GPU tests with SYMMCOMM_REQUIRE_GPU=1, then
+# `symmcomm tune` and `symmcomm bench`, with a timeout on every step and unbuffered logs
+# (every line of a launched rank is prefixed with its rank). Binaries come prebuilt in .gpu/
+# (scripts/gpu-build.sh). Results and logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/symmcomm-out}"
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0            # never NVLink multicast on this machine
+export SYMMCOMM_REQUIRE_GPU=1
+export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
+export RUST_BACKTRACE=1
+BIN=.gpu
+MACHINE="${MACHINE:-h200x2}"
+STEPS="${STEPS:-info,tests,tune,bench}"
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+if has info; then
+  log "info"
+  { nvidia-smi topo -m; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; timeout 60 "$BIN/symmcomm" info; } > "$OUT/info.txt" 2>&1
+  log "info rc=$?"
+fi
+
+if has tests; then
+  for t in "$BIN"/tests/*; do
+    name=$(basename "$t")
+    log "test $name"
+    timeout "${TEST_TIMEOUT:-240}" stdbuf -oL -eL "$t" --test-threads=1 ${TEST_FILTER:-} >> "$OUT/tests.log" 2>&1
+    log "test $name rc=$?"
+  done
+  grep -E "^test result|FAILED|panicked" "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+fi
+
+if has tune; then
+  log "tune"
+  timeout "${TUNE_TIMEOUT:-240}" stdbuf -oL -eL "$BIN/symmcomm" tune --out "$OUT/dispatch-$MACHINE.json" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+  log "tune rc=$?"
+fi
+
+if has bench; then
+  table=()
+  [[ -f "$OUT/dispatch-$MACHINE.json" ]] && table=(--table "$OUT/dispatch-$MACHINE.json")
+  log "bench ${table[*]}"
+  timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench "${table[@]}" --json "$OUT/$MACHINE.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  log "bench rc=$?"
+  tail -60 "$OUT/bench.log"
+fi
+cat "$OUT/summary.txt"
