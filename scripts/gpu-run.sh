@@ -13,7 +13,7 @@ export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
 export RUST_BACKTRACE=1
 BIN=.gpu
 MACHINE="${MACHINE:-h200x2}"
-STEPS="${STEPS:-info,tests,tune,bench}"
+STEPS="${STEPS:-info,tests,check,tune,bench}"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -31,6 +31,15 @@ if has tests; then
     log "test $name rc=$?"
   done
   grep -E "^test result|FAILED|panicked" "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+fi
+
+if has check; then
+  # One process per GPU: the cross-process peer mapping of our kernels' memory, every op,
+  # dtype, odd size and implementation against the reference.
+  log "check"
+  timeout "${CHECK_TIMEOUT:-120}" stdbuf -oL -eL "$BIN/symmcomm" check --timeout 30 > "$OUT/check.log" 2>&1
+  log "check rc=$?"
+  grep -E "cases run|FAILED" "$OUT/check.log" | head -20 | tee -a "$OUT/summary.txt"
 fi
 
 if has tune; then

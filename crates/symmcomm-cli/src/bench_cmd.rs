@@ -79,7 +79,7 @@ impl BenchArgs {
     fn spec(&self, backend: BackendKind) -> anyhow::Result<BenchSpec> {
         let impls = if self.impls.is_empty() {
             match backend {
-                BackendKind::Cuda => vec!["nccl", "nccl_symm", "auto"],
+                BackendKind::Cuda => vec!["nccl", "nccl_symm", "oneshot", "twoshot", "ce", "auto"],
                 BackendKind::Host => vec!["host", "host_symm", "auto"],
             }
             .into_iter()

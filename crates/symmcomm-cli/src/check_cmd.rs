@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use symmcomm::verify::{self, Case};
-use symmcomm::{Collective, Communicator, DType, Impl, ReduceOp, run_rank_threads};
+use symmcomm::{Algo, Collective, Communicator, DType, Impl, ReduceOp, run_rank_threads};
 
 use crate::ranks::{Plan, RankArgs, child_comm, launch_self};
 
@@ -50,6 +50,10 @@ fn check_rank(
         (Impl::Symmetric, true),
         (Impl::Auto, true),
         (Impl::Auto, false),
+        (Impl::Kernel(Algo::OneShot), false),
+        (Impl::Kernel(Algo::OneShot), true),
+        (Impl::Kernel(Algo::TwoShot), true),
+        (Impl::Kernel(Algo::CopyEngine), true),
     ];
     let mut cases = Vec::new();
     for coll in colls() {
@@ -87,7 +91,13 @@ fn check_rank(
     }
     for (coll, dtype, shape, dim, imp, symm) in cases {
         n += 1;
-        if g.supports(coll, dtype, imp).is_err() {
+        let n_in: usize = shape.iter().product();
+        let piece = if matches!(coll, Collective::ReduceScatter(_)) {
+            n_in / world
+        } else {
+            n_in
+        };
+        if g.supports(coll, dtype, imp, piece).is_err() {
             skipped += 1;
             continue;
         }

@@ -611,7 +611,9 @@ pub fn tune_table(
     for (op, dtype, world, mode) in keys {
         let mine: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.mode == mode && r.op == op && r.dtype == dtype && r.world == world && r.ok)
+            .filter(|r| {
+                r.mode == mode && r.op == op && r.dtype == dtype && r.world == world && r.ok
+            })
             .collect();
         let mut sizes: Vec<usize> = mine.iter().map(|r| r.bytes).collect();
         sizes.sort();

@@ -60,6 +60,9 @@ pub struct CommConfig {
     /// On NCCL 2.28.0–2.30.6, put a guard kernel before each NCCL symmetric kernel so it
     /// cannot read its input before the producer finished. Turn off only to measure the hazard.
     pub pdl_guard: bool,
+    /// Bytes of one workspace slot of our own kernels per group (the largest piece they move;
+    /// each group's workspace is 4 × world × this). 0 turns our kernels off.
+    pub kernel_slot_bytes: usize,
 }
 
 impl Default for CommConfig {
@@ -73,6 +76,7 @@ impl Default for CommConfig {
             table: TableSource::Builtin,
             device: None,
             pdl_guard: true,
+            kernel_slot_bytes: 4 << 20,
         }
     }
 }

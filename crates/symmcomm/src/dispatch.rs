@@ -212,22 +212,21 @@ pub fn decide(
             row.max_bytes
         ));
     }
-    if both {
+    let stage_input = best.needs_input_window() && !input_symm;
+    let stage_output = best.needs_output_window() && !output_symm;
+    if !stage_input && !stage_output {
         return Decision {
             imp: best,
             stage_input: false,
             stage_output: false,
-            reason: format!(
-                "table: {best:?} is fastest up to {} B, both buffers in windows",
-                row.max_bytes
-            ),
+            reason: format!("table: {best:?} is fastest up to {} B", row.max_bytes),
         };
     }
     if row.stage && can_stage {
         return Decision {
             imp: best,
-            stage_input: !input_symm,
-            stage_output: !output_symm,
+            stage_input,
+            stage_output,
             reason: format!(
                 "table: staging plain memory into windows and running {best:?} wins up to {} B",
                 row.max_bytes
@@ -280,11 +279,15 @@ mod tests {
     fn lookup_picks_the_smallest_covering_bucket() {
         let t = table();
         assert_eq!(
-            t.lookup(AR, DType::BF16, 2, 2048, Mode::Graph).unwrap().max_bytes,
+            t.lookup(AR, DType::BF16, 2, 2048, Mode::Graph)
+                .unwrap()
+                .max_bytes,
             64 << 10
         );
         assert_eq!(
-            t.lookup(AR, DType::BF16, 2, 64 << 10, Mode::Graph).unwrap().max_bytes,
+            t.lookup(AR, DType::BF16, 2, 64 << 10, Mode::Graph)
+                .unwrap()
+                .max_bytes,
             64 << 10
         );
         assert_eq!(
@@ -294,7 +297,9 @@ mod tests {
             1 << 20
         );
         assert_eq!(
-            t.lookup(AR, DType::BF16, 2, 1 << 30, Mode::Graph).unwrap().best,
+            t.lookup(AR, DType::BF16, 2, 1 << 30, Mode::Graph)
+                .unwrap()
+                .best,
             Impl::Regular
         );
         assert!(t.lookup(AR, DType::F32, 2, 2048, Mode::Graph).is_none());
@@ -314,7 +319,10 @@ mod tests {
         let e = t.lookup(AR, DType::BF16, 2, 2048, Mode::Eager).unwrap();
         assert_eq!((e.best, e.mode), (Impl::Regular, Some(Mode::Eager)));
         let g = t.lookup(AR, DType::BF16, 2, 2048, Mode::Graph).unwrap();
-        assert_eq!((g.best, g.max_bytes), (Impl::Kernel(Algo::OneShot), 64 << 10));
+        assert_eq!(
+            (g.best, g.max_bytes),
+            (Impl::Kernel(Algo::OneShot), 64 << 10)
+        );
     }
 
     #[test]
@@ -322,18 +330,85 @@ mod tests {
         let t = table();
         let all = |_: Impl| true;
         // both symmetric, small: own kernel
-        let d = decide(Some(&t), Mode::Graph, AR, DType::BF16, 2, 4096, true, true, true, &all);
+        let d = decide(
+            Some(&t),
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            4096,
+            true,
+            true,
+            true,
+            &all,
+        );
         assert_eq!(d.imp, Impl::Kernel(Algo::OneShot));
         assert!(!d.stage_input && !d.stage_output);
-        // plain input, small: staging wins per the row
-        let d = decide(Some(&t), Mode::Graph, AR, DType::BF16, 2, 4096, false, true, true, &all);
+        // plain input, small: our kernels push from any memory, nothing to stage
+        let d = decide(
+            Some(&t),
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            4096,
+            false,
+            false,
+            true,
+            &all,
+        );
         assert_eq!(
             (d.imp, d.stage_input, d.stage_output),
-            (Impl::Kernel(Algo::OneShot), true, false)
+            (Impl::Kernel(Algo::OneShot), false, false)
         );
-        // plain input but no scratch now: regular
-        let d = decide(Some(&t), Mode::Graph, AR, DType::BF16, 2, 4096, false, true, false, &all);
+        // NCCL's symmetric path on plain memory: staging wins per the row...
+        let mut st = table();
+        st.rows[1].best = Impl::Symmetric;
+        let d = decide(
+            Some(&st),
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            4096,
+            false,
+            true,
+            true,
+            &all,
+        );
+        assert_eq!(
+            (d.imp, d.stage_input, d.stage_output),
+            (Impl::Symmetric, true, false)
+        );
+        // ...but not when no scratch window can be had now
+        let d = decide(
+            Some(&st),
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            4096,
+            false,
+            true,
+            false,
+            &all,
+        );
         assert_eq!(d.imp, Impl::Regular);
+        // the copy engine needs only the output in a window
+        st.rows[1].best = Impl::Kernel(Algo::CopyEngine);
+        let d = decide(
+            Some(&st),
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            4096,
+            false,
+            false,
+            true,
+            &all,
+        );
+        assert_eq!((d.stage_input, d.stage_output), (false, true));
         // plain input, medium: staging loses
         let d = decide(
             Some(&t),
@@ -383,12 +458,45 @@ mod tests {
     #[test]
     fn without_a_table_nccl_rules_apply() {
         let all = |_: Impl| true;
-        let d = decide(None, Mode::Graph, AR, DType::BF16, 2, 1 << 30, true, true, true, &all);
+        let d = decide(
+            None,
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            1 << 30,
+            true,
+            true,
+            true,
+            &all,
+        );
         assert_eq!(d.imp, Impl::Symmetric);
-        let d = decide(None, Mode::Graph, AR, DType::BF16, 2, 1024, true, false, true, &all);
+        let d = decide(
+            None,
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            1024,
+            true,
+            false,
+            true,
+            &all,
+        );
         assert_eq!(d.imp, Impl::Regular);
         let none = |i: Impl| i == Impl::Regular;
-        let d = decide(None, Mode::Graph, AR, DType::BF16, 2, 1024, true, true, true, &none);
+        let d = decide(
+            None,
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            1024,
+            true,
+            true,
+            true,
+            &none,
+        );
         assert_eq!(d.imp, Impl::Regular);
     }
 

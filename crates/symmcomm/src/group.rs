@@ -749,27 +749,25 @@ impl Group {
         )
     }
 
-    /// Whether `imp` can run `coll` on `dtype` in this group (buffers in windows where it
-    /// needs them), or why not.
+    /// Whether `imp` can run `coll` on `dtype` with pieces of `piece` elements (all-reduce:
+    /// the whole buffer) in this group, buffers in windows where it needs them; or why not.
     pub fn supports(
         &self,
         coll: Collective,
         dtype: DType,
         imp: Impl,
+        piece: usize,
     ) -> std::result::Result<(), String> {
         if let Some(r) = coll.reduce()
             && !dtype.allows(r)
         {
             return Err(format!("{r} is not defined on {dtype}"));
         }
-        match self.inner.backend.unavailable(
-            imp,
-            &CallShape {
-                coll,
-                dtype,
-                piece: 1,
-            },
-        ) {
+        match self
+            .inner
+            .backend
+            .unavailable(imp, &CallShape { coll, dtype, piece })
+        {
             None => Ok(()),
             Some(why) => Err(why),
         }
@@ -888,13 +886,24 @@ impl Group {
                     why,
                 });
             }
-            let needs_symm = imp != Impl::Regular;
-            if needs_symm {
-                for (arg, t, loc, reordered) in [
-                    (Arg::Input, input, in_loc, reorder_in),
-                    (Arg::Output, output, out_loc, reorder_out),
-                ] {
-                    if loc.is_none() && !reordered {
+            for (arg, t, loc, reordered, needed) in [
+                (
+                    Arg::Input,
+                    input,
+                    in_loc,
+                    reorder_in,
+                    imp.needs_input_window(),
+                ),
+                (
+                    Arg::Output,
+                    output,
+                    out_loc,
+                    reorder_out,
+                    imp.needs_output_window(),
+                ),
+            ] {
+                {
+                    if needed && loc.is_none() && !reordered {
                         return Err(if t.is_symmetric() {
                             Error::ForeignBuffer {
                                 ctx,
@@ -913,13 +922,13 @@ impl Group {
             }
             (imp, false, false, "requested explicitly".to_string())
         };
-        let needs_symm = imp != Impl::Regular;
         let device = &self.inner.comm.device;
 
-        // Scratch for the input side.
+        // Scratch: a window where the implementation reads or writes that side there, plain
+        // memory otherwise.
         let mut scratch_mem: Vec<Arc<dyn Memory>> = Vec::new();
-        let scratch = |bytes: usize| -> Result<Scratch> {
-            if needs_symm {
+        let scratch = |bytes: usize, window: bool| -> Result<Scratch> {
+            if window {
                 Ok(Scratch::Symm(self.inner.pool.alloc(bytes)?))
             } else {
                 Ok(Scratch::Plain(self.plain_scratch(bytes)?))
@@ -928,19 +937,21 @@ impl Group {
         let input_ref = input.buf.mem_ref(input.byte_offset());
         let output_ref = output.buf.mem_ref(output.byte_offset());
         let in_scratch = if reorder_in || stage_in {
-            Some(scratch(in_bytes)?)
+            Some(scratch(in_bytes, imp.needs_input_window())?)
         } else {
             None
         };
         let out_scratch = if reorder_out || stage_out {
-            if in_scratch.is_some() && !needs_symm {
-                // One plain scratch buffer: reordering never needs both sides.
+            let window = imp.needs_output_window();
+            if matches!(in_scratch, Some(Scratch::Plain(_))) && !window {
+                // One plain scratch buffer: reordering never needs both sides, and staging
+                // always goes through windows.
                 return Err(Error::InvalidArgument {
                     ctx,
                     detail: "internal: two plain scratch buffers requested".into(),
                 });
             }
-            Some(scratch(out_bytes)?)
+            Some(scratch(out_bytes, window)?)
         } else {
             None
         };

@@ -9,7 +9,7 @@ use symmcomm::dispatch::{DispatchRow, DispatchTable};
 use symmcomm::pool::{CheckMode, PoolConfig};
 use symmcomm::verify::{self, Case};
 use symmcomm::{
-    Collective, CommConfig, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy,
+    Algo, Collective, CommConfig, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy,
     TableSource, run_rank_threads,
 };
 
@@ -71,8 +71,19 @@ fn flat_collectives(b: TestBackend) {
                             (Impl::Symmetric, true),
                             (Impl::Auto, false),
                             (Impl::Auto, true),
+                            (Impl::Kernel(Algo::OneShot), false),
+                            (Impl::Kernel(Algo::OneShot), true),
+                            (Impl::Kernel(Algo::TwoShot), false),
+                            (Impl::Kernel(Algo::CopyEngine), true),
                         ] {
                             n += 1;
+                            let piece = match coll {
+                                Collective::ReduceScatter(_) => elems / world,
+                                _ => elems,
+                            };
+                            if g.supports(coll, dtype, imp, piece).is_err() {
+                                continue;
+                            }
                             let case = Case {
                                 coll,
                                 dtype,
@@ -128,8 +139,13 @@ fn dim_collectives(b: TestBackend) {
                             (Impl::Regular, false),
                             (Impl::Symmetric, true),
                             (Impl::Auto, true),
+                            (Impl::Kernel(Algo::OneShot), false),
+                            (Impl::Kernel(Algo::CopyEngine), false),
                         ] {
                             n += 1;
+                            if g.supports(coll, dtype, imp, 1).is_err() {
+                                continue;
+                            }
                             let case = Case {
                                 coll,
                                 dtype,
@@ -374,6 +390,58 @@ fn graph_of_two_groups(b: TestBackend) {
                 },
             ),
             (
+                &tp,
+                Case {
+                    coll: Collective::AllGather,
+                    dtype: DType::BF16,
+                    shape: vec![5000],
+                    dim: None,
+                    imp: Impl::Kernel(Algo::CopyEngine),
+                    input_symm: false,
+                    output_symm: true,
+                    seed: seed ^ 3,
+                },
+            ),
+            (
+                &dcp,
+                Case {
+                    coll: Collective::AllReduce(ReduceOp::Sum),
+                    dtype: DType::BF16,
+                    shape: vec![33_000],
+                    dim: None,
+                    imp: Impl::Kernel(Algo::OneShot),
+                    input_symm: false,
+                    output_symm: false,
+                    seed: seed ^ 4,
+                },
+            ),
+            (
+                &tp,
+                Case {
+                    coll: Collective::AllReduce(ReduceOp::Sum),
+                    dtype: DType::F32,
+                    shape: vec![70_001],
+                    dim: None,
+                    imp: Impl::Kernel(Algo::TwoShot),
+                    input_symm: true,
+                    output_symm: true,
+                    seed: seed ^ 5,
+                },
+            ),
+            (
+                &dcp,
+                Case {
+                    coll: Collective::ReduceScatter(ReduceOp::Sum),
+                    dtype: DType::F16,
+                    shape: vec![2 * 4099],
+                    dim: None,
+                    imp: Impl::Kernel(Algo::OneShot),
+                    input_symm: true,
+                    output_symm: false,
+                    seed: seed ^ 6,
+                },
+            ),
+            (
                 &dcp,
                 Case {
                     coll: Collective::ReduceScatter(ReduceOp::Avg),
@@ -387,6 +455,11 @@ fn graph_of_two_groups(b: TestBackend) {
                 },
             ),
         ];
+        // Our kernels exist only on the CUDA backend.
+        let cases: Vec<_> = cases
+            .into_iter()
+            .filter(|(g, c)| g.supports(c.coll, c.dtype, c.imp, 1).is_ok())
+            .collect();
         let bufs: Vec<_> = cases
             .iter()
             .map(|(g, c)| verify::alloc(g, c))
@@ -401,7 +474,7 @@ fn graph_of_two_groups(b: TestBackend) {
             verify::enqueue(g, c, bf, Some(&counter))?;
         }
         let graph = comm.end_capture()?;
-        for replay in 1..=12u64 {
+        for replay in 1..=40u64 {
             graph.replay()?;
             comm.synchronize()?;
             assert_eq!(tp.epoch(&counter)?, replay);

@@ -44,17 +44,21 @@ pub enum Algo {
     OneShot,
     /// Reduce-scatter by loads from peers, then all-gather by stores to peers.
     TwoShot,
+    /// All-gather by copy-engine transfers straight into peers' output windows, between two
+    /// flag barriers: for bandwidth at large sizes.
+    CopyEngine,
 }
 
 impl Algo {
     /// Every algorithm.
-    pub const ALL: [Algo; 2] = [Algo::OneShot, Algo::TwoShot];
+    pub const ALL: [Algo; 3] = [Algo::OneShot, Algo::TwoShot, Algo::CopyEngine];
 
-    /// Name in tables and results (`oneshot`, `twoshot`).
+    /// Name in tables and results (`oneshot`, `twoshot`, `ce`).
     pub fn name(self) -> &'static str {
         match self {
             Algo::OneShot => "oneshot",
             Algo::TwoShot => "twoshot",
+            Algo::CopyEngine => "ce",
         }
     }
 }
@@ -76,6 +80,18 @@ pub enum Impl {
 }
 
 impl Impl {
+    /// Whether the input must lie in the group's windows (NCCL's symmetric kernels read it
+    /// there; our kernels push from any memory).
+    pub fn needs_input_window(self) -> bool {
+        matches!(self, Impl::Symmetric)
+    }
+
+    /// Whether the output must lie in the group's windows (NCCL's symmetric kernels, and the
+    /// copy engine, which writes straight into peers' outputs).
+    pub fn needs_output_window(self) -> bool {
+        matches!(self, Impl::Symmetric | Impl::Kernel(Algo::CopyEngine))
+    }
+
     /// The name a backend shows for this implementation.
     pub fn name(self, backend: BackendKind) -> String {
         match (self, backend) {

@@ -11,10 +11,13 @@ use nccl_sys::{DataType, RedOp, UniqueId, WIN_COLL_SYMMETRIC};
 use super::DeviceShared;
 use super::memory::NcclSegment;
 use super::nccl::OwnedComm;
-use crate::backend::{Call, CallShape, Collective, GroupBackend, Impl};
+use super::own::OwnKernels;
+use super::peers::{self, PeerView};
+use crate::backend::{Algo, Call, CallShape, Collective, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};
+use crate::kernels::CollectiveKernel;
 use crate::memory::Memory;
 
 pub(crate) fn nccl_dtype(d: DType) -> DataType {
@@ -47,6 +50,22 @@ pub(crate) struct CudaGroup {
     rank: usize,
     size: usize,
     label: String,
+    control: Arc<ControlPlane>,
+    /// Our own kernels, when they run on this group.
+    own: Option<Arc<OwnKernels>>,
+    /// Every rank's view of each pool segment (segment order), for copy-engine transfers.
+    segment_views: std::sync::Mutex<Vec<Vec<PeerView>>>,
+}
+
+/// Our kernel for an algorithm and collective.
+fn kernel_for(algo: Algo, coll: Collective) -> Option<CollectiveKernel> {
+    Some(match (algo, coll) {
+        (Algo::OneShot, Collective::AllReduce(_)) => CollectiveKernel::OneShotAllReduce,
+        (Algo::TwoShot, Collective::AllReduce(_)) => CollectiveKernel::TwoShotAllReduce,
+        (Algo::OneShot, Collective::AllGather) => CollectiveKernel::AllGather,
+        (Algo::OneShot, Collective::ReduceScatter(_)) => CollectiveKernel::ReduceScatter,
+        _ => return None,
+    })
 }
 
 impl CudaGroup {
@@ -90,7 +109,7 @@ impl CudaGroup {
             &label,
             &ctx,
         )?);
-        Self::finish(dev, windows, control.rank(), control.size(), label)
+        Self::finish(dev, windows, control, label)
     }
 
     /// Make the regular-path twin, connect both communicators' peers (so the first
@@ -98,10 +117,10 @@ impl CudaGroup {
     fn finish(
         dev: Arc<DeviceShared>,
         windows: Arc<OwnedComm>,
-        rank: usize,
-        size: usize,
+        control: Arc<ControlPlane>,
         label: String,
     ) -> Result<Self> {
+        let (rank, size) = (control.rank(), control.size());
         let ctx = OpCtx {
             op: Op::Init,
             group: label.clone(),
@@ -112,15 +131,23 @@ impl CudaGroup {
         let plain = Arc::new(windows.split(0, rank, &format!("{label}/regular"), &ctx)?);
         dev.track(&windows);
         dev.track(&plain);
-        let g = CudaGroup {
+        let mut g = CudaGroup {
             dev,
             windows,
             plain,
             rank,
             size,
             label,
+            control,
+            own: None,
+            segment_views: std::sync::Mutex::new(Vec::new()),
         };
         g.warm_up()?;
+        if let Some(k) = OwnKernels::new(&g.dev, &g.control, g.dev.kernel_slot_bytes, &ctx)? {
+            let k = Arc::new(k);
+            g.dev.track_own(&k, &g.label);
+            g.own = Some(k);
+        }
         Ok(g)
     }
 
@@ -146,6 +173,45 @@ impl CudaGroup {
             comm.check(r, "ncclAllReduce (warm-up)", &ctx)?;
         }
         self.dev.sync(&ctx)
+    }
+
+    /// All-gather by the copy engine: a barrier (every peer's output is free), one copy of
+    /// this rank's piece into every rank's output window, a barrier (every copy landed).
+    fn ce_all_gather(&self, own: &OwnKernels, call: &Call) -> Result<()> {
+        let ctx = &call.ctx;
+        let loc = call.output_symm.ok_or_else(|| Error::InvalidArgument {
+            ctx: ctx.clone(),
+            detail: "the copy-engine all-gather writes into windows; the output is not in one"
+                .into(),
+        })?;
+        let stream = self.dev.stream_raw() as cudarc::driver::sys::CUstream;
+        let piece = call.piece * call.dtype.size();
+        let src = call.input.addr();
+        own.launch(CollectiveKernel::Barrier, call.dtype, 0, 0, 0, stream, ctx)?;
+        {
+            let views = self.segment_views.lock().unwrap_or_else(|p| p.into_inner());
+            let seg = views
+                .get(loc.segment)
+                .ok_or_else(|| Error::InvalidArgument {
+                    ctx: ctx.clone(),
+                    detail: format!("segment {} has no peer views", loc.segment),
+                })?;
+            // Peers first, so the NVLink copies start as early as possible.
+            for p in (1..=self.size).map(|i| (self.rank + i) % self.size) {
+                let dst = seg[p].base() + (loc.offset + self.rank * piece) as u64;
+                if dst == src {
+                    continue;
+                }
+                let r = {
+                    // SAFETY: `dst` lies in rank p's window (mapped here) at this rank's piece
+                    // of an output validated to hold `world * piece` bytes; `src` holds `piece`
+                    // bytes; the first barrier guarantees rank p no longer reads that output.
+                    unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, piece, stream) }
+                };
+                super::driver::check(r, "cuMemcpyAsync (copy-engine all-gather)", ctx)?;
+            }
+        }
+        own.launch(CollectiveKernel::Barrier, call.dtype, 0, 0, 0, stream, ctx)
     }
 
     fn comm_for(&self, imp: Impl) -> Option<&Arc<OwnedComm>> {
@@ -199,13 +265,27 @@ impl GroupBackend for CudaGroup {
                 why: "NCCL registered no window: symmetric memory is unsupported on this system (cuMem off, or GPUs not all connected by NVLink)".into(),
             });
         }
-        Ok(Arc::new(NcclSegment {
+        let segment = Arc::new(NcclSegment {
             ptr: ptr as u64,
             len: bytes,
             window,
             comm: self.windows.clone(),
             ctx: self.dev.ctx.clone(),
-        }))
+        });
+        if self.own.is_some() {
+            // Peers' views of this segment, for copy-engine transfers into their windows.
+            let mut views = self.segment_views.lock().unwrap_or_else(|p| p.into_inner());
+            let tag = format!("segment-{}", views.len());
+            views.push(peers::exchange(
+                &self.control,
+                ptr as u64,
+                self.dev.ordinal,
+                &self.dev.ctx,
+                &tag,
+                ctx,
+            )?);
+        }
+        Ok(segment)
     }
 
     fn unavailable(&self, imp: Impl, call: &CallShape) -> Option<String> {
@@ -227,8 +307,27 @@ impl GroupBackend for CudaGroup {
                 }
                 None
             }
-            Impl::Kernel(_) => {
-                Some("our NVLink kernels are not built into this backend yet".into())
+            Impl::Kernel(algo) => {
+                let Some(own) = &self.own else {
+                    return Some("our kernels are not set up on this group (world outside 2..8, kernel_slot_bytes 0, or a rank could not load them)".into());
+                };
+                if let Some(op) = call.coll.reduce()
+                    && op != ReduceOp::Sum
+                {
+                    return Some(format!("our kernels reduce with sum only, not {op}"));
+                }
+                match (algo, call.coll) {
+                    (Algo::CopyEngine, Collective::AllGather) => None,
+                    (Algo::CopyEngine, _) => Some("the copy-engine algorithm only gathers".into()),
+                    _ => match kernel_for(algo, call.coll) {
+                        Some(k) => own.unavailable(k, call.dtype, call.piece),
+                        None => Some(format!(
+                            "no {} kernel for {}",
+                            algo.name(),
+                            call.coll.name()
+                        )),
+                    },
+                }
             }
             Impl::Auto => Some("auto is resolved before dispatch".into()),
         }
@@ -236,6 +335,31 @@ impl GroupBackend for CudaGroup {
 
     fn collective(&self, call: &Call) -> Result<()> {
         let ctx = &call.ctx;
+        if let Impl::Kernel(algo) = call.imp {
+            let own = self.own.as_ref().ok_or_else(|| Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: algo.name().into(),
+                why: "our kernels are not set up on this group".into(),
+            })?;
+            self.dev.bind(ctx)?;
+            if algo == Algo::CopyEngine {
+                return self.ce_all_gather(own, call);
+            }
+            let k = kernel_for(algo, call.coll).ok_or_else(|| Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: algo.name().into(),
+                why: format!("no {} kernel for {}", algo.name(), call.coll.name()),
+            })?;
+            return own.launch(
+                k,
+                call.dtype,
+                call.input.addr(),
+                call.output.addr(),
+                call.piece,
+                self.dev.stream_raw() as cudarc::driver::sys::CUstream,
+                ctx,
+            );
+        }
         let Some(comm) = self.comm_for(call.imp) else {
             return Err(Error::ImplUnavailable {
                 ctx: ctx.clone(),
@@ -324,8 +448,7 @@ impl GroupBackend for CudaGroup {
         Ok(Arc::new(Self::finish(
             self.dev.clone(),
             windows,
-            control.rank(),
-            control.size(),
+            control,
             label,
         )?))
     }

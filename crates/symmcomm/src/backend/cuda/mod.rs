@@ -8,6 +8,8 @@ pub mod limits;
 mod memory;
 mod modules;
 mod nccl;
+mod own;
+mod peers;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,6 +169,8 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
         comms: Mutex::new(Vec::new()),
         timeout: config.timeout,
         pdl_guard: config.pdl_guard && pdl_hazard(nccl.version()),
+        kernel_slot_bytes: config.kernel_slot_bytes,
+        own: Mutex::new(Vec::new()),
     });
     Ok(Arc::new(CudaDevice { dev }))
 }
@@ -190,6 +194,10 @@ pub(crate) struct DeviceShared {
     timeout: Duration,
     /// Launch the guard kernel before NCCL's symmetric kernels (affected NCCL versions).
     pub(crate) pdl_guard: bool,
+    /// Workspace slot of our own kernels (0: off).
+    kernel_slot_bytes: usize,
+    /// Our kernels' groups, whose device-side error state every wait checks.
+    own: Mutex<Vec<(Weak<own::OwnKernels>, String)>>,
 }
 
 impl DeviceShared {
@@ -275,17 +283,45 @@ impl DeviceShared {
         }
     }
 
-    /// Wait for everything queued on the stream, polling NCCL's errors, within the deadline.
+    /// Wait for everything queued on the stream, polling NCCL's errors, within the deadline;
+    /// then check our kernels' device-side error state.
     pub(crate) fn sync(&self, ctx: &OpCtx) -> Result<()> {
         self.bind(ctx)?;
         let ev = Event::new(false, ctx)?;
         ev.record(self.cu_stream(), ctx)?;
-        let res = ev.wait(Instant::now() + self.timeout, ctx, || self.poll_comms(ctx));
+        let res = ev
+            .wait(Instant::now() + self.timeout, ctx, || self.poll_comms(ctx))
+            .and_then(|()| self.check_own(ctx));
         if res.is_err() {
             // Finalizing would wait for peers that may be gone: abort on drop instead.
             self.fail_comms();
         }
         res
+    }
+
+    /// Remember a group's kernels so waits check their error state.
+    fn track_own(&self, k: &Arc<own::OwnKernels>, label: &str) {
+        let mut v = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|(w, _)| w.strong_count() > 0);
+        v.push((Arc::downgrade(k), label.to_string()));
+    }
+
+    fn check_own(&self, ctx: &OpCtx) -> Result<()> {
+        let live: Vec<(Arc<own::OwnKernels>, String)> = self
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(w, l)| w.upgrade().map(|k| (k, l.clone())))
+            .collect();
+        for (k, label) in live {
+            let c = OpCtx {
+                group: label,
+                ..ctx.clone()
+            };
+            k.check_state(&c)?;
+        }
+        Ok(())
     }
 }
 

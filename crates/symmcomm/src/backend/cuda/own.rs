@@ -1,0 +1,270 @@
+//! Our own NVLink collectives on one group (`kernels/collectives.cu`, protocol in KERNELS.md):
+//! the workspace and signal pad every rank pushes into (symmetric memory, mapped by every
+//! peer), this rank's local state, and the launches.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use super::DeviceShared;
+use super::driver::check;
+use super::memory::DeviceAlloc;
+use super::modules::{Function, Module, source};
+use super::peers::{self, PeerView};
+use crate::bootstrap::ControlPlane;
+use crate::dtype::DType;
+use crate::error::{Error, OpCtx, Result};
+use crate::kernels::{
+    BLOCK_THREADS, CollectiveKernel, MAX_BLOCKS, MAX_WORLD, PAD_BYTES, SymmArgs, SymmState,
+    workspace_bytes,
+};
+
+use cudarc::driver::sys;
+
+/// `ncclMemAlloc` memory that is not a window: our workspace. Freed on drop.
+#[derive(Debug)]
+struct Workspace {
+    ptr: u64,
+    dev: Arc<DeviceShared>,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if self.dev.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // SAFETY: the workspace came from `ncclMemAlloc` and is freed once, after the context's
+        // queued work (peers' mappings are their own and stay valid until they unmap).
+        unsafe {
+            let _ = sys::cuCtxSynchronize();
+            let _ = self.dev.nccl.mem_free(self.ptr as *mut c_void);
+        }
+    }
+}
+
+/// Our kernels on one group.
+#[derive(Debug)]
+pub(crate) struct OwnKernels {
+    functions: Vec<(&'static str, Function)>,
+    /// Every rank's workspace (then its pad at `ws_bytes`), as this rank addresses it.
+    views: Vec<PeerView>,
+    _workspace: Workspace,
+    state: DeviceAlloc,
+    ws_bytes: usize,
+    pub(crate) slot_bytes: usize,
+    rank: usize,
+    world: usize,
+    timeout_ns: u64,
+}
+
+/// Blocks for a launch moving `bytes` per rank: one per 4 KiB, at most 64 (measured on 2×H200:
+/// 1–4 blocks to 16 KiB, 16 at 64 KiB, 64 from 256 KiB).
+pub(crate) fn grid_for(bytes: usize) -> u32 {
+    (bytes.div_ceil(4096) as u32).clamp(1, MAX_BLOCKS)
+}
+
+impl OwnKernels {
+    /// Set up our kernels on a group (collective). `Ok(None)` when they cannot run here (world
+    /// outside 2..8, or some rank could not load them): the group then uses NCCL only.
+    pub(crate) fn new(
+        dev: &Arc<DeviceShared>,
+        control: &ControlPlane,
+        slot_bytes: usize,
+        ctx: &OpCtx,
+    ) -> Result<Option<Self>> {
+        let world = control.size();
+        if slot_bytes == 0 || !(2..=MAX_WORLD).contains(&world) {
+            return Ok(None);
+        }
+        let loaded = Module::load(&dev.ctx, source("collectives"), dev.cc, ctx).and_then(|m| {
+            let mut fs = Vec::new();
+            for k in CollectiveKernel::ALL {
+                for d in [DType::BF16, DType::F16, DType::F32] {
+                    if let Some(name) = k.function(d)
+                        && !fs.iter().any(|(n, _)| *n == name)
+                    {
+                        fs.push((name, m.function(name, ctx)?));
+                    }
+                }
+            }
+            Ok(fs)
+        });
+        let flag = [u8::from(loaded.is_ok())];
+        let all = control.all_gather("own kernels loaded", &flag)?;
+        let functions = match loaded {
+            Ok(fs) if all.iter().all(|f| f.first() == Some(&1)) => fs,
+            Ok(_) => {
+                tracing::warn!(
+                    group = control.prefix(),
+                    "a peer could not load our kernels; NCCL only"
+                );
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(group = control.prefix(), error = %e, "our kernels could not be loaded; NCCL only");
+                return Ok(None);
+            }
+        };
+        let slot_bytes = slot_bytes.div_ceil(256) * 256;
+        let ws_bytes = workspace_bytes(world, slot_bytes);
+        let total = ws_bytes + PAD_BYTES.div_ceil(256) * 256;
+        dev.bind(ctx)?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `p` is valid for writing; the context is current.
+        let r = unsafe { dev.nccl.mem_alloc(&mut p, total) };
+        super::nccl::check(dev.nccl, r, "ncclMemAlloc (kernel workspace)", ctx)?;
+        let workspace = Workspace {
+            ptr: p as u64,
+            dev: dev.clone(),
+        };
+        let state = super::alloc(&dev.ctx, std::mem::size_of::<SymmState>(), ctx)?;
+        // Zero pads and states before any peer can signal (KERNELS.md rule 5); the exchange
+        // below ends with a barrier.
+        let r = {
+            // SAFETY: both ranges are live device memory of this context.
+            unsafe {
+                let a = sys::cuMemsetD8_v2(workspace.ptr, 0, total);
+                if a == sys::CUresult::CUDA_SUCCESS {
+                    sys::cuMemsetD8_v2(state.ptr, 0, state.len)
+                } else {
+                    a
+                }
+            }
+        };
+        check(r, "cuMemsetD8", ctx)?;
+        let views = peers::exchange(
+            control,
+            workspace.ptr,
+            dev.ordinal,
+            &dev.ctx,
+            "kernel-workspace",
+            ctx,
+        )?;
+        Ok(Some(OwnKernels {
+            functions,
+            views,
+            _workspace: workspace,
+            state,
+            ws_bytes,
+            slot_bytes,
+            rank: control.rank(),
+            world,
+            timeout_ns: dev.timeout.as_nanos().min(u64::MAX as u128) as u64,
+        }))
+    }
+
+    fn function(&self, name: &str) -> Option<&Function> {
+        self.functions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| f)
+    }
+
+    /// Why `kernel` cannot move `elems` elements of `dtype` per piece, if it cannot.
+    pub(crate) fn unavailable(
+        &self,
+        kernel: CollectiveKernel,
+        dtype: DType,
+        elems: usize,
+    ) -> Option<String> {
+        let Some(name) = kernel.function(dtype) else {
+            return Some(format!("no {kernel:?} kernel for {dtype}"));
+        };
+        if self.function(name).is_none() {
+            return Some(format!("kernel {name} is not loaded"));
+        }
+        let need = kernel.slot_bytes_needed(
+            kernel.args_count(elems as u64, dtype),
+            dtype,
+            self.world as u32,
+        );
+        if need as usize > self.slot_bytes {
+            return Some(format!(
+                "{need} B per piece exceed the {} B workspace slot (CommConfig::kernel_slot_bytes)",
+                self.slot_bytes
+            ));
+        }
+        None
+    }
+
+    /// Enqueue `kernel` on `stream`: `elems` elements (all-reduce: the buffer; all-gather and
+    /// reduce-scatter: one piece).
+    #[allow(clippy::too_many_arguments)] // the launch's independent parts
+    pub(crate) fn launch(
+        &self,
+        kernel: CollectiveKernel,
+        dtype: DType,
+        input: u64,
+        output: u64,
+        elems: usize,
+        stream: sys::CUstream,
+        ctx: &OpCtx,
+    ) -> Result<()> {
+        let name = kernel
+            .function(dtype)
+            .ok_or_else(|| Error::InvalidArgument {
+                ctx: ctx.clone(),
+                detail: format!("no {kernel:?} kernel for {dtype}"),
+            })?;
+        let f = self.function(name).ok_or_else(|| Error::InvalidArgument {
+            ctx: ctx.clone(),
+            detail: format!("kernel {name} is not loaded"),
+        })?;
+        let mut args = SymmArgs {
+            input,
+            output,
+            count: kernel.args_count(elems as u64, dtype),
+            slot_bytes: self.slot_bytes as u64,
+            state: self.state.ptr,
+            timeout_ns: self.timeout_ns,
+            rank: self.rank as u32,
+            world: self.world as u32,
+            ..SymmArgs::default()
+        };
+        for (p, v) in self.views.iter().enumerate() {
+            args.ws[p] = v.base();
+            args.pad[p] = v.base() + self.ws_bytes as u64;
+        }
+        let bytes = match kernel {
+            CollectiveKernel::OneShotAllReduce | CollectiveKernel::TwoShotAllReduce => {
+                elems * dtype.size()
+            }
+            _ => elems * dtype.size(),
+        };
+        let grid = if kernel == CollectiveKernel::Barrier {
+            1
+        } else {
+            grid_for(bytes)
+        };
+        let block = if kernel == CollectiveKernel::Barrier {
+            32
+        } else {
+            BLOCK_THREADS
+        };
+        let mut params = [&mut args as *mut SymmArgs as *mut c_void];
+        // SAFETY: every kernel of collectives.cu takes one `SymmArgs` by value, which `params`
+        // points to; the workspace, pads and state are alive as long as this group, and the
+        // input and output ranges were validated by the caller.
+        unsafe { f.launch(grid, block, 0, stream, &mut params, false, ctx) }
+    }
+
+    /// This rank's kernel state: an error names the peer and what failed.
+    pub(crate) fn check_state(&self, ctx: &OpCtx) -> Result<()> {
+        let mut st = SymmState::default();
+        // SAFETY: the state is 64 bytes of device memory; the caller synchronised the stream.
+        let r = unsafe {
+            sys::cuMemcpyDtoH_v2(
+                &mut st as *mut SymmState as *mut c_void,
+                self.state.ptr,
+                std::mem::size_of::<SymmState>(),
+            )
+        };
+        check(r, "cuMemcpyDtoH (kernel state)", ctx)?;
+        match st.error_message() {
+            None => Ok(()),
+            Some(reason) => Err(Error::Aborted {
+                ctx: ctx.clone(),
+                reason: format!("our NVLink kernels stopped: {reason}"),
+            }),
+        }
+    }
+}
