@@ -414,10 +414,24 @@ pub fn run(
                             variant.name(comm.backend()),
                             mode.name()
                         );
-                        if case_shape(op, dtype, bytes, world).is_some() {
-                            rows.push(measure_row(
-                                comm, group, spec, op, dtype, bytes, variant, mode,
-                            )?);
+                        match case_shape(op, dtype, bytes, world) {
+                            Some(shape) => {
+                                let n: usize = shape.iter().product();
+                                let piece = if matches!(op, Collective::ReduceScatter(_)) {
+                                    n / world
+                                } else {
+                                    n
+                                };
+                                match group.supports(op, dtype, variant.imp, piece) {
+                                    Ok(()) => rows.push(measure_row(
+                                        comm, group, spec, op, dtype, bytes, variant, mode,
+                                    )?),
+                                    Err(why) => tracing::info!("skipping {what}: {why}"),
+                                }
+                            }
+                            None => tracing::info!(
+                                "skipping {what}: the size does not split over the ranks"
+                            ),
                         }
                         progress(rows.len(), total, &what);
                     }

@@ -763,11 +763,15 @@ impl Group {
         {
             return Err(format!("{r} is not defined on {dtype}"));
         }
-        match self
-            .inner
-            .backend
-            .unavailable(imp, &CallShape { coll, dtype, piece })
-        {
+        match self.inner.backend.unavailable(
+            imp,
+            &CallShape {
+                coll,
+                dtype,
+                piece,
+                align: 256,
+            },
+        ) {
             None => Ok(()),
             Some(why) => Err(why),
         }
@@ -856,6 +860,7 @@ impl Group {
             coll,
             dtype,
             piece: plan.piece,
+            align: 1usize << (input.addr() | output.addr() | 256).trailing_zeros(),
         };
         let (imp, stage_in, stage_out, reason) = if imp == Impl::Auto {
             let stage_ok = self.can_stage(in_bytes.max(out_bytes));

@@ -140,7 +140,7 @@ fn dim_collectives(b: TestBackend) {
                             (Impl::Symmetric, true),
                             (Impl::Auto, true),
                             (Impl::Kernel(Algo::OneShot), false),
-                            (Impl::Kernel(Algo::CopyEngine), false),
+                            (Impl::Kernel(Algo::CopyEngine), true),
                         ] {
                             n += 1;
                             if g.supports(coll, dtype, imp, 1).is_err() {

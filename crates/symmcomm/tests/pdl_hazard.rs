@@ -107,7 +107,12 @@ fn guarded_symmetric_collectives_never_read_early() {
     }
 }
 
+/// A diagnostic rather than a check: on the 2×H200 machine with NCCL 2.28.3 this producer did
+/// not make the unguarded kernel read early (0 of 60 replays wrong, graph mixing off), so the
+/// guard stays as the conservative fix whose cost BENCHMARKS.md reports. Run it with
+/// `--ignored` on another NCCL or GPU to look again.
 #[test]
+#[ignore = "diagnostic: the hazard did not reproduce on NCCL 2.28.3 with this producer"]
 fn unguarded_symmetric_collectives_show_the_hazard_on_affected_nccl() {
     if !TestBackend::Cuda.can_run(2) {
         return;

@@ -192,6 +192,8 @@ pub(crate) struct CallShape {
     pub(crate) coll: Collective,
     pub(crate) dtype: DType,
     pub(crate) piece: usize,
+    /// The largest power of two (at most 256) dividing both buffers' addresses.
+    pub(crate) align: usize,
 }
 
 /// One validated, contiguous collective with a concrete implementation.

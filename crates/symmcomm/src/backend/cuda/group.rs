@@ -299,6 +299,15 @@ impl GroupBackend for CudaGroup {
                         "NCCL's symmetric kernels reduce with sum only; {op} runs NCCL's regular kernels"
                     ));
                 }
+                let v = self.dev.nccl.version();
+                let piece_bytes = call.piece * call.dtype.size();
+                if v < nccl_sys::Version::new(2, 28, 7)
+                    && (!piece_bytes.is_multiple_of(8) || call.align < 8)
+                {
+                    return Some(format!(
+                        "NCCL {v}'s symmetric kernels corrupt data when a rank's piece ({piece_bytes} B) or a buffer address is not a multiple of 8 bytes (fixed in 2.28.7; seen here)"
+                    ));
+                }
                 if self.dev.pdl_guard && self.dev.util().is_err() {
                     return Some(format!(
                         "NCCL {} launches symmetric kernels that can read inputs early; the guard kernel could not be loaded",
@@ -371,6 +380,7 @@ impl GroupBackend for CudaGroup {
                             coll: call.coll,
                             dtype: call.dtype,
                             piece: call.piece,
+                            align: 256,
                         },
                     )
                     .unwrap_or_default(),
