@@ -13,13 +13,15 @@ export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
 export RUST_BACKTRACE=1
 BIN=.gpu
 MACHINE="${MACHINE:-h200x2}"
-STEPS="${STEPS:-info,tests,check,tune,bench}"
+STEPS="${STEPS:-info,tests,check,tune,bench,bench-nccl2289}"
+# At most 8 files come back from the machine: logs are grouped.
+# summary.txt (steps, info), tests.log, run.log (check, tune), bench.log, and the JSON results.
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 if has info; then
   log "info"
-  { nvidia-smi topo -m; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; timeout 60 "$BIN/symmcomm" info; } > "$OUT/info.txt" 2>&1
+  { nvidia-smi topo -m; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; timeout 60 "$BIN/symmcomm" info; } >> "$OUT/summary.txt" 2>&1
   log "info rc=$?"
 fi
 
@@ -37,14 +39,15 @@ if has check; then
   # One process per GPU: the cross-process peer mapping of our kernels' memory, every op,
   # dtype, odd size and implementation against the reference.
   log "check"
-  timeout "${CHECK_TIMEOUT:-120}" stdbuf -oL -eL "$BIN/symmcomm" check --timeout 30 > "$OUT/check.log" 2>&1
+  timeout "${CHECK_TIMEOUT:-120}" stdbuf -oL -eL "$BIN/symmcomm" check --timeout 30 > "$OUT/check.log.tmp" 2>&1
   log "check rc=$?"
-  grep -E "cases run|FAILED" "$OUT/check.log" | head -20 | tee -a "$OUT/summary.txt"
+  grep -E "cases run|FAILED" "$OUT/check.log.tmp" | head -20 | tee -a "$OUT/summary.txt"
+  cat "$OUT/check.log.tmp" >> "$OUT/run.log"; rm -f "$OUT/check.log.tmp"
 fi
 
 if has tune; then
   log "tune"
-  timeout "${TUNE_TIMEOUT:-240}" stdbuf -oL -eL "$BIN/symmcomm" tune --out "$OUT/dispatch-$MACHINE.json" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+  timeout "${TUNE_TIMEOUT:-240}" stdbuf -oL -eL "$BIN/symmcomm" tune --out "$OUT/dispatch-$MACHINE.json" ${TUNE_ARGS:-} >> "$OUT/run.log" 2>&1
   log "tune rc=$?"
 fi
 
@@ -55,5 +58,14 @@ if has bench; then
   timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench "${table[@]}" --json "$OUT/$MACHINE.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   log "bench rc=$?"
   tail -60 "$OUT/bench.log"
+fi
+
+if has bench-nccl2289; then
+  # NCCL's own paths again with PyTorch's NCCL 2.28.9, the library the baselines in
+  # gpu-machine.md were measured with.
+  lib=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
+  log "bench with $lib"
+  SYMMCOMM_NCCL_LIBRARY=$lib timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench --impls nccl,nccl_symm --no-limits --json "$OUT/$MACHINE-nccl2.28.9.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1
+  log "bench with $lib rc=$?"
 fi
 cat "$OUT/summary.txt"

@@ -763,6 +763,10 @@ impl Group {
         {
             return Err(format!("{r} is not defined on {dtype}"));
         }
+        if imp == Impl::Auto {
+            // Auto always has the regular path to fall back on.
+            return Ok(());
+        }
         match self.inner.backend.unavailable(
             imp,
             &CallShape {

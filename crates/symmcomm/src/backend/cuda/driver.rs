@@ -78,6 +78,11 @@ impl Event {
         Ok(Event { ev })
     }
 
+    /// The raw handle, for calls that take it.
+    pub(crate) fn raw(&self) -> sys::CUevent {
+        self.ev
+    }
+
     pub(crate) fn record(&self, stream: sys::CUstream, ctx: &OpCtx) -> Result<()> {
         let r = {
             // SAFETY: the event and the stream belong to the current context.

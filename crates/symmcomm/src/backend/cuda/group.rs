@@ -196,19 +196,30 @@ impl CudaGroup {
                     ctx: ctx.clone(),
                     detail: format!("segment {} has no peer views", loc.segment),
                 })?;
-            // Peers first, so the NVLink copies start as early as possible.
-            for p in (1..=self.size).map(|i| (self.rank + i) % self.size) {
-                let dst = seg[p].base() + (loc.offset + self.rank * piece) as u64;
-                if dst == src {
-                    continue;
-                }
+            let copy = |dst: u64, stream: cudarc::driver::sys::CUstream| -> Result<()> {
                 let r = {
-                    // SAFETY: `dst` lies in rank p's window (mapped here) at this rank's piece
-                    // of an output validated to hold `world * piece` bytes; `src` holds `piece`
-                    // bytes; the first barrier guarantees rank p no longer reads that output.
+                    // SAFETY: `dst` lies in a rank's window (mapped here) at this rank's piece of
+                    // an output validated to hold `world * piece` bytes; `src` holds `piece`
+                    // bytes; the first barrier guarantees no rank still reads that output.
                     unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, piece, stream) }
                 };
-                super::driver::check(r, "cuMemcpyAsync (copy-engine all-gather)", ctx)?;
+                super::driver::check(r, "cuMemcpyAsync (copy-engine all-gather)", ctx)
+            };
+            // This rank's own piece on the side stream, so the local copy overlaps the NVLink
+            // copies instead of following them.
+            let local = seg[self.rank].base() + (loc.offset + self.rank * piece) as u64;
+            let in_place = local == src;
+            if !in_place {
+                self.dev.fork_side(ctx, |side| copy(local, side))?;
+            }
+            for p in (1..self.size).map(|i| (self.rank + i) % self.size) {
+                copy(
+                    seg[p].base() + (loc.offset + self.rank * piece) as u64,
+                    stream,
+                )?;
+            }
+            if !in_place {
+                self.dev.join_side(ctx)?;
             }
         }
         own.launch(CollectiveKernel::Barrier, call.dtype, 0, 0, 0, stream, ctx)

@@ -149,6 +149,9 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
     // cudarc's event tracking.
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().map_err(|e| cu(e, "cuStreamCreate"))?;
+    let side = ctx.new_stream().map_err(|e| cu(e, "cuStreamCreate"))?;
+    let fork = Event::new(false, &op)?;
+    let join = Event::new(false, &op)?;
     let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
     let cc = ctx
         .compute_capability()
@@ -159,6 +162,9 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
         ordinal,
         ctx,
         stream,
+        side,
+        fork,
+        join,
         nccl,
         name,
         cc,
@@ -182,6 +188,11 @@ pub(crate) struct DeviceShared {
     ordinal: usize,
     pub(crate) ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// A second stream, forked from and joined back to `stream` with `fork` and `join`, for
+    /// work that overlaps (a local copy beside NVLink copies).
+    side: Arc<CudaStream>,
+    fork: Event,
+    join: Event,
     pub(crate) nccl: &'static Nccl,
     name: String,
     cc: (i32, i32),
@@ -226,6 +237,29 @@ impl DeviceShared {
 
     fn cu_stream(&self) -> sys::CUstream {
         self.stream.cu_stream()
+    }
+
+    /// Run `side_work` on the side stream, ordered after everything queued so far on the main
+    /// stream; returns after enqueueing. [`DeviceShared::join_side`] orders the main stream
+    /// after it. Both work under graph capture (the events become graph edges).
+    pub(crate) fn fork_side(
+        &self,
+        ctx: &OpCtx,
+        side_work: impl FnOnce(sys::CUstream) -> Result<()>,
+    ) -> Result<()> {
+        self.fork.record(self.cu_stream(), ctx)?;
+        // SAFETY: both streams and the event belong to the current context.
+        let r = unsafe { sys::cuStreamWaitEvent(self.side.cu_stream(), self.fork.raw(), 0) };
+        check(r, "cuStreamWaitEvent", ctx)?;
+        side_work(self.side.cu_stream())?;
+        self.join.record(self.side.cu_stream(), ctx)
+    }
+
+    /// Order the main stream after the side work of the last [`DeviceShared::fork_side`].
+    pub(crate) fn join_side(&self, ctx: &OpCtx) -> Result<()> {
+        // SAFETY: as in `fork_side`.
+        let r = unsafe { sys::cuStreamWaitEvent(self.cu_stream(), self.join.raw(), 0) };
+        check(r, "cuStreamWaitEvent", ctx)
     }
 
     /// The utility kernels, compiled and loaded on first use.
