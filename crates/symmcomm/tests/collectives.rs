@@ -96,8 +96,15 @@ fn flat_collectives(b: TestBackend) {
                             };
                             let d = verify::run_checked(g, &case).map_err(|e| wrong(e, &case))?;
                             if imp == Impl::Auto {
-                                // NCCL's rule without a table: symmetric iff both in windows.
-                                let want = if symm { Impl::Symmetric } else { Impl::Regular };
+                                // NCCL's rule without a table: symmetric iff both in windows
+                                // and the symmetric path can take this call.
+                                let want = if symm
+                                    && g.supports(coll, dtype, Impl::Symmetric, piece).is_ok()
+                                {
+                                    Impl::Symmetric
+                                } else {
+                                    Impl::Regular
+                                };
                                 assert_eq!(d.imp, want, "{case:?}: {}", d.reason);
                             }
                         }
@@ -633,7 +640,51 @@ fn scopes_and_lookup(b: TestBackend) {
     }));
 }
 
+/// `auto` follows the graph rows while capturing and the eager rows otherwise.
+fn auto_follows_the_mode(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let row = |mode, best| DispatchRow {
+        op: "all_reduce".into(),
+        dtype: DType::F32,
+        world: 2,
+        max_bytes: usize::MAX,
+        mode: Some(mode),
+        best,
+        stage: false,
+        measured_us: Default::default(),
+    };
+    let mut cfg = small_pool(b.config());
+    cfg.table = TableSource::Given(DispatchTable {
+        source: "test".into(),
+        device: "any".into(),
+        backend: symmcomm::BackendKind::Host,
+        rows: vec![
+            row(symmcomm::bench::Mode::Eager, Impl::Regular),
+            row(symmcomm::bench::Mode::Graph, Impl::Symmetric),
+        ],
+    });
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let x = g.alloc_symmetric(DType::F32, &[1024])?;
+        let y = g.alloc_symmetric(DType::F32, &[1024])?;
+        g.fill_random(&x, 3, None)?;
+        let d = g.all_reduce(&x, &y, ReduceOp::Sum)?;
+        assert_eq!(d.imp, Impl::Regular, "eager: {}", d.reason);
+        comm.begin_capture()?;
+        let d = g.all_reduce(&x, &y, ReduceOp::Sum);
+        let graph = comm.end_capture()?;
+        let d = d?;
+        assert_eq!(d.imp, Impl::Symmetric, "graph: {}", d.reason);
+        graph.replay()?;
+        comm.synchronize()?;
+        Ok(())
+    }));
+}
+
 backend_tests!(
+    auto_follows_the_mode,
     flat_collectives,
     dim_collectives,
     bad_inputs,
