@@ -246,20 +246,31 @@ fn to_f64(b: &[u8]) -> f64 {
     f64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
 }
 
-/// Measure one row on every rank of `group` (collective). Returns the row as rank 0 reports
-/// it (every rank gets the same values).
+/// One implementation's buffers (and graph) at one point of the sweep.
+struct Prepared {
+    variant: Variant,
+    case: Case,
+    bufs: verify::CaseBuffers,
+    graph: Option<crate::comm::Graph>,
+    ran: Option<String>,
+    samples: Vec<f64>,
+}
+
+/// Measure every variant at one (op, dtype, size, mode) on every rank of `group`
+/// (collective). The variants' timed regions are interleaved, repeat by repeat, so clock or
+/// thermal drift during the sweep does not favour whichever ran first. Returns one row per
+/// variant, as rank 0 reports them (every rank gets the same values).
 #[allow(clippy::too_many_arguments)]
-pub fn measure_row(
+pub fn measure_point(
     comm: &Communicator,
     group: &Group,
     spec: &BenchSpec,
     coll: Collective,
     dtype: DType,
     bytes: usize,
-    variant: Variant,
+    variants: &[Variant],
     mode: Mode,
-) -> Result<Row> {
-    let imp = variant.imp;
+) -> Result<Vec<Row>> {
     let world = group.size();
     let shape = case_shape(coll, dtype, bytes, world).ok_or_else(|| Error::InvalidArgument {
         ctx: crate::error::OpCtx {
@@ -271,104 +282,120 @@ pub fn measure_row(
         },
         detail: format!("{bytes} B of {dtype} does not split over {world} ranks"),
     })?;
-    let case = Case {
-        coll,
-        dtype,
-        shape,
-        dim: None,
-        imp,
-        input_symm: variant.windows,
-        output_symm: variant.windows,
-        seed: spec.seed ^ bytes as u64,
-    };
-    let bufs = verify::alloc(group, &case)?;
-    group.fill_random(&bufs.input, case.seed, None)?;
-    let run = || group.collective(coll, &bufs.input, &bufs.output, None, imp);
-    let mut ran = None;
-    for _ in 0..spec.warmup.max(1) {
-        ran = Some(run()?.name);
+    let mut prepared = Vec::with_capacity(variants.len());
+    for &variant in variants {
+        let case = Case {
+            coll,
+            dtype,
+            shape: shape.clone(),
+            dim: None,
+            imp: variant.imp,
+            input_symm: variant.windows,
+            output_symm: variant.windows,
+            seed: spec.seed ^ bytes as u64,
+        };
+        let bufs = verify::alloc(group, &case)?;
+        group.fill_random(&bufs.input, case.seed, None)?;
+        let run = || group.collective(coll, &bufs.input, &bufs.output, None, variant.imp);
+        let mut ran = None;
+        for _ in 0..spec.warmup.max(1) {
+            ran = Some(run()?.name);
+        }
+        let graph = match mode {
+            Mode::Eager => None,
+            Mode::Graph => {
+                comm.begin_capture()?;
+                let captured = (0..spec.graph_ops).try_for_each(|_| -> Result<()> {
+                    ran = Some(run()?.name);
+                    Ok(())
+                });
+                let graph = comm.end_capture();
+                captured?;
+                let graph = graph?;
+                for _ in 0..2 {
+                    graph.replay()?;
+                }
+                Some(graph)
+            }
+        };
+        prepared.push(Prepared {
+            variant,
+            case,
+            bufs,
+            graph,
+            ran,
+            samples: Vec::with_capacity(spec.repeats),
+        });
     }
+    comm.synchronize()?;
     group.barrier()?;
-    let mut samples = Vec::with_capacity(spec.repeats);
-    let graph = match mode {
-        Mode::Eager => {
-            for _ in 0..spec.repeats {
-                let t = comm.time(&mut || {
+    for _ in 0..spec.repeats {
+        for p in &mut prepared {
+            let (bufs, imp) = (&p.bufs, p.variant.imp);
+            let t = match &p.graph {
+                None => comm.time(&mut || {
                     for _ in 0..spec.iters {
-                        run()?;
+                        group.collective(coll, &bufs.input, &bufs.output, None, imp)?;
                     }
                     Ok(())
-                })?;
-                samples.push(t.as_secs_f64() * 1e6 / spec.iters as f64);
-            }
-            None
-        }
-        Mode::Graph => {
-            comm.begin_capture()?;
-            let captured = (0..spec.graph_ops).try_for_each(|_| -> Result<()> {
-                ran = Some(run()?.name);
-                Ok(())
-            });
-            let graph = comm.end_capture();
-            captured?;
-            let graph = graph?;
-            for _ in 0..2 {
-                graph.replay()?;
-            }
-            comm.synchronize()?;
-            group.barrier()?;
-            for _ in 0..spec.repeats {
-                let t = comm.time(&mut || {
+                })?,
+                Some(g) => comm.time(&mut || {
                     for _ in 0..spec.replays {
-                        graph.replay()?;
+                        g.replay()?;
                     }
                     Ok(())
-                })?;
-                samples.push(t.as_secs_f64() * 1e6 / (spec.replays * spec.graph_ops) as f64);
-            }
-            Some(graph)
-        }
-    };
-    // Check the output of exactly this configuration: poison, run once more, compare.
-    group.poison(&bufs.output)?;
-    match &graph {
-        Some(g) => g.replay()?,
-        None => {
-            run()?;
+                })?,
+            };
+            let ops = match &p.graph {
+                None => spec.iters,
+                Some(_) => spec.replays * spec.graph_ops,
+            };
+            p.samples.push(t.as_secs_f64() * 1e6 / ops as f64);
         }
     }
-    let got = group.download_bytes(&bufs.output)?;
-    let wrong = match verify::compare(&case, world, group.rank(), 0, &got) {
-        Ok(()) => 0usize,
-        Err(m) => {
-            tracing::warn!(op = coll.name(), bytes, implementation = %imp.name(comm.backend()), rank = group.rank(), "wrong result: {} of {} elements, first at {} (got {}, want {})", m.wrong, m.total, m.first_index, m.got, m.want);
-            m.wrong
+    let mut rows = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        // Check the output of exactly this configuration: poison, run once more, compare.
+        group.poison(&p.bufs.output)?;
+        match &p.graph {
+            Some(g) => g.replay()?,
+            None => {
+                group.collective(coll, &p.bufs.input, &p.bufs.output, None, p.variant.imp)?;
+            }
         }
-    };
-    let us_mine = median(samples);
-    let mut msg = us_mine.to_le_bytes().to_vec();
-    msg.extend_from_slice(&(wrong as u64).to_le_bytes());
-    let all = group.control().all_gather("bench row", &msg)?;
-    let us = all.iter().map(|m| to_f64(&m[..8])).fold(0.0, f64::max);
-    let wrong_total: usize = all
-        .iter()
-        .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap_or([0; 8])) as usize)
-        .sum();
-    let algbw = bytes as f64 / (us * 1e-6) / 1e9;
-    Ok(Row {
-        op: coll.name().into(),
-        dtype,
-        bytes,
-        world,
-        implementation: variant.name(comm.backend()),
-        mode,
-        us,
-        algbw_gbps: algbw,
-        busbw_gbps: algbw * coll.busbw_factor(world),
-        ok: wrong_total == 0,
-        ran: (imp == Impl::Auto).then(|| ran.unwrap_or_default()),
-        wrong: wrong_total,
-    })
+        let got = group.download_bytes(&p.bufs.output)?;
+        let wrong = match verify::compare(&p.case, world, group.rank(), 0, &got) {
+            Ok(()) => 0usize,
+            Err(m) => {
+                tracing::warn!(op = coll.name(), bytes, implementation = %p.variant.name(comm.backend()), rank = group.rank(), "wrong result: {} of {} elements, first at {} (got {}, want {})", m.wrong, m.total, m.first_index, m.got, m.want);
+                m.wrong
+            }
+        };
+        let mut msg = median(p.samples).to_le_bytes().to_vec();
+        msg.extend_from_slice(&(wrong as u64).to_le_bytes());
+        let all = group.control().all_gather("bench row", &msg)?;
+        let us = all.iter().map(|m| to_f64(&m[..8])).fold(0.0, f64::max);
+        let wrong_total: usize = all
+            .iter()
+            .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap_or([0; 8])) as usize)
+            .sum();
+        let algbw = bytes as f64 / (us * 1e-6) / 1e9;
+        rows.push(Row {
+            op: coll.name().into(),
+            dtype,
+            bytes,
+            world,
+            implementation: p.variant.name(comm.backend()),
+            mode,
+            us,
+            algbw_gbps: algbw,
+            busbw_gbps: algbw * coll.busbw_factor(world),
+            ok: wrong_total == 0,
+            ran: (p.variant.imp == Impl::Auto).then(|| p.ran.unwrap_or_default()),
+            wrong: wrong_total,
+        });
+    }
+    Ok(rows)
 }
 
 /// Run the whole sweep on `group`; `progress(done, total, what)` is called after each row.
@@ -404,40 +431,42 @@ pub fn run(
     }
     let total = spec.rows();
     let mut rows = Vec::with_capacity(total);
+    let mut done = 0;
     for &op in &spec.ops {
         for &dtype in &spec.dtypes {
             for &bytes in &spec.sizes {
-                for &variant in &spec.impls {
-                    for &mode in &spec.modes {
-                        let what = format!(
-                            "{} {} {} B {} {}",
-                            op.name(),
-                            dtype,
-                            bytes,
-                            variant.name(comm.backend()),
-                            mode.name()
-                        );
-                        match case_shape(op, dtype, bytes, world) {
-                            Some(shape) => {
-                                let n: usize = shape.iter().product();
-                                let piece = if matches!(op, Collective::ReduceScatter(_)) {
-                                    n / world
-                                } else {
-                                    n
-                                };
-                                match group.supports(op, dtype, variant.imp, piece) {
-                                    Ok(()) => rows.push(measure_row(
-                                        comm, group, spec, op, dtype, bytes, variant, mode,
-                                    )?),
-                                    Err(why) => tracing::info!("skipping {what}: {why}"),
-                                }
+                for &mode in &spec.modes {
+                    let what = format!("{} {} {} B {}", op.name(), dtype, bytes, mode.name());
+                    done += spec.impls.len();
+                    let Some(shape) = case_shape(op, dtype, bytes, world) else {
+                        tracing::info!("skipping {what}: the size does not split over the ranks");
+                        progress(done, total, &what);
+                        continue;
+                    };
+                    let n: usize = shape.iter().product();
+                    let piece = if matches!(op, Collective::ReduceScatter(_)) {
+                        n / world
+                    } else {
+                        n
+                    };
+                    let runnable: Vec<Variant> = spec
+                        .impls
+                        .iter()
+                        .copied()
+                        .filter(|v| match group.supports(op, dtype, v.imp, piece) {
+                            Ok(()) => true,
+                            Err(why) => {
+                                tracing::info!("skipping {what} {}: {why}", v.name(comm.backend()));
+                                false
                             }
-                            None => tracing::info!(
-                                "skipping {what}: the size does not split over the ranks"
-                            ),
-                        }
-                        progress(rows.len(), total, &what);
+                        })
+                        .collect();
+                    if !runnable.is_empty() {
+                        rows.extend(measure_point(
+                            comm, group, spec, op, dtype, bytes, &runnable, mode,
+                        )?);
                     }
+                    progress(done, total, &what);
                 }
             }
         }
