@@ -8,6 +8,11 @@
 #![warn(missing_docs, unreachable_pub)]
 #![deny(unused_must_use)]
 
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;
+
 pub mod backend;
 pub mod bench;
 pub mod bootstrap;
