@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use symmcomm::bench::{self, BenchSpec, Limits, Meta, Mode, Results, Row, Variant};
-use symmcomm::{BackendKind, Collective, Communicator, DType, ReduceOp, run_rank_threads};
+use symmcomm::{BackendKind, Collective, Communicator, DType, ReduceOp};
 
-use crate::ranks::{Plan, RankArgs, child_comm, launch_self};
+use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
 
 /// Options of `bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -307,26 +307,8 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 _ => BackendKind::Cuda,
             };
             let limits = measure_limits(&args, backend, world);
-            let results = run_rank_threads(world, &config, |comm| {
-                bench_rank(comm, &args, &limits).map_err(|e| symmcomm::Error::InvalidArgument {
-                    ctx: symmcomm::OpCtx {
-                        op: symmcomm::Op::Init,
-                        group: "bench".into(),
-                        rank: comm.rank(),
-                        world: comm.world_size(),
-                        bytes: 0,
-                    },
-                    detail: format!("{e:#}"),
-                })
-            });
-            let mut ok = true;
-            for (r, res) in results.into_iter().enumerate() {
-                match res {
-                    Ok(x) => ok &= x,
-                    Err(e) => bail!("rank {r}: {e}"),
-                }
-            }
-            Ok(exit(ok))
+            let oks = on_threads(world, &config, |comm| bench_rank(comm, &args, &limits))?;
+            Ok(exit(oks.into_iter().all(|x| x)))
         }
         Plan::Child { config } => {
             let comm = child_comm(config)?;
@@ -383,26 +365,8 @@ pub(crate) fn run_tune(args: TuneArgs) -> anyhow::Result<ExitCode> {
     match args.bench.ranks.plan()? {
         Plan::Parent { nproc } => launch_self(nproc, Vec::new()),
         Plan::Threads { world, config } => {
-            let results = run_rank_threads(world, &config, |comm| {
-                tune_rank(comm, &args).map_err(|e| symmcomm::Error::InvalidArgument {
-                    ctx: symmcomm::OpCtx {
-                        op: symmcomm::Op::Init,
-                        group: "tune".into(),
-                        rank: comm.rank(),
-                        world: comm.world_size(),
-                        bytes: 0,
-                    },
-                    detail: format!("{e:#}"),
-                })
-            });
-            let mut ok = true;
-            for (r, res) in results.into_iter().enumerate() {
-                match res {
-                    Ok(x) => ok &= x,
-                    Err(e) => bail!("rank {r}: {e}"),
-                }
-            }
-            Ok(exit(ok))
+            let oks = on_threads(world, &config, |comm| tune_rank(comm, &args))?;
+            Ok(exit(oks.into_iter().all(|x| x)))
         }
         Plan::Child { config } => {
             let comm = child_comm(config)?;

@@ -3,11 +3,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::bail;
 use symmcomm::verify::{self, Case};
-use symmcomm::{Algo, Collective, Communicator, DType, Impl, ReduceOp, run_rank_threads};
+use symmcomm::{Algo, Collective, Communicator, DType, Impl, ReduceOp};
 
-use crate::ranks::{Plan, RankArgs, child_comm, launch_self};
+use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
 
 /// Options of `check`.
 #[derive(Debug, Clone, clap::Args)]
@@ -140,14 +139,9 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         ),
         Plan::Threads { world, config } => {
             let mut ok = true;
-            for (r, res) in run_rank_threads(world, &config, |comm| check_rank(comm, &args, seed))
-                .into_iter()
-                .enumerate()
-            {
-                match res {
-                    Ok(x) => ok &= report(r, x),
-                    Err(e) => bail!("rank {r}: {e}"),
-                }
+            let all = on_threads(world, &config, |comm| Ok(check_rank(comm, &args, seed)?))?;
+            for (r, x) in all.into_iter().enumerate() {
+                ok &= report(r, x);
             }
             Ok(if ok {
                 ExitCode::SUCCESS

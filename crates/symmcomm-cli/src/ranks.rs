@@ -167,3 +167,38 @@ pub(crate) fn child_comm(config: CommConfig) -> anyhow::Result<Communicator> {
         .context("joining the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")?;
     Ok(Communicator::new(boot, config)?)
 }
+
+/// Run `body` on `world` thread ranks and return every rank's result, or the first rank's
+/// error (named by its rank).
+pub(crate) fn on_threads<T: Send>(
+    world: usize,
+    config: &CommConfig,
+    body: impl Fn(&Communicator) -> anyhow::Result<T> + Sync,
+) -> anyhow::Result<Vec<T>> {
+    // The library's harness carries library errors; keep the body's own error text.
+    let failures = std::sync::Mutex::new(Vec::new());
+    let results = symmcomm::run_rank_threads(world, config, |comm| match body(comm) {
+        Ok(x) => Ok(Some(x)),
+        Err(e) => {
+            failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((comm.rank(), format!("{e:#}")));
+            Ok(None)
+        }
+    });
+    let mut out = Vec::with_capacity(world);
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            Ok(Some(x)) => out.push(x),
+            Ok(None) => {}
+            Err(e) => bail!("rank {r}: {e}"),
+        }
+    }
+    let mut failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+    failures.sort();
+    if let Some((r, e)) = failures.first() {
+        bail!("rank {r}: {e}");
+    }
+    Ok(out)
+}

@@ -222,6 +222,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Elements of one rank's piece (all-reduce: the whole buffer) for a per-rank input `shape`.
+fn piece_of(coll: Collective, shape: &[usize], world: usize) -> usize {
+    let n: usize = shape.iter().product();
+    if matches!(coll, Collective::ReduceScatter(_)) {
+        n / world
+    } else {
+        n
+    }
+}
+
 /// The per-rank input shape for a row of `bytes` (the larger buffer), or `None` when the size
 /// does not split over the ranks.
 pub fn case_shape(
@@ -412,15 +422,7 @@ pub fn run(
         for &d in &spec.dtypes {
             for &b in &spec.sizes {
                 if let Some(shape) = case_shape(op, d, b, world) {
-                    let n: usize = shape.iter().product();
-                    let (i, o) = op.io_elems(
-                        n / if matches!(op, Collective::ReduceScatter(_)) {
-                            world
-                        } else {
-                            1
-                        },
-                        world,
-                    );
+                    let (i, o) = op.io_elems(piece_of(op, &shape, world), world);
                     largest = largest.max((i + o) * d.size() + 4096);
                 }
             }
@@ -443,12 +445,7 @@ pub fn run(
                         progress(done, total, &what);
                         continue;
                     };
-                    let n: usize = shape.iter().product();
-                    let piece = if matches!(op, Collective::ReduceScatter(_)) {
-                        n / world
-                    } else {
-                        n
-                    };
+                    let piece = piece_of(op, &shape, world);
                     let runnable: Vec<Variant> = spec
                         .impls
                         .iter()
