@@ -10,10 +10,7 @@
 //
 // No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#define SYMM_DEVICE static __device__ __forceinline__
+#include "symm_common.cuh"
 
 #define SYMM_MAX_WORLD 8
 #define SYMM_MAX_BLOCKS 64
@@ -71,21 +68,6 @@ static_assert(sizeof(SymmState) == 64, "SymmState size");
 
 // ---------------------------------------------------------------------------------------------
 // Plumbing.
-
-// A no-op unless this grid was launched with programmatic dependent launch; then it waits until
-// the preceding grid has finished and its memory is visible. First statement of every kernel.
-SYMM_DEVICE void symm_grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Nanoseconds from the GPU's global timer.
-SYMM_DEVICE unsigned long long symm_globaltimer() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 
 // Generic addressing (no state space): correct for any pointer, local or a peer's mapping.
 SYMM_DEVICE void symm_st_release_sys_u64(unsigned long long* p, unsigned long long v) {

@@ -6,31 +6,13 @@
 // crates/symmcomm/KERNELS.md.
 // No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#define SYMM_DEVICE static __device__ __forceinline__
+#include "symm_common.cuh"
 
 // How long the ping-pong waits for one reply before it gives up (10 s).
 #define SYMM_PINGPONG_TIMEOUT_NS 10000000000ULL
 
 // ---------------------------------------------------------------------------------------------
-// Plumbing shared in spirit with collectives.cu (each module stands alone: NVRTC gets one file).
-
-// A no-op unless this grid was launched with programmatic dependent launch; then it waits until
-// the preceding grid has finished and its memory is visible. First statement of every kernel.
-SYMM_DEVICE void symm_grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Nanoseconds from the GPU's global timer.
-SYMM_DEVICE unsigned long long symm_globaltimer() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
+// Plumbing beyond symm_common.cuh.
 
 SYMM_DEVICE void symm_st_release_sys_u32(volatile unsigned int* p, unsigned int v) {
     asm volatile("st.release.sys.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");

@@ -48,6 +48,12 @@ pub const COLLECTIVES: KernelModule = KernelModule {
 /// Every kernel module.
 pub const MODULES: &[KernelModule] = &[UTIL, COLLECTIVES];
 
+/// Headers every module may `#include "…"`, handed to NVRTC in memory: (name, source).
+pub const HEADERS: &[(&str, &str)] = &[(
+    "symm_common.cuh",
+    include_str!("../kernels/symm_common.cuh"),
+)];
+
 // ---------------------------------------------------------------------------------------------
 // ABI: keep in step with kernels/collectives.cu and KERNELS.md.
 
@@ -538,6 +544,10 @@ impl NvrtcCompiler {
         field(b"symmcomm-kernel-cache-v1");
         field(module.name.as_bytes());
         field(module.source.as_bytes());
+        for (name, source) in HEADERS {
+            field(name.as_bytes());
+            field(source.as_bytes());
+        }
         for option in options {
             field(option.as_bytes());
         }
@@ -668,18 +678,34 @@ impl NvrtcCompiler {
         let num_options =
             c_int::try_from(option_ptrs.len()).map_err(|_| fail("too many options".to_string()))?;
 
+        let header_sources: Vec<CString> = HEADERS
+            .iter()
+            .map(|(_, s)| CString::new(*s))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| fail("a header contains a NUL byte".to_string()))?;
+        let header_names: Vec<CString> = HEADERS
+            .iter()
+            .map(|(n, _)| CString::new(*n))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| fail("a header name contains a NUL byte".to_string()))?;
+        let header_source_ptrs: Vec<*const c_char> =
+            header_sources.iter().map(|s| s.as_ptr()).collect();
+        let header_name_ptrs: Vec<*const c_char> =
+            header_names.iter().map(|s| s.as_ptr()).collect();
+        let num_headers =
+            c_int::try_from(HEADERS.len()).map_err(|_| fail("too many headers".to_string()))?;
         let mut raw: nvrtc::nvrtcProgram = std::ptr::null_mut();
-        // SAFETY: `raw` is a valid out-pointer; source and name are NUL-terminated and outlive
-        // the program (dropped at the end of this function, after `program`); no headers are
-        // passed (count 0, null arrays).
+        // SAFETY: `raw` is a valid out-pointer; source, name and the `num_headers` header
+        // sources and names are NUL-terminated strings that outlive the program (all dropped at
+        // the end of this function, after `program`).
         let code = unsafe {
             nvrtc::nvrtcCreateProgram(
                 &mut raw,
                 source.as_ptr(),
                 name.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
+                num_headers,
+                header_source_ptrs.as_ptr(),
+                header_name_ptrs.as_ptr(),
             )
         };
         if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {

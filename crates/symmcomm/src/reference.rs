@@ -67,19 +67,19 @@ pub fn expected(
     }
 }
 
-/// The absolute tolerance for element `k` of a reduction whose per-rank inputs at that
-/// position are `terms`.
-pub fn tolerance(coll: Collective, dtype: DType, terms: impl Iterator<Item = f64> + Clone) -> f64 {
+/// The absolute tolerance of one reduced element: `world` terms whose absolute values sum to
+/// `abs_sum` (0 for gathers, max and min, which are exact).
+pub fn tolerance(coll: Collective, dtype: DType, world: usize, abs_sum: f64) -> f64 {
     use crate::dtype::ReduceOp;
     match coll.reduce() {
         None | Some(ReduceOp::Max) | Some(ReduceOp::Min) => 0.0,
         Some(op) => {
-            let n = terms.clone().count();
-            let mut mag: f64 = terms.map(f64::abs).sum();
-            if op == ReduceOp::Avg && n > 0 {
-                mag /= n as f64;
-            }
-            dtype.reduce_tolerance(n) * mag.max(f64::MIN_POSITIVE)
+            let mag = if op == ReduceOp::Avg {
+                abs_sum / world.max(1) as f64
+            } else {
+                abs_sum
+            };
+            dtype.reduce_tolerance(world) * mag.max(f64::MIN_POSITIVE)
         }
     }
 }

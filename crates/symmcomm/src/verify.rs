@@ -151,11 +151,7 @@ fn compare_dim(
 
 /// The tolerance of one reduced element whose inputs have Σ|x| = `mag`.
 fn tolerance_for(case: &Case, world: usize, mag: f64) -> f64 {
-    reference::tolerance(
-        case.coll,
-        case.dtype,
-        std::iter::once(mag).chain(std::iter::repeat_n(0.0, world - 1)),
-    )
+    reference::tolerance(case.coll, case.dtype, world, mag)
 }
 
 /// Flat operations: every expected element is recomputed from the generator on the fly, in

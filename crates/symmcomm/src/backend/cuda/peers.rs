@@ -71,22 +71,46 @@ fn io_err(ctx: &OpCtx, what: String) -> impl FnOnce(std::io::Error) -> Error + '
     }
 }
 
+/// The buffers of a one-byte message that carries one file descriptor (SCM_RIGHTS).
+struct FdMessage {
+    byte: [u8; 1],
+    iov: libc::iovec,
+    control: Vec<u8>,
+}
+
+impl FdMessage {
+    fn new(byte: u8) -> Box<Self> {
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        let mut m = Box::new(FdMessage {
+            byte: [byte],
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 1,
+            },
+            control: vec![0u8; space],
+        });
+        // The box does not move, so the iovec may point into it.
+        m.iov.iov_base = m.byte.as_mut_ptr() as *mut c_void;
+        m
+    }
+
+    /// A message header over these buffers (valid while `self` lives and is not moved).
+    fn header(&mut self) -> libc::msghdr {
+        // SAFETY: a zeroed msghdr is a valid empty message header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut self.iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = self.control.as_mut_ptr() as *mut c_void;
+        msg.msg_controllen = self.control.len() as _;
+        msg
+    }
+}
+
 /// Send `fd` with one byte over `s`.
 fn send_fd(s: &UnixStream, fd: RawFd) -> std::io::Result<()> {
-    let mut byte = [b'F'];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr() as *mut c_void,
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut buf = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is a valid empty message header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = buf.as_mut_ptr() as *mut c_void;
-    msg.msg_controllen = space as _;
+    let mut m = FdMessage::new(b'F');
+    let msg = m.header();
     // SAFETY: `msg` has a control buffer of CMSG_SPACE(size_of fd) bytes, so the first header
     // exists and its data holds one fd; `sendmsg` reads only what the header describes.
     unsafe {
@@ -104,20 +128,8 @@ fn send_fd(s: &UnixStream, fd: RawFd) -> std::io::Result<()> {
 
 /// Receive one fd sent by `send_fd`.
 fn recv_fd(s: &UnixStream) -> std::io::Result<OwnedFd> {
-    let mut byte = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr() as *mut c_void,
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut buf = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is a valid empty message header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = buf.as_mut_ptr() as *mut c_void;
-    msg.msg_controllen = space as _;
+    let mut m = FdMessage::new(0);
+    let mut msg = m.header();
     // SAFETY: `msg` points to live buffers of the sizes it states.
     let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n != 1 {
