@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Builds, on a machine with the Rust toolchain, everything scripts/gpu-run.sh runs on the GPU
-# machine: the release `symmcomm` binary and the GPU test executables, stripped, into .gpu/.
+# machine: the release `symmcomm` binary, the GPU test executables (stripped) and the run script,
+# into $GPU_DIR (default .gpu/; a path outside this checkout works too, e.g. another worktree's).
+# GPU_TESTS names the test targets to take (space-separated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rm -rf .gpu && mkdir -p .gpu/tests
+DEST="${GPU_DIR:-.gpu}"
+GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels}"
+rm -rf "$DEST" && mkdir -p "$DEST/tests"
 cargo build --release --locked --bin symmcomm
-cp target/release/symmcomm .gpu/
+cp target/release/symmcomm "$DEST/"
+cp scripts/gpu-run.sh "$DEST/run.sh"
 for t in $(cargo test --release --locked -p symmcomm --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"] in ("collectives","pdl_hazard","nvrtc_kernels"):
-        print(m["executable"])'); do
-  cp "$t" ".gpu/tests/$(basename "$t" | sed 's/-[0-9a-f]*$//')"
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"] in sys.argv[1].split():
+        print(m["executable"])' "$GPU_TESTS"); do
+  cp "$t" "$DEST/tests/$(basename "$t" | sed 's/-[0-9a-f]*$//')"
 done
-strip .gpu/symmcomm .gpu/tests/* 2>/dev/null || true
-du -sh .gpu
+strip "$DEST/symmcomm" "$DEST"/tests/* 2>/dev/null || true
+du -sh "$DEST"

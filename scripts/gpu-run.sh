@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no Rust there): the GPU tests with SYMMCOMM_REQUIRE_GPU=1, then
 # `symmcomm tune` and `symmcomm bench`, with a timeout on every step and unbuffered logs
-# (every line of a launched rank is prefixed with its rank). Binaries come prebuilt in .gpu/
-# (scripts/gpu-build.sh). Results and logs go to $OUT.
+# (every line of a launched rank is prefixed with its rank). Binaries come prebuilt in $BIN
+# (default .gpu/; scripts/gpu-build.sh, which also copies this script there as run.sh, so
+# `bash .gpu-x/run.sh` runs .gpu-x's binaries). Results and logs go to $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+HERE="$(cd "$(dirname "$0")" && pwd)"
+cd "$HERE/.."
 OUT="${OUT:-/tmp/symmcomm-out}"
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0            # never NVLink multicast on this machine
 export SYMMCOMM_REQUIRE_GPU=1
 export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
 export RUST_BACKTRACE=1
-BIN=.gpu
+if [[ -x "$HERE/symmcomm" ]]; then BIN="${BIN:-$HERE}"; else BIN="${BIN:-.gpu}"; fi
 MACHINE="${MACHINE:-h200x2}"
 STEPS="${STEPS:-info,tests,check,tune,bench,bench-nccl2289}"
 # At most 8 files come back from the machine: logs are grouped.
