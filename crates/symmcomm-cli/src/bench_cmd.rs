@@ -30,7 +30,7 @@ pub(crate) struct BenchArgs {
     /// Sizes of the larger buffer (2K, 64M, ...). Default: 2K..256M on GPUs, 2K..1M on the host.
     #[arg(long, value_delimiter = ',')]
     pub(crate) sizes: Vec<String>,
-    /// Implementations: nccl, nccl_symm, auto, auto_plain, oneshot, twoshot (host: host, host_symm).
+    /// Implementations: nccl, nccl_symm, auto, auto_plain, ll, oneshot, twoshot, ce (host: host, host_symm).
     #[arg(long, value_delimiter = ',')]
     pub(crate) impls: Vec<String>,
     /// Modes: eager, graph.
@@ -79,7 +79,15 @@ impl BenchArgs {
     fn spec(&self, backend: BackendKind) -> anyhow::Result<BenchSpec> {
         let impls = if self.impls.is_empty() {
             match backend {
-                BackendKind::Cuda => vec!["nccl", "nccl_symm", "oneshot", "twoshot", "ce", "auto"],
+                BackendKind::Cuda => vec![
+                    "nccl",
+                    "nccl_symm",
+                    "ll",
+                    "oneshot",
+                    "twoshot",
+                    "ce",
+                    "auto",
+                ],
                 BackendKind::Host => vec!["host", "host_symm", "auto"],
             }
             .into_iter()

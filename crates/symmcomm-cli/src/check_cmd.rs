@@ -53,6 +53,8 @@ fn check_rank(
         (Impl::Kernel(Algo::OneShot), true),
         (Impl::Kernel(Algo::TwoShot), true),
         (Impl::Kernel(Algo::CopyEngine), true),
+        (Impl::Kernel(Algo::LowLatency), false),
+        (Impl::Kernel(Algo::LowLatency), true),
     ];
     let mut cases = Vec::new();
     for coll in colls() {

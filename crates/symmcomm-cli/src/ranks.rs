@@ -34,6 +34,10 @@ pub(crate) struct RankArgs {
     /// (only to measure the hazard or the guard's cost).
     #[arg(long)]
     pub(crate) no_pdl_guard: bool,
+    /// Launch our own kernels without programmatic dependent launch (only to measure what it
+    /// saves).
+    #[arg(long)]
+    pub(crate) no_own_pdl: bool,
     /// Dispatch table for `auto` (a file written by `symmcomm tune`; default: the built-in one
     /// for this machine, if any).
     #[arg(long)]
@@ -77,6 +81,7 @@ impl RankArgs {
             policy: self.policy(),
             timeout: Duration::from_secs(self.timeout),
             pdl_guard: !self.no_pdl_guard,
+            own_kernels_pdl: !self.no_own_pdl,
             table: match &self.table {
                 Some(p) => symmcomm::TableSource::File(p.clone()),
                 None => symmcomm::TableSource::Builtin,

@@ -33,6 +33,18 @@
     (8ULL * SYMM_PHASES * SYMM_MAX_BLOCKS * SYMM_MAX_WORLD) /* 8192 */
 #define SYMM_PAD_BYTES (SYMM_PAD_PEER_ERROR_OFFSET + 4ULL * SYMM_MAX_WORLD) /* 8224 */
 
+// Low-latency (LL) area, after the pad: ll[parity][src] slots of SYMM_LL_SLOT_BYTES. Each
+// 16-byte line carries 8 data bytes and the 32-bit launch flag twice ({d0, flag, d1, flag}), so
+// a reader knows the data arrived from the line alone: no barrier, no fence. Only the LL kernels
+// touch this area, so a line can only ever hold an older launch's flag (see KERNELS.md §4).
+// SYMM_LL_OFFSET: SYMM_PAD_BYTES rounded up to 256. SYMM_LL_MAX_BYTES: payload of one slot
+// (512 KiB). SYMM_LL_SLOT_BYTES: twice that (16 bytes of line per 8 of payload).
+// SYMM_LL_PHASE: the error_phase an LL wait records.
+#define SYMM_LL_OFFSET 8448ULL
+#define SYMM_LL_MAX_BYTES 524288ULL
+#define SYMM_LL_SLOT_BYTES 1048576ULL
+#define SYMM_LL_PHASE 2u
+
 // Kernel argument, passed by value. Plain C layout, mirrored by `#[repr(C)] SymmArgs` in
 // src/kernels.rs; offsets in KERNELS.md.
 struct SymmArgs {
@@ -315,14 +327,19 @@ struct SymmLaunch {
     unsigned int peer_errors;
 };
 
-// Start of a launch: wait for the predecessor grid (PDL), read the epoch (one more than the last
+// Entry of every kernel: wait for the predecessor grid (PDL), then let the successor launch.
+SYMM_DEVICE void symm_enter() {
+    symm_grid_dependency_wait();
+    symm_launch_dependents();
+}
+
+// Start of a launch, after symm_enter: read the epoch (one more than the last
 // completed launch on this rank), then count this block in. Counting in only after the whole
 // block has the epoch is what lets the last block to arrive advance it (in symm_finish) while
 // other blocks may still be running. Thread 0 also reads this rank's peer_error words. Both
 // results are used only in symm_finish, so their latency hides behind the block's work.
 // False when there is no state to work with (nothing can be reported then).
-SYMM_DEVICE bool symm_begin(const SymmArgs& a, SymmLaunch* l) {
-    symm_grid_dependency_wait();
+SYMM_DEVICE bool symm_take_epoch(const SymmArgs& a, SymmLaunch* l) {
     __shared__ unsigned long long epoch;
     l->st = reinterpret_cast<SymmState*>(a.state);
     if (l->st == nullptr) {
@@ -354,30 +371,53 @@ SYMM_DEVICE bool symm_begin(const SymmArgs& a, SymmLaunch* l) {
 // One thread waits until *flag >= e. Past the deadline it records SYMM_ERR_TIMEOUT, tells every
 // peer through its pad, and gives up. Once this rank has an error, it stops waiting at once, so
 // a stuck peer costs one timeout, not one per launch.
+// symm_enter, then symm_take_epoch.
+SYMM_DEVICE bool symm_begin(const SymmArgs& a, SymmLaunch* l) {
+    symm_enter();
+    return symm_take_epoch(a, l);
+}
+
+// Called by a spinning thread on iteration `it` of a wait for `src`: true when it must stop
+// waiting. Every SYMM_SPIN_CHECK_EVERY iterations it checks whether this rank already has an
+// error (then it stops at once, so a stuck peer costs one timeout, not one per launch) and the
+// deadline; past the deadline it records SYMM_ERR_TIMEOUT and tells every peer through its pad.
+SYMM_DEVICE bool symm_spin_must_stop(const SymmArgs& a, SymmState* st, unsigned long long it,
+                                     unsigned long long* start, unsigned int src,
+                                     unsigned int phase, unsigned long long e) {
+    if (it % SYMM_SPIN_CHECK_EVERY != 0) {
+        return false;
+    }
+    if (*reinterpret_cast<volatile unsigned int*>(&st->error) != SYMM_ERR_NONE) {
+        return true;
+    }
+    const unsigned long long timeout = a.timeout_ns != 0 ? a.timeout_ns : SYMM_DEFAULT_TIMEOUT_NS;
+    const unsigned long long now = symm_globaltimer();
+    if (it == 0) {
+        *start = now;
+        return false;
+    }
+    if (now - *start <= timeout) {
+        return false;
+    }
+    symm_record_error(st, SYMM_ERR_TIMEOUT, src, phase, e);
+    for (unsigned int p = 0; p < a.world; ++p) {
+        if (p != a.rank) {
+            symm_st_release_sys_u32(symm_peer_error(a.pad[p], a.rank), 1u);
+        }
+    }
+    return true;
+}
+
+// One thread waits until *flag >= e, or gives up (symm_spin_must_stop).
 SYMM_DEVICE void symm_wait_flag(const SymmArgs& a, SymmState* st, const unsigned long long* flag,
                                 unsigned long long e, unsigned int src, unsigned int phase) {
-    const unsigned long long timeout = a.timeout_ns != 0 ? a.timeout_ns : SYMM_DEFAULT_TIMEOUT_NS;
     unsigned long long start = 0;
     for (unsigned long long it = 0;; ++it) {
         if (symm_poll(flag) >= e) {
             return;
         }
-        if (it % SYMM_SPIN_CHECK_EVERY == 0) {
-            if (*reinterpret_cast<volatile unsigned int*>(&st->error) != SYMM_ERR_NONE) {
-                return;
-            }
-            const unsigned long long now = symm_globaltimer();
-            if (it == 0) {
-                start = now;
-            } else if (now - start > timeout) {
-                symm_record_error(st, SYMM_ERR_TIMEOUT, src, phase, e);
-                for (unsigned int p = 0; p < a.world; ++p) {
-                    if (p != a.rank) {
-                        symm_st_release_sys_u32(symm_peer_error(a.pad[p], a.rank), 1u);
-                    }
-                }
-                return;
-            }
+        if (symm_spin_must_stop(a, st, it, &start, src, phase, e)) {
+            return;
         }
     }
 }
@@ -669,10 +709,256 @@ SYMM_DEVICE void symm_reducescatter(const SymmArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Low-latency (LL) protocol: the data carries its own flag. A sender stores each 8 bytes of
+// payload with the launch's flag into the receiver's LL slot in one 16-byte volatile store; the
+// receiver polls its own slot line by line until both flags of a line show this launch. One
+// NVLink crossing, no barrier, no fence. Twice the bytes on the wire, so it is for small sizes
+// (payload <= SYMM_LL_MAX_BYTES per piece). Each thread owns 8-byte chunks c = tid, tid + stride,
+// ... of a piece; chunk c of every rank's piece goes to line c of the slot.
+
+// Slot (parity, src) of rank `owner`'s LL area, as mapped in this rank's address space.
+SYMM_DEVICE uint4* symm_ll_slot(const SymmArgs& a, unsigned int owner, unsigned int parity,
+                                unsigned int src) {
+    return reinterpret_cast<uint4*>(a.pad[owner] + SYMM_LL_OFFSET +
+                                    ((unsigned long long)parity * a.world + src) *
+                                        SYMM_LL_SLOT_BYTES);
+}
+
+SYMM_DEVICE void symm_ll_store(uint4* line, unsigned long long v, unsigned int flag) {
+    asm volatile("st.volatile.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(line),
+                 "r"((unsigned int)v), "r"(flag), "r"((unsigned int)(v >> 32)), "r"(flag)
+                 : "memory");
+}
+
+// Wait for line's flags to show `flag`, then return its 8 data bytes in *v. False when the wait
+// gave up (symm_spin_must_stop); *v is then 0.
+SYMM_DEVICE bool symm_ll_load(const SymmArgs& a, SymmState* st, const uint4* line,
+                              unsigned int flag, unsigned int src, unsigned long long e,
+                              unsigned long long* v) {
+    unsigned long long start = 0;
+    for (unsigned long long it = 0;; ++it) {
+        unsigned int d0, f0, d1, f1;
+        asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(d0), "=r"(f0), "=r"(d1), "=r"(f1)
+                     : "l"(line)
+                     : "memory");
+        if (f0 == flag && f1 == flag) {
+            *v = (unsigned long long)d0 | ((unsigned long long)d1 << 32);
+            return true;
+        }
+        if (symm_spin_must_stop(a, st, it, &start, src, SYMM_LL_PHASE, e)) {
+            *v = 0;
+            return false;
+        }
+    }
+}
+
+// The 8 bytes at p, of which `avail` (a multiple of ES, > 0) belong to the buffer; the rest read
+// as zero. One 8-byte load when p is 8-byte aligned and whole, else element by element.
+template <int ES>
+SYMM_DEVICE unsigned long long symm_ld8(const unsigned char* p, unsigned long long avail,
+                                        bool aligned8) {
+    if (aligned8 && avail >= 8) {
+        return *reinterpret_cast<const unsigned long long*>(p);
+    }
+    unsigned long long v = 0;
+#pragma unroll
+    for (int k = 0; k < 8 / ES; ++k) {
+        if ((unsigned long long)(k + 1) * ES <= avail) {
+            v |= (unsigned long long)symm_ld_elem<ES>(p + k * ES) << (8 * ES * k);
+        }
+    }
+    return v;
+}
+
+// Store the first min(avail, 8) bytes of v at p (same rules as symm_ld8).
+template <int ES>
+SYMM_DEVICE void symm_st8(unsigned char* p, unsigned long long v, unsigned long long avail,
+                          bool aligned8) {
+    if (aligned8 && avail >= 8) {
+        *reinterpret_cast<unsigned long long*>(p) = v;
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < 8 / ES; ++k) {
+        if ((unsigned long long)(k + 1) * ES <= avail) {
+            symm_st_elem<ES>(p + k * ES, (unsigned int)(v >> (8 * ES * k)));
+        }
+    }
+}
+
+// The f32 accumulators of one 8-byte chunk: 8 / ES lanes used.
+struct SymmAcc8 {
+    float x[4];
+};
+
+// acc = (first) or += the elements of v, in f32.
+template <class Ty>
+SYMM_DEVICE void symm_ll_accumulate(unsigned long long v, SymmAcc8& acc, bool first) {
+    constexpr int ES = Ty::ES;
+    constexpr unsigned long long mask = ES == 4 ? 0xffffffffULL : 0xffffULL;
+#pragma unroll
+    for (int j = 0; j < 8 / ES; ++j) {
+        const float x = Ty::to_f32((unsigned int)((v >> (8 * ES * j)) & mask));
+        acc.x[j] = first ? x : __fadd_rn(acc.x[j], x);
+    }
+}
+
+template <class Ty>
+SYMM_DEVICE unsigned long long symm_ll_pack(const SymmAcc8& acc) {
+    constexpr int ES = Ty::ES;
+    unsigned long long v = 0;
+#pragma unroll
+    for (int j = 0; j < 8 / ES; ++j) {
+        v |= (unsigned long long)Ty::from_f32(acc.x[j]) << (8 * ES * j);
+    }
+    return v;
+}
+
+// This thread's first chunk index.
+SYMM_DEVICE unsigned long long symm_ll_first_chunk() {
+    return (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+// This thread's first chunk of `src` (`bytes` long), or 0 when it has none: loaded before the
+// epoch so that the two loads overlap (the input is final once symm_enter returned).
+template <int ES>
+SYMM_DEVICE unsigned long long symm_ll_prefetch(const unsigned char* src, bool src_aligned8,
+                                                unsigned long long bytes) {
+    const unsigned long long c = symm_ll_first_chunk();
+    return c < (bytes + 7) / 8 ? symm_ld8<ES>(src + c * 8, bytes - c * 8, src_aligned8) : 0;
+}
+
+// Send chunks of `src` (`bytes` long) to slot (parity, rank) of `peer`, or of every peer when
+// peer < 0. `first` is this thread's first chunk (symm_ll_prefetch).
+template <int ES>
+SYMM_DEVICE void symm_ll_send(const SymmArgs& a, const unsigned char* src, bool src_aligned8,
+                              unsigned long long bytes, unsigned int parity, unsigned int flag,
+                              int peer, unsigned long long first) {
+    const unsigned long long chunks = (bytes + 7) / 8;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long c = symm_ll_first_chunk(); c < chunks; c += stride) {
+        const unsigned long long v = c == symm_ll_first_chunk()
+                                         ? first
+                                         : symm_ld8<ES>(src + c * 8, bytes - c * 8, src_aligned8);
+#pragma unroll 1
+        for (unsigned int p = 0; p < a.world; ++p) {
+            if (p != a.rank && (peer < 0 || p == (unsigned int)peer)) {
+                symm_ll_store(symm_ll_slot(a, p, parity, a.rank) + c, v, flag);
+            }
+        }
+    }
+}
+
+// Reduce: out = sum over src in rank order of (src == rank ? own : the LL line from src), for
+// `bytes` of elements; the same order and rounding as symm_reduce. False if a wait gave up.
+template <class Ty>
+SYMM_DEVICE bool symm_ll_reduce(const SymmArgs& a, const SymmLaunch& l, const unsigned char* own,
+                                bool own_aligned8, unsigned long long own_first,
+                                unsigned char* out, bool out_aligned8, unsigned long long bytes,
+                                unsigned int parity, unsigned int flag) {
+    constexpr int ES = Ty::ES;
+    const unsigned long long chunks = (bytes + 7) / 8;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long c = symm_ll_first_chunk(); c < chunks; c += stride) {
+        SymmAcc8 acc = {{0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll 1
+        for (unsigned int s = 0; s < a.world; ++s) {
+            unsigned long long v;
+            if (s == a.rank) {
+                v = c == symm_ll_first_chunk()
+                        ? own_first
+                        : symm_ld8<ES>(own + c * 8, bytes - c * 8, own_aligned8);
+            } else if (!symm_ll_load(a, l.st, symm_ll_slot(a, a.rank, parity, s) + c, flag, s,
+                                     l.e, &v)) {
+                return false;
+            }
+            symm_ll_accumulate<Ty>(v, acc, s == 0);
+        }
+        symm_st8<ES>(out + c * 8, symm_ll_pack<Ty>(acc), bytes - c * 8, out_aligned8);
+    }
+    return true;
+}
+
+SYMM_DEVICE bool symm_aligned8(unsigned long long address) { return (address & 7ULL) == 0; }
+
+// count = elements of the whole buffer; count * ES <= SYMM_LL_MAX_BYTES.
+template <class Ty>
+SYMM_DEVICE void symm_ll_allreduce(const SymmArgs& a) {
+    constexpr int ES = Ty::ES;
+    symm_enter();
+    const bool sized = a.count <= SYMM_LL_MAX_BYTES / ES && a.in != 0;
+    const unsigned long long bytes = sized ? a.count * ES : 0;
+    const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
+    const unsigned long long first = symm_ll_prefetch<ES>(in, symm_aligned8(a.in), bytes);
+    SymmLaunch l;
+    if (!symm_take_epoch(a, &l)) {
+        return;
+    }
+    const bool ok = sized && symm_args_ok(a, 0, false);
+    if (ok) {
+        const unsigned int parity = (unsigned int)(l.e & 1);
+        const unsigned int flag = (unsigned int)l.e;
+        symm_ll_send<ES>(a, in, symm_aligned8(a.in), bytes, parity, flag, -1, first);
+        symm_ll_reduce<Ty>(a, l, in, symm_aligned8(a.in), first,
+                           reinterpret_cast<unsigned char*>(a.out), symm_aligned8(a.out), bytes,
+                           parity, flag);
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}
+
+// count = elements of each rank's piece (the input holds world pieces); count * ES <=
+// SYMM_LL_MAX_BYTES.
+template <class Ty>
+SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
+    constexpr int ES = Ty::ES;
+    symm_enter();
+    // Prefetch the own piece and the next rank's (the only peer on two GPUs).
+    const bool sized = a.count <= SYMM_LL_MAX_BYTES / ES && a.in != 0 && a.world >= 2 &&
+                       a.world <= SYMM_MAX_WORLD && a.rank < a.world;
+    const unsigned long long bytes = sized ? a.count * ES : 0;
+    const unsigned int next = sized ? (a.rank + 1) % a.world : 0;
+    const unsigned long long own = a.in + bytes * a.rank;
+    const unsigned long long next_piece = a.in + bytes * next;
+    const unsigned long long own_first = symm_ll_prefetch<ES>(
+        reinterpret_cast<const unsigned char*>(own), symm_aligned8(own), bytes);
+    const unsigned long long next_first = symm_ll_prefetch<ES>(
+        reinterpret_cast<const unsigned char*>(next_piece), symm_aligned8(next_piece), bytes);
+    SymmLaunch l;
+    if (!symm_take_epoch(a, &l)) {
+        return;
+    }
+    const bool ok = sized && symm_args_ok(a, 0, false);
+    if (ok) {
+        const unsigned int parity = (unsigned int)(l.e & 1);
+        const unsigned int flag = (unsigned int)l.e;
+        for (unsigned int k = 1; k < a.world; ++k) {
+            const unsigned int c = (a.rank + k) % a.world;
+            const unsigned long long piece = a.in + bytes * c;
+            const unsigned char* src = reinterpret_cast<const unsigned char*>(piece);
+            const unsigned long long first =
+                k == 1 ? next_first
+                       : symm_ll_prefetch<ES>(src, symm_aligned8(piece), bytes);
+            symm_ll_send<ES>(a, src, symm_aligned8(piece), bytes, parity, flag, (int)c, first);
+        }
+        symm_ll_reduce<Ty>(a, l, reinterpret_cast<const unsigned char*>(own), symm_aligned8(own),
+                           own_first, reinterpret_cast<unsigned char*>(a.out),
+                           symm_aligned8(a.out), bytes, parity, flag);
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points. Launch: block (SYMM_BLOCK_THREADS, 1, 1), grid (g, 1, 1) with 1 <= g <= 64, the
 // same g on every rank; see KERNELS.md.
 
-#define SYMM_KERNEL extern "C" __global__ void __launch_bounds__(SYMM_BLOCK_THREADS)
+// One block per SM is all a launch needs (grids are at most 64 blocks): saying so lets ptxas
+// keep the LL kernels out of local memory instead of squeezing them into 32 registers.
+#define SYMM_KERNEL extern "C" __global__ void __launch_bounds__(SYMM_BLOCK_THREADS, 1)
 
 SYMM_KERNEL symm_oneshot_allreduce_bf16(const SymmArgs a) { symm_oneshot_allreduce<SymmBF16>(a); }
 SYMM_KERNEL symm_oneshot_allreduce_f16(const SymmArgs a) { symm_oneshot_allreduce<SymmF16>(a); }
@@ -685,6 +971,66 @@ SYMM_KERNEL symm_twoshot_allreduce_f32(const SymmArgs a) { symm_twoshot_allreduc
 SYMM_KERNEL symm_reducescatter_bf16(const SymmArgs a) { symm_reducescatter<SymmBF16>(a); }
 SYMM_KERNEL symm_reducescatter_f16(const SymmArgs a) { symm_reducescatter<SymmF16>(a); }
 SYMM_KERNEL symm_reducescatter_f32(const SymmArgs a) { symm_reducescatter<SymmF32>(a); }
+
+SYMM_KERNEL symm_ll_allreduce_bf16(const SymmArgs a) { symm_ll_allreduce<SymmBF16>(a); }
+SYMM_KERNEL symm_ll_allreduce_f16(const SymmArgs a) { symm_ll_allreduce<SymmF16>(a); }
+SYMM_KERNEL symm_ll_allreduce_f32(const SymmArgs a) { symm_ll_allreduce<SymmF32>(a); }
+
+SYMM_KERNEL symm_ll_reducescatter_bf16(const SymmArgs a) { symm_ll_reducescatter<SymmBF16>(a); }
+SYMM_KERNEL symm_ll_reducescatter_f16(const SymmArgs a) { symm_ll_reducescatter<SymmF16>(a); }
+SYMM_KERNEL symm_ll_reducescatter_f32(const SymmArgs a) { symm_ll_reducescatter<SymmF32>(a); }
+
+// count = BYTES of each rank's piece (output has world * count bytes); count <=
+// SYMM_LL_MAX_BYTES. Any dtype.
+SYMM_KERNEL symm_ll_allgather(const SymmArgs a) {
+    symm_enter();
+    const bool sized = a.count <= SYMM_LL_MAX_BYTES && a.in != 0;
+    const unsigned long long bytes = sized ? a.count : 0;
+    const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
+    const unsigned long long first = symm_ll_prefetch<1>(in, symm_aligned8(a.in), bytes);
+    SymmLaunch l;
+    if (!symm_take_epoch(a, &l)) {
+        return;
+    }
+    const bool ok = sized && symm_args_ok(a, 0, false);
+    if (ok) {
+        const unsigned int parity = (unsigned int)(l.e & 1);
+        const unsigned int flag = (unsigned int)l.e;
+        symm_ll_send<1>(a, in, symm_aligned8(a.in), bytes, parity, flag, -1, first);
+        const unsigned long long chunks = (bytes + 7) / 8;
+        const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+        const unsigned long long mine = symm_ll_first_chunk();
+        bool alive = true;
+        for (unsigned int s = 0; s < a.world && alive; ++s) {
+            const unsigned long long base = a.out + bytes * s;
+            unsigned char* dst = reinterpret_cast<unsigned char*>(base);
+            const bool dst8 = symm_aligned8(base);
+            if (s == a.rank) {
+                if (a.in != base) {
+                    for (unsigned long long c = mine; c < chunks; c += stride) {
+                        const unsigned long long v =
+                            c == mine ? first
+                                      : symm_ld8<1>(in + c * 8, bytes - c * 8, symm_aligned8(a.in));
+                        symm_st8<1>(dst + c * 8, v, bytes - c * 8, dst8);
+                    }
+                }
+                continue;
+            }
+            const uint4* slot = symm_ll_slot(a, a.rank, parity, s);
+            for (unsigned long long c = mine; c < chunks; c += stride) {
+                unsigned long long v;
+                if (!symm_ll_load(a, l.st, slot + c, flag, s, l.e, &v)) {
+                    alive = false;
+                    break;
+                }
+                symm_st8<1>(dst + c * 8, v, bytes - c * 8, dst8);
+            }
+        }
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
+}
 
 // count = BYTES of each rank's piece (output has world * count bytes); slot >= count. Any dtype.
 SYMM_KERNEL symm_allgather(const SymmArgs a) {

@@ -16,6 +16,15 @@ SYMM_DEVICE void symm_grid_dependency_wait() {
 #endif
 }
 
+// Let the next grid on the stream launch now (if it was launched with programmatic dependent
+// launch); it still waits in symm_grid_dependency_wait until this grid has completed. Called by
+// our collectives right after their own wait, so the successor's launch overlaps their work.
+SYMM_DEVICE void symm_launch_dependents() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Nanoseconds from the GPU's global timer.
 SYMM_DEVICE unsigned long long symm_globaltimer() {
     unsigned long long t;

@@ -63,6 +63,10 @@ pub struct CommConfig {
     /// Bytes of one workspace slot of our own kernels per group (the largest piece they move;
     /// each group's workspace is 4 × world × this). 0 turns our kernels off.
     pub kernel_slot_bytes: usize,
+    /// Launch our own kernels with programmatic dependent launch (Hopper and later), so that one
+    /// launches while its predecessor on the stream is still running; each waits on the grid
+    /// dependency before touching memory (KERNELS.md §2). Off only to measure what it saves.
+    pub own_kernels_pdl: bool,
 }
 
 impl Default for CommConfig {
@@ -77,6 +81,7 @@ impl Default for CommConfig {
             device: None,
             pdl_guard: true,
             kernel_slot_bytes: 4 << 20,
+            own_kernels_pdl: true,
         }
     }
 }

@@ -70,6 +70,20 @@ pub const PAD_PEER_ERROR_OFFSET: usize = 8 * PHASES * MAX_BLOCKS as usize * MAX_
 /// Bytes of one rank's signal pad: `flags[PHASES][MAX_BLOCKS][MAX_WORLD]` (u64), then
 /// `peer_error[MAX_WORLD]` (u32). Zero it before first use.
 pub const PAD_BYTES: usize = PAD_PEER_ERROR_OFFSET + 4 * MAX_WORLD;
+/// Offset of the low-latency (LL) area from a rank's signal-pad base: [`PAD_BYTES`] rounded up
+/// to 256 (`SYMM_LL_OFFSET`).
+pub const LL_OFFSET: usize = PAD_BYTES.div_ceil(256) * 256;
+/// Most payload bytes one LL slot carries: the largest piece an LL kernel moves
+/// (`SYMM_LL_MAX_BYTES`).
+pub const LL_MAX_BYTES: usize = 512 << 10;
+/// Bytes of one LL slot: 16-byte lines of 8 payload bytes and two flags (`SYMM_LL_SLOT_BYTES`).
+pub const LL_SLOT_BYTES: usize = 2 * LL_MAX_BYTES;
+
+/// Bytes of one rank's LL area: `[parity 0..2][src 0..world]` slots.
+pub fn ll_area_bytes(world: usize) -> usize {
+    2 * world * LL_SLOT_BYTES
+}
+
 /// Flag-wait deadline the kernels use when [`SymmArgs::timeout_ns`] is 0.
 pub const DEFAULT_TIMEOUT_NS: u64 = 10_000_000_000;
 
@@ -206,16 +220,26 @@ pub enum CollectiveKernel {
     ReduceScatter,
     /// `symm_barrier`: the epoch and flag barrier alone.
     Barrier,
+    /// `symm_ll_allreduce_{bf16,f16,f32}`: one-shot with the low-latency protocol (flags in the
+    /// data, no barrier), for pieces up to [`LL_MAX_BYTES`].
+    LlAllReduce,
+    /// `symm_ll_allgather`: bytes, any dtype, low-latency protocol.
+    LlAllGather,
+    /// `symm_ll_reducescatter_{bf16,f16,f32}`: low-latency protocol.
+    LlReduceScatter,
 }
 
 impl CollectiveKernel {
     /// Every collective kernel.
-    pub const ALL: [CollectiveKernel; 5] = [
+    pub const ALL: [CollectiveKernel; 8] = [
         CollectiveKernel::OneShotAllReduce,
         CollectiveKernel::TwoShotAllReduce,
         CollectiveKernel::AllGather,
         CollectiveKernel::ReduceScatter,
         CollectiveKernel::Barrier,
+        CollectiveKernel::LlAllReduce,
+        CollectiveKernel::LlAllGather,
+        CollectiveKernel::LlReduceScatter,
     ];
 
     /// The kernel's function name for `dtype`, or `None` if there is no such kernel (reductions
@@ -232,7 +256,14 @@ impl CollectiveKernel {
             (K::ReduceScatter, DType::BF16) => "symm_reducescatter_bf16",
             (K::ReduceScatter, DType::F16) => "symm_reducescatter_f16",
             (K::ReduceScatter, DType::F32) => "symm_reducescatter_f32",
+            (K::LlAllReduce, DType::BF16) => "symm_ll_allreduce_bf16",
+            (K::LlAllReduce, DType::F16) => "symm_ll_allreduce_f16",
+            (K::LlAllReduce, DType::F32) => "symm_ll_allreduce_f32",
+            (K::LlReduceScatter, DType::BF16) => "symm_ll_reducescatter_bf16",
+            (K::LlReduceScatter, DType::F16) => "symm_ll_reducescatter_f16",
+            (K::LlReduceScatter, DType::F32) => "symm_ll_reducescatter_f32",
             (K::AllGather, _) => "symm_allgather",
+            (K::LlAllGather, _) => "symm_ll_allgather",
             (K::Barrier, _) => "symm_barrier",
             _ => return None,
         })
@@ -242,7 +273,9 @@ impl CollectiveKernel {
     /// rank's piece (all-gather, reduce-scatter). All-gather counts bytes.
     pub fn args_count(self, elements: u64, dtype: DType) -> u64 {
         match self {
-            CollectiveKernel::AllGather => elements * dtype.size() as u64,
+            CollectiveKernel::AllGather | CollectiveKernel::LlAllGather => {
+                elements * dtype.size() as u64
+            }
             _ => elements,
         }
     }
@@ -258,9 +291,24 @@ impl CollectiveKernel {
                 count.div_ceil(u64::from(world.max(1))).div_ceil(unit) * unit * es
             }
             CollectiveKernel::AllGather => count,
-            CollectiveKernel::Barrier => 0,
+            CollectiveKernel::Barrier
+            | CollectiveKernel::LlAllReduce
+            | CollectiveKernel::LlAllGather
+            | CollectiveKernel::LlReduceScatter => 0,
         };
         bytes.div_ceil(16) * 16
+    }
+
+    /// Payload bytes per piece of an LL kernel for `count` (as in [`SymmArgs`]) of `dtype`: at
+    /// most [`LL_MAX_BYTES`]. `None` for the other kernels.
+    pub fn ll_payload_bytes(self, count: u64, dtype: DType) -> Option<u64> {
+        match self {
+            CollectiveKernel::LlAllReduce | CollectiveKernel::LlReduceScatter => {
+                Some(count * dtype.size() as u64)
+            }
+            CollectiveKernel::LlAllGather => Some(count),
+            _ => None,
+        }
     }
 }
 

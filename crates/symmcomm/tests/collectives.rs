@@ -75,6 +75,8 @@ fn flat_collectives(b: TestBackend) {
                             (Impl::Kernel(Algo::OneShot), true),
                             (Impl::Kernel(Algo::TwoShot), false),
                             (Impl::Kernel(Algo::CopyEngine), true),
+                            (Impl::Kernel(Algo::LowLatency), false),
+                            (Impl::Kernel(Algo::LowLatency), true),
                         ] {
                             n += 1;
                             let piece = match coll {
@@ -459,6 +461,47 @@ fn graph_of_two_groups(b: TestBackend) {
                     input_symm: false,
                     output_symm: false,
                     seed: seed ^ 2,
+                },
+            ),
+            // The low-latency protocol on both groups, beside the barrier kernels of the same
+            // groups (one epoch counter per group), with tails that are not whole 8-byte lines.
+            (
+                &dcp,
+                Case {
+                    coll: Collective::AllReduce(ReduceOp::Sum),
+                    dtype: DType::BF16,
+                    shape: vec![5001],
+                    dim: None,
+                    imp: Impl::Kernel(Algo::LowLatency),
+                    input_symm: false,
+                    output_symm: false,
+                    seed: seed ^ 7,
+                },
+            ),
+            (
+                &tp,
+                Case {
+                    coll: Collective::AllGather,
+                    dtype: DType::U8,
+                    shape: vec![2 * 1003],
+                    dim: None,
+                    imp: Impl::Kernel(Algo::LowLatency),
+                    input_symm: false,
+                    output_symm: true,
+                    seed: seed ^ 8,
+                },
+            ),
+            (
+                &dcp,
+                Case {
+                    coll: Collective::ReduceScatter(ReduceOp::Sum),
+                    dtype: DType::F32,
+                    shape: vec![2 * 20_001],
+                    dim: None,
+                    imp: Impl::Kernel(Algo::LowLatency),
+                    input_symm: true,
+                    output_symm: false,
+                    seed: seed ^ 9,
                 },
             ),
         ];

@@ -38,6 +38,13 @@ const EXPECTED: &[(&str, &[&str])] = &[
             "symm_oneshot_allreduce_f32",
             "symm_twoshot_allreduce_bf16",
             "symm_twoshot_allreduce_f16",
+            "symm_ll_allreduce_bf16",
+            "symm_ll_allreduce_f16",
+            "symm_ll_allreduce_f32",
+            "symm_ll_reducescatter_bf16",
+            "symm_ll_reducescatter_f16",
+            "symm_ll_reducescatter_f32",
+            "symm_ll_allgather",
             "symm_twoshot_allreduce_f32",
             "symm_reducescatter_bf16",
             "symm_reducescatter_f16",
@@ -234,6 +241,7 @@ fn nvrtc_compiles_every_module_and_caches() {
         .ptxas_report(&COLLECTIVES, "sm_90a")
         .expect("ptxas report");
     assert!(report.contains("registers"), "report: {report}");
+    eprintln!("{report}");
     for line in report.lines().filter(|l| l.contains("spill")) {
         assert!(
             line.contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
@@ -422,6 +430,9 @@ fn abi_constants_match_the_cu_defines() {
         ("SYMM_ERR_PEER", u64::from(kernels::ERR_PEER)),
         ("SYMM_ERR_ARGS", u64::from(kernels::ERR_ARGS)),
         ("SYMM_DEFAULT_TIMEOUT_NS", kernels::DEFAULT_TIMEOUT_NS),
+        ("SYMM_LL_OFFSET", kernels::LL_OFFSET as u64),
+        ("SYMM_LL_MAX_BYTES", kernels::LL_MAX_BYTES as u64),
+        ("SYMM_LL_SLOT_BYTES", kernels::LL_SLOT_BYTES as u64),
     ] {
         let line = src
             .lines()

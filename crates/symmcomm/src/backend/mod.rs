@@ -47,18 +47,27 @@ pub enum Algo {
     /// All-gather by copy-engine transfers straight into peers' output windows, between two
     /// flag barriers: for bandwidth at large sizes.
     CopyEngine,
+    /// One-shot with the low-latency protocol: every 8 bytes travel with the launch's flag in
+    /// one 16-byte store, so a reader needs no barrier; for small sizes.
+    LowLatency,
 }
 
 impl Algo {
     /// Every algorithm.
-    pub const ALL: [Algo; 3] = [Algo::OneShot, Algo::TwoShot, Algo::CopyEngine];
+    pub const ALL: [Algo; 4] = [
+        Algo::OneShot,
+        Algo::TwoShot,
+        Algo::CopyEngine,
+        Algo::LowLatency,
+    ];
 
-    /// Name in tables and results (`oneshot`, `twoshot`, `ce`).
+    /// Name in tables and results (`oneshot`, `twoshot`, `ce`, `ll`).
     pub fn name(self) -> &'static str {
         match self {
             Algo::OneShot => "oneshot",
             Algo::TwoShot => "twoshot",
             Algo::CopyEngine => "ce",
+            Algo::LowLatency => "ll",
         }
     }
 }
@@ -119,7 +128,7 @@ impl FromStr for Impl {
                     Some(a) => Impl::Kernel(a),
                     None => {
                         return Err(format!(
-                            "unknown implementation {s:?} (auto, nccl, nccl_symm, host, host_symm, oneshot, twoshot)"
+                            "unknown implementation {s:?} (auto, nccl, nccl_symm, host, host_symm, oneshot, twoshot, ce, ll)"
                         ));
                     }
                 }

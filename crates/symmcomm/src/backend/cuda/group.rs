@@ -64,6 +64,9 @@ fn kernel_for(algo: Algo, coll: Collective) -> Option<CollectiveKernel> {
         (Algo::TwoShot, Collective::AllReduce(_)) => CollectiveKernel::TwoShotAllReduce,
         (Algo::OneShot, Collective::AllGather) => CollectiveKernel::AllGather,
         (Algo::OneShot, Collective::ReduceScatter(_)) => CollectiveKernel::ReduceScatter,
+        (Algo::LowLatency, Collective::AllReduce(_)) => CollectiveKernel::LlAllReduce,
+        (Algo::LowLatency, Collective::AllGather) => CollectiveKernel::LlAllGather,
+        (Algo::LowLatency, Collective::ReduceScatter(_)) => CollectiveKernel::LlReduceScatter,
         _ => return None,
     })
 }

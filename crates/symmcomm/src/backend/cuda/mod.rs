@@ -176,6 +176,7 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
         timeout: config.timeout,
         pdl_guard: config.pdl_guard && pdl_hazard(nccl.version()),
         kernel_slot_bytes: config.kernel_slot_bytes,
+        own_kernels_pdl: config.own_kernels_pdl && cc.0 >= 9,
         own: Mutex::new(Vec::new()),
     });
     Ok(Arc::new(CudaDevice { dev }))
@@ -207,6 +208,8 @@ pub(crate) struct DeviceShared {
     pub(crate) pdl_guard: bool,
     /// Workspace slot of our own kernels (0: off).
     kernel_slot_bytes: usize,
+    /// Launch our kernels with programmatic dependent launch (compute capability 9.0+).
+    pub(crate) own_kernels_pdl: bool,
     /// Our kernels' groups, whose device-side error state every wait checks.
     own: Mutex<Vec<(Weak<own::OwnKernels>, String)>>,
 }

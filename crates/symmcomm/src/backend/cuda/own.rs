@@ -14,8 +14,8 @@ use crate::bootstrap::ControlPlane;
 use crate::dtype::DType;
 use crate::error::{Error, OpCtx, Result};
 use crate::kernels::{
-    BLOCK_THREADS, CollectiveKernel, MAX_BLOCKS, MAX_WORLD, PAD_BYTES, SymmArgs, SymmState,
-    workspace_bytes,
+    BLOCK_THREADS, CollectiveKernel, LL_MAX_BYTES, LL_OFFSET, MAX_BLOCKS, MAX_WORLD, SymmArgs,
+    SymmState, ll_area_bytes, workspace_bytes,
 };
 
 use cudarc::driver::sys;
@@ -54,12 +54,20 @@ pub(crate) struct OwnKernels {
     rank: usize,
     world: usize,
     timeout_ns: u64,
+    /// Launch with programmatic dependent launch.
+    pdl: bool,
 }
 
 /// Blocks for a launch moving `bytes` per rank: one per 4 KiB, at most 64 (measured on 2×H200:
 /// 1–4 blocks to 16 KiB, 16 at 64 KiB, 64 from 256 KiB).
 pub(crate) fn grid_for(bytes: usize) -> u32 {
     (bytes.div_ceil(4096) as u32).clamp(1, MAX_BLOCKS)
+}
+
+/// Blocks for an LL launch moving `bytes` per piece: one thread per 8-byte chunk, at most 64
+/// blocks (threads then take several chunks).
+pub(crate) fn ll_grid_for(bytes: usize) -> u32 {
+    (bytes.div_ceil(8 * BLOCK_THREADS as usize) as u32).clamp(1, MAX_BLOCKS)
 }
 
 impl OwnKernels {
@@ -106,7 +114,8 @@ impl OwnKernels {
         };
         let slot_bytes = slot_bytes.div_ceil(256) * 256;
         let ws_bytes = workspace_bytes(world, slot_bytes);
-        let total = ws_bytes + PAD_BYTES.div_ceil(256) * 256;
+        // Workspace, then the signal pad, then the LL area at pad + LL_OFFSET (KERNELS.md §3).
+        let total = ws_bytes + LL_OFFSET + ll_area_bytes(world);
         dev.bind(ctx)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: `p` is valid for writing; the context is current.
@@ -149,6 +158,7 @@ impl OwnKernels {
             rank: control.rank(),
             world,
             timeout_ns: dev.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            pdl: dev.own_kernels_pdl,
         }))
     }
 
@@ -172,11 +182,15 @@ impl OwnKernels {
         if self.function(name).is_none() {
             return Some(format!("kernel {name} is not loaded"));
         }
-        let need = kernel.slot_bytes_needed(
-            kernel.args_count(elems as u64, dtype),
-            dtype,
-            self.world as u32,
-        );
+        let count = kernel.args_count(elems as u64, dtype);
+        if let Some(payload) = kernel.ll_payload_bytes(count, dtype) {
+            return (payload as usize > LL_MAX_BYTES).then(|| {
+                format!(
+                    "{payload} B per piece exceed the {LL_MAX_BYTES} B of the low-latency protocol"
+                )
+            });
+        }
+        let need = kernel.slot_bytes_needed(count, dtype, self.world as u32);
         if need as usize > self.slot_bytes {
             return Some(format!(
                 "{need} B per piece exceed the {} B workspace slot (CommConfig::kernel_slot_bytes)",
@@ -224,16 +238,13 @@ impl OwnKernels {
             args.ws[p] = v.base();
             args.pad[p] = v.base() + self.ws_bytes as u64;
         }
-        let bytes = match kernel {
-            CollectiveKernel::OneShotAllReduce | CollectiveKernel::TwoShotAllReduce => {
-                elems * dtype.size()
-            }
-            _ => elems * dtype.size(),
-        };
-        let grid = if kernel == CollectiveKernel::Barrier {
-            1
-        } else {
-            grid_for(bytes)
+        let bytes = elems * dtype.size();
+        let grid = match kernel {
+            CollectiveKernel::Barrier => 1,
+            CollectiveKernel::LlAllReduce
+            | CollectiveKernel::LlAllGather
+            | CollectiveKernel::LlReduceScatter => ll_grid_for(bytes),
+            _ => grid_for(bytes),
         };
         let block = if kernel == CollectiveKernel::Barrier {
             32
@@ -244,7 +255,9 @@ impl OwnKernels {
         // SAFETY: every kernel of collectives.cu takes one `SymmArgs` by value, which `params`
         // points to; the workspace, pads and state are alive as long as this group, and the
         // input and output ranges were validated by the caller.
-        unsafe { f.launch(grid, block, 0, stream, &mut params, false, ctx) }
+        // Every kernel of collectives.cu waits on the grid dependency before it reads or writes
+        // memory, so it may be launched with PDL (KERNELS.md §2).
+        unsafe { f.launch(grid, block, 0, stream, &mut params, self.pdl, ctx) }
     }
 
     /// This rank's kernel state: an error names the peer and what failed.
