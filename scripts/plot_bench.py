@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 STYLE = {
     "nccl": ("tab:gray", "o", "-"),
     "nccl_symm": ("black", "s", "-"),
+    "ll": ("tab:purple", "P", "--"),
     "oneshot": ("tab:blue", "^", "--"),
     "twoshot": ("tab:cyan", "v", "--"),
     "ce": ("tab:green", "D", "--"),

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Markdown tables and bar checks from a symmcomm results file (benchmarks/results/*.json), for
+BENCHMARKS.md. Every figure comes from the file; nothing is typed in by hand.
+
+    python3 scripts/bench_tables.py benchmarks/results/h200x2.json > /tmp/tables.md
+
+Sections: the collectives per op and mode (µs per op, `auto`'s choice, auto / best NCCL path,
+auto / nccl_symm), the DCP combine rows, the decode-step rows, and the issues' bars.
+"""
+
+import json
+import sys
+from collections import defaultdict
+
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce")
+# Column order; an implementation shows only if the file has rows for it.
+ORDER = ("nccl", "nccl_symm", "ll", "oneshot", "twoshot", "ce")
+
+
+def human(b):
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if b >= 1 << shift and b % (1 << shift) == 0:
+            return f"{b >> shift}{unit}"
+    return str(b)
+
+
+def fmt(x):
+    return "–" if x is None else f"{x:.2f}"
+
+
+def collective_tables(rows, out):
+    table = defaultdict(dict)  # (op, mode) -> bytes -> impl -> row
+    for r in rows:
+        if r["op"] in COLLECTIVES and r.get("dtype") == "bf16":
+            table[(r["op"], r["mode"])].setdefault(r["bytes"], {})[r["impl"]] = r
+    for mode in ("graph", "eager"):
+        for op in COLLECTIVES:
+            points = table.get((op, mode))
+            if not points:
+                continue
+            impls = [i for i in ORDER if any(i in p for p in points.values())]
+            out.append(
+                f"**{op}, {mode}** (µs per op; auto/min = auto / best of nccl and nccl_symm)\n"
+            )
+            head = ["size", *impls, "auto", "auto ran", "auto/min", "auto/symm"]
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "|".join(["---:"] * (len(impls) + 2) + ["---", "---:", "---:"]) + "|")
+            for size in sorted(points):
+                p = points[size]
+                us = {i: p[i]["us"] for i in p}
+                best = min(us[i] for i in ("nccl", "nccl_symm") if i in us)
+                auto = us.get("auto")
+                cells = [human(size), *[fmt(us.get(i)) for i in impls], fmt(auto)]
+                cells.append(p["auto"].get("ran", "?") if "auto" in p else "–")
+                cells.append(f"{auto / best:.3f}" if auto else "–")
+                cells.append(f"{auto / us['nccl_symm']:.3f}" if auto and "nccl_symm" in us else "–")
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+
+
+def grouped_table(rows, op, key, key_name, out, title):
+    sel = [r for r in rows if r["op"] == op]
+    if not sel:
+        return
+    impls = sorted({r["impl"] for r in sel}, key=lambda i: (i != "nccl", i != "nccl_symm", i))
+    groups = defaultdict(dict)
+    for r in sel:
+        groups[(r.get("config", ""), r["mode"], key(r))][r["impl"]] = r
+    out.append(title + "\n")
+    head = ["config", "mode", key_name, *impls, *[f"{i}/nccl" for i in impls if i != "nccl"],
+            *[f"{i}/nccl_symm" for i in impls if i not in ("nccl", "nccl_symm")], "ok"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 3) + ["---"]) + "|")
+    for (config, mode, k), p in sorted(groups.items()):
+        us = {i: p[i]["us"] for i in p}
+        cells = [config or "–", mode, str(k), *[fmt(us.get(i)) for i in impls]]
+        for i in impls:
+            if i != "nccl":
+                cells.append(f"{us[i] / us['nccl']:.3f}" if i in us and "nccl" in us else "–")
+        for i in impls:
+            if i not in ("nccl", "nccl_symm"):
+                cells.append(
+                    f"{us[i] / us['nccl_symm']:.3f}" if i in us and "nccl_symm" in us else "–"
+                )
+        cells.append("yes" if all(r["ok"] for r in p.values()) else "**NO**")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+
+
+def bars(rows, out):
+    graph = defaultdict(dict)
+    for r in rows:
+        if r["op"] in COLLECTIVES and r["mode"] == "graph" and r.get("dtype") == "bf16":
+            graph[(r["op"], r["bytes"])][r["impl"]] = r["us"]
+    def worst(lo, hi, ref):
+        ratios = []
+        for (op, b), us in graph.items():
+            if lo <= b <= hi and "auto" in us:
+                base = us["nccl_symm"] if ref == "symm" else min(us["nccl"], us["nccl_symm"])
+                ratios.append((us["auto"] / base, op, human(b)))
+        return max(ratios) if ratios else None
+    out.append("| bar (graph, bf16) | worst ratio | where |")
+    out.append("| --- | ---: | --- |")
+    for label, lo, hi, ref in (
+        ("2–64 KiB: auto / nccl_symm", 2 << 10, 64 << 10, "symm"),
+        ("256 KiB–4 MiB: auto / min(nccl, nccl_symm)", 256 << 10, 4 << 20, "min"),
+        ("16–256 MiB: auto / min(nccl, nccl_symm)", 16 << 20, 256 << 20, "min"),
+        ("every size: auto / min(nccl, nccl_symm)", 0, 1 << 40, "min"),
+    ):
+        w = worst(lo, hi, ref)
+        if w:
+            out.append(f"| {label} | {w[0]:.3f} | {w[1]} {w[2]} |")
+    n_ok = sum(r["ok"] for r in rows)
+    out.append(f"| rows ok | {n_ok} / {len(rows)} | |")
+    out.append("")
+
+
+def main():
+    data = json.load(open(sys.argv[1]))
+    rows = data["rows"]
+    out = [f"Source: `{sys.argv[1]}`, commit `{data['meta'].get('commit')}`, "
+           f"{data['meta'].get('date')}, NCCL {data['meta'].get('nccl')}.\n"]
+    collective_tables(rows, out)
+    grouped_table(rows, "dcp_combine", lambda r: r["bytes"], "bytes", out,
+                  "**dcp_combine** (µs per combine; bytes = partial output per rank)")
+    grouped_table(rows, "decode_step", lambda r: r["bytes"], "batch", out,
+                  "**decode_step** (µs of communication per decode step)")
+    bars(rows, out)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
