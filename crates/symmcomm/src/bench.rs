@@ -162,6 +162,9 @@ pub struct Row {
     /// Elements whose value was wrong, summed over ranks.
     #[serde(default)]
     pub wrong: usize,
+    /// For `decode_step` rows: the parallel configuration (`tp`, `dp_attn`, `dcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 /// Physical limits measured on the machine.
@@ -209,7 +212,8 @@ pub struct Results {
     pub rows: Vec<Row>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -349,18 +353,12 @@ pub fn measure_point(
                     }
                     Ok(())
                 })?,
-                Some(g) => comm.time(&mut || {
-                    for _ in 0..spec.replays {
-                        g.replay()?;
-                    }
-                    Ok(())
-                })?,
+                Some(g) => {
+                    p.samples.push(replay_us(comm, g, spec.replays)? / spec.graph_ops as f64);
+                    continue;
+                }
             };
-            let ops = match &p.graph {
-                None => spec.iters,
-                Some(_) => spec.replays * spec.graph_ops,
-            };
-            p.samples.push(t.as_secs_f64() * 1e6 / ops as f64);
+            p.samples.push(t.as_secs_f64() * 1e6 / spec.iters as f64);
         }
     }
     let mut rows = Vec::with_capacity(prepared.len());
@@ -381,14 +379,7 @@ pub fn measure_point(
                 m.wrong
             }
         };
-        let mut msg = median(p.samples).to_le_bytes().to_vec();
-        msg.extend_from_slice(&(wrong as u64).to_le_bytes());
-        let all = group.control().all_gather("bench row", &msg)?;
-        let us = all.iter().map(|m| to_f64(&m[..8])).fold(0.0, f64::max);
-        let wrong_total: usize = all
-            .iter()
-            .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap_or([0; 8])) as usize)
-            .sum();
+        let (us, wrong_total) = slowest_rank(group, "bench row", median(p.samples), wrong)?;
         let algbw = bytes as f64 / (us * 1e-6) / 1e9;
         rows.push(Row {
             op: coll.name().into(),
@@ -403,9 +394,35 @@ pub fn measure_point(
             ok: wrong_total == 0,
             ran: (p.variant.imp == Impl::Auto).then(|| p.ran.unwrap_or_default()),
             wrong: wrong_total,
+            config: None,
         });
     }
     Ok(rows)
+}
+
+/// Time `replays` back-to-back replays of `graph` between two device events; µs per replay.
+pub fn replay_us(comm: &Communicator, graph: &crate::comm::Graph, replays: usize) -> Result<f64> {
+    let t = comm.time(&mut || {
+        for _ in 0..replays {
+            graph.replay()?;
+        }
+        Ok(())
+    })?;
+    Ok(t.as_secs_f64() * 1e6 / replays.max(1) as f64)
+}
+
+/// Agree on a row over `group` (collective): the slowest rank's time and the wrong elements
+/// summed over ranks.
+pub fn slowest_rank(group: &Group, tag: &str, us: f64, wrong: usize) -> Result<(f64, usize)> {
+    let mut msg = us.to_le_bytes().to_vec();
+    msg.extend_from_slice(&(wrong as u64).to_le_bytes());
+    let all = group.control().all_gather(tag, &msg)?;
+    let us = all.iter().map(|m| to_f64(&m[..8])).fold(0.0, f64::max);
+    let wrong_total: usize = all
+        .iter()
+        .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap_or([0; 8])) as usize)
+        .sum();
+    Ok((us, wrong_total))
 }
 
 /// Run the whole sweep on `group`; `progress(done, total, what)` is called after each row.
@@ -778,6 +795,7 @@ mod tests {
             ok: true,
             ran: None,
             wrong: 0,
+            config: None,
         }
     }
 

@@ -333,6 +333,26 @@ pub enum Error {
     #[error("{ctx}: invalid argument: {detail}")]
     InvalidArgument { ctx: OpCtx, detail: String },
 
+    /// Ranks passed different values where every rank must pass the same (the sizes of a
+    /// buffer that must be symmetric, a step's shapes).
+    #[error("{ctx}: ranks disagree on {what}: this rank has {mine}, rank {other_rank} has {theirs}")]
+    Disagreement {
+        ctx: OpCtx,
+        what: String,
+        mine: String,
+        other_rank: usize,
+        theirs: String,
+    },
+
+    /// A step needs more than a buffer was created for.
+    #[error("{ctx}: {what} needs {needed}, the buffer was created for at most {capacity}")]
+    CapacityExceeded {
+        ctx: OpCtx,
+        what: String,
+        needed: usize,
+        capacity: usize,
+    },
+
     /// A dispatch or tune table could not be read or is invalid.
     #[error("dispatch table {path}: {detail}")]
     Table { path: String, detail: String },
@@ -379,7 +399,9 @@ impl Error {
             | Error::Nccl { ctx, .. }
             | Error::Cuda { ctx, .. }
             | Error::WrongResult { ctx, .. }
-            | Error::InvalidArgument { ctx, .. } => Some(ctx),
+            | Error::InvalidArgument { ctx, .. }
+            | Error::Disagreement { ctx, .. }
+            | Error::CapacityExceeded { ctx, .. } => Some(ctx),
             _ => None,
         }
     }

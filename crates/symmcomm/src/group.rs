@@ -669,6 +669,57 @@ impl Group {
         self.inner.comm.device.memset(&r, t.bytes(), 0xFF)
     }
 
+    /// Enqueue a copy of `src` into `dst`: both contiguous, of this communicator, with the same
+    /// element type and number of elements (empty views copy nothing).
+    pub fn copy(&self, src: &Tensor, dst: &Tensor) -> Result<()> {
+        if src.dtype != dst.dtype || src.numel() != dst.numel() {
+            return Err(Error::InvalidArgument {
+                ctx: self.ctx(Op::Copy, src.bytes().max(dst.bytes())),
+                detail: format!(
+                    "copy of {} {} elements into {} {} elements",
+                    src.numel(),
+                    src.dtype,
+                    dst.numel(),
+                    dst.dtype
+                ),
+            });
+        }
+        let s = self.contiguous_ref(src, Op::Copy)?;
+        let d = self.contiguous_ref(dst, Op::Copy)?;
+        if src.bytes() == 0 {
+            return Ok(());
+        }
+        self.inner.comm.keep_alive(&[&src.buf, &dst.buf], &[]);
+        self.inner.comm.device.copy_2d(&Copy2d {
+            src: s,
+            src_pitch: src.bytes(),
+            dst: d,
+            dst_pitch: dst.bytes(),
+            row_bytes: src.bytes(),
+            rows: 1,
+        })
+    }
+
+    /// Enqueue setting every element of the contiguous `t` to zero.
+    pub fn zero(&self, t: &Tensor) -> Result<()> {
+        let r = self.contiguous_ref(t, Op::Fill)?;
+        if t.bytes() == 0 {
+            return Ok(());
+        }
+        self.inner.comm.keep_alive(&[&t.buf], &[]);
+        self.inner.comm.device.memset(&r, t.bytes(), 0)
+    }
+
+    /// Whether this rank is capturing a graph now.
+    pub fn capturing(&self) -> bool {
+        self.inner.comm.device.capturing()
+    }
+
+    /// Whether `other` is this very group (not merely one with the same members).
+    pub fn same_group(&self, other: &Group) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// A zeroed epoch counter in plain memory.
     pub fn epoch_counter(&self) -> Result<EpochCounter> {
         let t = self.alloc_plain(DType::U8, &[8])?;

@@ -1,0 +1,836 @@
+//! `symmcomm decode-sim`: the communication of one decode step of a DeepSeek-V3-shaped model,
+//! replayed in one CUDA graph, under three parallel configurations over the `N` ranks of a
+//! group (`research/dcp-dpattn.md` §6):
+//!
+//! - `tp` (TP = N): per layer the attention `o_proj` all-reduce and the MoE/MLP all-reduce of
+//!   `[B, hidden]`.
+//! - `dp_attn` (DP attention over N, `attn_tp = 1`, MAX_LEN): per layer the gather of every
+//!   rank's `[M, hidden]` into `[N·M, hidden]` and the reduce-scatter back, through
+//!   [`DpGatheredBuffer`]. Rank `r` holds `B − ⌊r·B / 2N⌋` tokens, so counts differ and
+//!   `M = B`.
+//! - `dcp` (TP = DCP = N): per layer the all-gather of `q` `[H/N, B, kv_lora + rope]` along
+//!   heads, the combine after the partial attention ([`dcp_combine`]: all-gather of the
+//!   `[B, H]` fp32 LSEs, reduce-scatter of the `[H, B, kv_lora]` fp32 partial outputs along
+//!   heads), and the two TP all-reduces of `[B, hidden]`.
+//!
+//! `B` is the batch every rank's attention holds (in `dp_attn`, the largest rank's). Each layer
+//! writes its own outputs, so after a replay every collective of the step can be checked
+//! against the f64 reference; the inputs are fresh random values before the first and the last
+//! replay, and both are checked. Compute is left out, except for an optional stand-in kernel
+//! that spins for a set time before each collective.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use crate::backend::{BackendKind, Collective, Impl};
+use crate::bench::{self, Mode, Results, Row, Variant};
+use crate::comm::{Communicator, Graph};
+use crate::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Op, OpCtx, Result};
+use crate::group::{Dispatched, Group};
+use crate::tensor::Tensor;
+use crate::verify::{self, Case};
+
+/// The op name of decode-step rows in the results file.
+pub const DECODE_STEP_OP: &str = "decode_step";
+
+/// The model dimensions the step's shapes follow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelDims {
+    /// Preset name (`deepseek-v3`, `tiny`, or `custom` after overrides).
+    pub name: String,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// MLA latent rank (`kv_lora_rank`).
+    pub kv_lora_rank: usize,
+    /// RoPE part of q and k (`qk_rope_head_dim`).
+    pub rope_dim: usize,
+    /// Layers.
+    pub layers: usize,
+}
+
+impl ModelDims {
+    /// DeepSeek-V3: hidden 7168, 128 heads, kv_lora_rank 512, rope 64, 61 layers.
+    pub fn deepseek_v3() -> Self {
+        ModelDims {
+            name: "deepseek-v3".into(),
+            hidden: 7168,
+            heads: 128,
+            kv_lora_rank: 512,
+            rope_dim: 64,
+            layers: 61,
+        }
+    }
+
+    /// A small model with the same structure, for tests and CI.
+    pub fn tiny() -> Self {
+        ModelDims {
+            name: "tiny".into(),
+            hidden: 256,
+            heads: 8,
+            kv_lora_rank: 32,
+            rope_dim: 8,
+            layers: 3,
+        }
+    }
+
+    /// The preset called `name`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "deepseek-v3" => Some(Self::deepseek_v3()),
+            "tiny" => Some(Self::tiny()),
+            _ => None,
+        }
+    }
+
+    /// Elements of one head's q as gathered for MLA decode (`kv_lora_rank + rope`: 576).
+    pub fn q_dim(&self) -> usize {
+        self.kv_lora_rank + self.rope_dim
+    }
+
+    /// One line for reports.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (hidden {}, {} heads, kv_lora_rank {}, rope {}, {} layers)",
+            self.name, self.hidden, self.heads, self.kv_lora_rank, self.rope_dim, self.layers
+        )
+    }
+}
+
+/// The parallel configuration of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StepConfig {
+    /// Tensor parallel over every rank.
+    Tp,
+    /// DP attention over every rank, MAX_LEN padding.
+    DpAttn,
+    /// Tensor parallel plus decode context parallel over every rank.
+    Dcp,
+}
+
+impl StepConfig {
+    /// Every configuration.
+    pub const ALL: [StepConfig; 3] = [StepConfig::Tp, StepConfig::DpAttn, StepConfig::Dcp];
+
+    /// `tp`, `dp_attn`, `dcp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepConfig::Tp => "tp",
+            StepConfig::DpAttn => "dp_attn",
+            StepConfig::Dcp => "dcp",
+        }
+    }
+
+    /// Parse a name.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("unknown config {s:?} (tp, dp_attn, dcp)"))
+    }
+}
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimSpec {
+    /// Model dimensions.
+    pub model: ModelDims,
+    /// Configurations.
+    pub configs: Vec<StepConfig>,
+    /// Batch sizes (tokens per rank's attention).
+    pub batches: Vec<usize>,
+    /// Implementations and placements (`nccl` on plain memory, the others on windows).
+    pub impls: Vec<Variant>,
+    /// Untimed replays before timing.
+    pub warmup: usize,
+    /// Replays per timed region.
+    pub replays: usize,
+    /// Timed regions; the median is reported.
+    pub repeats: usize,
+    /// A stand-in compute kernel of this many µs before each collective.
+    pub compute_us: Option<f64>,
+    /// Seed of the inputs.
+    pub seed: u64,
+}
+
+impl SimSpec {
+    /// Every configuration at batches 1, 8, 32, 64 with the usual repetitions.
+    pub fn new(model: ModelDims, impls: Vec<Variant>) -> Self {
+        SimSpec {
+            model,
+            configs: StepConfig::ALL.to_vec(),
+            batches: vec![1, 8, 32, 64],
+            impls,
+            warmup: 3,
+            replays: 10,
+            repeats: 7,
+            compute_us: None,
+            seed: 0xDEC0DE,
+        }
+    }
+}
+
+/// DCP's combine after the partial attention, in its plain form: all-gather every rank's LSEs
+/// (`lse_local [B, H]` into `lse_all [N, B, H]`), then reduce-scatter the partial outputs along
+/// heads (`out_partial [H, B, D]` into this rank's `out_mine [H/N, B, D]`). The LSE correction
+/// between the two is compute, which the simulation leaves out. Kept as one function so the
+/// DCP module's combine (`cp_lse_ag_out_rs`, or its fused kernel) can take its place.
+pub fn dcp_combine(
+    group: &Group,
+    lse_local: &Tensor,
+    lse_all: &Tensor,
+    out_partial: &Tensor,
+    out_mine: &Tensor,
+    imp: Impl,
+) -> Result<Vec<Dispatched>> {
+    let lse = group.collective(Collective::AllGather, lse_local, lse_all, None, imp)?;
+    let rs = group.collective(
+        Collective::ReduceScatter(ReduceOp::Sum),
+        out_partial,
+        out_mine,
+        None,
+        imp,
+    )?;
+    Ok(vec![lse, rs])
+}
+
+/// A collective's output and the input whose every-rank values it must reduce or gather.
+struct Output {
+    tensor: Tensor,
+    coll: Collective,
+    input: usize,
+}
+
+/// One layer's buffers.
+enum Layer {
+    Tp {
+        attn_out: Tensor,
+        moe_out: Tensor,
+    },
+    DpAttn {
+        buf: DpGatheredBuffer,
+    },
+    Dcp {
+        q_all: Tensor,
+        lse_all: Tensor,
+        o_mine: Tensor,
+        attn_out: Tensor,
+        moe_out: Tensor,
+    },
+}
+
+/// One implementation's step at one (config, batch): buffers, graph, samples.
+struct Prepared {
+    variant: Variant,
+    /// Filled with fresh values before each checked replay.
+    inputs: Vec<Tensor>,
+    /// Poisoned before each checked replay and compared after it.
+    outputs: Vec<Output>,
+    layers: Vec<Layer>,
+    dp_step: Option<DpStep>,
+    spin: Option<Tensor>,
+    graph: Option<Graph>,
+    /// Per collective, the implementations that ran.
+    ran: BTreeMap<&'static str, BTreeSet<String>>,
+    samples: Vec<f64>,
+    wrong: usize,
+}
+
+/// The collectives of one layer: (collective, dtype, elements of the input, elements of the
+/// output).
+fn layer_traffic(
+    config: StepConfig,
+    m: &ModelDims,
+    batch: usize,
+    world: usize,
+) -> Vec<(Collective, DType, usize, usize)> {
+    let ar = Collective::AllReduce(ReduceOp::Sum);
+    let rs = Collective::ReduceScatter(ReduceOp::Sum);
+    let ag = Collective::AllGather;
+    let tokens = batch * m.hidden;
+    match config {
+        StepConfig::Tp => vec![(ar, DType::BF16, tokens, tokens); 2],
+        StepConfig::DpAttn => vec![
+            (ag, DType::BF16, tokens, world * tokens),
+            (rs, DType::BF16, world * tokens, tokens),
+        ],
+        StepConfig::Dcp => {
+            let hl = m.heads / world;
+            vec![
+                (
+                    ag,
+                    DType::BF16,
+                    hl * batch * m.q_dim(),
+                    m.heads * batch * m.q_dim(),
+                ),
+                (ag, DType::F32, batch * m.heads, world * batch * m.heads),
+                (
+                    rs,
+                    DType::F32,
+                    m.heads * batch * m.kv_lora_rank,
+                    hl * batch * m.kv_lora_rank,
+                ),
+                (ar, DType::BF16, tokens, tokens),
+                (ar, DType::BF16, tokens, tokens),
+            ]
+        }
+    }
+}
+
+/// Why `config` cannot run on `world` ranks with `model`, if it cannot.
+pub fn unsupported(config: StepConfig, model: &ModelDims, world: usize) -> Option<String> {
+    match config {
+        StepConfig::Dcp if !model.heads.is_multiple_of(world) => Some(format!(
+            "dcp splits {} heads over {world} ranks: not divisible",
+            model.heads
+        )),
+        _ => None,
+    }
+}
+
+fn ctx(group: &Group, bytes: usize) -> OpCtx {
+    OpCtx {
+        op: Op::Init,
+        group: group.label().into(),
+        rank: group.rank(),
+        world: group.size(),
+        bytes,
+    }
+}
+
+fn alloc(group: &Group, windows: bool, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    if windows {
+        group.alloc_symmetric(dtype, shape)
+    } else {
+        group.alloc_plain(dtype, shape)
+    }
+}
+
+/// Tokens of `rank` in the `dp_attn` configuration at batch `batch`: uneven, the largest on
+/// rank 0.
+pub fn dp_tokens(rank: usize, world: usize, batch: usize) -> usize {
+    batch - rank * batch / (2 * world)
+}
+
+/// Allocate one implementation's buffers for `config` at `batch` (collective).
+fn prepare(
+    backend: BackendKind,
+    group: &Group,
+    spec: &SimSpec,
+    config: StepConfig,
+    batch: usize,
+    variant: Variant,
+) -> Result<Prepared> {
+    let m = &spec.model;
+    let world = group.size();
+    let w = variant.windows;
+    let mut inputs = Vec::new();
+    let mut outputs = Vec::new();
+    let mut layers = Vec::with_capacity(m.layers);
+    let mut dp_step = None;
+    let ar = Collective::AllReduce(ReduceOp::Sum);
+    match config {
+        StepConfig::Tp => {
+            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+            for _ in 0..m.layers {
+                let attn_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+                let moe_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+                outputs.push(Output {
+                    tensor: attn_out.clone(),
+                    coll: ar,
+                    input: 0,
+                });
+                outputs.push(Output {
+                    tensor: moe_out.clone(),
+                    coll: ar,
+                    input: 1,
+                });
+                layers.push(Layer::Tp { attn_out, moe_out });
+            }
+        }
+        StepConfig::DpAttn => {
+            let counts = TokenCounts::exchange(group, dp_tokens(group.rank(), world, batch))?;
+            let step = DpStep::new(counts, true);
+            // The MoE's partial sums over the gathered rows, the same for every layer.
+            inputs.push(alloc(
+                group,
+                w,
+                DType::BF16,
+                &[step.global_rows(), m.hidden],
+            )?);
+            let dp_spec = DpBufferSpec {
+                hidden: m.hidden,
+                dtype: DType::BF16,
+                max_tokens_per_rank: batch,
+                symmetric: w,
+            };
+            for _ in 0..m.layers {
+                let buf = DpGatheredBuffer::new(group, dp_spec)?;
+                if w && !buf.is_symmetric() {
+                    return Err(Error::InvalidArgument {
+                        ctx: ctx(group, 0),
+                        detail: format!(
+                            "{} needs windows, but the policy put the DP buffer in plain memory ({:?})",
+                            variant.name(backend),
+                            group.placement(false)
+                        ),
+                    });
+                }
+                // Every row of the padded send buffer is filled, so the whole gathered buffer
+                // and the whole padded receive buffer are defined.
+                inputs.push(buf.padded_input(&step)?);
+                outputs.push(Output {
+                    tensor: buf.gathered(&step)?,
+                    coll: Collective::AllGather,
+                    input: inputs.len() - 1,
+                });
+                outputs.push(Output {
+                    tensor: buf.padded_output(&step)?,
+                    coll: Collective::ReduceScatter(ReduceOp::Sum),
+                    input: 0,
+                });
+                layers.push(Layer::DpAttn { buf });
+            }
+            dp_step = Some(step);
+        }
+        StepConfig::Dcp => {
+            let (h, hl, d) = (m.heads, m.heads / world, m.kv_lora_rank);
+            inputs.push(alloc(group, w, DType::BF16, &[hl, batch, m.q_dim()])?);
+            inputs.push(alloc(group, w, DType::F32, &[batch, h])?);
+            inputs.push(alloc(group, w, DType::F32, &[h, batch, d])?);
+            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+            for _ in 0..m.layers {
+                let q_all = alloc(group, w, DType::BF16, &[h, batch, m.q_dim()])?;
+                let lse_all = alloc(group, w, DType::F32, &[world, batch, h])?;
+                let o_mine = alloc(group, w, DType::F32, &[hl, batch, d])?;
+                let attn_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+                let moe_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+                for (t, coll, input) in [
+                    (&q_all, Collective::AllGather, 0),
+                    (&lse_all, Collective::AllGather, 1),
+                    (&o_mine, Collective::ReduceScatter(ReduceOp::Sum), 2),
+                    (&attn_out, ar, 3),
+                    (&moe_out, ar, 4),
+                ] {
+                    outputs.push(Output {
+                        tensor: t.clone(),
+                        coll,
+                        input,
+                    });
+                }
+                layers.push(Layer::Dcp {
+                    q_all,
+                    lse_all,
+                    o_mine,
+                    attn_out,
+                    moe_out,
+                });
+            }
+        }
+    }
+    let spin = match spec.compute_us {
+        Some(_) => Some(group.alloc_plain(DType::BF16, &[256])?),
+        None => None,
+    };
+    Ok(Prepared {
+        variant,
+        inputs,
+        outputs,
+        layers,
+        dp_step,
+        spin,
+        graph: None,
+        ran: BTreeMap::new(),
+        samples: Vec::with_capacity(spec.repeats),
+        wrong: 0,
+    })
+}
+
+/// Enqueue the collectives of one step (every layer) for `p`.
+fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
+    let imp = p.variant.imp;
+    let mut ran: Vec<(&'static str, Dispatched)> = Vec::new();
+    let compute = |spin: &Option<Tensor>| -> Result<()> {
+        match (spin, spec.compute_us) {
+            (Some(t), Some(us)) => {
+                group.fill_random_early_release(t, 0, None, (us * 1e3).round() as u64)
+            }
+            _ => Ok(()),
+        }
+    };
+    let ar = Collective::AllReduce(ReduceOp::Sum);
+    for layer in &p.layers {
+        match layer {
+            Layer::Tp { attn_out, moe_out } => {
+                compute(&p.spin)?;
+                let d = group.collective(ar, &p.inputs[0], attn_out, None, imp)?;
+                ran.push(("all_reduce", d));
+                compute(&p.spin)?;
+                let d = group.collective(ar, &p.inputs[1], moe_out, None, imp)?;
+                ran.push(("all_reduce", d));
+            }
+            Layer::DpAttn { buf } => {
+                let step = p.dp_step.as_ref().expect("dp_attn layers have a step");
+                let (gather_op, scatter_op) = match step.mode() {
+                    DpPaddingMode::MaxLen => ("all_gather", "reduce_scatter"),
+                    DpPaddingMode::SumLen => ("all_reduce", "all_reduce"),
+                };
+                compute(&p.spin)?;
+                if let Some(d) = buf.gather(step, imp)?.ran {
+                    ran.push((gather_op, d));
+                }
+                compute(&p.spin)?;
+                if let Some(d) = buf.scatter_from(step, &p.inputs[0], imp)?.ran {
+                    ran.push((scatter_op, d));
+                }
+            }
+            Layer::Dcp {
+                q_all,
+                lse_all,
+                o_mine,
+                attn_out,
+                moe_out,
+            } => {
+                compute(&p.spin)?;
+                let d = group.collective(Collective::AllGather, &p.inputs[0], q_all, None, imp)?;
+                ran.push(("all_gather", d));
+                compute(&p.spin)?;
+                let ds = dcp_combine(group, &p.inputs[1], lse_all, &p.inputs[2], o_mine, imp)?;
+                for (op, d) in ["all_gather", "reduce_scatter"].into_iter().zip(ds) {
+                    ran.push((op, d));
+                }
+                compute(&p.spin)?;
+                let d = group.collective(ar, &p.inputs[3], attn_out, None, imp)?;
+                ran.push(("all_reduce", d));
+                compute(&p.spin)?;
+                let d = group.collective(ar, &p.inputs[4], moe_out, None, imp)?;
+                ran.push(("all_reduce", d));
+            }
+        }
+    }
+    for (op, d) in ran {
+        p.ran.entry(op).or_default().insert(d.name);
+    }
+    Ok(())
+}
+
+fn seed_for(spec: &SimSpec, config: StepConfig, batch: usize, check: u64, input: usize) -> u64 {
+    crate::fill::splitmix64(
+        spec.seed ^ ((config as u64) << 56) ^ ((batch as u64) << 24) ^ (check << 20) ^ input as u64,
+    )
+}
+
+/// Fill fresh inputs, poison every output, replay once, compare every output with the f64
+/// reference. Returns the elements wrong on this rank.
+fn checked_replay(
+    group: &Group,
+    spec: &SimSpec,
+    config: StepConfig,
+    batch: usize,
+    check: u64,
+    p: &Prepared,
+) -> Result<usize> {
+    let graph = p.graph.as_ref().expect("captured before checking");
+    let seeds: Vec<u64> = (0..p.inputs.len())
+        .map(|i| seed_for(spec, config, batch, check, i))
+        .collect();
+    for (t, &s) in p.inputs.iter().zip(&seeds) {
+        group.fill_random(t, s, None)?;
+    }
+    for o in &p.outputs {
+        group.poison(&o.tensor)?;
+    }
+    graph.replay()?;
+    let mut wrong = 0;
+    for (k, o) in p.outputs.iter().enumerate() {
+        let input = &p.inputs[o.input];
+        let case = Case {
+            coll: o.coll,
+            dtype: input.dtype(),
+            shape: input.shape().to_vec(),
+            dim: None,
+            imp: p.variant.imp,
+            input_symm: p.variant.windows,
+            output_symm: p.variant.windows,
+            seed: seeds[o.input],
+        };
+        let got = group.download_bytes(&o.tensor)?;
+        if let Err(m) = verify::compare(&case, group.size(), group.rank(), 0, &got) {
+            tracing::warn!(
+                config = config.name(),
+                batch,
+                output = k,
+                op = o.coll.name(),
+                rank = group.rank(),
+                "wrong result: {} of {} elements, first at {} (got {}, want {})",
+                m.wrong,
+                m.total,
+                m.first_index,
+                m.got,
+                m.want
+            );
+            wrong += m.wrong;
+        }
+    }
+    Ok(wrong)
+}
+
+/// Measure every implementation of `spec` at one (config, batch) on every rank of `group`
+/// (collective); one row per implementation that can run, as every rank agrees on it.
+pub fn measure_step(
+    comm: &Communicator,
+    group: &Group,
+    spec: &SimSpec,
+    config: StepConfig,
+    batch: usize,
+) -> Result<Vec<Row>> {
+    let world = group.size();
+    let backend = comm.backend();
+    let traffic = layer_traffic(config, &spec.model, batch, world);
+    let mut prepared = Vec::new();
+    for &variant in &spec.impls {
+        let why = traffic.iter().find_map(|&(coll, dtype, i, o)| {
+            let piece = match coll {
+                Collective::ReduceScatter(_) => o,
+                _ => i,
+            };
+            group
+                .supports(coll, dtype, variant.imp, piece)
+                .err()
+                .map(|w| format!("{} of {dtype}: {w}", coll.name()))
+        });
+        if let Some(why) = why {
+            tracing::info!(
+                "skipping {} batch {batch} {}: {why}",
+                config.name(),
+                variant.name(backend)
+            );
+            continue;
+        }
+        let mut p = prepare(backend, group, spec, config, batch, variant)?;
+        if variant.imp == Impl::Auto {
+            let largest = traffic
+                .iter()
+                .map(|&(_, d, i, o)| i.max(o) * d.size())
+                .max()
+                .unwrap_or(0);
+            group.reserve(largest)?;
+        }
+        // Eagerly once: connects the communicator and sets up anything lazy before capture.
+        enqueue_step(group, spec, &mut p)?;
+        comm.synchronize()?;
+        comm.begin_capture()?;
+        let captured = enqueue_step(group, spec, &mut p);
+        let graph = comm.end_capture();
+        captured?;
+        p.graph = Some(graph?);
+        prepared.push(p);
+    }
+    comm.synchronize()?;
+    group.barrier()?;
+    for p in &mut prepared {
+        p.wrong += checked_replay(group, spec, config, batch, 0, p)?;
+        let g = p.graph.as_ref().expect("captured");
+        for _ in 0..spec.warmup {
+            g.replay()?;
+        }
+    }
+    comm.synchronize()?;
+    group.barrier()?;
+    for _ in 0..spec.repeats {
+        for p in &mut prepared {
+            let g = p.graph.as_ref().expect("captured");
+            p.samples.push(bench::replay_us(comm, g, spec.replays)?);
+        }
+    }
+    let (mut alg, mut bus) = (0.0, 0.0);
+    for &(coll, dtype, i, o) in &traffic {
+        let b = (i.max(o) * dtype.size() * spec.model.layers) as f64;
+        alg += b;
+        bus += b * coll.busbw_factor(world);
+    }
+    let mut rows = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let wrong = p.wrong + checked_replay(group, spec, config, batch, 1, &p)?;
+        let (us, wrong_total) = bench::slowest_rank(
+            group,
+            "decode step row",
+            bench::median(p.samples.clone()),
+            wrong,
+        )?;
+        let ran = (p.variant.imp == Impl::Auto).then(|| {
+            p.ran
+                .iter()
+                .map(|(op, names)| {
+                    format!(
+                        "{op}:{}",
+                        names.iter().cloned().collect::<Vec<_>>().join("+")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
+        rows.push(Row {
+            op: DECODE_STEP_OP.into(),
+            dtype: DType::BF16,
+            bytes: batch,
+            world,
+            implementation: p.variant.name(backend),
+            mode: Mode::Graph,
+            us,
+            algbw_gbps: alg / (us * 1e-6) / 1e9,
+            busbw_gbps: bus / (us * 1e-6) / 1e9,
+            ok: wrong_total == 0,
+            ran,
+            wrong: wrong_total,
+            config: Some(config.name().into()),
+        });
+    }
+    Ok(rows)
+}
+
+/// Run every (config, batch) of `spec` on `group`; `progress(done, total, what)` after each.
+pub fn run(
+    comm: &Communicator,
+    group: &Group,
+    spec: &SimSpec,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<Row>> {
+    let total = spec.configs.len() * spec.batches.len();
+    let mut done = 0;
+    let mut rows = Vec::new();
+    for &config in &spec.configs {
+        for &batch in &spec.batches {
+            done += 1;
+            let what = format!("{} batch {batch}", config.name());
+            if let Some(why) = unsupported(config, &spec.model, group.size()) {
+                tracing::warn!("skipping {what}: {why}");
+                progress(done, total, &format!("{what}: skipped ({why})"));
+                continue;
+            }
+            if batch == 0 {
+                return Err(Error::InvalidArgument {
+                    ctx: ctx(group, 0),
+                    detail: "batch sizes start at 1".into(),
+                });
+            }
+            rows.extend(measure_step(comm, group, spec, config, batch)?);
+            progress(done, total, &what);
+        }
+    }
+    Ok(rows)
+}
+
+/// The per-step and per-layer table, with each implementation's time against `nccl`'s (or the
+/// host's regular path) at the same config and batch.
+pub fn report(rows: &[Row], layers: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:>6} {:<10} {:>11} {:>10} {:>8} {:>11} {:>8} {:>5}  ran",
+        "config", "batch", "impl", "us/step", "us/layer", "x/nccl", "saving us", "saving", "ok"
+    );
+    let steps: Vec<&Row> = rows.iter().filter(|r| r.op == DECODE_STEP_OP).collect();
+    for r in &steps {
+        let base = steps
+            .iter()
+            .find(|b| {
+                b.config == r.config
+                    && b.bytes == r.bytes
+                    && (b.implementation == "nccl" || b.implementation == "host")
+            })
+            .map(|b| b.us);
+        let (ratio, saving, pct) = match base {
+            Some(b) if b > 0.0 => (
+                format!("{:.3}", r.us / b),
+                format!("{:.1}", b - r.us),
+                format!("{:.1}%", (b - r.us) / b * 100.0),
+            ),
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<8} {:>6} {:<10} {:>11.1} {:>10.2} {:>8} {:>11} {:>8} {:>5}  {}",
+            r.config.as_deref().unwrap_or("-"),
+            r.bytes,
+            r.implementation,
+            r.us,
+            r.us / layers.max(1) as f64,
+            ratio,
+            saving,
+            pct,
+            if r.ok { "ok" } else { "WRONG" },
+            r.ran.as_deref().unwrap_or("")
+        );
+    }
+    out
+}
+
+/// Replace the decode-step rows of `results` with `rows`, keeping every other row.
+pub fn merge_rows(results: &mut Results, rows: Vec<Row>) {
+    results.rows.retain(|r| r.op != DECODE_STEP_OP);
+    results.rows.extend(rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deepseek_shapes_match_the_research_notes() {
+        // §6.1 at B = 32, N = 8: the q all-gather receives 4.7 MB, the fp32 reduce-scatter
+        // sends 8.4 MB, the all-reduce is 0.46 MB.
+        let m = ModelDims::deepseek_v3();
+        assert_eq!(m.q_dim(), 576);
+        let t = layer_traffic(StepConfig::Dcp, &m, 32, 8);
+        let bytes = |k: usize| t[k].3.max(t[k].2) * t[k].1.size();
+        assert_eq!(bytes(0), 147_456 * 32);
+        assert_eq!(bytes(2), 262_144 * 32);
+        assert_eq!(bytes(3), 14_336 * 32);
+        // §6.2: the gathered buffer receives 114,688·M bytes per rank at N = 8.
+        let t = layer_traffic(StepConfig::DpAttn, &m, 256, 8);
+        assert_eq!(t[0].3 * 2, 114_688 * 256);
+    }
+
+    #[test]
+    fn dp_tokens_are_uneven_with_the_largest_first() {
+        assert_eq!(
+            (0..4).map(|r| dp_tokens(r, 4, 8)).collect::<Vec<_>>(),
+            vec![8, 7, 6, 5]
+        );
+        assert_eq!(dp_tokens(1, 2, 1), 1);
+        assert!((0..8).all(|r| dp_tokens(r, 8, 64) <= 64 && dp_tokens(r, 8, 64) > 0));
+    }
+
+    #[test]
+    fn merge_keeps_other_rows() {
+        let row = |op: &str, us: f64| Row {
+            op: op.into(),
+            dtype: DType::BF16,
+            bytes: 1,
+            world: 2,
+            implementation: "nccl".into(),
+            mode: Mode::Graph,
+            us,
+            algbw_gbps: 0.0,
+            busbw_gbps: 0.0,
+            ok: true,
+            ran: None,
+            wrong: 0,
+            config: None,
+        };
+        let mut r = Results {
+            rows: vec![row("all_reduce", 1.0), row(DECODE_STEP_OP, 2.0)],
+            ..Results::default()
+        };
+        merge_rows(&mut r, vec![row(DECODE_STEP_OP, 3.0)]);
+        assert_eq!(r.rows.len(), 2);
+        assert_eq!(r.rows[0].op, "all_reduce");
+        assert_eq!(r.rows[1].us, 3.0);
+    }
+}
