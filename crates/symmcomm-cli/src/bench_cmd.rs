@@ -179,7 +179,7 @@ fn sweep(comm: &Communicator, spec: &BenchSpec) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn meta(comm: &Communicator, command: String) -> Meta {
+pub(crate) fn meta(comm: &Communicator, command: String) -> Meta {
     let facts = comm.facts();
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("backend".into(), serde_json::json!(comm.backend()));
@@ -219,7 +219,7 @@ fn today() -> String {
     format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     std::env::args()
         .filter(|a| a != "--rank-child")
         .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
@@ -292,7 +292,7 @@ fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow:
     Ok(ok)
 }
 
-fn exit(all_ok: bool) -> ExitCode {
+pub(crate) fn exit(all_ok: bool) -> ExitCode {
     if all_ok {
         ExitCode::SUCCESS
     } else {

@@ -1,9 +1,11 @@
 //! `symmcomm`: what this machine has (`info`), torchrun-style launching (`launch`), the
 //! benchmark against NCCL (`bench`), a correctness sweep (`check`) and dispatch tuning (`tune`).
-//! The work is in the library; this binary is glue.
+//! `decode-sim` replays the communication of one decode step. The work is in the library; this
+//! binary is glue.
 
 mod bench_cmd;
 mod check_cmd;
+mod decode_sim_cmd;
 mod info;
 mod ranks;
 
@@ -31,6 +33,9 @@ enum Command {
     Check(check_cmd::CheckArgs),
     /// Measure implementations per size and write the dispatch table `auto` loads.
     Tune(bench_cmd::TuneArgs),
+    /// Replay the collectives of one DeepSeek-V3 decode step (TP, DP attention, DCP) in a CUDA
+    /// graph per implementation, checked, against NCCL.
+    DecodeSim(decode_sim_cmd::DecodeSimArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench_cmd::run_bench(a),
         Command::Check(a) => check_cmd::run(a),
         Command::Tune(a) => bench_cmd::run_tune(a),
+        Command::DecodeSim(a) => decode_sim_cmd::run(a),
     };
     match res {
         Ok(code) => code,
