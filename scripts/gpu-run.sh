@@ -15,9 +15,10 @@ export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
 export RUST_BACKTRACE=1
 if [[ -x "$HERE/symmcomm" ]]; then BIN="${BIN:-$HERE}"; else BIN="${BIN:-.gpu}"; fi
 MACHINE="${MACHINE:-h200x2}"
-STEPS="${STEPS:-info,tests,check,tune,bench,bench-nccl2289}"
+STEPS="${STEPS:-info,tests,check,tune,bench,decode-sim,bench-nccl2289}"
 # At most 8 files come back from the machine: logs are grouped.
-# summary.txt (steps, info), tests.log, run.log (check, tune), bench.log, and the JSON results.
+# summary.txt (steps, info), tests.log, run.log (check, tune), bench.log (bench, decode-sim), and
+# the JSON results.
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -60,6 +61,17 @@ if has bench; then
   timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench "${table[@]}" --json "$OUT/$MACHINE.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   log "bench rc=$?"
   tail -60 "$OUT/bench.log"
+fi
+
+if has decode-sim; then
+  # The collectives of one DeepSeek-V3 decode step per config, batch and implementation; its
+  # decode_step rows replace those of $MACHINE.json (the bench rows stay).
+  table=()
+  [[ -f "$OUT/dispatch-$MACHINE.json" ]] && table=(--table "$OUT/dispatch-$MACHINE.json")
+  log "decode-sim ${table[*]}"
+  timeout "${DECODE_SIM_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" decode-sim "${table[@]}" --json "$OUT/$MACHINE.json" ${DECODE_SIM_ARGS:-} >> "$OUT/bench.log" 2>&1
+  log "decode-sim rc=$?"
+  grep -A40 "^communication of one decode step" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 fi
 
 if has bench-nccl2289; then

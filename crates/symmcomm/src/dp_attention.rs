@@ -434,6 +434,7 @@ impl DpGatheredBuffer {
     /// Reduce the gathered buffer (the MLP's partial sums, written there in place) across ranks
     /// and keep this rank's rows (collective). Returns this rank's `[count, hidden]` rows.
     pub fn scatter(&self, step: &DpStep, imp: Impl) -> Result<DpOutput> {
+        self.check(step, Op::DpScatter)?;
         let partial = rows(&self.global, 0, step.global_rows());
         self.scatter_from(step, &partial, imp)
     }
