@@ -71,7 +71,7 @@ if has decode-sim; then
   log "decode-sim ${table[*]}"
   timeout "${DECODE_SIM_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" decode-sim "${table[@]}" --json "$OUT/$MACHINE.json" ${DECODE_SIM_ARGS:-} >> "$OUT/bench.log" 2>&1
   log "decode-sim rc=$?"
-  grep -A40 "^communication of one decode step" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+  grep -A40 "communication of one decode step" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 fi
 
 if has bench-nccl2289; then

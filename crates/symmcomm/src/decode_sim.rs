@@ -624,6 +624,8 @@ pub fn measure_step(
         // Eagerly once: connects the communicator and sets up anything lazy before capture.
         enqueue_step(group, spec, &mut p)?;
         comm.synchronize()?;
+        // Report what the graph runs (eager calls may dispatch differently).
+        p.ran.clear();
         comm.begin_capture()?;
         let captured = enqueue_step(group, spec, &mut p);
         let graph = comm.end_capture();
