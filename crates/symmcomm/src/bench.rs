@@ -354,7 +354,8 @@ pub fn measure_point(
                     Ok(())
                 })?,
                 Some(g) => {
-                    p.samples.push(replay_us(comm, g, spec.replays)? / spec.graph_ops as f64);
+                    p.samples
+                        .push(replay_us(comm, g, spec.replays)? / spec.graph_ops as f64);
                     continue;
                 }
             };

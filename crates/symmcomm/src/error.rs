@@ -335,7 +335,9 @@ pub enum Error {
 
     /// Ranks passed different values where every rank must pass the same (the sizes of a
     /// buffer that must be symmetric, a step's shapes).
-    #[error("{ctx}: ranks disagree on {what}: this rank has {mine}, rank {other_rank} has {theirs}")]
+    #[error(
+        "{ctx}: ranks disagree on {what}: this rank has {mine}, rank {other_rank} has {theirs}"
+    )]
     Disagreement {
         ctx: OpCtx,
         what: String,

@@ -9,9 +9,7 @@ mod common;
 use common::TestBackend;
 use symmcomm::bench::Variant;
 use symmcomm::decode_sim::{self, DECODE_STEP_OP, ModelDims, SimSpec, StepConfig};
-use symmcomm::dp_attention::{
-    DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts,
-};
+use symmcomm::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
 use symmcomm::fill;
 use symmcomm::pool::PoolConfig;
 use symmcomm::reference;
@@ -141,12 +139,8 @@ fn check_step(
                 .collect();
             let sum: f64 = vals.iter().sum();
             let mag: f64 = vals.iter().map(|v| v.abs()).sum();
-            let tol = reference::tolerance(
-                Collective::ReduceScatter(ReduceOp::Sum),
-                dtype,
-                world,
-                mag,
-            );
+            let tol =
+                reference::tolerance(Collective::ReduceScatter(ReduceOp::Sum), dtype, world, mag);
             (i, sum, tol)
         })
         .collect();
@@ -211,9 +205,7 @@ fn gather_scatter_uneven_counts(b: TestBackend) {
                                     Collective::AllGather,
                                     Collective::ReduceScatter(ReduceOp::Sum),
                                 ],
-                                DpPaddingMode::SumLen => {
-                                    [Collective::AllReduce(ReduceOp::Sum); 2]
-                                }
+                                DpPaddingMode::SumLen => [Collective::AllReduce(ReduceOp::Sum); 2],
                             };
                             if rows > 0
                                 && colls
@@ -222,7 +214,7 @@ fn gather_scatter_uneven_counts(b: TestBackend) {
                             {
                                 continue;
                             }
-                            check_step(g, &buf, &step, imp, seed ^ n, n % 2 == 0)?;
+                            check_step(g, &buf, &step, imp, seed ^ n, n.is_multiple_of(2))?;
                         }
                     }
                 }
@@ -276,8 +268,8 @@ fn graph_replays(b: TestBackend) {
                 graph.replay()?;
                 let got = g.download_bytes(&buf.gathered(&step)?)?;
                 let mut want = Vec::new();
-                for q in 0..world {
-                    for i in 0..pattern[q] * hidden {
+                for (q, &count) in pattern.iter().enumerate().take(world) {
+                    for i in 0..count * hidden {
                         let v = fill::value(DType::BF16, s1, q as u64, 0, i as u64);
                         want.push((q * 3 * hidden + i, v, 0.0));
                     }
@@ -289,7 +281,13 @@ fn graph_replays(b: TestBackend) {
                     .map(|i| {
                         let vals: Vec<f64> = (0..world)
                             .map(|q| {
-                                fill::value(DType::BF16, s2, q as u64, 0, (r * 3 * hidden + i) as u64)
+                                fill::value(
+                                    DType::BF16,
+                                    s2,
+                                    q as u64,
+                                    0,
+                                    (r * 3 * hidden + i) as u64,
+                                )
                             })
                             .collect();
                         let mag = vals.iter().map(|v| v.abs()).sum();
