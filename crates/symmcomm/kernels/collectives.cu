@@ -953,7 +953,9 @@ SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points. Launch: block (SYMM_BLOCK_THREADS, 1, 1), grid (g, 1, 1) with 1 <= g <= 64, the
+// Entry points (left out when another module compiles this file for its protocol: dcp.cu).
+#ifndef SYMM_PROTOCOL_ONLY
+// Launch: block (SYMM_BLOCK_THREADS, 1, 1), grid (g, 1, 1) with 1 <= g <= 64, the
 // same g on every rank; see KERNELS.md.
 
 // One block per SM is all a launch needs (grids are at most 64 blocks): saying so lets ptxas
@@ -1080,3 +1082,5 @@ SYMM_KERNEL symm_barrier(const SymmArgs a) {
     }
     symm_finish(l, ok);
 }
+
+#endif // SYMM_PROTOCOL_ONLY

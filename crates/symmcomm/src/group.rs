@@ -411,7 +411,7 @@ impl Group {
         &self.inner.control
     }
 
-    fn ctx(&self, op: Op, bytes: usize) -> OpCtx {
+    pub(crate) fn ctx(&self, op: Op, bytes: usize) -> OpCtx {
         OpCtx {
             op,
             group: self.inner.label.clone(),
@@ -419,6 +419,26 @@ impl Group {
             world: self.size(),
             bytes,
         }
+    }
+
+    /// This rank's device (for operations of other modules: the DCP combine).
+    pub(crate) fn device(&self) -> &Arc<dyn crate::backend::RankBackend> {
+        &self.inner.comm.device
+    }
+
+    /// This group's backend.
+    pub(crate) fn backend(&self) -> &Arc<dyn GroupBackend> {
+        &self.inner.backend
+    }
+
+    /// Keep `buffers` alive for a graph being captured (no-op otherwise).
+    pub(crate) fn keep_alive(&self, buffers: &[&Arc<Buffer>]) {
+        self.inner.comm.keep_alive(buffers, &[]);
+    }
+
+    /// Where `t` lies in this group's pool, if it does.
+    pub(crate) fn symm_location(&self, t: &Tensor) -> Option<SymmLoc> {
+        self.symm_loc(t)
     }
 
     // ---- groups -------------------------------------------------------------------------

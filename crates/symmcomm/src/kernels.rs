@@ -45,14 +45,26 @@ pub const COLLECTIVES: KernelModule = KernelModule {
     source: include_str!("../kernels/collectives.cu"),
 };
 
+/// `kernels/dcp.cu`: the DCP combine's correction step and its fused one-kernel combine (which
+/// includes `collectives.cu` for the synchronisation protocol).
+pub const DCP: KernelModule = KernelModule {
+    name: "dcp",
+    source: include_str!("../kernels/dcp.cu"),
+};
+
 /// Every kernel module.
-pub const MODULES: &[KernelModule] = &[UTIL, COLLECTIVES];
+pub const MODULES: &[KernelModule] = &[UTIL, COLLECTIVES, DCP];
 
 /// Headers every module may `#include "…"`, handed to NVRTC in memory: (name, source).
-pub const HEADERS: &[(&str, &str)] = &[(
-    "symm_common.cuh",
-    include_str!("../kernels/symm_common.cuh"),
-)];
+/// `collectives.cu` is one too: `dcp.cu` compiles its protocol (with `SYMM_PROTOCOL_ONLY`
+/// defined, which leaves its entry points out).
+pub const HEADERS: &[(&str, &str)] = &[
+    (
+        "symm_common.cuh",
+        include_str!("../kernels/symm_common.cuh"),
+    ),
+    ("collectives.cu", include_str!("../kernels/collectives.cu")),
+];
 
 // ---------------------------------------------------------------------------------------------
 // ABI: keep in step with kernels/collectives.cu and KERNELS.md.
@@ -310,6 +322,61 @@ impl CollectiveKernel {
             _ => None,
         }
     }
+}
+
+/// The second by-value argument of the kernels of `dcp.cu`, `struct DcpArgs` there (56 bytes,
+/// no padding). Addresses are this rank's device pointers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DcpArgs {
+    /// `[B, H, D]` partial output of this rank.
+    pub partial: u64,
+    /// Correction: `[N, B, H]` f32, every rank's LSE. Fused: `[B, H]` f32, this rank's.
+    pub lse: u64,
+    /// Correction: `[H, B, D]`. Fused: `[H/N, B, D]`.
+    pub out: u64,
+    /// `[B, H/N]` f32, or 0 for none.
+    pub merged_lse: u64,
+    /// Ranks N.
+    pub world: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Tokens B.
+    pub batch: u32,
+    /// Gathered heads H (a multiple of N).
+    pub heads: u32,
+    /// Values per head D (a multiple of 8).
+    pub dim: u32,
+    /// 1: LSEs in base 2, 0: natural log.
+    pub base2: u32,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<DcpArgs>() == 56);
+    assert!(std::mem::offset_of!(DcpArgs, merged_lse) == 24);
+    assert!(std::mem::offset_of!(DcpArgs, world) == 32);
+    assert!(std::mem::offset_of!(DcpArgs, base2) == 52);
+};
+
+/// Threads per block of the fused DCP kernel (`__launch_bounds__` of `dcp.cu`).
+pub const DCP_BLOCK_THREADS: u32 = 512;
+
+/// The DCP kernel of `dcp.cu` for a partial-output and an output type: `fused` or the
+/// correction step (`dcp_fused_bf16_bf16`, `dcp_correct_f32_bf16`, ...); `None` for types it
+/// does not take (bf16 and f32 only).
+pub fn dcp_function(fused: bool, partial: DType, out: DType) -> Option<&'static str> {
+    use DType::{BF16, F32};
+    Some(match (fused, partial, out) {
+        (false, BF16, BF16) => "dcp_correct_bf16_bf16",
+        (false, BF16, F32) => "dcp_correct_bf16_f32",
+        (false, F32, BF16) => "dcp_correct_f32_bf16",
+        (false, F32, F32) => "dcp_correct_f32_f32",
+        (true, BF16, BF16) => "dcp_fused_bf16_bf16",
+        (true, BF16, F32) => "dcp_fused_bf16_f32",
+        (true, F32, BF16) => "dcp_fused_f32_bf16",
+        (true, F32, F32) => "dcp_fused_f32_f32",
+        _ => return None,
+    })
 }
 
 /// The fill kernel of `util.cu` for `dtype` (`symm_fill_bf16`, ...).

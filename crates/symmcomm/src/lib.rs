@@ -17,6 +17,7 @@ pub mod backend;
 pub mod bench;
 pub mod bootstrap;
 pub mod comm;
+pub mod dcp;
 pub mod decode_sim;
 pub mod dispatch;
 pub mod dp_attention;

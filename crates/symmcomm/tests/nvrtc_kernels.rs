@@ -10,8 +10,8 @@ use std::sync::Arc;
 use symmcomm::Error;
 use symmcomm::dtype::DType;
 use symmcomm::kernels::{
-    self, COLLECTIVES, CollectiveKernel, KernelModule, MODULES, NvrtcCompiler, SymmArgs, SymmState,
-    UTIL, arch_for,
+    self, COLLECTIVES, CollectiveKernel, DCP, DcpArgs, KernelModule, MODULES, NvrtcCompiler,
+    SymmArgs, SymmState, UTIL, arch_for,
 };
 
 /// The kernels each module must define.
@@ -51,6 +51,19 @@ const EXPECTED: &[(&str, &[&str])] = &[
             "symm_reducescatter_f32",
             "symm_allgather",
             "symm_barrier",
+        ],
+    ),
+    (
+        "dcp",
+        &[
+            "dcp_correct_bf16_bf16",
+            "dcp_correct_bf16_f32",
+            "dcp_correct_f32_bf16",
+            "dcp_correct_f32_f32",
+            "dcp_fused_bf16_bf16",
+            "dcp_fused_bf16_f32",
+            "dcp_fused_f32_bf16",
+            "dcp_fused_f32_f32",
         ],
     ),
 ];
@@ -162,6 +175,19 @@ fn nvrtc_compiles_every_module_and_caches() {
             }
         }
     }
+    // Every name dcp_function hands out is in the dcp CUBIN, which holds none of the
+    // collectives' entry points (it compiles collectives.cu for its protocol only).
+    let cubin = compiler.compile(&DCP, "sm_90a").expect("in memory");
+    for fused in [false, true] {
+        for p in DType::ALL {
+            for o in DType::ALL {
+                if let Some(name) = kernels::dcp_function(fused, p, o) {
+                    assert!(has_symbol(&cubin, name), "no kernel {name}");
+                }
+            }
+        }
+    }
+    assert!(!has_symbol(&cubin, "symm_allgather"));
     let cubin = compiler.compile(&UTIL, "sm_90a").expect("in memory");
     for dtype in DType::ALL {
         assert!(has_symbol(&cubin, kernels::fill_function(dtype)));
@@ -237,18 +263,20 @@ fn nvrtc_compiles_every_module_and_caches() {
     }
 
     // Registers and spills, for the record (visible with --nocapture).
-    let report = compiler
-        .ptxas_report(&COLLECTIVES, "sm_90a")
-        .expect("ptxas report");
-    assert!(report.contains("registers"), "report: {report}");
-    eprintln!("{report}");
-    for line in report.lines().filter(|l| l.contains("spill")) {
-        assert!(
-            line.contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
-            "collectives spill or use a stack: {line}"
-        );
+    for module in [&COLLECTIVES, &DCP] {
+        let report = compiler
+            .ptxas_report(module, "sm_90a")
+            .expect("ptxas report");
+        assert!(report.contains("registers"), "report: {report}");
+        eprintln!("{report}");
+        for line in report.lines().filter(|l| l.contains("spill")) {
+            assert!(
+                line.contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
+                "{} kernels spill or use a stack: {line}",
+                module.name
+            );
+        }
     }
-    eprintln!("{report}");
 }
 
 #[test]
@@ -396,6 +424,32 @@ fn symm_args_mirror_matches_the_cu_struct() {
     assert_eq!(offsets, rust);
     assert!(COLLECTIVES.source.contains("sizeof(SymmArgs) == 184"));
     assert_eq!(std::mem::size_of::<SymmArgs>(), 184);
+}
+
+#[test]
+fn dcp_args_mirror_matches_the_cu_struct() {
+    let fields = c_struct_fields(DCP.source, "DcpArgs");
+    let offsets = c_offsets(&fields);
+    let rust = [
+        ("partial", std::mem::offset_of!(DcpArgs, partial)),
+        ("lse", std::mem::offset_of!(DcpArgs, lse)),
+        ("out", std::mem::offset_of!(DcpArgs, out)),
+        ("merged_lse", std::mem::offset_of!(DcpArgs, merged_lse)),
+        ("world", std::mem::offset_of!(DcpArgs, world)),
+        ("rank", std::mem::offset_of!(DcpArgs, rank)),
+        ("batch", std::mem::offset_of!(DcpArgs, batch)),
+        ("heads", std::mem::offset_of!(DcpArgs, heads)),
+        ("dim", std::mem::offset_of!(DcpArgs, dim)),
+        ("base2", std::mem::offset_of!(DcpArgs, base2)),
+    ];
+    let rust: Vec<(String, usize)> = rust.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+    assert_eq!(offsets, rust);
+    assert!(DCP.source.contains("sizeof(DcpArgs) == 56"));
+    assert!(DCP.source.contains(&format!(
+        "#define DCP_BLOCK_THREADS {}",
+        kernels::DCP_BLOCK_THREADS
+    )));
+    assert_eq!(std::mem::size_of::<DcpArgs>(), 56);
 }
 
 #[test]

@@ -252,6 +252,65 @@ pub(crate) struct Copy2d {
     pub(crate) rows: usize,
 }
 
+/// The shape of one DCP combine (`crate::dcp`): `world` ranks, `batch` tokens, `heads` gathered
+/// heads (rank r owns `[r·heads/world, (r+1)·heads/world)`), `dim` values per head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DcpShape {
+    pub(crate) world: usize,
+    pub(crate) rank: usize,
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
+    pub(crate) dim: usize,
+    /// Element type of the partial outputs.
+    pub(crate) partial: DType,
+    /// Element type of the corrected and merged outputs.
+    pub(crate) out: DType,
+    pub(crate) base: crate::dcp::LseBase,
+}
+
+impl DcpShape {
+    /// Heads of one rank.
+    pub(crate) fn heads_local(&self) -> usize {
+        self.heads / self.world
+    }
+}
+
+/// The correction step of the DCP combine on one rank: `corrected[h,b,:] = w_rank(b,h) ·
+/// partial[b,h,:]` (0 where the weight is 0) from every rank's LSE, and, when asked, the merged
+/// LSE of this rank's heads.
+#[derive(Clone, Debug)]
+pub(crate) struct DcpCorrect {
+    pub(crate) shape: DcpShape,
+    /// `[B, H, D]` of `shape.partial`.
+    pub(crate) partial: MemRef,
+    /// `[N, B, H]` f32: every rank's LSE.
+    pub(crate) lse_all: MemRef,
+    /// `[H, B, D]` of `shape.out`.
+    pub(crate) corrected: MemRef,
+    /// `[B, H/N]` f32.
+    pub(crate) merged_lse: Option<MemRef>,
+    pub(crate) ctx: OpCtx,
+}
+
+/// The fused DCP combine on one rank: exchange the partials and merge this rank's heads.
+#[derive(Clone, Debug)]
+pub(crate) struct DcpFused {
+    pub(crate) shape: DcpShape,
+    /// `[B, H, D]` of `shape.partial`.
+    pub(crate) partial: MemRef,
+    /// `[B, H]` f32.
+    pub(crate) lse: MemRef,
+    /// `[H/N, B, D]` of `shape.out`.
+    pub(crate) out: MemRef,
+    /// `[B, H/N]` f32.
+    pub(crate) merged_lse: Option<MemRef>,
+    /// Where the combine's workspace `[2 parities][N sources][slot_bytes]` lies in the
+    /// group's pool (the CUDA kernel pushes into peers' workspaces; the host needs none).
+    pub(crate) workspace_symm: Option<SymmLoc>,
+    pub(crate) slot_bytes: usize,
+    pub(crate) ctx: OpCtx,
+}
+
 /// A captured graph that can be replayed.
 pub(crate) trait GraphExec: Send + fmt::Debug {
     /// Launch one replay (asynchronously on CUDA).
@@ -281,6 +340,10 @@ pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
     ) -> Result<Arc<dyn GroupBackend>>;
     /// Something a human can read: `nccl 2.28.9 comm of 2 ranks`, ...
     fn describe(&self) -> String;
+    /// Why the fused DCP combine cannot run this shape here, if it cannot.
+    fn dcp_fused_unavailable(&self, shape: &DcpShape) -> Option<String>;
+    /// Enqueue the fused DCP combine (every rank of the group calls it with the same shape).
+    fn dcp_fused(&self, call: &DcpFused) -> Result<()>;
 }
 
 /// Facts about a rank's device, for reports and results files.
@@ -322,6 +385,8 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()>;
     /// Enqueue `counter += 1` on an 8-byte counter.
     fn bump(&self, counter: &MemRef) -> Result<()>;
+    /// Enqueue the DCP correction step (local: no communication).
+    fn dcp_correct(&self, call: &DcpCorrect) -> Result<()>;
     /// Start capturing enqueued work into a graph.
     fn begin_capture(&self) -> Result<()>;
     /// Stop capturing and instantiate the graph.

@@ -13,7 +13,7 @@ use super::memory::NcclSegment;
 use super::nccl::OwnedComm;
 use super::own::OwnKernels;
 use super::peers::{self, PeerView};
-use crate::backend::{Algo, Call, CallShape, Collective, GroupBackend, Impl};
+use crate::backend::{Algo, Call, CallShape, Collective, DcpFused, DcpShape, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};
@@ -482,6 +482,59 @@ impl GroupBackend for CudaGroup {
             "NCCL {} communicator of {} ranks",
             self.dev.nccl.version(),
             self.size
+        )
+    }
+
+    fn dcp_fused_unavailable(&self, shape: &DcpShape) -> Option<String> {
+        if self.own.is_none() {
+            return Some("our kernels are not set up on this group (world outside 2..8, kernel_slot_bytes 0, or a rank could not load them)".into());
+        }
+        super::dcp::fused_shape_unavailable(shape)
+    }
+
+    fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
+        let ctx = &call.ctx;
+        if let Some(why) = self.dcp_fused_unavailable(&call.shape) {
+            return Err(Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: "fused".into(),
+                why,
+            });
+        }
+        let own = self.own.as_ref().expect("checked above");
+        let loc = call.workspace_symm.ok_or_else(|| Error::InvalidArgument {
+            ctx: ctx.clone(),
+            detail: "the fused DCP combine's workspace must lie in this group's windows".into(),
+        })?;
+        self.dev.bind(ctx)?;
+        let mut symm = own.protocol_args();
+        {
+            let views = self.segment_views.lock().unwrap_or_else(|p| p.into_inner());
+            let seg = views
+                .get(loc.segment)
+                .ok_or_else(|| Error::InvalidArgument {
+                    ctx: ctx.clone(),
+                    detail: format!("segment {} has no peer views", loc.segment),
+                })?;
+            for (p, v) in seg.iter().enumerate() {
+                symm.ws[p] = v.base() + loc.offset as u64;
+            }
+        }
+        symm.input = call.partial.addr();
+        symm.output = call.out.addr();
+        symm.count = (call.shape.batch * call.shape.heads_local()) as u64;
+        symm.slot_bytes = call.slot_bytes as u64;
+        let mut dcp = super::dcp::shape_args(&call.shape, ctx)?;
+        dcp.partial = call.partial.addr();
+        dcp.lse = call.lse.addr();
+        dcp.out = call.out.addr();
+        dcp.merged_lse = call.merged_lse.as_ref().map_or(0, |m| m.addr());
+        self.dev.dcp()?.fused(
+            &call.shape,
+            &mut symm,
+            &mut dcp,
+            self.dev.stream_raw() as cudarc::driver::sys::CUstream,
+            ctx,
         )
     }
 }

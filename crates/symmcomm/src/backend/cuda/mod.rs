@@ -2,6 +2,7 @@
 //! symmetric windows from `ncclMemAlloc`, CUDA graph capture, and our kernels compiled by
 //! NVRTC. Every wait polls NCCL's asynchronous errors against the communicator's deadline.
 
+mod dcp;
 mod driver;
 mod group;
 pub mod limits;
@@ -25,7 +26,9 @@ use self::group::CudaGroup;
 use self::memory::DeviceAlloc;
 use self::modules::UtilKernels;
 use self::nccl::OwnedComm;
-use crate::backend::{BackendKind, Copy2d, FillSpec, GraphExec, GroupBackend, RankBackend};
+use crate::backend::{
+    BackendKind, Copy2d, DcpCorrect, FillSpec, GraphExec, GroupBackend, RankBackend,
+};
 use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::comm::CommConfig;
 use crate::dtype::DType;
@@ -169,6 +172,7 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
         name,
         cc,
         util: OnceLock::new(),
+        dcp: OnceLock::new(),
         scratch: OnceLock::new(),
         capturing: AtomicBool::new(false),
         graph: Mutex::new(()),
@@ -198,6 +202,7 @@ pub(crate) struct DeviceShared {
     name: String,
     cc: (i32, i32),
     util: OnceLock<std::result::Result<UtilKernels, String>>,
+    dcp: OnceLock<std::result::Result<dcp::DcpKernels, String>>,
     scratch: OnceLock<DeviceAlloc>,
     capturing: AtomicBool,
     /// Serialises capture begin/end.
@@ -275,6 +280,19 @@ impl DeviceShared {
             .as_ref()
             .map_err(|reason| Error::NoGpu {
                 reason: format!("utility kernels unavailable: {reason}"),
+            })
+    }
+
+    /// The DCP kernels, compiled and loaded on first use.
+    pub(crate) fn dcp(&self) -> Result<&dcp::DcpKernels> {
+        self.dcp
+            .get_or_init(|| {
+                dcp::DcpKernels::load(&self.ctx, self.cc, &self.op(Op::DcpCombine, 0))
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|reason| Error::NoGpu {
+                reason: format!("DCP kernels unavailable: {reason}"),
             })
     }
 
@@ -605,6 +623,11 @@ impl RankBackend for CudaDevice {
             util.bump
                 .launch(1, 1, 0, self.dev.cu_stream(), &mut args, false, &op)
         }
+    }
+
+    fn dcp_correct(&self, call: &DcpCorrect) -> Result<()> {
+        self.dev.bind(&call.ctx)?;
+        self.dev.dcp()?.correct(call, self.dev.cu_stream())
     }
 
     fn begin_capture(&self) -> Result<()> {

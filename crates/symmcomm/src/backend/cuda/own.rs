@@ -260,6 +260,23 @@ impl OwnKernels {
         unsafe { f.launch(grid, block, 0, stream, &mut params, self.pdl, ctx) }
     }
 
+    /// The protocol part of a launch's arguments: every peer's signal pad, this rank's state,
+    /// the deadline, rank and world (`ws`, `in`, `out`, `count` and `slot_bytes` left 0), for
+    /// kernels of other modules that synchronise through this group's pads (`dcp.cu`).
+    pub(crate) fn protocol_args(&self) -> SymmArgs {
+        let mut args = SymmArgs {
+            state: self.state.ptr,
+            timeout_ns: self.timeout_ns,
+            rank: self.rank as u32,
+            world: self.world as u32,
+            ..SymmArgs::default()
+        };
+        for (p, v) in self.views.iter().enumerate() {
+            args.pad[p] = v.base() + self.ws_bytes as u64;
+        }
+        args
+    }
+
     /// This rank's kernel state: an error names the peer and what failed.
     pub(crate) fn check_state(&self, ctx: &OpCtx) -> Result<()> {
         let mut st = SymmState::default();

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::{HostMemory, HostQueue, host_mem};
-use crate::backend::{Call, CallShape, Collective, GroupBackend, Impl};
+use super::{HostMemory, HostQueue, dcp, host_mem};
+use crate::backend::{Call, CallShape, Collective, DcpFused, DcpShape, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};
@@ -258,6 +258,35 @@ impl HostGroupInner {
     }
 }
 
+impl HostGroupInner {
+    /// The fused DCP combine: every rank posts its partial output and LSE, then merges its
+    /// own heads from all of them.
+    fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
+        let sh = &call.shape;
+        let o_bytes = sh.batch * sh.heads * sh.dim * sh.partial.size();
+        let mut mine = host_mem(&call.partial).to_vec(call.partial.offset, o_bytes);
+        mine.extend(host_mem(&call.lse).to_vec(call.lse.offset, sh.batch * sh.heads * 4));
+        self.fabric.mailbox()[self.rank] = Some(Arc::new(mine));
+        self.barrier(&call.ctx)?;
+        let posted: Vec<Arc<Vec<u8>>> = {
+            let mb = self.fabric.mailbox();
+            (0..self.fabric.size)
+                .map(|r| mb[r].clone().expect("every rank posted before the barrier"))
+                .collect()
+        };
+        let views: Vec<&[u8]> = posted.iter().map(|p| p.as_slice()).collect();
+        let (out, merged) = dcp::merge(sh, &views);
+        // Nobody may post again until every rank has read.
+        self.barrier(&call.ctx)?;
+        self.fabric.mailbox()[self.rank] = None;
+        host_mem(&call.out).write(call.out.offset, &out);
+        if let Some(m) = &call.merged_lse {
+            host_mem(m).write(m.offset, &merged);
+        }
+        Ok(())
+    }
+}
+
 /// The result bytes of `rank` given every rank's input bytes.
 fn compute(
     coll: Collective,
@@ -368,6 +397,15 @@ impl GroupBackend for HostGroup {
 
     fn describe(&self) -> String {
         format!("host group of {} thread ranks", self.inner.fabric.size)
+    }
+
+    fn dcp_fused_unavailable(&self, _shape: &DcpShape) -> Option<String> {
+        None
+    }
+
+    fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
+        let (me, call) = (self.inner.clone(), call.clone());
+        self.inner.queue.enqueue(Box::new(move || me.dcp_fused(&call)))
     }
 }
 

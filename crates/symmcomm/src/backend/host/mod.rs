@@ -4,13 +4,16 @@
 //! records them and replays them in order), and it is the reference every other backend is
 //! tested against.
 
+mod dcp;
 mod fabric;
 mod memory;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendKind, Copy2d, FillSpec, GraphExec, GroupBackend, RankBackend};
+use crate::backend::{
+    BackendKind, Copy2d, DcpCorrect, FillSpec, GraphExec, GroupBackend, RankBackend,
+};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::DType;
 use crate::error::{Error, Op, OpCtx, Result};
@@ -206,6 +209,25 @@ impl RankBackend for HostDevice {
             let mut b = [0u8; 8];
             m.read(c.offset, &mut b);
             m.write(c.offset, &(u64::from_le_bytes(b) + 1).to_le_bytes());
+            Ok(())
+        }))
+    }
+
+    fn dcp_correct(&self, call: &DcpCorrect) -> Result<()> {
+        let c = call.clone();
+        self.enqueue(Box::new(move || {
+            let sh = &c.shape;
+            let partial = host_mem(&c.partial).to_vec(
+                c.partial.offset,
+                sh.batch * sh.heads * sh.dim * sh.partial.size(),
+            );
+            let lse_all =
+                host_mem(&c.lse_all).to_vec(c.lse_all.offset, sh.world * sh.batch * sh.heads * 4);
+            let (out, merged) = dcp::correct(sh, &partial, &lse_all);
+            host_mem(&c.corrected).write(c.corrected.offset, &out);
+            if let Some(m) = &c.merged_lse {
+                host_mem(m).write(m.offset, &merged);
+            }
             Ok(())
         }))
     }
