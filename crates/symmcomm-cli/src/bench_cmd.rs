@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use symmcomm::bench::{self, BenchSpec, Limits, Meta, Mode, Results, Row, Variant};
+use symmcomm::bench::{self, BenchSpec, DcpBenchSpec, Limits, Meta, Mode, Results, Row, Variant};
+use symmcomm::dcp::CombineImpl;
 use symmcomm::{BackendKind, Collective, Communicator, DType, ReduceOp};
 
 use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
@@ -17,13 +18,21 @@ use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     pub(crate) ranks: RankArgs,
-    /// Collectives: all_reduce, all_gather, reduce_scatter (comma-separated).
+    /// Operations: all_reduce, all_gather, reduce_scatter, and dcp_combine (the DCP combine at
+    /// DeepSeek-V3 MLA shapes; `bench` only), comma-separated.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "all_gather,reduce_scatter,all_reduce"
+        default_value = "all_gather,reduce_scatter,all_reduce,dcp_combine"
     )]
     pub(crate) ops: Vec<String>,
+    /// DCP combine: decode tokens per run (default 1,8,32,128 on GPUs, 1,8 on the host).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) dcp_batches: Vec<usize>,
+    /// DCP combine implementations: nccl, nccl_symm, oneshot, fused (host: host, host_symm,
+    /// host_fused). Default: nccl, nccl_symm, fused.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) dcp_impls: Vec<String>,
     /// Element types.
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
     pub(crate) dtypes: Vec<String>,
@@ -66,12 +75,17 @@ pub(crate) struct TuneArgs {
     pub(crate) out: PathBuf,
 }
 
+/// The `--ops` name of the DCP combine rows.
+const DCP_OP: &str = "dcp_combine";
+
 fn parse_op(s: &str) -> anyhow::Result<Collective> {
     Ok(match s {
         "all_reduce" => Collective::AllReduce(ReduceOp::Sum),
         "all_gather" => Collective::AllGather,
         "reduce_scatter" => Collective::ReduceScatter(ReduceOp::Sum),
-        other => bail!("unknown op {other:?} (all_reduce, all_gather, reduce_scatter)"),
+        other => {
+            bail!("unknown op {other:?} (all_reduce, all_gather, reduce_scatter, dcp_combine)")
+        }
     })
 }
 
@@ -105,6 +119,7 @@ impl BenchArgs {
         spec.ops = self
             .ops
             .iter()
+            .filter(|s| s.as_str() != DCP_OP)
             .map(|s| parse_op(s))
             .collect::<anyhow::Result<_>>()?;
         spec.dtypes = self
@@ -145,6 +160,35 @@ impl BenchArgs {
     }
 }
 
+impl BenchArgs {
+    /// The DCP rows to measure, if `--ops` asks for them.
+    fn dcp_spec(
+        &self,
+        timing: &BenchSpec,
+        backend: BackendKind,
+    ) -> anyhow::Result<Option<DcpBenchSpec>> {
+        if !self.ops.iter().any(|o| o == DCP_OP) {
+            return Ok(None);
+        }
+        let impls = if self.dcp_impls.is_empty() {
+            DcpBenchSpec::default_impls()
+        } else {
+            self.dcp_impls
+                .iter()
+                .map(|s| s.parse::<CombineImpl>().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()?
+        };
+        let mut spec = DcpBenchSpec::deepseek_v3(impls, timing);
+        if !self.dcp_batches.is_empty() {
+            spec.batches = self.dcp_batches.clone();
+        } else if backend == BackendKind::Host {
+            // The host reference merges 128 x 512 values per token in software.
+            spec.batches.retain(|&b| b <= 8);
+        }
+        Ok(Some(spec))
+    }
+}
+
 /// The rows of a sweep on this rank, with a progress display on rank 0.
 fn sweep(comm: &Communicator, spec: &BenchSpec) -> anyhow::Result<Vec<Row>> {
     let rank0 = comm.rank() == 0;
@@ -175,6 +219,28 @@ fn sweep(comm: &Communicator, spec: &BenchSpec) -> anyhow::Result<Vec<Row>> {
     }
     if rank0 {
         eprintln!("{}", bench::elapsed_line(t0.elapsed(), rows.len()));
+    }
+    Ok(rows)
+}
+
+/// The DCP rows on this rank (the world group is the DCP group).
+fn dcp_sweep(comm: &Communicator, spec: &DcpBenchSpec) -> anyhow::Result<Vec<Row>> {
+    let rank0 = comm.rank() == 0;
+    let t0 = Instant::now();
+    let mut progress = |done: usize, total: usize, what: &str| {
+        if rank0 {
+            eprintln!(
+                "[{done}/{total}] {what} ({:.0} s)",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    };
+    let rows = bench::run_dcp(comm, comm.world(), spec, &mut progress)?;
+    if rank0 {
+        eprintln!(
+            "dcp_combine: {}",
+            bench::elapsed_line(t0.elapsed(), rows.len())
+        );
     }
     Ok(rows)
 }
@@ -262,11 +328,26 @@ fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow:
             spec.rows()
         );
     }
-    let rows = sweep(comm, &spec)?;
+    let mut rows = sweep(comm, &spec)?;
+    let collective_rows = rows.len();
+    let dcp = args.dcp_spec(&spec, comm.backend())?;
+    if let Some(d) = &dcp {
+        rows.extend(dcp_sweep(comm, d)?);
+    }
     let ok = rows.iter().all(|r| r.ok);
     if comm.rank() == 0 {
         println!("{}", bench::nccl_tests_tables(&rows, comm.backend()));
-        println!("{}", bench::comparison_table(&rows));
+        println!("{}", bench::comparison_table(&rows[..collective_rows]));
+        if let Some(d) = &dcp {
+            println!(
+                "{}",
+                bench::dcp_table(
+                    &rows[collective_rows..],
+                    comm.backend(),
+                    d.heads * d.dim * d.dtype.size()
+                )
+            );
+        }
         println!(
             "limits: peer copy {:.1} GB/s one way, {:.1} GB/s each way both at once; flag round trip {:.2} us",
             limits.p2p_copy_gbps, limits.p2p_bidir_gbps, limits.flag_roundtrip_us

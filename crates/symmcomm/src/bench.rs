@@ -18,6 +18,9 @@ use crate::verify::{self, Case};
 
 pub use crate::dispatch::Mode;
 
+mod dcp;
+pub use dcp::{DcpBenchSpec, dcp_table, measure_dcp_point, run_dcp};
+
 /// An implementation and where its buffers live: `nccl` on plain memory, the others on
 /// windows, and `auto_plain` (`auto` on plain memory, which stages where the table says so).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -547,7 +550,11 @@ pub fn nccl_tests_tables(rows: &[Row], backend: BackendKind) -> String {
             .filter(|r| &r.op == op && &r.implementation == imp && r.mode == *mode)
         {
             let count = r.bytes / r.dtype.size();
-            let redop = if r.op == "all_gather" { "none" } else { "sum" };
+            let redop = match r.op.as_str() {
+                "all_gather" => "none",
+                "dcp_combine" => "lse",
+                _ => "sum",
+            };
             let wrong = if r.ok {
                 "0".to_string()
             } else {

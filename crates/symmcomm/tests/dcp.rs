@@ -61,7 +61,9 @@ impl Problem {
                 _ => 3 * world + rng.below(40),
             })
             .collect();
-        let q = (0..batch * heads * dk).map(|_| rng.range(-1.5, 1.5)).collect();
+        let q = (0..batch * heads * dk)
+            .map(|_| rng.range(-1.5, 1.5))
+            .collect();
         let k = seq
             .iter()
             .map(|&l| (0..l * dk).map(|_| rng.range(-1.5, 1.5)).collect())
@@ -178,7 +180,13 @@ fn first_mismatch(got: &[f64], want: &[f64], tol: f64) -> Option<String> {
     let wrong = got
         .iter()
         .zip(want)
-        .filter(|(g, w)| if w.is_infinite() { g != w } else { g.is_nan() || (*g - *w).abs() > tol * w.abs().max(1.0) })
+        .filter(|(g, w)| {
+            if w.is_infinite() {
+                g != w
+            } else {
+                g.is_nan() || (*g - *w).abs() > tol * w.abs().max(1.0)
+            }
+        })
         .count();
     Some(format!(
         "{wrong} of {} wrong, first at {bad}: got {}, want {}",
@@ -304,8 +312,7 @@ fn combine_equals_full_attention(b: TestBackend) {
                             "world {world} rank {rank} I={interleave} base {base:?} {pd}->{od} {}",
                             imp.name(comm.backend())
                         );
-                        if let Some(m) = first_mismatch(&got, &want, out_tolerance(pd, od, world))
-                        {
+                        if let Some(m) = first_mismatch(&got, &want, out_tolerance(pd, od, world)) {
                             panic!("{what}: output: {m}");
                         }
                         if let Some(m) = first_mismatch(&got_lse, &want_lse, 1e-5) {
@@ -437,8 +444,13 @@ fn q_gather_puts_heads_in_rank_order(b: TestBackend) {
             };
             let (batch, w) = (4, spec.width());
             // Exact in bf16: small integers.
-            let value = |r: usize, h: usize, t: usize, i: usize| ((r * 7 + h * 5 + t * 3 + i) % 200) as f64;
-            for (imp, plain) in [(Impl::Regular, true), (Impl::Symmetric, false), (Impl::Auto, false)] {
+            let value =
+                |r: usize, h: usize, t: usize, i: usize| ((r * 7 + h * 5 + t * 3 + i) % 200) as f64;
+            for (imp, plain) in [
+                (Impl::Regular, true),
+                (Impl::Symmetric, false),
+                (Impl::Auto, false),
+            ] {
                 let q = DcpQGather::new(g, spec, plain)?;
                 let (pe, nope) = q.send_parts(batch)?;
                 assert_eq!(pe.shape(), &[3, batch, 8]);
@@ -469,7 +481,12 @@ fn q_gather_puts_heads_in_rank_order(b: TestBackend) {
                         for t in 0..batch {
                             for i in 0..w {
                                 let at = ((r * 3 + h) * batch + t) * w + i;
-                                assert_eq!(all[at], value(r, h, t, i), "{} r{r} h{h} t{t} i{i}", got.dispatched.name);
+                                assert_eq!(
+                                    all[at],
+                                    value(r, h, t, i),
+                                    "{} r{r} h{h} t{t} i{i}",
+                                    got.dispatched.name
+                                );
                             }
                         }
                     }
@@ -504,22 +521,38 @@ fn bad_arguments_are_refused_before_anything_runs() {
             ..base
         });
         assert!(e.to_string().contains("bf16 or f32"), "{e}");
-        assert!(err(CombineSpec { batch_max: 0, ..base })
+        assert!(
+            err(CombineSpec {
+                batch_max: 0,
+                ..base
+            })
             .to_string()
-            .contains("batch_max"));
+            .contains("batch_max")
+        );
         let c = DcpCombine::new(g, base, false)?;
         let e = c.run(5, CombineImpl::Fused).unwrap_err();
         assert!(e.to_string().contains("exceeds"), "{e}");
         assert!(c.partial_out(5).is_err());
         // The symmetric sequence needs windows.
         let plain = DcpCombine::new(g, base, true)?;
-        assert!(plain.unavailable(CombineImpl::Sequence(Impl::Symmetric)).is_some());
-        assert!(plain.run(2, CombineImpl::Sequence(Impl::Symmetric)).is_err());
+        assert!(
+            plain
+                .unavailable(CombineImpl::Sequence(Impl::Symmetric))
+                .is_some()
+        );
+        assert!(
+            plain
+                .run(2, CombineImpl::Sequence(Impl::Symmetric))
+                .is_err()
+        );
         // Names parse back.
         for imp in ["nccl", "nccl_symm", "fused", "host_fused", "oneshot"] {
             assert!(imp.parse::<CombineImpl>().is_ok(), "{imp}");
         }
-        assert_eq!(CombineImpl::Fused.name(symmcomm::BackendKind::Host), "host_fused");
+        assert_eq!(
+            CombineImpl::Fused.name(symmcomm::BackendKind::Host),
+            "host_fused"
+        );
         g.barrier()
     }));
 }

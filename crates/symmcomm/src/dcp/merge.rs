@@ -107,11 +107,7 @@ pub(crate) fn merge_weights_f32(lses: &[f32], base: LseBase, w: &mut [f32]) -> f
     let s = m + base.log_f32(sum);
     for wi in w.iter_mut() {
         let d = *wi - s;
-        *wi = if d.is_nan() {
-            0.0
-        } else {
-            base.exp_f32(d)
-        };
+        *wi = if d.is_nan() { 0.0 } else { base.exp_f32(d) };
     }
     s
 }
@@ -143,9 +139,16 @@ pub fn merge_reference(
 ) -> MergedHeads {
     let world = partial_out.len();
     assert_eq!(partial_lse.len(), world, "one LSE per rank");
-    assert!(world > 0 && heads.is_multiple_of(world), "heads split over the ranks");
+    assert!(
+        world > 0 && heads.is_multiple_of(world),
+        "heads split over the ranks"
+    );
     for r in 0..world {
-        assert_eq!(partial_out[r].len(), batch * heads * dim, "O_{r} is [B, H, D]");
+        assert_eq!(
+            partial_out[r].len(),
+            batch * heads * dim,
+            "O_{r} is [B, H, D]"
+        );
         assert_eq!(partial_lse[r].len(), batch * heads, "s_{r} is [B, H]");
     }
     let hl = heads / world;
@@ -187,7 +190,11 @@ mod tests {
             assert_eq!(s, f64::NEG_INFINITY);
             assert_eq!(w, vec![0.0, 0.0]);
             let mut w32 = [0f32; 3];
-            let s32 = merge_weights_f32(&[f32::NAN, f32::NEG_INFINITY, f32::INFINITY], base, &mut w32);
+            let s32 = merge_weights_f32(
+                &[f32::NAN, f32::NEG_INFINITY, f32::INFINITY],
+                base,
+                &mut w32,
+            );
             assert_eq!(s32, f32::NEG_INFINITY);
             assert_eq!(w32, [0.0; 3]);
             let s32 = merge_weights_f32(&[0.5, -2.0, f32::NAN], base, &mut w32);

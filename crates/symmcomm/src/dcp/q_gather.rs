@@ -135,9 +135,9 @@ impl DcpQGather {
                 self.spec.width(),
             ],
         );
-        let dispatched =
-            self.group
-                .collective(Collective::AllGather, &send, &q, Some(0), imp)?;
+        let dispatched = self
+            .group
+            .collective(Collective::AllGather, &send, &q, Some(0), imp)?;
         let (q_pe, q_nope) = split(&q, self.spec.rope_dim, self.spec.nope_dim);
         Ok(GatheredQ {
             q,

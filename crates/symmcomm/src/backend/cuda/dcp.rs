@@ -105,17 +105,7 @@ impl DcpKernels {
         // SAFETY: `dcp_fused_*` takes a `SymmArgs` and a `DcpArgs` by value; the workspace, pads
         // and state belong to the group and the combine, which outlive the launch (graphs keep
         // the buffers), and the group validated the shapes of every buffer.
-        unsafe {
-            f.launch(
-                grid,
-                DCP_BLOCK_THREADS,
-                0,
-                stream,
-                &mut params,
-                false,
-                ctx,
-            )
-        }
+        unsafe { f.launch(grid, DCP_BLOCK_THREADS, 0, stream, &mut params, false, ctx) }
     }
 }
 

@@ -405,7 +405,9 @@ impl GroupBackend for HostGroup {
 
     fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
         let (me, call) = (self.inner.clone(), call.clone());
-        self.inner.queue.enqueue(Box::new(move || me.dcp_fused(&call)))
+        self.inner
+            .queue
+            .enqueue(Box::new(move || me.dcp_fused(&call)))
     }
 }
 

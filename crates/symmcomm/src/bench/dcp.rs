@@ -1,0 +1,342 @@
+//! Benchmark rows of the DCP combine (`op: "dcp_combine"`): DeepSeek-V3's MLA decode shapes
+//! (128 gathered heads, D = 512, bf16 partial outputs, f32 LSEs) per batch, for the all-gather /
+//! correct / reduce-scatter sequence on plain buffers (`nccl`) and on windows (`nccl_symm`), and
+//! the fused kernel (`fused`); eager and in graphs; every row checked against the f64 merge of
+//! the very inputs it ran on. `bytes` is one rank's partial output.
+
+use std::fmt::Write as _;
+
+use super::{Mode, Row, median, to_f64};
+use crate::backend::{BackendKind, Impl};
+use crate::comm::Communicator;
+use crate::dcp::{CombineImpl, CombineSpec, DcpCombine, LseBase, merge_reference};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::group::Group;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct DcpBenchSpec {
+    /// Decode tokens per run.
+    pub batches: Vec<usize>,
+    /// Gathered heads.
+    pub heads: usize,
+    /// Values per head.
+    pub dim: usize,
+    /// Partial-output element type (the output has the same).
+    pub dtype: DType,
+    /// LSE base.
+    pub base: LseBase,
+    /// Implementations.
+    pub impls: Vec<CombineImpl>,
+    /// Modes.
+    pub modes: Vec<Mode>,
+    /// Untimed runs before timing.
+    pub warmup: usize,
+    /// Runs per timed region (eager).
+    pub iters: usize,
+    /// Runs captured in one graph.
+    pub graph_ops: usize,
+    /// Replays per timed region.
+    pub replays: usize,
+    /// Timed regions per row; the median is reported.
+    pub repeats: usize,
+    /// Seed of the inputs.
+    pub seed: u64,
+}
+
+impl DcpBenchSpec {
+    /// DeepSeek-V3 MLA (128 heads, D = 512, bf16, base 2) at B = 1, 8, 32, 128, with the
+    /// timing parameters of `timing`.
+    pub fn deepseek_v3(impls: Vec<CombineImpl>, timing: &super::BenchSpec) -> Self {
+        DcpBenchSpec {
+            batches: vec![1, 8, 32, 128],
+            heads: 128,
+            dim: 512,
+            dtype: DType::BF16,
+            base: LseBase::Two,
+            impls,
+            modes: timing.modes.clone(),
+            warmup: timing.warmup,
+            iters: timing.iters,
+            graph_ops: timing.graph_ops,
+            replays: timing.replays,
+            repeats: timing.repeats,
+            seed: timing.seed ^ 0xDC9,
+        }
+    }
+
+    /// The default implementations on `backend`: the sequence on plain buffers and on windows,
+    /// and the fused kernel.
+    pub fn default_impls() -> Vec<CombineImpl> {
+        vec![
+            CombineImpl::Sequence(Impl::Regular),
+            CombineImpl::Sequence(Impl::Symmetric),
+            CombineImpl::Fused,
+        ]
+    }
+
+    /// Rows the sweep produces at most.
+    pub fn rows(&self) -> usize {
+        self.batches.len() * self.impls.len() * self.modes.len()
+    }
+}
+
+struct Prepared {
+    imp: CombineImpl,
+    combine: DcpCombine,
+    graph: Option<crate::comm::Graph>,
+    samples: Vec<f64>,
+}
+
+/// Every rank's inputs as the fill generator makes them (epoch 0), as f64.
+fn inputs(spec: &DcpBenchSpec, batch: usize, world: usize) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let n = batch * spec.heads * spec.dim;
+    let (mut os, mut ls) = (Vec::new(), Vec::new());
+    for r in 0..world as u64 {
+        let mut b = vec![0u8; n * spec.dtype.size()];
+        crate::fill::fill_bytes(spec.dtype, spec.seed, r, 0, 0, &mut b);
+        os.push((0..n).map(|i| spec.dtype.read_f64(&b, i)).collect());
+        let mut b = vec![0u8; batch * spec.heads * 4];
+        crate::fill::fill_bytes(DType::F32, !spec.seed, r, 0, 0, &mut b);
+        ls.push(
+            (0..batch * spec.heads)
+                .map(|i| DType::F32.read_f64(&b, i))
+                .collect(),
+        );
+    }
+    (os, ls)
+}
+
+/// Elements of `got` (merged output, `dtype`) that differ from `want` beyond the tolerance of
+/// a bf16 / f32 merge over `world` ranks.
+fn count_wrong(got: &[u8], want: &[f64], dtype: DType, world: usize) -> usize {
+    let eps = match dtype {
+        DType::BF16 => 2f64.powi(-8),
+        _ => 2e-6,
+    };
+    let tol = (world as f64 + 1.0) * eps + 1e-5;
+    want.iter()
+        .enumerate()
+        .filter(|&(i, &w)| {
+            let g = dtype.read_f64(got, i);
+            g.is_nan() || (g - w).abs() > tol * w.abs().max(1.0)
+        })
+        .count()
+}
+
+/// Measure every implementation at one batch and mode on every rank of `group` (collective);
+/// implementations that cannot run are skipped with a log line. One row per implementation.
+pub fn measure_dcp_point(
+    comm: &Communicator,
+    group: &Group,
+    spec: &DcpBenchSpec,
+    batch: usize,
+    mode: Mode,
+) -> Result<Vec<Row>> {
+    let world = group.size();
+    let backend = comm.backend();
+    let mut prepared = Vec::new();
+    for &imp in &spec.impls {
+        let plain = imp == CombineImpl::Sequence(Impl::Regular);
+        let cs = CombineSpec {
+            fused: imp == CombineImpl::Fused,
+            ..CombineSpec::new(batch, spec.heads, spec.dim, spec.dtype, spec.base)
+        };
+        let combine = DcpCombine::new(group, cs, plain)?;
+        if let Some(why) = combine.unavailable(imp) {
+            tracing::info!(
+                "skipping dcp_combine B={batch} {}: {why}",
+                imp.name(backend)
+            );
+            continue;
+        }
+        group.fill_random(&combine.partial_out(batch)?, spec.seed, None)?;
+        group.fill_random(&combine.partial_lse(batch)?, !spec.seed, None)?;
+        for _ in 0..spec.warmup.max(1) {
+            combine.run(batch, imp)?;
+        }
+        let graph = match mode {
+            Mode::Eager => None,
+            Mode::Graph => {
+                comm.begin_capture()?;
+                let captured =
+                    (0..spec.graph_ops).try_for_each(|_| combine.run(batch, imp).map(|_| ()));
+                let graph = comm.end_capture();
+                captured?;
+                let graph = graph?;
+                for _ in 0..2 {
+                    graph.replay()?;
+                }
+                Some(graph)
+            }
+        };
+        prepared.push(Prepared {
+            imp,
+            combine,
+            graph,
+            samples: Vec::with_capacity(spec.repeats),
+        });
+    }
+    comm.synchronize()?;
+    group.barrier()?;
+    for _ in 0..spec.repeats {
+        for p in &mut prepared {
+            let t = match &p.graph {
+                None => comm.time(&mut || {
+                    for _ in 0..spec.iters {
+                        p.combine.run(batch, p.imp)?;
+                    }
+                    Ok(())
+                })?,
+                Some(g) => comm.time(&mut || {
+                    for _ in 0..spec.replays {
+                        g.replay()?;
+                    }
+                    Ok(())
+                })?,
+            };
+            let ops = match &p.graph {
+                None => spec.iters,
+                Some(_) => spec.replays * spec.graph_ops,
+            };
+            p.samples.push(t.as_secs_f64() * 1e6 / ops as f64);
+        }
+    }
+    let want = if prepared.is_empty() {
+        None
+    } else {
+        let (os, ls) = inputs(spec, batch, world);
+        Some(merge_reference(
+            &os,
+            &ls,
+            batch,
+            spec.heads,
+            spec.dim,
+            group.rank(),
+            spec.base,
+        ))
+    };
+    let bytes = batch * spec.heads * spec.dim * spec.dtype.size();
+    let mut rows = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let out = p.combine.output(batch)?;
+        group.poison(&out)?;
+        match &p.graph {
+            Some(g) => g.replay()?,
+            None => {
+                p.combine.run(batch, p.imp)?;
+            }
+        }
+        let got = group.download_bytes(&out)?;
+        let want = &want.as_ref().expect("computed when anything runs").out;
+        let wrong = count_wrong(&got, want, spec.dtype, world);
+        if wrong > 0 {
+            tracing::warn!(batch, implementation = %p.imp.name(backend), rank = group.rank(), "dcp_combine: {wrong} of {} elements wrong", want.len());
+        }
+        let mut msg = median(p.samples).to_le_bytes().to_vec();
+        msg.extend_from_slice(&(wrong as u64).to_le_bytes());
+        let all = group.control().all_gather("dcp bench row", &msg)?;
+        let us = all.iter().map(|m| to_f64(&m[..8])).fold(0.0, f64::max);
+        let wrong_total: usize = all
+            .iter()
+            .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap_or([0; 8])) as usize)
+            .sum();
+        let algbw = bytes as f64 / (us * 1e-6) / 1e9;
+        rows.push(Row {
+            op: "dcp_combine".into(),
+            dtype: spec.dtype,
+            bytes,
+            world,
+            implementation: p.imp.name(backend),
+            mode,
+            us,
+            algbw_gbps: algbw,
+            busbw_gbps: algbw * (world as f64 - 1.0) / world as f64,
+            ok: wrong_total == 0,
+            ran: None,
+            wrong: wrong_total,
+        });
+    }
+    Ok(rows)
+}
+
+/// The whole DCP sweep on `group`; `progress(done, total, what)` after each point.
+pub fn run_dcp(
+    comm: &Communicator,
+    group: &Group,
+    spec: &DcpBenchSpec,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<Row>> {
+    let total = spec.rows();
+    let mut done = 0;
+    let mut rows = Vec::new();
+    for &batch in &spec.batches {
+        for &mode in &spec.modes {
+            rows.extend(measure_dcp_point(comm, group, spec, batch, mode)?);
+            done += spec.impls.len();
+            progress(
+                done,
+                total,
+                &format!("dcp_combine B={batch} {}", mode.name()),
+            );
+        }
+    }
+    Ok(rows)
+}
+
+/// Per batch and mode: µs of each implementation, and the fused kernel over the sequence on
+/// windows (`nccl_symm`, or `host_symm`). `token_bytes`: partial-output bytes per token (the
+/// batch is `bytes / token_bytes`).
+pub fn dcp_table(rows: &[Row], backend: BackendKind, token_bytes: usize) -> String {
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.op == "dcp_combine").collect();
+    let mut out = String::new();
+    if rows.is_empty() {
+        return out;
+    }
+    let mut impls: Vec<String> = Vec::new();
+    for r in &rows {
+        if !impls.contains(&r.implementation) {
+            impls.push(r.implementation.clone());
+        }
+    }
+    let symm = CombineImpl::Sequence(Impl::Symmetric).name(backend);
+    let fused = CombineImpl::Fused.name(backend);
+    let _ = write!(out, "dcp_combine {:>5} {:>9} {:>6}", "B", "bytes", "mode");
+    for i in &impls {
+        let _ = write!(out, " {i:>12}");
+    }
+    let _ = writeln!(out, " {:>14}", format!("{fused}/{symm}"));
+    let mut keys: Vec<(usize, Mode)> = rows.iter().map(|r| (r.bytes, r.mode)).collect();
+    keys.sort();
+    keys.dedup();
+    for (bytes, mode) in keys {
+        let find = |i: &str| {
+            rows.iter()
+                .find(|r| r.bytes == bytes && r.mode == mode && r.implementation == i)
+        };
+        let batch = bytes / token_bytes.max(1);
+        let _ = write!(
+            out,
+            "{:11} {batch:>5} {:>9} {:>6}",
+            "",
+            super::human_bytes(bytes),
+            mode.name()
+        );
+        for i in &impls {
+            let cell = find(i).map_or("-".to_string(), |r| {
+                format!("{:.2}{}", r.us, if r.ok { "" } else { " WRONG" })
+            });
+            let _ = write!(out, " {cell:>12}");
+        }
+        match (find(&fused), find(&symm)) {
+            (Some(f), Some(s)) => {
+                let _ = writeln!(out, " {:>14.3}", f.us / s.us);
+            }
+            _ => {
+                let _ = writeln!(out, " {:>14}", "-");
+            }
+        }
+    }
+    out
+}
