@@ -334,13 +334,16 @@ fn combine_equals_full_attention(b: TestBackend) {
     }
 }
 
+/// Every rank's partial outputs and LSEs, as f64.
+type RankInputs = (Vec<Vec<f64>>, Vec<Vec<f64>>);
+
 /// Every rank's `[B, H, D]` partial output and `[B, H]` LSE as f64, gathered on every rank.
 fn gather_inputs(
     g: &Group,
     partial: &Tensor,
     lse: &Tensor,
     tag: &str,
-) -> symmcomm::Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+) -> symmcomm::Result<RankInputs> {
     let os = g.control().all_gather(tag, &g.download_bytes(partial)?)?;
     let ls = g
         .control()
