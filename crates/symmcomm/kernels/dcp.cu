@@ -150,16 +150,24 @@ SYMM_DEVICE void dcp_correct(const DcpArgs& d) {
 
 // ---------------------------------------------------------------------------------------------
 // Fused combine. Rows are (b, hl) pairs, row = b * H/N + hl; block k of every rank handles the
-// same rows [lo, hi) (symm_block_range), one warp per row.
+// same rows [lo, hi) (symm_block_range).
 //   push:    for each peer p, partial[b, p*H/N + hl, :] -> slot(p, parity, rank).o[row, :] and
 //            lse[b, p*H/N + hl] -> slot(p, parity, rank).lse[row]   (NVLink stores)
 //   barrier: symm_block_barrier, phase 0 (one flag per peer per block)
 //   merge:   out[hl, b, :] = sum over s of w_s * (s == rank ? partial[b, h, :] : slot(rank, parity,
 //            s).o[row, :]), in f32 in rank order, shards of weight 0 skipped; merged_lse = S.
 // A slot holds o [rows, D] (TIn) at 0, then lse [rows] (f32) at round_up(rows * D * ES, 16).
+// Work is spread over all threads of the block as flat (row, 16-byte unit) items, several items
+// in flight per thread, so that no thread waits on one load at a time. The merge goes by tiles of
+// DCP_TILE_ROWS rows: one thread per row computes the row's weights into shared memory, then the
+// whole block merges the tile.
+
+#define DCP_TILE_ROWS 64
+#define DCP_UNROLL 4
 
 template <class TIn, class TOut>
 SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
+    __shared__ float tile_w[DCP_TILE_ROWS][SYMM_MAX_WORLD];
     SymmLaunch l;
     if (!symm_begin(a, &l)) {
         return;
@@ -176,75 +184,125 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
     if (ok) {
         const bool base2 = d.base2 != 0;
         const unsigned int parity = (unsigned int)(l.e & 1);
-        const unsigned int lane = threadIdx.x & 31u;
-        const unsigned int warp = threadIdx.x >> 5;
-        const unsigned int warps = blockDim.x >> 5;
-        const unsigned int units = (unsigned int)(row_in / 16);
-        const unsigned int vecs = d.dim / 8;
+        const unsigned long long units = row_in / 16; // 16-byte units per row
+        const unsigned long long vecs = d.dim / 8;    // 8-element vectors per row
         const unsigned char* partial = reinterpret_cast<const unsigned char*>(d.partial);
         const float* lse = reinterpret_cast<const float*>(d.lse);
         unsigned long long lo, hi;
         symm_block_range(rows, 1, &lo, &hi);
+        const unsigned long long n = hi - lo;
         // Push: peers in the order rank+1, rank+2, ... so that the ranks do not all store into
-        // the same peer at once.
+        // the same peer at once; DCP_UNROLL loads in flight before their stores.
         for (unsigned int i = 1; i < a.world; ++i) {
             const unsigned int p = (a.rank + i) % a.world;
             unsigned char* slot = symm_ws_slot(a, p, 0, parity, a.rank);
+            const unsigned long long items = n * units;
+            const unsigned long long step = (unsigned long long)blockDim.x * DCP_UNROLL;
+            for (unsigned long long base = threadIdx.x; base < items; base += step) {
+                uint4 v[DCP_UNROLL];
+                unsigned long long at[DCP_UNROLL];
+#pragma unroll
+                for (int u = 0; u < DCP_UNROLL; ++u) {
+                    const unsigned long long it = base + (unsigned long long)u * blockDim.x;
+                    at[u] = ~0ULL;
+                    if (it < items) {
+                        const unsigned long long row = lo + it / units;
+                        const unsigned long long k = it % units;
+                        const unsigned long long b = row / hl;
+                        const unsigned long long h = (unsigned long long)p * hl + row % hl;
+                        v[u] = reinterpret_cast<const uint4*>(partial + (b * d.heads + h) * row_in)[k];
+                        at[u] = row * row_in + k * 16;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < DCP_UNROLL; ++u) {
+                    if (at[u] != ~0ULL) {
+                        *reinterpret_cast<uint4*>(slot + at[u]) = v[u];
+                    }
+                }
+            }
             float* slot_lse = reinterpret_cast<float*>(slot + lse_off);
-            for (unsigned long long row = lo + warp; row < hi; row += warps) {
+            for (unsigned long long r = threadIdx.x; r < n; r += blockDim.x) {
+                const unsigned long long row = lo + r;
                 const unsigned long long b = row / hl;
-                const unsigned long long h = (unsigned long long)p * hl + row % hl;
-                const uint4* src =
-                    reinterpret_cast<const uint4*>(partial + (b * d.heads + h) * row_in);
-                uint4* dst = reinterpret_cast<uint4*>(slot + row * row_in);
-                for (unsigned int k = lane; k < units; k += 32) {
-                    dst[k] = src[k];
-                }
-                if (lane == 0) {
-                    slot_lse[row] = lse[b * d.heads + h];
-                }
+                slot_lse[row] = lse[b * d.heads + (unsigned long long)p * hl + row % hl];
             }
         }
         symm_block_barrier(a, l, 0);
-        for (unsigned long long row = lo + warp; row < hi; row += warps) {
-            const unsigned long long b = row / hl;
-            const unsigned int hh = (unsigned int)(row % hl);
-            const unsigned long long h = (unsigned long long)a.rank * hl + hh;
-            const unsigned char* own_row = partial + (b * d.heads + h) * row_in;
-            const auto lse_of = [&](unsigned int s) {
-                return dcp_sanitize(
-                    s == a.rank ? lse[b * d.heads + h]
-                                : reinterpret_cast<const float*>(
-                                      symm_ws_slot(a, a.rank, 0, parity, s) + lse_off)[row]);
-            };
-            const float merged = dcp_merged_lse(lse_of, a.world, base2);
-            if (lane == 0 && d.merged_lse != 0) {
-                reinterpret_cast<float*>(d.merged_lse)[b * hl + hh] = merged;
-            }
-            unsigned char* dst = reinterpret_cast<unsigned char*>(d.out) +
-                                 ((unsigned long long)hh * d.batch + b) * d.dim * TOut::ES;
-            for (unsigned int k = lane; k < vecs; k += 32) {
-                float acc[8];
+        const unsigned char* ws_mine = reinterpret_cast<const unsigned char*>(a.ws[a.rank]);
+        const unsigned long long slot_stride = a.slot_bytes;
+        const unsigned long long slot0 = (unsigned long long)parity * a.world * slot_stride;
+        for (unsigned long long t0 = lo; t0 < hi; t0 += DCP_TILE_ROWS) {
+            const unsigned long long tn = symm_min(DCP_TILE_ROWS, hi - t0);
+            // Weights of the tile's rows: one thread per row, the shards' LSEs loaded at once.
+            if (threadIdx.x < tn) {
+                const unsigned long long row = t0 + threadIdx.x;
+                const unsigned long long b = row / hl;
+                const unsigned long long h = (unsigned long long)a.rank * hl + row % hl;
+                float x[SYMM_MAX_WORLD];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    acc[j] = 0.0f;
-                }
-                for (unsigned int s = 0; s < a.world; ++s) {
-                    const float w = dcp_weight(lse_of(s), merged, base2);
-                    if (w != 0.0f) {
-                        const unsigned char* src =
-                            s == a.rank ? own_row
-                                        : symm_ws_slot(a, a.rank, 0, parity, s) + row * row_in;
-                        float f[8];
-                        dcp_load8<TIn>(src + (unsigned long long)k * 8 * TIn::ES, f);
-#pragma unroll
-                        for (int j = 0; j < 8; ++j) {
-                            acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
-                        }
+                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                    x[s] = dcp_neg_inf();
+                    if (s < a.world) {
+                        x[s] = dcp_sanitize(
+                            s == a.rank ? lse[b * d.heads + h]
+                                        : reinterpret_cast<const float*>(
+                                              ws_mine + slot0 + s * slot_stride + lse_off)[row]);
                     }
                 }
-                dcp_store8<TOut>(dst + (unsigned long long)k * 8 * TOut::ES, acc);
+                const auto lse_of = [&](unsigned int s) {
+                    float v = x[0];
+#pragma unroll
+                    for (unsigned int t = 1; t < SYMM_MAX_WORLD; ++t) {
+                        v = s == t ? x[t] : v;
+                    }
+                    return v;
+                };
+                const float merged = dcp_merged_lse(lse_of, a.world, base2);
+#pragma unroll
+                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                    tile_w[threadIdx.x][s] = s < a.world ? dcp_weight(x[s], merged, base2) : 0.0f;
+                }
+                if (d.merged_lse != 0) {
+                    reinterpret_cast<float*>(d.merged_lse)[b * hl + row % hl] = merged;
+                }
             }
+            __syncthreads();
+            const unsigned long long items = tn * vecs;
+            for (unsigned long long it = threadIdx.x; it < items; it += blockDim.x) {
+                {
+                    const unsigned long long tr = it / vecs;
+                    const unsigned long long k = it % vecs;
+                    const unsigned long long row = t0 + tr;
+                    const unsigned long long b = row / hl;
+                    const unsigned long long hh = row % hl;
+                    const unsigned long long h = (unsigned long long)a.rank * hl + hh;
+                    float acc[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        acc[j] = 0.0f;
+                    }
+#pragma unroll
+                    for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                        const float w = tile_w[tr][s];
+                        if (w != 0.0f) {
+                            const unsigned char* src =
+                                s == a.rank ? partial + (b * d.heads + h) * row_in
+                                            : ws_mine + slot0 + s * slot_stride + row * row_in;
+                            float f[8];
+                            dcp_load8<TIn>(src + k * 8 * TIn::ES, f);
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) {
+                                acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+                            }
+                        }
+                    }
+                    dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
+                                         (hh * d.batch + b) * d.dim * TOut::ES + k * 8 * TOut::ES,
+                                     acc);
+                }
+            }
+            __syncthreads();
         }
     } else if (threadIdx.x == 0) {
         symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
@@ -257,7 +315,7 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
 // block that is a multiple of 32 up to 512. Fused: block (512, 1, 1), grid 1..64, the same on
 // every rank of the group (KERNELS.md section 4).
 
-#define DCP_KERNEL extern "C" __global__ void __launch_bounds__(DCP_BLOCK_THREADS)
+#define DCP_KERNEL extern "C" __global__ void __launch_bounds__(DCP_BLOCK_THREADS, 1)
 
 DCP_KERNEL dcp_correct_bf16_bf16(const DcpArgs d) { dcp_correct<SymmBF16, SymmBF16>(d); }
 DCP_KERNEL dcp_correct_bf16_f32(const DcpArgs d) { dcp_correct<SymmBF16, SymmF32>(d); }

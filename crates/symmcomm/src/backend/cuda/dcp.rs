@@ -109,11 +109,11 @@ impl DcpKernels {
     }
 }
 
-/// Blocks of the fused combine: one per 8 rows of `(token, local head)`, at most 64 (every
+/// Blocks of the fused combine: one per 4 rows of `(token, local head)`, at most 64 (every
 /// rank computes the same number from the same shape).
 pub(crate) fn fused_grid(shape: &DcpShape) -> u32 {
     (shape.batch * shape.heads_local())
-        .div_ceil(8)
+        .div_ceil(4)
         .clamp(1, MAX_BLOCKS as usize) as u32
 }
 
