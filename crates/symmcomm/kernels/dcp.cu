@@ -172,46 +172,51 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
     if (!symm_begin(a, &l)) {
         return;
     }
+    // Indices below are 32-bit (64-bit division costs ~10x more): rows x (16-byte units per row)
+    // must stay under 2^31, i.e. at most 32 GiB of partial rows per peer.
     const bool shape_ok = d.world == a.world && d.rank == a.rank && d.world >= 2 &&
                           d.heads % d.world == 0 && d.dim % 8 == 0 && d.dim > 0 &&
-                          d.batch <= (1u << 24) && d.heads <= (1u << 16) && d.dim <= (1u << 16) &&
+                          (unsigned long long)d.batch * (d.heads / d.world) * (d.dim / 8) *
+                                  (TIn::ES == 4 ? 2 : 1) < (1ULL << 31) &&
                           symm_aligned16(d.partial) && symm_aligned16(d.out);
     const unsigned int hl = shape_ok ? d.heads / d.world : 0;
-    const unsigned long long rows = (unsigned long long)d.batch * hl;
+    const unsigned int rows = d.batch * hl;
     const unsigned long long row_in = (unsigned long long)d.dim * TIn::ES;
-    const unsigned long long lse_off = (rows * row_in + 15) / 16 * 16;
-    const bool ok = shape_ok && symm_args_ok(a, lse_off + rows * 4, true);
+    const unsigned long long row_out = (unsigned long long)d.dim * TOut::ES;
+    const unsigned long long lse_off = ((unsigned long long)rows * row_in + 15) / 16 * 16;
+    const bool ok = shape_ok && symm_args_ok(a, lse_off + (unsigned long long)rows * 4, true);
     if (ok) {
         const bool base2 = d.base2 != 0;
         const unsigned int parity = (unsigned int)(l.e & 1);
-        const unsigned long long units = row_in / 16; // 16-byte units per row
-        const unsigned long long vecs = d.dim / 8;    // 8-element vectors per row
+        const unsigned int units = (unsigned int)(row_in / 16); // 16-byte units per row
+        const unsigned int vecs = d.dim / 8;                    // 8-element vectors per row
         const unsigned char* partial = reinterpret_cast<const unsigned char*>(d.partial);
         const float* lse = reinterpret_cast<const float*>(d.lse);
-        unsigned long long lo, hi;
-        symm_block_range(rows, 1, &lo, &hi);
-        const unsigned long long n = hi - lo;
+        unsigned long long lo64, hi64;
+        symm_block_range(rows, 1, &lo64, &hi64);
+        const unsigned int lo = (unsigned int)lo64, hi = (unsigned int)hi64;
+        const unsigned int n = hi - lo;
         // Push: peers in the order rank+1, rank+2, ... so that the ranks do not all store into
         // the same peer at once; DCP_UNROLL loads in flight before their stores.
         for (unsigned int i = 1; i < a.world; ++i) {
             const unsigned int p = (a.rank + i) % a.world;
             unsigned char* slot = symm_ws_slot(a, p, 0, parity, a.rank);
-            const unsigned long long items = n * units;
-            const unsigned long long step = (unsigned long long)blockDim.x * DCP_UNROLL;
-            for (unsigned long long base = threadIdx.x; base < items; base += step) {
+            const unsigned int items = n * units;
+            for (unsigned int base = threadIdx.x; base < items; base += blockDim.x * DCP_UNROLL) {
                 uint4 v[DCP_UNROLL];
                 unsigned long long at[DCP_UNROLL];
 #pragma unroll
                 for (int u = 0; u < DCP_UNROLL; ++u) {
-                    const unsigned long long it = base + (unsigned long long)u * blockDim.x;
+                    const unsigned int it = base + u * blockDim.x;
                     at[u] = ~0ULL;
                     if (it < items) {
-                        const unsigned long long row = lo + it / units;
-                        const unsigned long long k = it % units;
-                        const unsigned long long b = row / hl;
-                        const unsigned long long h = (unsigned long long)p * hl + row % hl;
-                        v[u] = reinterpret_cast<const uint4*>(partial + (b * d.heads + h) * row_in)[k];
-                        at[u] = row * row_in + k * 16;
+                        const unsigned int row = lo + it / units;
+                        const unsigned int k = it % units;
+                        const unsigned int b = row / hl;
+                        const unsigned int h = p * hl + (row - b * hl);
+                        v[u] = reinterpret_cast<const uint4*>(
+                            partial + ((unsigned long long)b * d.heads + h) * row_in)[k];
+                        at[u] = (unsigned long long)row * row_in + k * 16ULL;
                     }
                 }
 #pragma unroll
@@ -222,30 +227,31 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
                 }
             }
             float* slot_lse = reinterpret_cast<float*>(slot + lse_off);
-            for (unsigned long long r = threadIdx.x; r < n; r += blockDim.x) {
-                const unsigned long long row = lo + r;
-                const unsigned long long b = row / hl;
-                slot_lse[row] = lse[b * d.heads + (unsigned long long)p * hl + row % hl];
+            for (unsigned int r = threadIdx.x; r < n; r += blockDim.x) {
+                const unsigned int row = lo + r;
+                const unsigned int b = row / hl;
+                slot_lse[row] = lse[(unsigned long long)b * d.heads + p * hl + (row - b * hl)];
             }
         }
         symm_block_barrier(a, l, 0);
         const unsigned char* ws_mine = reinterpret_cast<const unsigned char*>(a.ws[a.rank]);
         const unsigned long long slot_stride = a.slot_bytes;
         const unsigned long long slot0 = (unsigned long long)parity * a.world * slot_stride;
-        for (unsigned long long t0 = lo; t0 < hi; t0 += DCP_TILE_ROWS) {
-            const unsigned long long tn = symm_min(DCP_TILE_ROWS, hi - t0);
+        for (unsigned int t0 = lo; t0 < hi; t0 += DCP_TILE_ROWS) {
+            const unsigned int tn = min(DCP_TILE_ROWS, hi - t0);
             // Weights of the tile's rows: one thread per row, the shards' LSEs loaded at once.
             if (threadIdx.x < tn) {
-                const unsigned long long row = t0 + threadIdx.x;
-                const unsigned long long b = row / hl;
-                const unsigned long long h = (unsigned long long)a.rank * hl + row % hl;
+                const unsigned int row = t0 + threadIdx.x;
+                const unsigned int b = row / hl;
+                const unsigned int hh = row - b * hl;
+                const unsigned long long h = (unsigned long long)a.rank * hl + hh;
                 float x[SYMM_MAX_WORLD];
 #pragma unroll
                 for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
                     x[s] = dcp_neg_inf();
                     if (s < a.world) {
                         x[s] = dcp_sanitize(
-                            s == a.rank ? lse[b * d.heads + h]
+                            s == a.rank ? lse[(unsigned long long)b * d.heads + h]
                                         : reinterpret_cast<const float*>(
                                               ws_mine + slot0 + s * slot_stride + lse_off)[row]);
                     }
@@ -264,43 +270,42 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
                     tile_w[threadIdx.x][s] = s < a.world ? dcp_weight(x[s], merged, base2) : 0.0f;
                 }
                 if (d.merged_lse != 0) {
-                    reinterpret_cast<float*>(d.merged_lse)[b * hl + row % hl] = merged;
+                    reinterpret_cast<float*>(d.merged_lse)[(unsigned long long)b * hl + hh] = merged;
                 }
             }
             __syncthreads();
-            const unsigned long long items = tn * vecs;
-            for (unsigned long long it = threadIdx.x; it < items; it += blockDim.x) {
-                {
-                    const unsigned long long tr = it / vecs;
-                    const unsigned long long k = it % vecs;
-                    const unsigned long long row = t0 + tr;
-                    const unsigned long long b = row / hl;
-                    const unsigned long long hh = row % hl;
-                    const unsigned long long h = (unsigned long long)a.rank * hl + hh;
-                    float acc[8];
+            const unsigned int items = tn * vecs;
+            for (unsigned int it = threadIdx.x; it < items; it += blockDim.x) {
+                const unsigned int tr = it / vecs;
+                const unsigned int k = it - tr * vecs;
+                const unsigned int row = t0 + tr;
+                const unsigned int b = row / hl;
+                const unsigned int hh = row - b * hl;
+                const unsigned long long h = (unsigned long long)a.rank * hl + hh;
+                float acc[8];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        acc[j] = 0.0f;
-                    }
+                for (int j = 0; j < 8; ++j) {
+                    acc[j] = 0.0f;
+                }
 #pragma unroll
-                    for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                        const float w = tile_w[tr][s];
-                        if (w != 0.0f) {
-                            const unsigned char* src =
-                                s == a.rank ? partial + (b * d.heads + h) * row_in
-                                            : ws_mine + slot0 + s * slot_stride + row * row_in;
-                            float f[8];
-                            dcp_load8<TIn>(src + k * 8 * TIn::ES, f);
+                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                    const float w = tile_w[tr][s];
+                    if (w != 0.0f) {
+                        const unsigned char* src =
+                            s == a.rank ? partial + ((unsigned long long)b * d.heads + h) * row_in
+                                        : ws_mine + slot0 + s * slot_stride + row * row_in;
+                        float f[8];
+                        dcp_load8<TIn>(src + k * 8ULL * TIn::ES, f);
 #pragma unroll
-                            for (int j = 0; j < 8; ++j) {
-                                acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
-                            }
+                        for (int j = 0; j < 8; ++j) {
+                            acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
                         }
                     }
-                    dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
-                                         (hh * d.batch + b) * d.dim * TOut::ES + k * 8 * TOut::ES,
-                                     acc);
                 }
+                dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
+                                     ((unsigned long long)hh * d.batch + b) * row_out +
+                                     k * 8ULL * TOut::ES,
+                                 acc);
             }
             __syncthreads();
         }
