@@ -86,6 +86,21 @@ SYMM_DEVICE void dcp_load8(const unsigned char* p, float* f) {
     }
 }
 
+// E = 4 or 8 f32 values stored as Ty at p (aligned to E * Ty::ES bytes).
+template <class Ty, int E>
+SYMM_DEVICE void dcp_store(unsigned char* p, const float* f) {
+    if constexpr (E * Ty::ES == 16) {
+        *reinterpret_cast<uint4*>(p) = symm_f32_to_unit<Ty>(f);
+    } else if constexpr (E * Ty::ES == 32) {
+        reinterpret_cast<uint4*>(p)[0] = symm_f32_to_unit<Ty>(f);
+        reinterpret_cast<uint4*>(p)[1] = symm_f32_to_unit<Ty>(f + 4);
+    } else {
+        static_assert(E * Ty::ES == 8, "4 two-byte elements");
+        *reinterpret_cast<uint2*>(p) = make_uint2(Ty::from_f32(f[0]) | (Ty::from_f32(f[1]) << 16),
+                                                  Ty::from_f32(f[2]) | (Ty::from_f32(f[3]) << 16));
+    }
+}
+
 template <class Ty>
 SYMM_DEVICE void dcp_store8(unsigned char* p, const float* f) {
     if constexpr (Ty::ES == 2) {
@@ -157,17 +172,13 @@ SYMM_DEVICE void dcp_correct(const DcpArgs& d) {
 //   merge:   out[hl, b, :] = sum over s of w_s * (s == rank ? partial[b, h, :] : slot(rank, parity,
 //            s).o[row, :]), in f32 in rank order, shards of weight 0 skipped; merged_lse = S.
 // A slot holds o [rows, D] (TIn) at 0, then lse [rows] (f32) at round_up(rows * D * ES, 16).
-// Work is spread over all threads of the block as flat (row, 16-byte unit) items, several items
-// in flight per thread, so that no thread waits on one load at a time. The merge goes by tiles of
-// DCP_TILE_ROWS rows: one thread per row computes the row's weights into shared memory, then the
-// whole block merges the tile.
+// Work is spread over all threads of the block as flat (row, 16-byte unit) items, several loads
+// in flight per thread, so that no thread waits on one load at a time.
 
-#define DCP_TILE_ROWS 64
 #define DCP_UNROLL 4
 
 template <class TIn, class TOut>
 SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
-    __shared__ float tile_w[DCP_TILE_ROWS][SYMM_MAX_WORLD];
     SymmLaunch l;
     if (!symm_begin(a, &l)) {
         return;
@@ -234,80 +245,72 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
             }
         }
         symm_block_barrier(a, l, 0);
+        // Merge: one (row, 16-byte unit of the partial row) item per thread and round. Each
+        // thread loads every shard's LSE and data for its item at once (one memory round trip),
+        // then computes the row's weights itself (the loads of a warp's threads hit the same LSE
+        // words) and skips shards of weight 0 (their data, possibly NaN, is loaded, never used).
         const unsigned char* ws_mine = reinterpret_cast<const unsigned char*>(a.ws[a.rank]);
         const unsigned long long slot_stride = a.slot_bytes;
         const unsigned long long slot0 = (unsigned long long)parity * a.world * slot_stride;
-        for (unsigned int t0 = lo; t0 < hi; t0 += DCP_TILE_ROWS) {
-            const unsigned int tn = min(DCP_TILE_ROWS, hi - t0);
-            // Weights of the tile's rows: one thread per row, the shards' LSEs loaded at once.
-            if (threadIdx.x < tn) {
-                const unsigned int row = t0 + threadIdx.x;
-                const unsigned int b = row / hl;
-                const unsigned int hh = row - b * hl;
-                const unsigned long long h = (unsigned long long)a.rank * hl + hh;
-                float x[SYMM_MAX_WORLD];
+        constexpr int E = 16 / TIn::ES; // elements per item
+        const unsigned int items = n * units;
+        for (unsigned int it = threadIdx.x; it < items; it += blockDim.x) {
+            const unsigned int r = it / units;
+            const unsigned int k = it - r * units;
+            const unsigned int row = lo + r;
+            const unsigned int b = row / hl;
+            const unsigned int hh = row - b * hl;
+            const unsigned long long bh = (unsigned long long)b * d.heads + a.rank * hl + hh;
+            float x[SYMM_MAX_WORLD];
+            uint4 raw[SYMM_MAX_WORLD];
 #pragma unroll
-                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                    x[s] = dcp_neg_inf();
-                    if (s < a.world) {
-                        x[s] = dcp_sanitize(
-                            s == a.rank ? lse[(unsigned long long)b * d.heads + h]
-                                        : reinterpret_cast<const float*>(
-                                              ws_mine + slot0 + s * slot_stride + lse_off)[row]);
-                    }
-                }
-                const auto lse_of = [&](unsigned int s) {
-                    float v = x[0];
-#pragma unroll
-                    for (unsigned int t = 1; t < SYMM_MAX_WORLD; ++t) {
-                        v = s == t ? x[t] : v;
-                    }
-                    return v;
-                };
-                const float merged = dcp_merged_lse(lse_of, a.world, base2);
-#pragma unroll
-                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                    tile_w[threadIdx.x][s] = s < a.world ? dcp_weight(x[s], merged, base2) : 0.0f;
-                }
-                if (d.merged_lse != 0) {
-                    reinterpret_cast<float*>(d.merged_lse)[(unsigned long long)b * hl + hh] = merged;
+            for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                x[s] = dcp_neg_inf();
+                if (s < a.world) {
+                    const unsigned char* slot = ws_mine + slot0 + s * slot_stride;
+                    x[s] = s == a.rank ? lse[bh]
+                                       : reinterpret_cast<const float*>(slot + lse_off)[row];
+                    raw[s] = *reinterpret_cast<const uint4*>(
+                        (s == a.rank ? partial + bh * row_in : slot + row * row_in) + k * 16ULL);
                 }
             }
-            __syncthreads();
-            const unsigned int items = tn * vecs;
-            for (unsigned int it = threadIdx.x; it < items; it += blockDim.x) {
-                const unsigned int tr = it / vecs;
-                const unsigned int k = it - tr * vecs;
-                const unsigned int row = t0 + tr;
-                const unsigned int b = row / hl;
-                const unsigned int hh = row - b * hl;
-                const unsigned long long h = (unsigned long long)a.rank * hl + hh;
-                float acc[8];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    acc[j] = 0.0f;
+            for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                x[s] = dcp_sanitize(x[s]);
+            }
+            const auto lse_of = [&](unsigned int s) {
+                float v = x[0];
+#pragma unroll
+                for (unsigned int t = 1; t < SYMM_MAX_WORLD; ++t) {
+                    v = s == t ? x[t] : v;
                 }
+                return v;
+            };
+            const float merged = dcp_merged_lse(lse_of, a.world, base2);
+            float acc[E];
 #pragma unroll
-                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                    const float w = tile_w[tr][s];
-                    if (w != 0.0f) {
-                        const unsigned char* src =
-                            s == a.rank ? partial + ((unsigned long long)b * d.heads + h) * row_in
-                                        : ws_mine + slot0 + s * slot_stride + row * row_in;
-                        float f[8];
-                        dcp_load8<TIn>(src + k * 8ULL * TIn::ES, f);
+            for (int j = 0; j < E; ++j) {
+                acc[j] = 0.0f;
+            }
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) {
-                            acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
-                        }
+            for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                const float w = s < a.world ? dcp_weight(x[s], merged, base2) : 0.0f;
+                if (w != 0.0f) {
+                    float f[E];
+                    symm_unit_to_f32<TIn>(raw[s], f);
+#pragma unroll
+                    for (int j = 0; j < E; ++j) {
+                        acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
                     }
                 }
-                dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
-                                     ((unsigned long long)hh * d.batch + b) * row_out +
-                                     k * 8ULL * TOut::ES,
-                                 acc);
             }
-            __syncthreads();
+            dcp_store<TOut, E>(reinterpret_cast<unsigned char*>(d.out) +
+                                   ((unsigned long long)hh * d.batch + b) * row_out +
+                                   (unsigned long long)k * E * TOut::ES,
+                               acc);
+            if (k == 0 && d.merged_lse != 0) {
+                reinterpret_cast<float*>(d.merged_lse)[(unsigned long long)b * hl + hh] = merged;
+            }
         }
     } else if (threadIdx.x == 0) {
         symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
