@@ -176,9 +176,14 @@ SYMM_DEVICE void dcp_correct(const DcpArgs& d) {
 // in flight per thread, so that no thread waits on one load at a time.
 
 #define DCP_UNROLL 4
+// Up to this many rows per block, every merge item computes its row's weights itself (latency
+// bound: one memory round trip); above, weights are computed once per row into shared memory.
+#define DCP_ITEM_WEIGHT_ROWS 8
+#define DCP_TILE_ROWS 64
 
 template <class TIn, class TOut>
 SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
+    __shared__ float tile_w[DCP_TILE_ROWS][SYMM_MAX_WORLD];
     SymmLaunch l;
     if (!symm_begin(a, &l)) {
         return;
@@ -254,62 +259,139 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
         const unsigned long long slot0 = (unsigned long long)parity * a.world * slot_stride;
         constexpr int E = 16 / TIn::ES; // elements per item
         const unsigned int items = n * units;
-        for (unsigned int it = threadIdx.x; it < items; it += blockDim.x) {
-            const unsigned int r = it / units;
-            const unsigned int k = it - r * units;
-            const unsigned int row = lo + r;
-            const unsigned int b = row / hl;
-            const unsigned int hh = row - b * hl;
-            const unsigned long long bh = (unsigned long long)b * d.heads + a.rank * hl + hh;
-            float x[SYMM_MAX_WORLD];
-            uint4 raw[SYMM_MAX_WORLD];
+        if (n <= DCP_ITEM_WEIGHT_ROWS) {
+            for (unsigned int it = threadIdx.x; it < items; it += blockDim.x) {
+                const unsigned int r = it / units;
+                const unsigned int k = it - r * units;
+                const unsigned int row = lo + r;
+                const unsigned int b = row / hl;
+                const unsigned int hh = row - b * hl;
+                const unsigned long long bh = (unsigned long long)b * d.heads + a.rank * hl + hh;
+                float x[SYMM_MAX_WORLD];
+                uint4 raw[SYMM_MAX_WORLD];
 #pragma unroll
-            for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                x[s] = dcp_neg_inf();
-                if (s < a.world) {
-                    const unsigned char* slot = ws_mine + slot0 + s * slot_stride;
-                    x[s] = s == a.rank ? lse[bh]
-                                       : reinterpret_cast<const float*>(slot + lse_off)[row];
-                    raw[s] = *reinterpret_cast<const uint4*>(
-                        (s == a.rank ? partial + bh * row_in : slot + row * row_in) + k * 16ULL);
-                }
-            }
-#pragma unroll
-            for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                x[s] = dcp_sanitize(x[s]);
-            }
-            const auto lse_of = [&](unsigned int s) {
-                float v = x[0];
-#pragma unroll
-                for (unsigned int t = 1; t < SYMM_MAX_WORLD; ++t) {
-                    v = s == t ? x[t] : v;
-                }
-                return v;
-            };
-            const float merged = dcp_merged_lse(lse_of, a.world, base2);
-            float acc[E];
-#pragma unroll
-            for (int j = 0; j < E; ++j) {
-                acc[j] = 0.0f;
-            }
-#pragma unroll
-            for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                const float w = s < a.world ? dcp_weight(x[s], merged, base2) : 0.0f;
-                if (w != 0.0f) {
-                    float f[E];
-                    symm_unit_to_f32<TIn>(raw[s], f);
-#pragma unroll
-                    for (int j = 0; j < E; ++j) {
-                        acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                    x[s] = dcp_neg_inf();
+                    if (s < a.world) {
+                        const unsigned char* slot = ws_mine + slot0 + s * slot_stride;
+                        x[s] = s == a.rank ? lse[bh]
+                                           : reinterpret_cast<const float*>(slot + lse_off)[row];
+                        raw[s] = *reinterpret_cast<const uint4*>(
+                            (s == a.rank ? partial + bh * row_in : slot + row * row_in) + k * 16ULL);
                     }
                 }
+#pragma unroll
+                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                    x[s] = dcp_sanitize(x[s]);
+                }
+                const auto lse_of = [&](unsigned int s) {
+                    float v = x[0];
+#pragma unroll
+                    for (unsigned int t = 1; t < SYMM_MAX_WORLD; ++t) {
+                        v = s == t ? x[t] : v;
+                    }
+                    return v;
+                };
+                const float merged = dcp_merged_lse(lse_of, a.world, base2);
+                float acc[E];
+#pragma unroll
+                for (int j = 0; j < E; ++j) {
+                    acc[j] = 0.0f;
+                }
+#pragma unroll
+                for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                    const float w = s < a.world ? dcp_weight(x[s], merged, base2) : 0.0f;
+                    if (w != 0.0f) {
+                        float f[E];
+                        symm_unit_to_f32<TIn>(raw[s], f);
+#pragma unroll
+                        for (int j = 0; j < E; ++j) {
+                            acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+                        }
+                    }
+                }
+                dcp_store<TOut, E>(reinterpret_cast<unsigned char*>(d.out) +
+                                       ((unsigned long long)hh * d.batch + b) * row_out +
+                                       (unsigned long long)k * E * TOut::ES,
+                                   acc);
+                if (k == 0 && d.merged_lse != 0) {
+                    reinterpret_cast<float*>(d.merged_lse)[(unsigned long long)b * hl + hh] = merged;
+                }
             }
-            dcp_store<TOut, E>(reinterpret_cast<unsigned char*>(d.out) +
-                                   ((unsigned long long)hh * d.batch + b) * row_out +
-                                   (unsigned long long)k * E * TOut::ES,
-                               acc);
-            if (k == 0 && d.merged_lse != 0) {
-                reinterpret_cast<float*>(d.merged_lse)[(unsigned long long)b * hl + hh] = merged;
+        } else {
+            // Many rows per block: weights once per row, by tiles of DCP_TILE_ROWS rows (one thread
+            // per row into shared memory), then the block merges the tile by 8-element vectors.
+            for (unsigned int t0 = lo; t0 < hi; t0 += DCP_TILE_ROWS) {
+                const unsigned int tn = min(DCP_TILE_ROWS, hi - t0);
+                // Weights of the tile's rows: one thread per row, the shards' LSEs loaded at once.
+                if (threadIdx.x < tn) {
+                    const unsigned int row = t0 + threadIdx.x;
+                    const unsigned int b = row / hl;
+                    const unsigned int hh = row - b * hl;
+                    const unsigned long long h = (unsigned long long)a.rank * hl + hh;
+                    float x[SYMM_MAX_WORLD];
+#pragma unroll
+                    for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                        x[s] = dcp_neg_inf();
+                        if (s < a.world) {
+                            x[s] = dcp_sanitize(
+                                s == a.rank ? lse[(unsigned long long)b * d.heads + h]
+                                            : reinterpret_cast<const float*>(
+                                                  ws_mine + slot0 + s * slot_stride + lse_off)[row]);
+                        }
+                    }
+                    const auto lse_of = [&](unsigned int s) {
+                        float v = x[0];
+#pragma unroll
+                        for (unsigned int t = 1; t < SYMM_MAX_WORLD; ++t) {
+                            v = s == t ? x[t] : v;
+                        }
+                        return v;
+                    };
+                    const float merged = dcp_merged_lse(lse_of, a.world, base2);
+#pragma unroll
+                    for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                        tile_w[threadIdx.x][s] = s < a.world ? dcp_weight(x[s], merged, base2) : 0.0f;
+                    }
+                    if (d.merged_lse != 0) {
+                        reinterpret_cast<float*>(d.merged_lse)[(unsigned long long)b * hl + hh] = merged;
+                    }
+                }
+                __syncthreads();
+                const unsigned int items = tn * vecs;
+                for (unsigned int it = threadIdx.x; it < items; it += blockDim.x) {
+                    const unsigned int tr = it / vecs;
+                    const unsigned int k = it - tr * vecs;
+                    const unsigned int row = t0 + tr;
+                    const unsigned int b = row / hl;
+                    const unsigned int hh = row - b * hl;
+                    const unsigned long long h = (unsigned long long)a.rank * hl + hh;
+                    float acc[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        acc[j] = 0.0f;
+                    }
+#pragma unroll
+                    for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                        const float w = tile_w[tr][s];
+                        if (w != 0.0f) {
+                            const unsigned char* src =
+                                s == a.rank ? partial + ((unsigned long long)b * d.heads + h) * row_in
+                                            : ws_mine + slot0 + s * slot_stride + row * row_in;
+                            float f[8];
+                            dcp_load8<TIn>(src + k * 8ULL * TIn::ES, f);
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) {
+                                acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+                            }
+                        }
+                    }
+                    dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
+                                         ((unsigned long long)hh * d.batch + b) * row_out +
+                                         k * 8ULL * TOut::ES,
+                                     acc);
+                }
+                __syncthreads();
             }
         }
     } else if (threadIdx.x == 0) {

@@ -365,12 +365,13 @@ fn combine_across_graph_replays(b: TestBackend) {
     let cfg = b.config();
     all_ok(run_rank_threads(world, &cfg, |comm| {
         let g = comm.world();
-        let batch = 3;
+        // 3 tokens: a few rows per block of the fused kernel (each item weighs its own row);
+        // 12 tokens: 12 rows per block (weights per row in shared memory).
         for (case, (imp, plain)) in combine_impls().into_iter().enumerate() {
-            for base in [LseBase::Two, LseBase::E] {
+            for (base, batch) in [(LseBase::Two, 3), (LseBase::E, 3), (LseBase::Two, 12)] {
                 let spec = CombineSpec {
                     merged_lse: true,
-                    ..CombineSpec::new(4, 128, 512, DType::BF16, base)
+                    ..CombineSpec::new(batch, 128, 512, DType::BF16, base)
                 };
                 let c = DcpCombine::new(g, spec, plain)?;
                 if let Some(why) = c.unavailable(imp) {
@@ -397,13 +398,13 @@ fn combine_across_graph_replays(b: TestBackend) {
                     g.poison(&out)?;
                     g.poison(&merged)?;
                     graph.replay()?;
-                    let tag = format!("inputs {case} {base:?} {replay}");
+                    let tag = format!("inputs {case} {base:?} {batch} {replay}");
                     let (os, ls) = gather_inputs(g, &partial, &lse, &tag)?;
                     let want = merge_reference(&os, &ls, batch, 128, 512, g.rank(), base);
                     let got = from_bytes(DType::BF16, &g.download_bytes(&out)?);
                     let got_lse = from_bytes(DType::F32, &g.download_bytes(&merged)?);
                     let what = format!(
-                        "{} base {base:?} replay {replay} rank {}",
+                        "{} base {base:?} B={batch} replay {replay} rank {}",
                         imp.name(comm.backend()),
                         g.rank()
                     );
