@@ -256,6 +256,7 @@ pub fn measure_dcp_point(
             ok: wrong_total == 0,
             ran: None,
             wrong: wrong_total,
+            config: None,
         });
     }
     Ok(rows)
