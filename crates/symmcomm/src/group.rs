@@ -690,7 +690,8 @@ impl Group {
 
     /// Wait for queued work, then for every rank of the group.
     pub fn barrier(&self) -> Result<()> {
-        self.inner.comm.device.synchronize()?;
+        self.inner.comm.abort.check(&self.ctx(Op::Barrier, 0))?;
+        crate::abort::on_failure(self.inner.comm.device.synchronize())?;
         self.inner.control.barrier("group barrier")
     }
 
@@ -836,6 +837,7 @@ impl Group {
             Collective::ReduceScatter(_) => Op::ReduceScatter,
         };
         let ctx = self.ctx(op, input.bytes().max(output.bytes()));
+        self.inner.comm.abort.check(&ctx)?;
         let plan = validate(coll, input, output, dim, world, rank, &ctx)?;
         for (arg, t) in [(Arg::Input, input), (Arg::Output, output)] {
             if t.buf.comm_id != self.inner.comm.id {
@@ -1004,7 +1006,7 @@ impl Group {
             imp,
             ctx: ctx.clone(),
         };
-        self.inner.backend.collective(&call)?;
+        crate::abort::on_failure(self.inner.backend.collective(&call))?;
         if out_scratch.is_some() {
             if let (Some(split), true) = (plan.reorder, reorder_out) {
                 for c in reorder_copies(split, world, elem, &dst, &output_ref, true) {

@@ -247,6 +247,8 @@ impl GroupBackend for CudaGroup {
     }
 
     fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
+        self.dev.check_abort(ctx)?;
+        let windows_comm = self.windows.live(ctx)?;
         self.dev.bind(ctx)?;
         let nccl = self.dev.nccl;
         let mut ptr: *mut c_void = std::ptr::null_mut();
@@ -258,7 +260,7 @@ impl GroupBackend for CudaGroup {
         // group registers its segment of this index now (the pool's SPMD order).
         let r = unsafe {
             nccl.comm_window_register(
-                self.windows.raw(),
+                windows_comm,
                 ptr,
                 bytes,
                 &mut window,
@@ -358,6 +360,7 @@ impl GroupBackend for CudaGroup {
 
     fn collective(&self, call: &Call) -> Result<()> {
         let ctx = &call.ctx;
+        self.dev.check_abort(ctx)?;
         if let Impl::Kernel(algo) = call.imp {
             let own = self.own.as_ref().ok_or_else(|| Error::ImplUnavailable {
                 ctx: ctx.clone(),
@@ -400,6 +403,7 @@ impl GroupBackend for CudaGroup {
                     .unwrap_or_default(),
             });
         };
+        let raw = comm.live(ctx)?;
         self.dev.bind(ctx)?;
         let stream = self.dev.stream_raw();
         debug_assert!(
@@ -435,11 +439,11 @@ impl GroupBackend for CudaGroup {
         let (r, name) = unsafe {
             match call.coll {
                 Collective::AllReduce(op) => (
-                    nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), comm.raw(), stream),
+                    nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), raw, stream),
                     "ncclAllReduce",
                 ),
                 Collective::AllGather => (
-                    nccl.all_gather(send, recv, call.piece, dt, comm.raw(), stream),
+                    nccl.all_gather(send, recv, call.piece, dt, raw, stream),
                     "ncclAllGather",
                 ),
                 Collective::ReduceScatter(op) => (
@@ -449,7 +453,7 @@ impl GroupBackend for CudaGroup {
                         call.piece,
                         dt,
                         nccl_op(op),
-                        comm.raw(),
+                        raw,
                         stream,
                     ),
                     "ncclReduceScatter",
@@ -467,6 +471,8 @@ impl GroupBackend for CudaGroup {
     ) -> Result<Arc<dyn GroupBackend>> {
         let label = control.prefix().to_string();
         let ctx = self.ctx(Op::Split, 0);
+        self.dev.check_abort(&ctx)?;
+        self.windows.live(&ctx)?;
         self.dev.bind(&ctx)?;
         let windows = Arc::new(self.windows.split(color, key, &label, &ctx)?);
         Ok(Arc::new(Self::finish(

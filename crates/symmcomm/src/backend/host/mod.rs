@@ -252,6 +252,10 @@ impl RankBackend for HostDevice {
         Ok(())
     }
 
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        Ok(None)
+    }
+
     fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
         let t0 = Instant::now();
         enqueue()?;
