@@ -148,7 +148,15 @@ impl ControlPlane {
     ) -> Result<Vec<Vec<u8>>> {
         let res = self.all_gather_inner(tag, mine, ctx);
         match &self.abort {
-            Some(_) => abort::on_failure(res),
+            // A communicator's call names itself even when the store failed under it (the
+            // master's process died, say).
+            Some(_) => abort::on_failure(res.map_err(|e| match e.ctx() {
+                Some(_) => e,
+                None => Error::Aborted {
+                    ctx: ctx.clone(),
+                    reason: format!("the job's store failed: {e}"),
+                },
+            })),
             None => res,
         }
     }

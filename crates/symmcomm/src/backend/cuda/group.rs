@@ -361,6 +361,7 @@ impl GroupBackend for CudaGroup {
     fn collective(&self, call: &Call) -> Result<()> {
         let ctx = &call.ctx;
         self.dev.check_abort(ctx)?;
+        self.dev.note_pending(ctx);
         if let Impl::Kernel(algo) = call.imp {
             let own = self.own.as_ref().ok_or_else(|| Error::ImplUnavailable {
                 ctx: ctx.clone(),

@@ -180,6 +180,7 @@ pub(crate) fn start(
         comms: Mutex::new(Vec::new()),
         timeout: config.timeout,
         abort: abort.clone(),
+        pending: Mutex::new(std::collections::VecDeque::new()),
         pdl_guard: config.pdl_guard && pdl_hazard(nccl.version()),
         kernel_slot_bytes: config.kernel_slot_bytes,
         own_kernels_pdl: config.own_kernels_pdl && cc.0 >= 9,
@@ -212,6 +213,9 @@ pub(crate) struct DeviceShared {
     timeout: Duration,
     /// The communicator's abort flag: every wait polls it.
     abort: Arc<AbortFlag>,
+    /// Collectives enqueued since the last completed wait (the last few), so a wait that runs
+    /// past its deadline names what was pending.
+    pending: Mutex<std::collections::VecDeque<OpCtx>>,
     /// Launch the guard kernel before NCCL's symmetric kernels (affected NCCL versions).
     pub(crate) pdl_guard: bool,
     /// Workspace slot of our own kernels (0: off).
@@ -354,12 +358,51 @@ impl DeviceShared {
         ev.record(self.cu_stream(), ctx)?;
         let res = ev
             .wait(Instant::now() + self.timeout, ctx, || self.poll_comms(ctx))
-            .and_then(|()| self.check_own(ctx));
+            .and_then(|()| self.check_own(ctx))
+            .map_err(|e| self.name_pending(e));
+        if res.is_ok() {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
         if res.is_err() {
             // Peers may be gone: abort now, so that what is queued ends, and tell the process.
             self.abort_comms();
         }
         abort::on_failure(res)
+    }
+
+    /// Remember an enqueued collective until the next wait completes.
+    pub(crate) fn note_pending(&self, ctx: &OpCtx) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.len() == 8 {
+            p.pop_front();
+        }
+        p.push_back(ctx.clone());
+    }
+
+    /// A failed wait names the latest pending collective (its op, group and size) as the
+    /// operation that did not complete, and lists the others.
+    fn name_pending(&self, e: Error) -> Error {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(last) = pending.back().cloned() else {
+            return e;
+        };
+        let list: Vec<String> = pending.iter().map(|c| c.to_string()).collect();
+        let also = format!(
+            " (pending since the last completed wait: {})",
+            list.join("; ")
+        );
+        match e {
+            Error::Timeout { waited, detail, .. } => Error::Timeout {
+                ctx: last,
+                waited,
+                detail: detail + &also,
+            },
+            Error::Aborted { reason, .. } => Error::Aborted {
+                ctx: last,
+                reason: reason + &also,
+            },
+            other => other,
+        }
     }
 
     /// Remember a group's kernels so waits check their error state.
@@ -434,7 +477,9 @@ unsafe impl Send for CudaGraphExec {}
 impl GraphExec for CudaGraphExec {
     fn replay(&self) -> Result<()> {
         let ctx = self.dev.op(Op::Replay, 0);
+        self.dev.check_abort(&ctx)?;
         self.dev.bind(&ctx)?;
+        self.dev.note_pending(&ctx);
         match &self.graph {
             Some(g) => g.launch().map_err(|e| Error::Cuda {
                 ctx,

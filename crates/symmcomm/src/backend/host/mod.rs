@@ -130,7 +130,7 @@ impl RankBackend for HostDevice {
     }
 
     fn describe(&self) -> String {
-        "host (ranks are threads)".into()
+        "host (the reference backend)".into()
     }
 
     fn facts(&self) -> crate::backend::DeviceFacts {
