@@ -1,11 +1,13 @@
 //! `symmcomm`: what this machine has (`info`), torchrun-style launching (`launch`), the
-//! benchmark against NCCL (`bench`), a correctness sweep (`check`) and dispatch tuning (`tune`).
+//! benchmark against NCCL (`bench`), a correctness sweep (`check`), dispatch tuning (`tune`)
+//! and a long run of a graph of collectives (`soak`).
 //! The work is in the library; this binary is glue.
 
 mod bench_cmd;
 mod check_cmd;
 mod info;
 mod ranks;
+mod soak_cmd;
 
 use std::process::ExitCode;
 
@@ -31,6 +33,8 @@ enum Command {
     Check(check_cmd::CheckArgs),
     /// Measure implementations per size and write the dispatch table `auto` loads.
     Tune(bench_cmd::TuneArgs),
+    /// Replay a graph of mixed collectives many times, checking every output periodically.
+    Soak(soak_cmd::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench_cmd::run_bench(a),
         Command::Check(a) => check_cmd::run(a),
         Command::Tune(a) => bench_cmd::run_tune(a),
+        Command::Soak(a) => soak_cmd::run(a),
     };
     match res {
         Ok(code) => code,
