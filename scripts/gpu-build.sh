@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${GPU_DIR:-.gpu}"
-GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels}"
+GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels rank_failure resources environment}"
 rm -rf "$DEST" && mkdir -p "$DEST/tests"
 cargo build --release --locked --bin symmcomm
 cp target/release/symmcomm "$DEST/"
