@@ -41,13 +41,15 @@ struct Outcome {
 
 /// The graph's collectives: (collective, per-rank piece in elements, implementation).
 fn collectives() -> Vec<(Collective, usize, Impl)> {
-    use symmcomm::Algo::{OneShot, TwoShot};
+    use symmcomm::Algo::{LowLatency, OneShot, TwoShot};
     let sum = ReduceOp::Sum;
     vec![
+        (Collective::AllReduce(sum), 1024, Impl::Kernel(LowLatency)),
         (Collective::AllReduce(sum), 2048, Impl::Kernel(OneShot)),
         (Collective::AllReduce(sum), 131_072, Impl::Kernel(TwoShot)),
         (Collective::AllReduce(sum), 32_768, Impl::Symmetric),
         (Collective::AllReduce(sum), 524_288, Impl::Regular),
+        (Collective::AllGather, 1024, Impl::Kernel(LowLatency)),
         (Collective::AllGather, 4096, Impl::Kernel(OneShot)),
         (Collective::AllGather, 32_768, Impl::Symmetric),
         (Collective::ReduceScatter(sum), 8192, Impl::Kernel(OneShot)),
