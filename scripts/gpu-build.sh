@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${GPU_DIR:-.gpu}"
-GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels dp_attention dcp}"
+GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels dp_attention dcp rank_failure resources environment}"
 rm -rf "$DEST" && mkdir -p "$DEST/tests"
 cargo build --release --locked --bin symmcomm
 cp target/release/symmcomm "$DEST/"

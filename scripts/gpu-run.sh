@@ -15,10 +15,10 @@ export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
 export RUST_BACKTRACE=1
 if [[ -x "$HERE/symmcomm" ]]; then BIN="${BIN:-$HERE}"; else BIN="${BIN:-.gpu}"; fi
 MACHINE="${MACHINE:-h200x2}"
-STEPS="${STEPS:-info,tests,check,tune,bench,decode-sim,bench-nccl2289}"
+STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,bench-nccl2289}"
 # At most 8 files come back from the machine: logs are grouped.
-# summary.txt (steps, info), tests.log, run.log (check, tune), bench.log (bench, decode-sim), and
-# the JSON results.
+# summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
+# decode-sim), and the JSON results.
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -46,6 +46,16 @@ if has check; then
   log "check rc=$?"
   grep -E "cases run|FAILED" "$OUT/check.log.tmp" | head -20 | tee -a "$OUT/summary.txt"
   cat "$OUT/check.log.tmp" >> "$OUT/run.log"; rm -f "$OUT/check.log.tmp"
+fi
+
+if has soak; then
+  # One graph of mixed collectives (our kernels, NCCL symmetric, NCCL regular) replayed
+  # SOAK_REPLAYS times, one process per GPU, every output checked every 1000 replays.
+  log "soak"
+  timeout "${SOAK_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" soak --timeout 30 --replays "${SOAK_REPLAYS:-1000000}" > "$OUT/soak.log.tmp" 2>&1
+  log "soak rc=$?"
+  grep -E "replays in|FAILURE|error" "$OUT/soak.log.tmp" | head -20 | tee -a "$OUT/summary.txt"
+  cat "$OUT/soak.log.tmp" >> "$OUT/run.log"; rm -f "$OUT/soak.log.tmp"
 fi
 
 if has tune; then

@@ -1,13 +1,14 @@
 //! `symmcomm`: what this machine has (`info`), torchrun-style launching (`launch`), the
-//! benchmark against NCCL (`bench`), a correctness sweep (`check`) and dispatch tuning (`tune`).
-//! `decode-sim` replays the communication of one decode step. The work is in the library; this
-//! binary is glue.
+//! benchmark against NCCL (`bench`), a correctness sweep (`check`), dispatch tuning (`tune`),
+//! a long run of a graph of collectives (`soak`), and `decode-sim`, which replays the
+//! communication of one decode step. The work is in the library; this binary is glue.
 
 mod bench_cmd;
 mod check_cmd;
 mod decode_sim_cmd;
 mod info;
 mod ranks;
+mod soak_cmd;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,8 @@ enum Command {
     /// Replay the collectives of one DeepSeek-V3 decode step (TP, DP attention, DCP) in a CUDA
     /// graph per implementation, checked, against NCCL.
     DecodeSim(decode_sim_cmd::DecodeSimArgs),
+    /// Replay a graph of mixed collectives many times, checking every output periodically.
+    Soak(soak_cmd::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Check(a) => check_cmd::run(a),
         Command::Tune(a) => bench_cmd::run_tune(a),
         Command::DecodeSim(a) => decode_sim_cmd::run(a),
+        Command::Soak(a) => soak_cmd::run(a),
     };
     match res {
         Ok(code) => code,

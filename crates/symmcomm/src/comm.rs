@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::abort::AbortFlag;
 use crate::backend::{BackendKind, GraphExec, RankBackend};
 use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::dispatch::DispatchTable;
@@ -51,7 +52,10 @@ pub struct CommConfig {
     pub pool: PoolConfig,
     /// When ranks compare their pool requests.
     pub check: CheckMode,
-    /// Deadline for every wait (bootstrap, barriers, flags, NCCL progress).
+    /// The per-operation deadline: no wait of any call (a collective's host exchange, a
+    /// barrier, a synchronisation with the GPU, our kernels' flag spins, NCCL progress) lasts
+    /// longer. When one passes, every communicator of the process is aborted and each pending
+    /// call returns an error naming its rank, group, operation and size. Default 60 s.
     pub timeout: Duration,
     /// `auto`'s table.
     pub table: TableSource,
@@ -98,6 +102,8 @@ pub(crate) struct CommShared {
     pub(crate) boot: Bootstrap,
     pub(crate) device: Arc<dyn RankBackend>,
     pub(crate) config: CommConfig,
+    /// Tripped when this communicator (or any of the process) is aborted.
+    pub(crate) abort: Arc<AbortFlag>,
     table: std::sync::RwLock<Option<Arc<DispatchTable>>>,
     capture: Mutex<Option<KeepAlive>>,
 }
@@ -158,6 +164,13 @@ impl fmt::Debug for Graph {
 impl Graph {
     /// Launch one replay (asynchronous on CUDA; call [`Communicator::synchronize`] to wait).
     pub fn replay(&self) -> Result<()> {
+        self.comm.abort.check(&OpCtx {
+            op: Op::Replay,
+            group: "world".into(),
+            rank: self.comm.boot.rank,
+            world: self.comm.boot.world_size,
+            bytes: 0,
+        })?;
         self.exec.replay()
     }
 }
@@ -179,7 +192,8 @@ impl Communicator {
                 },
                 detail: format!("pool configuration: {detail}"),
             })?;
-        let device = crate::backend::start(&boot, &config)?;
+        let abort = AbortFlag::registered();
+        let device = crate::backend::start(&boot, &config, &abort)?;
         let table = match &config.table {
             TableSource::None => None,
             TableSource::Given(t) => Some(t.clone()),
@@ -188,12 +202,16 @@ impl Communicator {
                 DispatchTable::builtin(device.kind(), &device.describe(), boot.world_size)
             }
         };
-        let control = Arc::new(boot.world_control());
+        let control = Arc::new(
+            boot.world_control()
+                .for_communicator(config.timeout, abort.clone()),
+        );
         let shared = Arc::new(CommShared {
             id,
             boot,
             device: device.clone(),
             config,
+            abort,
             table: std::sync::RwLock::new(table.map(Arc::new)),
             capture: Mutex::new(None),
         });
@@ -207,6 +225,23 @@ impl Communicator {
             control,
         ));
         Ok(Communicator { shared, world })
+    }
+
+    /// Abort this communicator: every pending and later call on it (and on its groups and
+    /// graphs) returns [`Error::Aborted`] with `reason`. [`crate::abort_all`] aborts every
+    /// communicator of the process.
+    pub fn abort(&self, reason: &str) {
+        self.shared.abort.trip(reason);
+    }
+
+    /// Why this communicator was aborted, if it was.
+    pub fn aborted(&self) -> Option<String> {
+        self.shared.abort.reason()
+    }
+
+    /// Free and total device memory in bytes (`cuMemGetInfo`); `None` on the host backend.
+    pub fn device_memory(&self) -> Result<Option<(usize, usize)>> {
+        self.shared.device.memory_info()
     }
 
     /// Which backend runs.
@@ -290,7 +325,8 @@ impl Communicator {
 
     /// Wait for all enqueued work.
     pub fn synchronize(&self) -> Result<()> {
-        self.shared.device.synchronize()
+        self.shared.abort.check(&self.ctx(Op::Barrier))?;
+        crate::abort::on_failure(self.shared.device.synchronize())
     }
 
     /// Time the work `enqueue` puts on this rank's stream.

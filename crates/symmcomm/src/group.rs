@@ -99,6 +99,34 @@ impl fmt::Debug for Group {
 /// `use_symmetric_memory(group, disabled)`. Plain memory when the feature is off, the scope
 /// is disabled, the group has one rank, or the policy reserves symmetric memory for another
 /// group.
+///
+/// A scope borrows its group, so it cannot be used once the group is gone:
+///
+/// ```compile_fail
+/// # fn f(comm: &symmcomm::Communicator) -> symmcomm::Result<()> {
+/// use symmcomm::{DType, GroupKind};
+/// let scope = {
+///     let tp = comm.split(GroupKind::Tp, 0)?;
+///     tp.scope(false)
+/// }; // error[E0597]: `tp` does not live long enough
+/// let _x = scope.alloc(DType::F32, &[4])?;
+/// # Ok(()) }
+/// ```
+///
+/// while the same code with the group alive compiles:
+///
+/// ```no_run
+/// # fn f(comm: &symmcomm::Communicator) -> symmcomm::Result<()> {
+/// use symmcomm::{DType, GroupKind};
+/// let tp = comm.split(GroupKind::Tp, 0)?;
+/// let scope = tp.scope(false);
+/// let _x = scope.alloc(DType::F32, &[4])?;
+/// # Ok(()) }
+/// ```
+///
+/// Tensors, groups and graphs hold what they use (the pool's segments, the communicator), so
+/// none of them can outlive their memory; a tensor used with another communicator (one made
+/// after its own was dropped, say) is refused with [`crate::Error::ForeignBuffer`].
 #[derive(Debug)]
 pub struct SymmScope<'g> {
     group: &'g Group,
@@ -446,6 +474,12 @@ impl Group {
     /// Split into groups of `kind`: ranks passing the same `color` form one group, ordered by
     /// their rank in this group. Collective over this group.
     pub fn split(&self, kind: GroupKind, color: usize) -> Result<Group> {
+        if self.inner.comm.device.capturing() {
+            return Err(Error::DuringCapture {
+                ctx: self.ctx(Op::Split, 0),
+                action: "making a group (it creates communicators and registers memory)".into(),
+            });
+        }
         let seq = self.inner.splits.fetch_add(1, Ordering::Relaxed);
         let all = self
             .inner
@@ -761,7 +795,8 @@ impl Group {
 
     /// Wait for queued work, then for every rank of the group.
     pub fn barrier(&self) -> Result<()> {
-        self.inner.comm.device.synchronize()?;
+        self.inner.comm.abort.check(&self.ctx(Op::Barrier, 0))?;
+        crate::abort::on_failure(self.inner.comm.device.synchronize())?;
         self.inner.control.barrier("group barrier")
     }
 
@@ -907,6 +942,7 @@ impl Group {
             Collective::ReduceScatter(_) => Op::ReduceScatter,
         };
         let ctx = self.ctx(op, input.bytes().max(output.bytes()));
+        self.inner.comm.abort.check(&ctx)?;
         let plan = validate(coll, input, output, dim, world, rank, &ctx)?;
         for (arg, t) in [(Arg::Input, input), (Arg::Output, output)] {
             if t.buf.comm_id != self.inner.comm.id {
@@ -1075,7 +1111,7 @@ impl Group {
             imp,
             ctx: ctx.clone(),
         };
-        self.inner.backend.collective(&call)?;
+        crate::abort::on_failure(self.inner.backend.collective(&call))?;
         if out_scratch.is_some() {
             if let (Some(split), true) = (plan.reorder, reorder_out) {
                 for c in reorder_copies(split, world, elem, &dst, &output_ref, true) {

@@ -13,6 +13,7 @@
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeExample;
 
+mod abort;
 pub mod backend;
 pub mod bench;
 pub mod bootstrap;
@@ -36,6 +37,7 @@ pub mod symm_pool;
 pub mod tensor;
 pub mod verify;
 
+pub use abort::abort_all;
 pub use backend::{Algo, BackendKind, Collective, Impl};
 pub use bootstrap::Bootstrap;
 pub use comm::{BackendChoice, CommConfig, Communicator, Graph, TableSource};

@@ -651,6 +651,102 @@ fn spmd_divergence(b: TestBackend) {
     }
 }
 
+/// Ranks that make the same requests in a different order are stopped at the next
+/// registration, before it happens, naming the first request that differs.
+fn spmd_divergence_in_order(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let mut cfg = small_pool(b.config());
+    cfg.check = CheckMode::AtRegistration;
+    let results = run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let _first = g.alloc_symmetric(DType::U8, &[100])?;
+        let (a, c) = if comm.rank() == 0 {
+            (65_536, 131_072)
+        } else {
+            (131_072, 65_536)
+        };
+        let _a = g.alloc_symmetric(DType::U8, &[a])?;
+        let _c = g.alloc_symmetric(DType::U8, &[c])?;
+        let res = g.alloc_symmetric(DType::U8, &[4 << 20]).map(|_| ());
+        // Caught before the growth registered anything.
+        assert_eq!(g.pool_stats().segments, 1, "rank {}", comm.rank());
+        res
+    });
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            Err(Error::SpmdDivergence {
+                index,
+                mine,
+                theirs,
+                ..
+            }) => {
+                assert_eq!(index, 1, "rank {r}: {mine} / {theirs}");
+                let both = format!("{mine} / {theirs}");
+                assert!(
+                    both.contains("alloc of 65536 B") && both.contains("alloc of 131072 B"),
+                    "rank {r}: {both}"
+                );
+            }
+            other => panic!("rank {r}: expected SpmdDivergence, got {other:?}"),
+        }
+    }
+}
+
+/// Nothing that creates communicators or registers memory may run during capture: growing
+/// the pool (`alloc_symmetric` past the segments, `reserve`), plain allocation, making a group.
+fn registration_during_capture(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let cfg = small_pool(b.config());
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let _warm = g.alloc_symmetric(DType::U8, &[1024])?;
+        let before = g.pool_stats();
+        comm.begin_capture()?;
+        let e = g.reserve(8 << 20).unwrap_err();
+        assert!(matches!(e, Error::DuringCapture { .. }), "{e}");
+        let e = comm.split(GroupKind::Tp, 0).unwrap_err();
+        assert!(matches!(e, Error::DuringCapture { .. }), "{e}");
+        let _graph = comm.end_capture()?;
+        assert_eq!(g.pool_stats(), before, "nothing was registered");
+        Ok(())
+    }));
+}
+
+/// A tensor outlives its communicator (it holds its memory), but another communicator refuses
+/// it, and the output is left untouched.
+fn tensor_after_its_communicator_is_dropped(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let cfg = small_pool(b.config());
+    let olds = all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let t = g.alloc_symmetric(DType::F32, &[8])?;
+        g.fill_random(&t, 3, None)?;
+        comm.synchronize()?;
+        Ok(t)
+    }));
+    // Each rank drops its old tensor (and with it the old communicator's last resources) on
+    // its own thread, as ranks do.
+    let olds = std::sync::Mutex::new(olds.into_iter().map(Some).collect::<Vec<_>>());
+    all_ok(run_rank_threads(2, &cfg, |comm| {
+        let g = comm.world();
+        let old = olds.lock().unwrap()[comm.rank()]
+            .take()
+            .expect("one old tensor per rank");
+        let out = g.alloc_symmetric(DType::F32, &[8])?;
+        g.poison(&out)?;
+        let e = g.all_reduce(&old, &out, ReduceOp::Sum).unwrap_err();
+        assert!(matches!(e, Error::ForeignBuffer { .. }), "{e}");
+        assert!(g.download_bytes(&out)?.iter().all(|&x| x == 0xFF));
+        Ok(())
+    }));
+}
+
 /// Scopes follow seed 003's policy; raw addresses are found in the segment map.
 fn scopes_and_lookup(b: TestBackend) {
     if !b.can_run(2) {
@@ -736,5 +832,8 @@ backend_tests!(
     pool_growth_during_capture,
     auto_stages_by_table,
     spmd_divergence,
+    spmd_divergence_in_order,
+    registration_during_capture,
+    tensor_after_its_communicator_is_dropped,
     scopes_and_lookup,
 );

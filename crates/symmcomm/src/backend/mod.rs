@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::abort::AbortFlag;
 use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::comm::{BackendChoice, CommConfig};
 use crate::dtype::{DType, ReduceOp};
@@ -395,17 +396,23 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn capturing(&self) -> bool;
     /// Wait for all enqueued work.
     fn synchronize(&self) -> Result<()>;
+    /// Free and total device memory (`None` on the host).
+    fn memory_info(&self) -> Result<Option<(usize, usize)>>;
     /// Time the work `enqueue` puts on the stream (device events on CUDA, the clock on host).
     fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration>;
 }
 
 /// Start this rank's device for `config.backend`.
-pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn RankBackend>> {
+pub(crate) fn start(
+    boot: &Bootstrap,
+    config: &CommConfig,
+    abort: &Arc<AbortFlag>,
+) -> Result<Arc<dyn RankBackend>> {
     match config.backend {
         BackendChoice::Host => Ok(Arc::new(host::HostDevice::new(boot.rank))),
-        BackendChoice::Cuda => cuda::start(boot, config),
+        BackendChoice::Cuda => cuda::start(boot, config, abort),
         BackendChoice::Auto => match cuda::probe() {
-            Ok(_) => cuda::start(boot, config),
+            Ok(_) => cuda::start(boot, config, abort),
             Err(why) => {
                 tracing::info!("CUDA backend unavailable ({why}); using the host backend");
                 Ok(Arc::new(host::HostDevice::new(boot.rank)))

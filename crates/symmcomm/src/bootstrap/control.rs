@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Store;
+use crate::abort::{self, AbortFlag, POLL};
 use crate::error::{Error, Op, OpCtx, Result};
 
 /// Host-side collectives among `members` (global ranks), namespaced by `prefix`.
@@ -19,6 +20,9 @@ pub struct ControlPlane {
     index: usize,
     timeout: Duration,
     seq: AtomicU64,
+    /// The communicator's abort flag: waits poll it, and a failed wait trips every
+    /// communicator of the process. `None` for bootstrap-level planes.
+    abort: Option<Arc<AbortFlag>>,
 }
 
 impl fmt::Debug for ControlPlane {
@@ -52,7 +56,16 @@ impl ControlPlane {
             index,
             timeout,
             seq: AtomicU64::new(0),
+            abort: None,
         }
+    }
+
+    /// The same plane as a communicator's: waits last at most `timeout` each and poll `abort`,
+    /// and a failed wait aborts every communicator of the process.
+    pub(crate) fn for_communicator(mut self, timeout: Duration, abort: Arc<AbortFlag>) -> Self {
+        self.timeout = timeout;
+        self.abort = Some(abort);
+        self
     }
 
     /// This rank's index among the members.
@@ -85,6 +98,11 @@ impl ControlPlane {
         self.timeout
     }
 
+    /// The communicator's abort flag, when this plane belongs to one.
+    pub(crate) fn abort_flag(&self) -> Option<&Arc<AbortFlag>> {
+        self.abort.as_ref()
+    }
+
     /// The store underneath.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -93,13 +111,15 @@ impl ControlPlane {
     /// A control plane for a subgroup with its own namespace. `members` are global ranks and
     /// must include this rank.
     pub fn subgroup(&self, name: &str, members: Vec<usize>) -> ControlPlane {
-        ControlPlane::new(
+        let mut sub = ControlPlane::new(
             self.store.clone(),
             format!("{}/{}", self.prefix, name),
             members,
             self.global_rank,
             self.timeout,
-        )
+        );
+        sub.abort = self.abort.clone();
+        sub
     }
 
     fn ctx(&self, op: Op, bytes: usize) -> OpCtx {
@@ -115,21 +135,63 @@ impl ControlPlane {
     /// Every member contributes `mine`; returns all contributions in member order. `tag`
     /// names the exchange in errors.
     pub fn all_gather(&self, tag: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.all_gather_for(tag, mine, &self.ctx(Op::Bootstrap, mine.len()))
+    }
+
+    /// [`ControlPlane::all_gather`] on behalf of the operation `ctx` names: a timeout or an
+    /// abort names it (the host backend's data plane across processes uses this).
+    pub(crate) fn all_gather_for(
+        &self,
+        tag: &str,
+        mine: &[u8],
+        ctx: &OpCtx,
+    ) -> Result<Vec<Vec<u8>>> {
+        let res = self.all_gather_inner(tag, mine, ctx);
+        match &self.abort {
+            // A communicator's call names itself even when the store failed under it (the
+            // master's process died, say).
+            Some(_) => abort::on_failure(res.map_err(|e| match e.ctx() {
+                Some(_) => e,
+                None => Error::Aborted {
+                    ctx: ctx.clone(),
+                    reason: format!("the job's store failed: {e}"),
+                },
+            })),
+            None => res,
+        }
+    }
+
+    fn all_gather_inner(&self, tag: &str, mine: &[u8], ctx: &OpCtx) -> Result<Vec<Vec<u8>>> {
+        if let Some(a) = &self.abort {
+            a.check(ctx)?;
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let key = |i: usize| format!("{}/ag{}/{}", self.prefix, seq, i);
         self.store.set(&key(self.index), mine)?;
-        let deadline = Instant::now() + self.timeout;
+        let start = Instant::now();
+        let deadline = start + self.timeout;
         let mut out = Vec::with_capacity(self.members.len());
         for i in 0..self.members.len() {
-            match self.store.get(&key(i), deadline)? {
-                Some(v) => out.push(v),
-                None => {
+            loop {
+                // A communicator's plane waits in slices so that an abort is seen within POLL.
+                let until = match &self.abort {
+                    Some(a) => {
+                        a.check(ctx)?;
+                        deadline.min(Instant::now() + POLL)
+                    }
+                    None => deadline,
+                };
+                if let Some(v) = self.store.get(&key(i), until)? {
+                    out.push(v);
+                    break;
+                }
+                if Instant::now() >= deadline {
                     return Err(Error::Timeout {
-                        ctx: self.ctx(Op::Bootstrap, mine.len()),
-                        waited: self.timeout,
+                        ctx: ctx.clone(),
+                        waited: start.elapsed(),
                         detail: format!(
-                            "host all-gather '{tag}' (#{seq}): group rank {i} (global rank {}) never contributed",
-                            self.members[i]
+                            "host all-gather '{tag}' (#{seq}) of {}: group rank {i} (global rank {}) never contributed",
+                            self.prefix, self.members[i]
                         ),
                     });
                 }

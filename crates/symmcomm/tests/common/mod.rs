@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+pub mod procs;
+
 use symmcomm::{BackendChoice, CommConfig, TableSource};
 
 /// A backend a test body can run on.

@@ -247,6 +247,8 @@ impl GroupBackend for CudaGroup {
     }
 
     fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
+        self.dev.check_abort(ctx)?;
+        let windows_comm = self.windows.live(ctx)?;
         self.dev.bind(ctx)?;
         let nccl = self.dev.nccl;
         let mut ptr: *mut c_void = std::ptr::null_mut();
@@ -257,13 +259,7 @@ impl GroupBackend for CudaGroup {
         // SAFETY: `ptr` is a live `ncclMemAlloc` allocation of `bytes`; every rank of the
         // group registers its segment of this index now (the pool's SPMD order).
         let r = unsafe {
-            nccl.comm_window_register(
-                self.windows.raw(),
-                ptr,
-                bytes,
-                &mut window,
-                WIN_COLL_SYMMETRIC,
-            )
+            nccl.comm_window_register(windows_comm, ptr, bytes, &mut window, WIN_COLL_SYMMETRIC)
         };
         if let Err(e) = self.windows.check(r, "ncclCommWindowRegister", ctx) {
             // SAFETY: `ptr` is ours and not registered.
@@ -358,6 +354,8 @@ impl GroupBackend for CudaGroup {
 
     fn collective(&self, call: &Call) -> Result<()> {
         let ctx = &call.ctx;
+        self.dev.check_abort(ctx)?;
+        self.dev.note_pending(ctx);
         if let Impl::Kernel(algo) = call.imp {
             let own = self.own.as_ref().ok_or_else(|| Error::ImplUnavailable {
                 ctx: ctx.clone(),
@@ -400,6 +398,7 @@ impl GroupBackend for CudaGroup {
                     .unwrap_or_default(),
             });
         };
+        let raw = comm.live(ctx)?;
         self.dev.bind(ctx)?;
         let stream = self.dev.stream_raw();
         debug_assert!(
@@ -435,23 +434,15 @@ impl GroupBackend for CudaGroup {
         let (r, name) = unsafe {
             match call.coll {
                 Collective::AllReduce(op) => (
-                    nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), comm.raw(), stream),
+                    nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), raw, stream),
                     "ncclAllReduce",
                 ),
                 Collective::AllGather => (
-                    nccl.all_gather(send, recv, call.piece, dt, comm.raw(), stream),
+                    nccl.all_gather(send, recv, call.piece, dt, raw, stream),
                     "ncclAllGather",
                 ),
                 Collective::ReduceScatter(op) => (
-                    nccl.reduce_scatter(
-                        send,
-                        recv,
-                        call.piece,
-                        dt,
-                        nccl_op(op),
-                        comm.raw(),
-                        stream,
-                    ),
+                    nccl.reduce_scatter(send, recv, call.piece, dt, nccl_op(op), raw, stream),
                     "ncclReduceScatter",
                 ),
             }
@@ -467,6 +458,8 @@ impl GroupBackend for CudaGroup {
     ) -> Result<Arc<dyn GroupBackend>> {
         let label = control.prefix().to_string();
         let ctx = self.ctx(Op::Split, 0);
+        self.dev.check_abort(&ctx)?;
+        self.windows.live(&ctx)?;
         self.dev.bind(&ctx)?;
         let windows = Arc::new(self.windows.split(color, key, &label, &ctx)?);
         Ok(Arc::new(Self::finish(

@@ -92,11 +92,15 @@ impl Drop for NcclSegment {
         // SAFETY: synchronising the bound context has no preconditions.
         let _ = unsafe { sys::cuCtxSynchronize() };
         let nccl = self.comm.nccl;
-        // SAFETY: the window was registered on `comm`, which is alive (we hold an Arc), and is
-        // deregistered once; deregistration is local to this rank in NCCL 2.27–2.30.
-        let r = unsafe { nccl.comm_window_deregister(self.comm.raw(), self.window) };
-        if !r.is_success() {
-            tracing::warn!(comm = self.comm.label(), code = %r.name(), "ncclCommWindowDeregister failed");
+        // An aborted communicator took its windows with it.
+        if !self.comm.is_aborted() {
+            // SAFETY: the window was registered on `comm`, which is alive (we hold an Arc) and
+            // not aborted, and is deregistered once; deregistration is local to this rank in
+            // NCCL 2.27–2.30.
+            let r = unsafe { nccl.comm_window_deregister(self.comm.raw(), self.window) };
+            if !r.is_success() {
+                tracing::warn!(comm = self.comm.label(), code = %r.name(), "ncclCommWindowDeregister failed");
+            }
         }
         // SAFETY: `ptr` came from `ncclMemAlloc` and is freed once, after its window is gone.
         let r = unsafe { nccl.mem_free(self.ptr as *mut std::ffi::c_void) };

@@ -26,6 +26,7 @@ use self::group::CudaGroup;
 use self::memory::DeviceAlloc;
 use self::modules::UtilKernels;
 use self::nccl::OwnedComm;
+use crate::abort::{self, AbortFlag};
 use crate::backend::{
     BackendKind, Copy2d, DcpCorrect, FillSpec, GraphExec, GroupBackend, RankBackend,
 };
@@ -124,7 +125,11 @@ pub fn driver_version() -> Option<String> {
 }
 
 /// Start the CUDA device of this rank.
-pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn RankBackend>> {
+pub(crate) fn start(
+    boot: &Bootstrap,
+    config: &CommConfig,
+    abort: &Arc<AbortFlag>,
+) -> Result<Arc<dyn RankBackend>> {
     let count = probe().map_err(|reason| Error::NoGpu { reason })?;
     let ordinal = config.device.unwrap_or(boot.local_rank);
     let op = OpCtx {
@@ -178,6 +183,8 @@ pub(crate) fn start(boot: &Bootstrap, config: &CommConfig) -> Result<Arc<dyn Ran
         graph: Mutex::new(()),
         comms: Mutex::new(Vec::new()),
         timeout: config.timeout,
+        abort: abort.clone(),
+        pending: Mutex::new(std::collections::VecDeque::new()),
         pdl_guard: config.pdl_guard && pdl_hazard(nccl.version()),
         kernel_slot_bytes: config.kernel_slot_bytes,
         own_kernels_pdl: config.own_kernels_pdl && cc.0 >= 9,
@@ -209,6 +216,11 @@ pub(crate) struct DeviceShared {
     graph: Mutex<()>,
     comms: Mutex<Vec<Weak<OwnedComm>>>,
     timeout: Duration,
+    /// The communicator's abort flag: every wait polls it.
+    abort: Arc<AbortFlag>,
+    /// Collectives enqueued since the last completed wait (the last few), so a wait that runs
+    /// past its deadline names what was pending.
+    pending: Mutex<std::collections::VecDeque<OpCtx>>,
     /// Launch the guard kernel before NCCL's symmetric kernels (affected NCCL versions).
     pub(crate) pdl_guard: bool,
     /// Workspace slot of our own kernels (0: off).
@@ -312,7 +324,10 @@ impl DeviceShared {
         v.push(Arc::downgrade(c));
     }
 
+    /// The watchdog's poll inside every wait: the abort flag (another rank or thread of this
+    /// process gave up), then NCCL's asynchronous errors of every communicator.
     fn poll_comms(&self, ctx: &OpCtx) -> Result<()> {
+        self.abort.check(ctx)?;
         let comms: Vec<Arc<OwnedComm>> = self
             .comms
             .lock()
@@ -326,32 +341,93 @@ impl DeviceShared {
         Ok(())
     }
 
-    fn fail_comms(&self) {
-        for c in self
+    /// Abort every NCCL communicator of this device now (from the rank's own thread, so no
+    /// other call on them runs concurrently): kernels waiting for a dead peer exit, and every
+    /// later use of them is an error instead of a hang.
+    fn abort_comms(&self) {
+        let comms: Vec<Arc<OwnedComm>> = self
             .comms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter_map(Weak::upgrade)
-        {
-            c.mark_failed();
+            .collect();
+        for c in comms {
+            c.abort_now();
         }
+    }
+
+    /// `Err(Aborted)` once the communicator was aborted, after aborting this device's NCCL
+    /// communicators if that was not done yet.
+    pub(crate) fn check_abort(&self, ctx: &OpCtx) -> Result<()> {
+        let res = self.abort.check(ctx);
+        if res.is_err() {
+            self.abort_comms();
+        }
+        res
     }
 
     /// Wait for everything queued on the stream, polling NCCL's errors, within the deadline;
     /// then check our kernels' device-side error state.
     pub(crate) fn sync(&self, ctx: &OpCtx) -> Result<()> {
+        self.check_abort(ctx)?;
         self.bind(ctx)?;
         let ev = Event::new(false, ctx)?;
         ev.record(self.cu_stream(), ctx)?;
         let res = ev
             .wait(Instant::now() + self.timeout, ctx, || self.poll_comms(ctx))
-            .and_then(|()| self.check_own(ctx));
-        if res.is_err() {
-            // Finalizing would wait for peers that may be gone: abort on drop instead.
-            self.fail_comms();
+            .and_then(|()| self.check_own(ctx))
+            .map_err(|e| self.name_pending(e));
+        if res.is_ok() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
-        res
+        if res.is_err() {
+            // Peers may be gone: abort now, so that what is queued ends, and tell the process.
+            self.abort_comms();
+        }
+        abort::on_failure(res)
+    }
+
+    /// Remember an enqueued collective until the next wait completes.
+    pub(crate) fn note_pending(&self, ctx: &OpCtx) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.len() == 8 {
+            p.pop_front();
+        }
+        p.push_back(ctx.clone());
+    }
+
+    /// A failed wait names the latest pending collective (its op, group and size) as the
+    /// operation that did not complete, and lists the others.
+    fn name_pending(&self, e: Error) -> Error {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(last) = pending.back().cloned() else {
+            return e;
+        };
+        let list: Vec<String> = pending.iter().map(|c| c.to_string()).collect();
+        let also = format!(
+            " (pending since the last completed wait: {})",
+            list.join("; ")
+        );
+        match e {
+            Error::Timeout { waited, detail, .. } => Error::Timeout {
+                ctx: last,
+                waited,
+                detail: detail + &also,
+            },
+            Error::Aborted { reason, .. } => Error::Aborted {
+                ctx: last,
+                reason: reason + &also,
+            },
+            other => other,
+        }
     }
 
     /// Remember a group's kernels so waits check their error state.
@@ -426,7 +502,9 @@ unsafe impl Send for CudaGraphExec {}
 impl GraphExec for CudaGraphExec {
     fn replay(&self) -> Result<()> {
         let ctx = self.dev.op(Op::Replay, 0);
+        self.dev.check_abort(&ctx)?;
         self.dev.bind(&ctx)?;
+        self.dev.note_pending(&ctx);
         match &self.graph {
             Some(g) => g.launch().map_err(|e| Error::Cuda {
                 ctx,
@@ -682,17 +760,32 @@ impl RankBackend for CudaDevice {
         self.dev.sync(&self.dev.op(Op::Barrier, 0))
     }
 
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        let op = self.dev.op(Op::PoolAlloc, 0);
+        self.dev.bind(&op)?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: both outputs are valid for writing; the device's context is current.
+        let r = unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
+        check(r, "cuMemGetInfo", &op)?;
+        Ok(Some((free, total)))
+    }
+
     fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
         let op = self.dev.op(Op::Kernel, 0);
+        self.dev.check_abort(&op)?;
         self.dev.bind(&op)?;
         let (a, b) = (Event::new(true, &op)?, Event::new(true, &op)?);
         a.record(self.dev.cu_stream(), &op)?;
         enqueue()?;
         self.dev.bind(&op)?;
         b.record(self.dev.cu_stream(), &op)?;
-        b.wait(Instant::now() + self.dev.timeout, &op, || {
+        let waited = b.wait(Instant::now() + self.dev.timeout, &op, || {
             self.dev.poll_comms(&op)
-        })?;
+        });
+        if waited.is_err() {
+            self.dev.abort_comms();
+        }
+        abort::on_failure(waited)?;
         let ms = a.elapsed_ms(&b, &op)?;
         Ok(Duration::from_secs_f64(ms as f64 / 1e3))
     }

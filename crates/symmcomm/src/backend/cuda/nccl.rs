@@ -31,6 +31,8 @@ pub(crate) struct OwnedComm {
     comm: RawComm,
     /// Set when an error was seen: drop aborts instead of finalizing.
     failed: AtomicBool,
+    /// Set once `ncclCommAbort` ran: the handle is gone and must not be passed to NCCL again.
+    aborted: AtomicBool,
     label: String,
 }
 
@@ -65,6 +67,7 @@ impl OwnedComm {
             nccl,
             comm,
             failed: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
             label: label.into(),
         })
     }
@@ -95,13 +98,45 @@ impl OwnedComm {
             nccl: self.nccl,
             comm,
             failed: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
             label: label.into(),
         })
     }
 
-    /// The raw handle, for calls that pass it to NCCL.
+    /// The raw handle, for calls that pass it to NCCL. Callers on the rank's thread check
+    /// [`OwnedComm::live`] first (the device does, before any enqueue).
     pub(crate) fn raw(&self) -> RawComm {
         self.comm
+    }
+
+    /// The handle, or `Err(Aborted)` once the communicator was aborted.
+    pub(crate) fn live(&self, ctx: &OpCtx) -> Result<RawComm> {
+        if self.is_aborted() {
+            return Err(Error::Aborted {
+                ctx: ctx.clone(),
+                reason: format!("NCCL communicator {} was aborted", self.label),
+            });
+        }
+        Ok(self.comm)
+    }
+
+    /// Whether `ncclCommAbort` ran.
+    pub(crate) fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    /// Abort now (once): NCCL kernels waiting on peers exit and the handle is released.
+    /// Called only from the rank's own thread, so no other call on this communicator runs.
+    pub(crate) fn abort_now(&self) {
+        if self.aborted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.failed.store(true, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        // SAFETY: the communicator is live (not aborted before, per the flag just swapped) and
+        // no other call on it is in flight (the rank's own thread calls this).
+        let r = unsafe { self.nccl.comm_abort(self.comm) };
+        tracing::warn!(comm = %self.label, code = %r.name(), took = ?t0.elapsed(), "NCCL communicator aborted");
     }
 
     /// Check a result of a call on this communicator; an error marks it failed.
@@ -115,6 +150,7 @@ impl OwnedComm {
 
     /// NCCL's asynchronous error state (a dead peer, a remote failure).
     pub(crate) fn async_error(&self, ctx: &OpCtx) -> Result<()> {
+        self.live(ctx)?;
         let mut state = NcclResult::SUCCESS;
         // SAFETY: the communicator is live; `state` is valid for writing.
         let r = unsafe { self.nccl.comm_get_async_error(self.comm, &mut state) };
@@ -126,11 +162,6 @@ impl OwnedComm {
         }
     }
 
-    /// Mark failed: drop will abort rather than wait for peers.
-    pub(crate) fn mark_failed(&self) {
-        self.failed.store(true, Ordering::Relaxed);
-    }
-
     pub(crate) fn label(&self) -> &str {
         &self.label
     }
@@ -138,6 +169,9 @@ impl OwnedComm {
 
 impl Drop for OwnedComm {
     fn drop(&mut self) {
+        if self.is_aborted() {
+            return;
+        }
         // SAFETY: the communicator is live, no window or group uses it any more (they hold an
         // `Arc` to it), and it is dropped once. Abort when something failed: finalize would
         // wait for peers that may be gone.

@@ -2,6 +2,11 @@
 //! registered segments, a mailbox for the regular path, a barrier with a deadline) and the
 //! collectives over it. The symmetric path reads peers' windows directly, at the same segment
 //! and offset as the caller's own buffer, the way NVLink kernels read peers' memory.
+//!
+//! When the group's ranks are separate processes (launched by `symmcomm launch`, say), there
+//! is no memory to share: each collective exchanges every rank's input through the job's store
+//! (the control plane's all-gather, with its deadline and abort polling) and computes its
+//! result locally. Both transports give the same bytes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,10 +14,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::{HostMemory, HostQueue, dcp, host_mem};
+use crate::abort::{AbortFlag, POLL};
 use crate::backend::{Call, CallShape, Collective, DcpFused, DcpShape, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
-use crate::error::{Error, Op, OpCtx, Result};
+use crate::error::{Error, OpCtx, Result};
 use crate::memory::Memory;
 
 /// A reusable barrier with a deadline; a rank that times out poisons it, so every later wait
@@ -48,7 +54,13 @@ impl HostBarrier {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wait(&self, rank: usize, timeout: Duration, ctx: &OpCtx) -> Result<()> {
+    fn wait(
+        &self,
+        rank: usize,
+        timeout: Duration,
+        abort: Option<&AbortFlag>,
+        ctx: &OpCtx,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         if let Some(why) = &st.poisoned {
@@ -76,6 +88,14 @@ impl HostBarrier {
                     reason: why.clone(),
                 });
             }
+            if let Some(reason) = abort.and_then(AbortFlag::reason) {
+                st.poisoned = Some(reason.clone());
+                self.cv.notify_all();
+                return Err(Error::Aborted {
+                    ctx: ctx.clone(),
+                    reason,
+                });
+            }
             if now >= deadline {
                 let missing: Vec<usize> = (0..self.size).filter(|&r| !st.arrived[r]).collect();
                 let why = format!(
@@ -92,7 +112,7 @@ impl HostBarrier {
             }
             st = self
                 .cv
-                .wait_timeout(st, deadline - now)
+                .wait_timeout(st, (deadline - now).min(POLL))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -137,18 +157,45 @@ fn registry() -> &'static Mutex<HashMap<String, Weak<Fabric>>> {
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
 
-/// The fabric for the group of `control`, created by whichever rank gets here first. Group
-/// rank 0 picks a key unique in this process and broadcasts it; ranks in another process would
-/// never find it (the host backend runs its ranks as threads of one process).
-fn join_fabric(control: &ControlPlane) -> Result<Arc<Fabric>> {
+/// A token unique to this process (on any host): the process id and the time it first asked.
+fn process_token() -> &'static str {
+    static T: OnceLock<String> = OnceLock::new();
+    T.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}.{nanos}", std::process::id())
+    })
+}
+
+/// How a host group's ranks reach each other.
+#[derive(Debug)]
+enum Transport {
+    /// Threads of one process: a shared fabric.
+    Shared(Arc<Fabric>),
+    /// Separate processes: every exchange goes through the store; `segments` counts this
+    /// rank's registered windows.
+    Store { segments: Mutex<usize> },
+}
+
+/// Join the group of `control`. Every rank contributes a key made of its process token; when
+/// all tokens are this process's, group rank 0's key names a fabric in this process's registry,
+/// created by whichever rank gets there first; otherwise the group runs over the store.
+fn join(control: &ControlPlane) -> Result<Transport> {
+    let token = process_token();
     let nonce = format!(
-        "{}:{}:{}",
-        std::process::id(),
+        "{token}:{}:{}",
         NONCE.fetch_add(1, Ordering::Relaxed),
         control.prefix()
     );
-    let key = control.broadcast("host fabric", 0, nonce.as_bytes())?;
-    let key = String::from_utf8_lossy(&key).into_owned();
+    let keys = control.all_gather("host fabric", nonce.as_bytes())?;
+    let ours = format!("{token}:");
+    if !keys.iter().all(|k| k.starts_with(ours.as_bytes())) {
+        return Ok(Transport::Store {
+            segments: Mutex::new(0),
+        });
+    }
+    let key = String::from_utf8_lossy(&keys[0]).into_owned();
     let fabric = {
         let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
         reg.retain(|_, w| w.strong_count() > 0);
@@ -163,21 +210,7 @@ fn join_fabric(control: &ControlPlane) -> Result<Arc<Fabric>> {
     };
     // Everyone holds the fabric before anyone can drop theirs.
     control.barrier("host fabric joined")?;
-    if !key.starts_with(&format!("{}:", std::process::id())) {
-        return Err(Error::InvalidArgument {
-            ctx: OpCtx {
-                op: Op::Init,
-                group: control.prefix().into(),
-                rank: control.rank(),
-                world: control.size(),
-                bytes: 0,
-            },
-            detail:
-                "the host backend runs ranks as threads of one process; this group spans processes"
-                    .into(),
-        });
-    }
-    Ok(fabric)
+    Ok(Transport::Shared(fabric))
 }
 
 /// One rank's view of a host group.
@@ -189,19 +222,23 @@ pub(crate) struct HostGroup {
 #[derive(Debug)]
 struct HostGroupInner {
     rank: usize,
-    fabric: Arc<Fabric>,
+    size: usize,
+    transport: Transport,
+    control: Arc<ControlPlane>,
     queue: Arc<HostQueue>,
     timeout: Duration,
 }
 
 impl HostGroup {
     pub(crate) fn new(control: Arc<ControlPlane>, queue: Arc<HostQueue>) -> Result<Self> {
-        let fabric = join_fabric(&control)?;
+        let transport = join(&control)?;
         Ok(HostGroup {
             inner: Arc::new(HostGroupInner {
                 rank: control.rank(),
+                size: control.size(),
                 timeout: control.timeout(),
-                fabric,
+                transport,
+                control,
                 queue,
             }),
         })
@@ -209,20 +246,65 @@ impl HostGroup {
 }
 
 impl HostGroupInner {
-    fn barrier(&self, ctx: &OpCtx) -> Result<()> {
-        self.fabric.barrier.wait(self.rank, self.timeout, ctx)
+    fn barrier(&self, fabric: &Fabric, ctx: &OpCtx) -> Result<()> {
+        fabric.barrier.wait(
+            self.rank,
+            self.timeout,
+            self.control.abort_flag().map(|a| &**a),
+            ctx,
+        )
     }
 
     fn run(&self, call: &Call) -> Result<()> {
-        let world = self.fabric.size;
+        match &self.transport {
+            Transport::Shared(fabric) => self.run_shared(fabric, call),
+            Transport::Store { .. } => self.run_store(call),
+        }
+    }
+
+    /// A collective across processes: every rank's input through the store, computed locally.
+    /// The symmetric path gives the same bytes (a rank's window input is its input).
+    fn run_store(&self, call: &Call) -> Result<()> {
+        if !matches!(call.imp, Impl::Regular | Impl::Symmetric) {
+            return Err(Error::ImplUnavailable {
+                ctx: call.ctx.clone(),
+                implementation: call.imp.name(crate::BackendKind::Host),
+                why: "not a host implementation".into(),
+            });
+        }
+        let (in_bytes, out_bytes) = call.io_bytes(self.size);
+        let mine = host_mem(&call.input).to_vec(call.input.offset, in_bytes);
+        let all = self
+            .control
+            .all_gather_for(call.coll.name(), &mine, &call.ctx)?;
+        if let Some((r, x)) = all.iter().enumerate().find(|(_, x)| x.len() != in_bytes) {
+            return Err(Error::InvalidArgument {
+                ctx: call.ctx.clone(),
+                detail: format!(
+                    "group rank {r} contributed {} B to this {}, this rank {in_bytes} B (ranks made different calls)",
+                    x.len(),
+                    call.coll.name()
+                ),
+            });
+        }
+        let inputs: Vec<Arc<Vec<u8>>> = all.into_iter().map(Arc::new).collect();
+        let out = compute(
+            call.coll, call.dtype, &inputs, self.rank, call.piece, out_bytes,
+        );
+        host_mem(&call.output).write(call.output.offset, &out);
+        Ok(())
+    }
+
+    fn run_shared(&self, fabric: &Fabric, call: &Call) -> Result<()> {
+        let world = fabric.size;
         let (in_bytes, out_bytes) = call.io_bytes(world);
         // Every rank's input bytes, read after the first barrier (inputs are ready).
         let inputs: Vec<Arc<Vec<u8>>> = match call.imp {
             Impl::Regular => {
                 let mine = host_mem(&call.input).to_vec(call.input.offset, in_bytes);
-                self.fabric.mailbox()[self.rank] = Some(Arc::new(mine));
-                self.barrier(&call.ctx)?;
-                let mb = self.fabric.mailbox();
+                fabric.mailbox()[self.rank] = Some(Arc::new(mine));
+                self.barrier(fabric, &call.ctx)?;
+                let mb = fabric.mailbox();
                 (0..world)
                     .map(|r| mb[r].clone().expect("every rank posted before the barrier"))
                     .collect()
@@ -231,8 +313,8 @@ impl HostGroupInner {
                 let loc = call
                     .input_symm
                     .expect("the symmetric path is only dispatched with a window input");
-                self.barrier(&call.ctx)?;
-                let segs = self.fabric.segments();
+                self.barrier(fabric, &call.ctx)?;
+                let segs = fabric.segments();
                 (0..world)
                     .map(|r| Arc::new(segs[r][loc.segment].to_vec(loc.offset, in_bytes)))
                     .collect()
@@ -249,9 +331,9 @@ impl HostGroupInner {
             call.coll, call.dtype, &inputs, self.rank, call.piece, out_bytes,
         );
         // Nobody may overwrite a window or mailbox slot until every rank has read it.
-        self.barrier(&call.ctx)?;
+        self.barrier(fabric, &call.ctx)?;
         if call.imp == Impl::Regular {
-            self.fabric.mailbox()[self.rank] = None;
+            fabric.mailbox()[self.rank] = None;
         }
         host_mem(&call.output).write(call.output.offset, &out);
         Ok(())
@@ -262,23 +344,30 @@ impl HostGroupInner {
     /// The fused DCP combine: every rank posts its partial output and LSE, then merges its
     /// own heads from all of them.
     fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
+        let Transport::Shared(fabric) = &self.transport else {
+            return Err(Error::ImplUnavailable {
+                ctx: call.ctx.clone(),
+                implementation: "host_fused".into(),
+                why: "the fused DCP combine runs on thread ranks only".into(),
+            });
+        };
         let sh = &call.shape;
         let o_bytes = sh.batch * sh.heads * sh.dim * sh.partial.size();
         let mut mine = host_mem(&call.partial).to_vec(call.partial.offset, o_bytes);
         mine.extend(host_mem(&call.lse).to_vec(call.lse.offset, sh.batch * sh.heads * 4));
-        self.fabric.mailbox()[self.rank] = Some(Arc::new(mine));
-        self.barrier(&call.ctx)?;
+        fabric.mailbox()[self.rank] = Some(Arc::new(mine));
+        self.barrier(fabric, &call.ctx)?;
         let posted: Vec<Arc<Vec<u8>>> = {
-            let mb = self.fabric.mailbox();
-            (0..self.fabric.size)
+            let mb = fabric.mailbox();
+            (0..fabric.size)
                 .map(|r| mb[r].clone().expect("every rank posted before the barrier"))
                 .collect()
         };
         let views: Vec<&[u8]> = posted.iter().map(|p| p.as_slice()).collect();
         let (out, merged) = dcp::merge(sh, &views);
         // Nobody may post again until every rank has read.
-        self.barrier(&call.ctx)?;
-        self.fabric.mailbox()[self.rank] = None;
+        self.barrier(fabric, &call.ctx)?;
+        fabric.mailbox()[self.rank] = None;
         host_mem(&call.out).write(call.out.offset, &out);
         if let Some(m) = &call.merged_lse {
             host_mem(m).write(m.offset, &merged);
@@ -366,7 +455,7 @@ impl GroupBackend for HostGroup {
     }
 
     fn size(&self) -> usize {
-        self.inner.fabric.size
+        self.inner.size
     }
 
     fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
@@ -396,11 +485,24 @@ impl GroupBackend for HostGroup {
     }
 
     fn describe(&self) -> String {
-        format!("host group of {} thread ranks", self.inner.fabric.size)
+        match self.inner.transport {
+            Transport::Shared(_) => format!("host group of {} thread ranks", self.inner.size),
+            Transport::Store { .. } => {
+                format!(
+                    "host group of {} processes (over the store)",
+                    self.inner.size
+                )
+            }
+        }
     }
 
     fn dcp_fused_unavailable(&self, _shape: &DcpShape) -> Option<String> {
-        None
+        match self.inner.transport {
+            Transport::Shared(_) => None,
+            Transport::Store { .. } => {
+                Some("the fused DCP combine runs on thread ranks only".into())
+            }
+        }
     }
 
     fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
@@ -414,25 +516,45 @@ impl GroupBackend for HostGroup {
 impl HostGroupInner {
     fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
         let mem = Arc::new(HostMemory::new(bytes));
-        let index = {
-            let mut segs = self.fabric.segments();
-            segs[self.rank].push(mem.clone());
-            segs[self.rank].len() - 1
+        let (index, sizes): (usize, Vec<Option<usize>>) = match &self.transport {
+            Transport::Shared(fabric) => {
+                let index = {
+                    let mut segs = fabric.segments();
+                    segs[self.rank].push(mem.clone());
+                    segs[self.rank].len() - 1
+                };
+                // Registration is collective: every rank has its segment `index` after this.
+                self.barrier(fabric, ctx)?;
+                let segs = fabric.segments();
+                let sizes = (0..self.size)
+                    .map(|r| segs[r].get(index).map(|m| m.len()))
+                    .collect();
+                (index, sizes)
+            }
+            Transport::Store { segments } => {
+                let mut n = segments.lock().unwrap_or_else(|p| p.into_inner());
+                let index = *n;
+                let mine = [(index as u64).to_le_bytes(), (bytes as u64).to_le_bytes()].concat();
+                let all = self.control.all_gather_for("register", &mine, ctx)?;
+                *n += 1;
+                let sizes = all
+                    .iter()
+                    .map(|v| {
+                        let i = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+                        let b = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+                        (i == index as u64).then_some(b as usize)
+                    })
+                    .collect();
+                (index, sizes)
+            }
         };
-        // Registration is collective: every rank has its segment `index` after this.
-        self.barrier(ctx)?;
-        let segs = self.fabric.segments();
-        if let Some(r) =
-            (0..self.fabric.size).find(|&r| segs[r].len() <= index || segs[r][index].len() != bytes)
-        {
+        if let Some(r) = (0..self.size).find(|&r| sizes[r] != Some(bytes)) {
             return Err(Error::SpmdDivergence {
                 ctx: ctx.clone(),
                 index: index as u64,
                 mine: format!("rank {}: segment #{index} of {bytes} B", self.rank),
                 other_rank: r,
-                theirs: segs[r]
-                    .get(index)
-                    .map_or("no such segment".into(), |m| format!("{} B", m.len())),
+                theirs: sizes[r].map_or("no such segment".into(), |b| format!("{b} B")),
             });
         }
         Ok(mem)
@@ -442,6 +564,7 @@ impl HostGroupInner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Op;
 
     #[test]
     fn barrier_times_out_naming_the_missing_rank_and_poisons() {
@@ -454,8 +577,10 @@ mod tests {
             bytes: 0,
         };
         let err = std::thread::scope(|s| {
-            let h = s.spawn(|| b.wait(1, Duration::from_secs(5), &ctx));
-            let e = b.wait(0, Duration::from_millis(50), &ctx).unwrap_err();
+            let h = s.spawn(|| b.wait(1, Duration::from_secs(5), None, &ctx));
+            let e = b
+                .wait(0, Duration::from_millis(50), None, &ctx)
+                .unwrap_err();
             // rank 1 is released by the poison, not left hanging
             assert!(matches!(
                 h.join().unwrap(),
@@ -465,7 +590,7 @@ mod tests {
         });
         assert!(err.to_string().contains("[2]"), "{err}");
         assert!(matches!(
-            b.wait(2, Duration::from_secs(1), &ctx),
+            b.wait(2, Duration::from_secs(1), None, &ctx),
             Err(Error::Aborted { .. })
         ));
     }

@@ -133,7 +133,7 @@ impl RankBackend for HostDevice {
     }
 
     fn describe(&self) -> String {
-        "host (ranks are threads)".into()
+        "host (the reference backend)".into()
     }
 
     fn facts(&self) -> crate::backend::DeviceFacts {
@@ -272,6 +272,10 @@ impl RankBackend for HostDevice {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        Ok(None)
     }
 
     fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {

@@ -1,0 +1,205 @@
+//! `symmcomm soak`: one CUDA graph of mixed collectives (all-reduce, all-gather and
+//! reduce-scatter at several sizes, by our kernels, NCCL's symmetric kernels and NCCL's regular
+//! ones) replayed many times. Each replay bumps a device epoch counter first and every input is
+//! refilled from it, so every replay moves fresh data; every `--check-every` replays each rank
+//! checks every output against the f64 reference for that epoch. Failures must be 0.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use symmcomm::verify::{self, Case};
+use symmcomm::{Collective, Communicator, DType, Impl, ReduceOp};
+
+use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
+
+/// Options of `symmcomm soak`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SoakArgs {
+    #[command(flatten)]
+    ranks: RankArgs,
+    /// Graph replays in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    replays: u64,
+    /// Check every output after this many replays.
+    #[arg(long, default_value_t = 1000)]
+    check_every: u64,
+    /// Seed of the inputs (default: fresh).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// What one rank saw.
+struct Outcome {
+    rank: usize,
+    cases: Vec<String>,
+    replays: u64,
+    checks: u64,
+    failures: u64,
+    first_failure: Option<String>,
+    seconds: f64,
+}
+
+/// The graph's collectives: (collective, per-rank piece in elements, implementation).
+fn collectives() -> Vec<(Collective, usize, Impl)> {
+    use symmcomm::Algo::{LowLatency, OneShot, TwoShot};
+    let sum = ReduceOp::Sum;
+    vec![
+        (Collective::AllReduce(sum), 1024, Impl::Kernel(LowLatency)),
+        (Collective::AllReduce(sum), 2048, Impl::Kernel(OneShot)),
+        (Collective::AllReduce(sum), 131_072, Impl::Kernel(TwoShot)),
+        (Collective::AllReduce(sum), 32_768, Impl::Symmetric),
+        (Collective::AllReduce(sum), 524_288, Impl::Regular),
+        (Collective::AllGather, 1024, Impl::Kernel(LowLatency)),
+        (Collective::AllGather, 4096, Impl::Kernel(OneShot)),
+        (Collective::AllGather, 32_768, Impl::Symmetric),
+        (Collective::ReduceScatter(sum), 8192, Impl::Kernel(OneShot)),
+        (Collective::ReduceScatter(sum), 65_536, Impl::Regular),
+    ]
+}
+
+fn soak_rank(comm: &Communicator, args: &SoakArgs, seed: u64) -> anyhow::Result<Outcome> {
+    let g = comm.world();
+    let world = g.size();
+    let backend = comm.backend();
+    let mut cases = Vec::new();
+    let mut names = Vec::new();
+    for (i, (coll, piece, imp)) in collectives().into_iter().enumerate() {
+        // An implementation this backend lacks (our kernels on the host) runs the symmetric
+        // path instead, so the graph keeps its shape everywhere.
+        let imp = match g.supports(coll, DType::BF16, imp, piece) {
+            Ok(()) => imp,
+            Err(_) => Impl::Symmetric,
+        };
+        let (n_in, _) = coll.io_elems(piece, world);
+        let case = Case {
+            coll,
+            dtype: DType::BF16,
+            shape: vec![n_in],
+            dim: None,
+            imp,
+            input_symm: true,
+            output_symm: true,
+            seed: seed.wrapping_add(i as u64),
+        };
+        let (i_elems, o_elems) = coll.io_elems(piece, world);
+        names.push(format!(
+            "{} {} B {}",
+            coll.name(),
+            i_elems.max(o_elems) * 2,
+            imp.name(backend)
+        ));
+        cases.push(case);
+    }
+    let bufs: Vec<verify::CaseBuffers> = cases
+        .iter()
+        .map(|c| verify::alloc(g, c))
+        .collect::<symmcomm::Result<_>>()?;
+    let counter = g.epoch_counter()?;
+    // One eager run of everything first: connects and loads all that a capture must not.
+    for (c, b) in cases.iter().zip(&bufs) {
+        verify::enqueue(g, c, b, None)?;
+    }
+    g.barrier()?;
+    comm.begin_capture()?;
+    let captured = (|| -> symmcomm::Result<()> {
+        g.bump(&counter)?;
+        for (c, b) in cases.iter().zip(&bufs) {
+            verify::enqueue(g, c, b, Some(&counter))?;
+        }
+        Ok(())
+    })();
+    let graph = comm.end_capture()?;
+    captured?;
+    g.barrier()?;
+    let t0 = Instant::now();
+    let (mut done, mut checks, mut failures) = (0u64, 0u64, 0u64);
+    let mut first_failure = None;
+    while done < args.replays {
+        let batch = args.check_every.min(args.replays - done);
+        for _ in 0..batch {
+            graph.replay()?;
+        }
+        done += batch;
+        comm.synchronize()?;
+        let epoch = g.epoch(&counter)?;
+        anyhow::ensure!(
+            epoch == done,
+            "rank {}: the epoch counter reads {epoch} after {done} replays",
+            g.rank()
+        );
+        for (c, b) in cases.iter().zip(&bufs) {
+            let got = g.download_bytes(&b.output)?;
+            if let Err(e) = verify::check(g, c, epoch, &got) {
+                failures += 1;
+                first_failure.get_or_insert_with(|| format!("after {done} replays: {e}"));
+            }
+        }
+        checks += 1;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    g.barrier()?;
+    Ok(Outcome {
+        rank: g.rank(),
+        cases: names,
+        replays: done,
+        checks,
+        failures,
+        first_failure,
+        seconds,
+    })
+}
+
+fn report(o: &Outcome, seed: u64) -> bool {
+    if o.rank == 0 {
+        println!(
+            "symmcomm soak (seed {seed}): one graph of {} collectives:",
+            o.cases.len()
+        );
+        for c in &o.cases {
+            println!("  {c}");
+        }
+    }
+    println!(
+        "rank {}: {} replays in {:.1} s ({:.2} us per replay), {} checks of every output, {} failures",
+        o.rank,
+        o.replays,
+        o.seconds,
+        o.seconds * 1e6 / o.replays.max(1) as f64,
+        o.checks,
+        o.failures
+    );
+    if let Some(f) = &o.first_failure {
+        println!("rank {} FIRST FAILURE {f}", o.rank);
+    }
+    o.failures == 0
+}
+
+pub(crate) fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.check_every > 0, "--check-every must be at least 1");
+    let seed = args.seed.unwrap_or_else(crate::check_cmd::rand_seed);
+    let code = |ok: bool| {
+        if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    };
+    match args.ranks.plan()? {
+        Plan::Parent { nproc } => {
+            launch_self(nproc, vec![("SYMMCOMM_SOAK_SEED".into(), seed.to_string())])
+        }
+        Plan::Threads { world, config } => {
+            let all = on_threads(world, &config, |comm| soak_rank(comm, &args, seed))?;
+            Ok(code(all.iter().all(|o| report(o, seed))))
+        }
+        Plan::Child { config } => {
+            let seed = std::env::var("SYMMCOMM_SOAK_SEED")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(seed);
+            let comm = child_comm(config)?;
+            let o = soak_rank(&comm, &args, seed)?;
+            Ok(code(report(&o, seed)))
+        }
+    }
+}

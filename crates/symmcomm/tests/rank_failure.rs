@@ -1,0 +1,375 @@
+//! A rank dies (SIGKILL) in the middle of collectives: every surviving rank returns an error
+//! naming its rank, group, operation and size within the deadline + 1 s, every later call fails
+//! at once, and nothing hangs (dropping the communicator included). On the host backend with
+//! one process per rank (the data plane goes through the job's store), killing an ordinary rank
+//! and killing rank 0 (which serves the store); on GPUs with one process per GPU. And inside one
+//! process: one communicator's deadline aborts every other communicator of the process.
+//!
+//! Ranks are this test binary run again with `SYMMCOMM_TEST_CHILD` naming the role; without it
+//! the `child_…` tests return at once. Times are compared on the host's wall clock (ms since the
+//! epoch), which every process shares.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::TestBackend;
+use common::procs::{self, Proc, after, epoch_ms};
+use symmcomm::bootstrap::{Bootstrap, free_port};
+use symmcomm::{BackendChoice, CommConfig, Communicator, DType, Error, ReduceOp, TableSource};
+
+const ROLE: &str = "SYMMCOMM_TEST_CHILD";
+const BACKEND: &str = "SYMMCOMM_TEST_BACKEND";
+const DEADLINE_MS: &str = "SYMMCOMM_TEST_DEADLINE_MS";
+const ELEMS: &str = "SYMMCOMM_TEST_ELEMS";
+
+fn role_is(role: &str) -> bool {
+    std::env::var(ROLE).as_deref() == Ok(role)
+}
+
+fn env_u64(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("child needs {name}"))
+}
+
+fn variant(e: &Error) -> &'static str {
+    match e {
+        Error::Timeout { .. } => "Timeout",
+        Error::Aborted { .. } => "Aborted",
+        Error::Nccl { .. } => "Nccl",
+        Error::Io { .. } => "Io",
+        Error::RendezvousFailed { .. } => "RendezvousFailed",
+        Error::WrongResult { .. } => "WrongResult",
+        _ => "Other",
+    }
+}
+
+fn config(backend: BackendChoice, deadline: Duration) -> CommConfig {
+    CommConfig {
+        backend,
+        timeout: deadline,
+        table: TableSource::None,
+        ..CommConfig::default()
+    }
+}
+
+/// Rank `r`'s input at iteration `it`: small integers, so f32 sums are exact.
+fn input(rank: usize, it: u64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((rank + 1) * 1000 + (i % 500)) as f32 + (it % 7) as f32)
+        .collect()
+}
+
+/// Checked all-reduces, then collectives in a loop until one fails; prints what failed, when,
+/// how fast a later call fails, and how long dropping the communicator took.
+#[test]
+fn child_rank() {
+    if !role_is("rank") {
+        return;
+    }
+    let deadline = Duration::from_millis(env_u64(DEADLINE_MS));
+    let n = env_u64(ELEMS) as usize;
+    let backend = match std::env::var(BACKEND).as_deref() {
+        Ok("cuda") => BackendChoice::Cuda,
+        _ => BackendChoice::Host,
+    };
+    let boot = Bootstrap::from_env(Duration::from_secs(60)).expect("rendezvous");
+    let comm = match Communicator::new(boot, config(backend, deadline)) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("RESULT Init {} {e}", epoch_ms());
+            std::process::exit(0);
+        }
+    };
+    let g = comm.world().clone();
+    let (rank, world) = (g.rank(), g.size());
+    let x = g.alloc_symmetric(DType::F32, &[n]).expect("alloc");
+    let y = g.alloc_symmetric(DType::F32, &[n]).expect("alloc");
+    // The data plane works before anything dies: three checked all-reduces.
+    for it in 0..3u64 {
+        g.upload(&x, &input(rank, it, n)).expect("upload");
+        g.poison(&y).expect("poison");
+        g.all_reduce(&x, &y, ReduceOp::Sum).expect("all_reduce");
+        let got: Vec<f32> = g.download(&y).expect("download");
+        let all: Vec<Vec<f32>> = (0..world).map(|r| input(r, it, n)).collect();
+        let want: Vec<f64> = (0..n)
+            .map(|i| all.iter().map(|v| v[i] as f64).sum())
+            .collect();
+        let wrong = (0..n).filter(|&i| got[i] as f64 != want[i]).count();
+        assert_eq!(
+            wrong, 0,
+            "rank {rank}: {wrong} of {n} wrong at iteration {it}"
+        );
+    }
+    println!("CHECKED {} on {}", g.describe(), comm.describe());
+    println!("LOOPING");
+    let err = loop {
+        if let Err(e) = g
+            .all_reduce(&x, &y, ReduceOp::Sum)
+            .and_then(|_| comm.synchronize())
+        {
+            break e;
+        }
+    };
+    println!("RESULT {} {} {err}", variant(&err), epoch_ms());
+    let t = Instant::now();
+    let later = g.all_reduce(&x, &y, ReduceOp::Sum).map(|_| ());
+    let later = later.and_then(|()| comm.synchronize());
+    match later {
+        Ok(()) => println!("AFTER Ok {}", t.elapsed().as_millis()),
+        Err(e) => println!("AFTER {} {} {e}", variant(&e), t.elapsed().as_millis()),
+    }
+    let t = Instant::now();
+    drop((x, y, g, comm));
+    println!("DROPPED {}", t.elapsed().as_millis());
+    std::process::exit(0);
+}
+
+/// What a survivor reported.
+#[derive(Debug)]
+struct Survivor {
+    rank: usize,
+    variant: String,
+    at_ms: u64,
+    message: String,
+    after: String,
+    output: Vec<String>,
+}
+
+fn spawn_rank(rank: usize, world: usize, port: u16, backend: &str, deadline_ms: u64) -> Proc {
+    procs::spawn(
+        &format!("rank {rank}"),
+        "child_rank",
+        &[
+            (ROLE, "rank".into()),
+            (BACKEND, backend.into()),
+            (DEADLINE_MS, deadline_ms.to_string()),
+            (ELEMS, 16384.to_string()),
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", port.to_string()),
+            ("NCCL_NVLS_ENABLE", "0".into()),
+        ],
+    )
+}
+
+/// Start `world` ranks, let them loop collectives, SIGKILL `victim`, and check every survivor.
+fn kill_one(backend: &str, world: usize, victim: usize, deadline_ms: u64) {
+    let port = free_port("127.0.0.1").expect("free port");
+    let mut ranks: Vec<Proc> = (0..world)
+        .map(|r| spawn_rank(r, world, port, backend, deadline_ms))
+        .collect();
+    let start_by = Instant::now() + Duration::from_secs(120);
+    for p in &mut ranks {
+        let checked = p.wait_line("CHECKED", start_by);
+        println!("{}: {checked}", p.name);
+        p.wait_line("LOOPING", start_by);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = epoch_ms();
+    ranks[victim].child.kill().expect("SIGKILL the victim");
+    let _ = ranks[victim].child.wait();
+    let end_by = Instant::now() + Duration::from_millis(deadline_ms + 30_000);
+    let survivors: Vec<Survivor> = ranks
+        .into_iter()
+        .enumerate()
+        .filter(|(r, _)| *r != victim)
+        .map(|(rank, p)| {
+            let output = p.finish(end_by);
+            let res = output
+                .iter()
+                .find_map(|l| after(l, "RESULT "))
+                .unwrap_or_else(|| {
+                    panic!("rank {rank}: no RESULT; output:\n{}", output.join("\n"))
+                });
+            let mut it = res.splitn(3, ' ');
+            let variant = it.next().unwrap_or("").to_string();
+            let at_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+            let message = it.next().unwrap_or("").to_string();
+            let after_line = output
+                .iter()
+                .find_map(|l| after(l, "AFTER "))
+                .unwrap_or("")
+                .to_string();
+            assert!(
+                output.iter().any(|l| l.contains("DROPPED ")),
+                "rank {rank}: dropping the communicator did not finish; output:\n{}",
+                output.join("\n")
+            );
+            Survivor {
+                rank,
+                variant,
+                at_ms,
+                message,
+                after: after_line,
+                output,
+            }
+        })
+        .collect();
+    for s in &survivors {
+        let late = s.at_ms.saturating_sub(killed_at);
+        // Shown with --nocapture: what each survivor said and when.
+        println!(
+            "rank {} failed {late} ms after the kill (deadline {deadline_ms} ms): {} {}",
+            s.rank, s.variant, s.message
+        );
+        println!("rank {}: a later call: {}", s.rank, s.after);
+        assert!(
+            ["Timeout", "Aborted", "Nccl"].contains(&s.variant.as_str()),
+            "rank {}: {} {}; output:\n{}",
+            s.rank,
+            s.variant,
+            s.message,
+            s.output.join("\n")
+        );
+        assert!(
+            s.at_ms >= killed_at && late <= deadline_ms + 1000,
+            "rank {}: failed {late} ms after the kill, deadline {deadline_ms} ms + 1 s",
+            s.rank
+        );
+        let bytes = format!("({} B)", 16384 * 4);
+        let me = format!("rank {}/{world}", s.rank);
+        for needle in ["all_reduce", "world", me.as_str(), bytes.as_str()] {
+            assert!(
+                s.message.contains(needle),
+                "rank {}: the error does not name {needle:?}: {}",
+                s.rank,
+                s.message
+            );
+        }
+        let mut a = s.after.splitn(3, ' ');
+        let (v, ms) = (a.next().unwrap_or(""), a.next().unwrap_or(""));
+        assert_eq!(v, "Aborted", "rank {}: a later call: {}", s.rank, s.after);
+        let ms: u64 = ms.parse().unwrap_or(u64::MAX);
+        assert!(
+            ms < 1000,
+            "rank {}: a later call took {ms} ms to fail",
+            s.rank
+        );
+    }
+}
+
+#[test]
+fn host_rank_killed_mid_collective() {
+    kill_one("host", 3, 2, 2000);
+}
+
+#[test]
+fn host_master_killed_mid_collective() {
+    kill_one("host", 3, 0, 2000);
+}
+
+#[test]
+fn cuda_rank_killed_mid_collective() {
+    if !TestBackend::Cuda.can_run(2) {
+        return;
+    }
+    kill_one("cuda", 2, 1, 5000);
+}
+
+/// Two jobs of thread ranks in one process: in job A one rank stops taking part; A's deadline
+/// aborts job B's communicators too, whose pending calls fail naming their own calls.
+#[test]
+fn child_two_jobs() {
+    if !role_is("two_jobs") {
+        return;
+    }
+    let deadline = Duration::from_millis(1500);
+    let cfg = config(BackendChoice::Host, deadline);
+    let a = Bootstrap::threads(2, Duration::from_secs(10));
+    let b = Bootstrap::threads(2, Duration::from_secs(10));
+    let started = Arc::new(std::sync::Barrier::new(4));
+    std::thread::scope(|s| {
+        let jobs = a.into_iter().map(|x| ("A", x));
+        for (job, boot) in jobs.chain(b.into_iter().map(|x| ("B", x))) {
+            let (cfg, started) = (cfg.clone(), started.clone());
+            s.spawn(move || {
+                let comm = Communicator::new(boot, cfg).expect("communicator");
+                let g = comm.world();
+                let x = g.alloc_symmetric(DType::F32, &[64]).expect("alloc");
+                g.fill_random(&x, 1, None).expect("fill");
+                started.wait();
+                if job == "A" && comm.rank() == 1 {
+                    // Alive but silent: never joins the collective.
+                    std::thread::sleep(deadline * 2);
+                    let t = Instant::now();
+                    let e = g.all_reduce(&x, &x, ReduceOp::Sum).unwrap_err();
+                    println!(
+                        "LATER {job}{} {} {} {e}",
+                        comm.rank(),
+                        variant(&e),
+                        t.elapsed().as_millis()
+                    );
+                    return;
+                }
+                let e = loop {
+                    if let Err(e) = g.all_reduce(&x, &x, ReduceOp::Sum) {
+                        break e;
+                    }
+                };
+                println!(
+                    "FAILED {job}{} {} {} {e}",
+                    comm.rank(),
+                    variant(&e),
+                    epoch_ms()
+                );
+            });
+        }
+    });
+    println!("DONE");
+}
+
+#[test]
+fn a_deadline_aborts_every_communicator_of_the_process() {
+    let p = procs::spawn("two jobs", "child_two_jobs", &[(ROLE, "two_jobs".into())]);
+    let out = p.finish(Instant::now() + Duration::from_secs(60));
+    let failed: Vec<(String, String, u64, String)> = out
+        .iter()
+        .filter_map(|l| after(l, "FAILED "))
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            (
+                it.next().unwrap_or("").to_string(),
+                it.next().unwrap_or("").to_string(),
+                it.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX),
+                it.next().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    println!("{}", out.join("\n"));
+    assert_eq!(
+        failed.len(),
+        3,
+        "three ranks fail; output:\n{}",
+        out.join("\n")
+    );
+    let a0 = failed.iter().find(|f| f.0 == "A0").expect("A0 failed");
+    assert_eq!(a0.1, "Timeout", "{a0:?}");
+    for needle in ["all_reduce", "world", "rank 0/2", "(256 B)"] {
+        assert!(a0.3.contains(needle), "A0 does not name {needle}: {}", a0.3);
+    }
+    let first = failed.iter().map(|f| f.2).min().unwrap_or(0);
+    for f in failed.iter().filter(|f| f.0.starts_with('B')) {
+        assert_eq!(f.1, "Aborted", "{f:?}");
+        assert!(f.3.contains("all_reduce on world"), "{f:?}");
+        assert!(
+            f.3.contains("timed out"),
+            "B's reason is A's timeout: {f:?}"
+        );
+        assert!(
+            f.2 - first <= 1000,
+            "B learnt of the abort {} ms late",
+            f.2 - first
+        );
+    }
+    let later = out
+        .iter()
+        .find_map(|l| after(l, "LATER "))
+        .expect("A1's later call");
+    assert!(later.starts_with("A1 Aborted "), "{later}");
+}

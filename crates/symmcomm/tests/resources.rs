@@ -1,0 +1,115 @@
+//! Groups and pools created and dropped many times (1000 by default; `SYMMCOMM_RESOURCE_CYCLES`
+//! sets it): each cycle splits a group (on GPUs: two NCCL communicators, our kernels' workspace
+//! and peer mappings), grows its symmetric pool by a registered segment, runs a checked
+//! all-reduce and drops everything. Afterwards device memory (`cuMemGetInfo`) and the process's
+//! virtual address space (where NCCL reserves symmetric address space) must be back where they
+//! were after the first cycles.
+
+mod common;
+
+use common::TestBackend;
+use symmcomm::pool::PoolConfig;
+use symmcomm::verify::{self, Case};
+use symmcomm::{Collective, DType, GroupKind, Impl, ReduceOp, run_rank_threads};
+
+/// The process's virtual memory size in bytes (`VmSize` of /proc/self/status).
+fn vm_size() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn cycles() -> usize {
+    std::env::var("SYMMCOMM_RESOURCE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+fn groups_and_pools_come_back(b: TestBackend) {
+    if !b.can_run(2) {
+        return;
+    }
+    let mut cfg = b.config();
+    cfg.pool = PoolConfig {
+        segment_bytes: 2 << 20,
+        alignment: 256,
+        granularity: 1 << 16,
+    };
+    let n = cycles();
+    let results = run_rank_threads(2, &cfg, |comm| {
+        let case = Case {
+            coll: Collective::AllReduce(ReduceOp::Sum),
+            dtype: DType::BF16,
+            shape: vec![8192],
+            dim: None,
+            imp: Impl::Symmetric,
+            input_symm: true,
+            output_symm: true,
+            seed: 11,
+        };
+        let cycle = |i: usize| -> symmcomm::Result<()> {
+            let g = comm.split(GroupKind::Tp, 0)?;
+            let case = Case {
+                seed: case.seed + i as u64,
+                ..case.clone()
+            };
+            verify::run_checked(&g, &case)?;
+            assert_eq!(g.pool_stats().segments, 1);
+            g.barrier()?;
+            Ok(())
+        };
+        for i in 0..3 {
+            cycle(i)?;
+        }
+        comm.world().barrier()?;
+        let mem0 = comm.device_memory()?;
+        let vm0 = vm_size();
+        let t0 = std::time::Instant::now();
+        for i in 0..n {
+            cycle(3 + i)?;
+            if comm.rank() == 0 && (i + 1) % 100 == 0 {
+                eprintln!(
+                    "{} cycles in {:.1} s; device free {:?}; VmSize {} MiB",
+                    i + 1,
+                    t0.elapsed().as_secs_f64(),
+                    comm.device_memory()?.map(|(f, _)| f >> 20),
+                    vm_size() >> 20
+                );
+            }
+        }
+        comm.world().barrier()?;
+        let mem1 = comm.device_memory()?;
+        let vm1 = vm_size();
+        Ok((mem0, mem1, vm0, vm1, t0.elapsed()))
+    });
+    for (r, res) in results.into_iter().enumerate() {
+        let (mem0, mem1, vm0, vm1, took) = res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        println!(
+            "rank {r}: {n} cycles in {took:?}; device free {:?} -> {:?} B; VmSize {vm0} -> {vm1} B",
+            mem0.map(|m| m.0),
+            mem1.map(|m| m.0)
+        );
+        if let (Some((free0, _)), Some((free1, _))) = (mem0, mem1) {
+            let lost = free0.saturating_sub(free1);
+            // One cycle holds a 2 MiB segment, two communicators and a workspace: far more
+            // than this. A leak of any of them per cycle would show as hundreds of MiB.
+            assert!(
+                lost <= 16 << 20,
+                "rank {r}: device memory did not come back: {lost} B less free after {n} cycles"
+            );
+        }
+        // Virtual address space: a reservation kept per cycle (NCCL's symmetric address
+        // space, our peer mappings) would grow this by at least a segment per cycle.
+        let grown = vm1.saturating_sub(vm0);
+        assert!(
+            grown <= 256 << 20,
+            "rank {r}: the address space grew by {grown} B over {n} cycles"
+        );
+    }
+}
+
+backend_tests!(groups_and_pools_come_back);
