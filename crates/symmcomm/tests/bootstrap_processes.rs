@@ -792,3 +792,85 @@ fn launch_timeout_kills_every_rank() {
         "{all}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Only the expected world, only where told
+// ---------------------------------------------------------------------------------------------
+
+/// A well-formed hello (protocol version 1) from a stranger claiming rank 7 of a world of 3.
+fn hello_frame(rank: u32, world: u32) -> Vec<u8> {
+    let mut p = vec![0x01];
+    p.extend_from_slice(b"SYMMCOMM");
+    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&rank.to_le_bytes());
+    p.extend_from_slice(&world.to_le_bytes());
+    p.extend_from_slice(&5000u64.to_le_bytes());
+    let mut f = (p.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&p);
+    f
+}
+
+#[test]
+fn a_rank_outside_the_world_is_refused_to_everyone() {
+    let p = port();
+    let procs = vec![
+        spawn_rank(0, 3, p, 3000, "rendezvous"),
+        spawn_rank(1, 3, p, 3000, "rendezvous"),
+    ];
+    let mut s = connect_when_up(p, Instant::now() + Duration::from_secs(2));
+    s.write_all(&hello_frame(7, 3)).expect("write");
+    let outs = outcomes(procs, 3000);
+    expect_all(
+        &outs,
+        "RankOutOfRange",
+        &["rank 7 is out of range for world size 3"],
+    );
+}
+
+/// With MASTER_ADDR unset, rank 0 listens on loopback only: the port answers on 127.0.0.1 and
+/// is closed on this host's other addresses.
+#[test]
+fn the_rendezvous_binds_loopback_by_default() {
+    let p = port();
+    let mut rank0 = spawn_child(
+        "rank 0",
+        "child_rank",
+        &[
+            (ROLE, "rank".into()),
+            (SCENARIO, "idle".into()),
+            (TIMEOUT_MS, "5000".into()),
+            ("RANK", "0".into()),
+            ("WORLD_SIZE", "2".into()),
+            ("MASTER_PORT", p.to_string()),
+        ],
+    );
+    // Rank 0 listens before it joins as a client of itself; a connection on loopback works.
+    let s = connect_when_up(p, Instant::now() + Duration::from_secs(3));
+    drop(s);
+    // This host's other addresses (from the routing table, no packet sent).
+    let others: Vec<std::net::IpAddr> = ["10.255.255.255:9", "[fd00::1]:9"]
+        .iter()
+        .filter_map(|a| {
+            let sock = std::net::UdpSocket::bind(if a.starts_with('[') {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            })
+            .ok()?;
+            sock.connect(a).ok()?;
+            Some(sock.local_addr().ok()?.ip())
+        })
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect();
+    if others.is_empty() {
+        eprintln!("note: this host has no address but loopback; only loopback was checked");
+    }
+    for ip in others {
+        let r = TcpStream::connect_timeout(&(ip, p).into(), Duration::from_secs(1));
+        assert!(
+            r.is_err(),
+            "the rendezvous port {p} answers on {ip}: it must listen on loopback only"
+        );
+    }
+    let _ = rank0.child.kill();
+}

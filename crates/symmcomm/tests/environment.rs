@@ -34,7 +34,7 @@ fn child_start() {
                 Error::NcclLoad(_) => "NcclLoad",
                 _ => "Other",
             };
-            println!("RESULT {v} {e}");
+            println!("RESULT {v} {}", e.to_string().replace('\n', " | "));
         }
     }
 }

@@ -34,6 +34,9 @@ impl Memory for DeviceAlloc {
 
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
+        if super::ABANDONED.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if self.ctx.bind_to_thread().is_err() {
             tracing::warn!(
                 ptr = self.ptr,
@@ -81,6 +84,9 @@ impl Memory for NcclSegment {
 
 impl Drop for NcclSegment {
     fn drop(&mut self) {
+        if super::ABANDONED.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if self.ctx.bind_to_thread().is_err() {
             tracing::warn!(
                 ptr = self.ptr,

@@ -59,6 +59,28 @@ pub(crate) fn probe() -> std::result::Result<usize, String> {
     Ok(n as usize)
 }
 
+/// Whether the driver sees a device (NCCL not needed).
+fn probe_driver() -> std::result::Result<(), String> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver".into());
+    }
+    cudarc::driver::result::init().map_err(|e| e.to_string())?;
+    match cudarc::driver::result::device::get_count() {
+        Ok(n) if n > 0 => Ok(()),
+        _ => Err("no device".into()),
+    }
+}
+
+/// Set once any communicator of the process was aborted: the device work queued then may
+/// never finish (a kernel of NCCL's waiting for a dead peer), so releasing memory, which would
+/// wait for it, is skipped from then on (the memory is left to the process's exit), and the
+/// contexts are kept, so that nothing hangs after an abort.
+pub(crate) static ABANDONED: AtomicBool = AtomicBool::new(false);
+
+/// Contexts kept alive after an abort (see [`ABANDONED`]).
+static KEPT_CONTEXTS: Mutex<Vec<Arc<CudaContext>>> = Mutex::new(Vec::new());
+
 /// Number of usable devices, or why none.
 pub(crate) fn device_count() -> std::result::Result<usize, String> {
     probe()
@@ -130,6 +152,10 @@ pub(crate) fn start(
     config: &CommConfig,
     abort: &Arc<AbortFlag>,
 ) -> Result<Arc<dyn RankBackend>> {
+    // A missing or unusable NCCL is its own error (the library path and why), not "no GPU".
+    if probe_driver().is_ok() {
+        Nccl::load()?;
+    }
     let count = probe().map_err(|reason| Error::NoGpu { reason })?;
     let ordinal = config.device.unwrap_or(boot.local_rank);
     let op = OpCtx {
@@ -352,6 +378,14 @@ impl DeviceShared {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
+        if !comms.iter().any(|c| !c.is_aborted()) {
+            return;
+        }
+        ABANDONED.store(true, Ordering::Release);
+        KEPT_CONTEXTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.ctx.clone());
         for c in comms {
             c.abort_now();
         }

@@ -34,6 +34,9 @@ unsafe impl Sync for Module {}
 
 impl Drop for Module {
     fn drop(&mut self) {
+        if super::ABANDONED.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if self.ctx.bind_to_thread().is_ok() {
             // SAFETY: the module is live and unloaded once; its functions are dropped first
             // (they hold an Arc to it).

@@ -132,11 +132,23 @@ impl OwnedComm {
             return;
         }
         self.failed.store(true, Ordering::Relaxed);
-        let t0 = std::time::Instant::now();
-        // SAFETY: the communicator is live (not aborted before, per the flag just swapped) and
-        // no other call on it is in flight (the rank's own thread calls this).
-        let r = unsafe { self.nccl.comm_abort(self.comm) };
-        tracing::warn!(comm = %self.label, code = %r.name(), took = ?t0.elapsed(), "NCCL communicator aborted");
+        // `ncclCommAbort` frees device memory, which waits for NCCL's kernels; a kernel stuck on
+        // a dead peer may never end, so the abort runs on its own thread and is waited for only
+        // briefly: the caller's error must not wait for it.
+        let (nccl, comm, label) = (self.nccl, self.comm as usize, self.label.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("symmcomm-abort".into())
+            .spawn(move || {
+                // SAFETY: the communicator is live (not aborted before, per the flag just
+                // swapped), and nothing else uses it from now on (every use checks the flag).
+                let r = unsafe { nccl.comm_abort(comm as RawComm) };
+                let _ = tx.send(r);
+            });
+        match spawned.map(|_| rx.recv_timeout(std::time::Duration::from_millis(300))) {
+            Ok(Ok(r)) => tracing::warn!(comm = %label, code = %r.name(), "NCCL communicator aborted"),
+            _ => tracing::warn!(comm = %label, "NCCL communicator abort still running (its kernels have not ended)"),
+        }
     }
 
     /// Check a result of a call on this communicator; an error marks it failed.

@@ -29,6 +29,9 @@ struct Workspace {
 
 impl Drop for Workspace {
     fn drop(&mut self) {
+        if super::ABANDONED.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if self.dev.ctx.bind_to_thread().is_err() {
             return;
         }

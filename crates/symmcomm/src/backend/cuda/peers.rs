@@ -50,6 +50,9 @@ pub(crate) struct Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if super::ABANDONED.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if self.ctx.bind_to_thread().is_err() {
             return;
         }
