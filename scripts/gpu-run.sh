@@ -13,6 +13,9 @@ export NCCL_NVLS_ENABLE=0            # never NVLink multicast on this machine
 export SYMMCOMM_REQUIRE_GPU=1
 export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
 export RUST_BACKTRACE=1
+# Create-and-drop cycles of the resources test: 0.65 s each on 2xH200 (two NCCL communicators
+# per group), so 1000 (its default) takes ~11 minutes; 200 fits a test step.
+export SYMMCOMM_RESOURCE_CYCLES="${SYMMCOMM_RESOURCE_CYCLES:-200}"
 if [[ -x "$HERE/symmcomm" ]]; then BIN="${BIN:-$HERE}"; else BIN="${BIN:-.gpu}"; fi
 MACHINE="${MACHINE:-h200x2}"
 STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,bench-nccl2289}"

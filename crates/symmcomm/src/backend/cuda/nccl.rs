@@ -146,8 +146,12 @@ impl OwnedComm {
                 let _ = tx.send(r);
             });
         match spawned.map(|_| rx.recv_timeout(std::time::Duration::from_millis(300))) {
-            Ok(Ok(r)) => tracing::warn!(comm = %label, code = %r.name(), "NCCL communicator aborted"),
-            _ => tracing::warn!(comm = %label, "NCCL communicator abort still running (its kernels have not ended)"),
+            Ok(Ok(r)) => {
+                tracing::warn!(comm = %label, code = %r.name(), "NCCL communicator aborted")
+            }
+            _ => {
+                tracing::warn!(comm = %label, "NCCL communicator abort still running (its kernels have not ended)")
+            }
         }
     }
 
