@@ -7,18 +7,18 @@
 
 // The crate's one error enum is larger than clippy's threshold; boxing it is error.rs's call.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::procs::{self, Proc, ROLE, after, env_u64, role_is};
 use symmcomm::bootstrap::{Bootstrap, free_port};
 use symmcomm::error::Error;
 use symmcomm::launch::{LaunchSpec, RankStatus, launch};
 
-const ROLE: &str = "SYMMCOMM_TEST_CHILD";
 const SCENARIO: &str = "SYMMCOMM_TEST_SCENARIO";
 const TIMEOUT_MS: &str = "SYMMCOMM_TEST_TIMEOUT_MS";
 const FAIL_RANK: &str = "SYMMCOMM_TEST_FAIL_RANK";
@@ -28,17 +28,6 @@ const LAUNCH_CASE: &str = "SYMMCOMM_TEST_LAUNCH";
 // ---------------------------------------------------------------------------------------------
 // Children
 // ---------------------------------------------------------------------------------------------
-
-fn role_is(role: &str) -> bool {
-    std::env::var(ROLE).as_deref() == Ok(role)
-}
-
-fn env_u64(name: &str) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("child needs {name}"))
-}
 
 fn variant(e: &Error) -> &'static str {
     match e {
@@ -260,67 +249,8 @@ fn child_launcher() {
 // Parent side
 // ---------------------------------------------------------------------------------------------
 
-/// The rest of `line` after `key` (the harness may print its own words before ours).
-fn after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.find(key).map(|i| &line[i + key.len()..])
-}
-
-/// A child process whose output lines arrive on a channel; killed if dropped while running.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn spawn_child(name: &str, test: &str, env: &[(&str, String)]) -> Proc {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env_remove("LOCAL_RANK")
-        .env_remove("LOCAL_WORLD_SIZE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn child");
-    let (tx, rx) = mpsc::channel();
-    let pipes: Vec<(Box<dyn Read + Send>, &str)> = vec![
-        (Box::new(child.stdout.take().expect("stdout")), ""),
-        (Box::new(child.stderr.take().expect("stderr")), "stderr: "),
-    ];
-    for (pipe, tag) in pipes {
-        let tx = tx.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(format!("{tag}{line}")).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    Proc {
-        name: name.to_string(),
-        child,
-        lines: rx,
-        seen: Vec::new(),
-    }
-}
-
 fn spawn_rank(rank: usize, world: usize, port: u16, timeout_ms: u64, scenario: &str) -> Proc {
-    spawn_child(
+    procs::spawn(
         &format!("rank {rank}"),
         "child_rank",
         &[
@@ -345,56 +275,6 @@ struct Outcome {
 }
 
 impl Proc {
-    /// Wait for a line containing `prefix`, at most until `deadline`.
-    fn wait_line(&mut self, prefix: &str, deadline: Instant) -> String {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(prefix) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: no line starting with {prefix:?}; output so far:\n{}",
-                    self.name,
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Wait for the process to exit (killing it at `deadline`) and collect its output.
-    fn finish(mut self, deadline: Instant) -> Vec<String> {
-        loop {
-            match self.child.try_wait().expect("try_wait") {
-                Some(_) => break,
-                None if Instant::now() >= deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    let rest: Vec<String> = self.lines.try_iter().collect();
-                    self.seen.extend(rest);
-                    panic!(
-                        "{}: still running at its deadline; output:\n{}",
-                        self.name,
-                        self.seen.join("\n")
-                    );
-                }
-                None => thread::sleep(Duration::from_millis(10)),
-            }
-        }
-        // The pipes close with the process; the reader threads then hang up.
-        let drain = Instant::now() + Duration::from_secs(5);
-        while let Ok(l) = self
-            .lines
-            .recv_timeout(drain.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(l);
-        }
-        std::mem::take(&mut self.seen)
-    }
-
     fn outcome(self, deadline: Instant) -> Outcome {
         let name = self.name.clone();
         let output = self.finish(deadline);
@@ -684,7 +564,7 @@ fn killed_master_fails_a_blocked_get() {
 // ---------------------------------------------------------------------------------------------
 
 fn run_launcher(case: &str) -> Vec<String> {
-    let p = spawn_child(
+    let p = procs::spawn(
         &format!("launcher ({case})"),
         "child_launcher",
         &[
@@ -832,7 +712,7 @@ fn a_rank_outside_the_world_is_refused_to_everyone() {
 #[test]
 fn the_rendezvous_binds_loopback_by_default() {
     let p = port();
-    let mut rank0 = spawn_child(
+    let mut rank0 = procs::spawn(
         "rank 0",
         "child_rank",
         &[

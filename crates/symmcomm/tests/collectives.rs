@@ -4,31 +4,14 @@
 
 mod common;
 
-use common::TestBackend;
+use common::{TestBackend, all_ok, small_pool};
 use symmcomm::dispatch::{DispatchRow, DispatchTable};
-use symmcomm::pool::{CheckMode, PoolConfig};
+use symmcomm::pool::CheckMode;
 use symmcomm::verify::{self, Case};
 use symmcomm::{
-    Algo, Collective, CommConfig, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy,
-    TableSource, run_rank_threads,
+    Algo, Collective, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy, TableSource,
+    run_rank_threads,
 };
-
-fn small_pool(mut c: CommConfig) -> CommConfig {
-    c.pool = PoolConfig {
-        segment_bytes: 1 << 20,
-        alignment: 256,
-        granularity: 1 << 16,
-    };
-    c
-}
-
-fn all_ok<R: std::fmt::Debug>(results: Vec<symmcomm::Result<R>>) -> Vec<R> {
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(r, x)| x.unwrap_or_else(|e| panic!("rank {r}: {e}")))
-        .collect()
-}
 
 fn colls() -> Vec<Collective> {
     let mut v = vec![Collective::AllGather];

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::TestBackend;
+use common::{TestBackend, all_ok};
 use half::bf16;
 use symmcomm::dcp::{
     CombineImpl, CombineSpec, DcpCombine, DcpQGather, KvSharding, LseBase, QGatherSpec,
@@ -215,14 +215,6 @@ fn combine_impls() -> Vec<(CombineImpl, bool)> {
         (CombineImpl::Sequence(Impl::Kernel(Algo::OneShot)), false),
         (CombineImpl::Fused, false),
     ]
-}
-
-fn all_ok<R: std::fmt::Debug>(results: Vec<symmcomm::Result<R>>) -> Vec<R> {
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(r, x)| x.unwrap_or_else(|e| panic!("rank {r}: {e}")))
-        .collect()
 }
 
 fn worlds(b: TestBackend) -> &'static [usize] {

@@ -6,34 +6,15 @@
 
 mod common;
 
-use common::TestBackend;
+use common::{TestBackend, all_ok, small_pool};
 use symmcomm::bench::Variant;
 use symmcomm::decode_sim::{self, DECODE_STEP_OP, ModelDims, SimSpec, StepConfig};
 use symmcomm::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
 use symmcomm::fill;
-use symmcomm::pool::PoolConfig;
 use symmcomm::reference;
 use symmcomm::{
-    Collective, CommConfig, Communicator, DType, Error, Group, GroupKind, Impl, ReduceOp,
-    run_rank_threads,
+    Collective, Communicator, DType, Error, Group, GroupKind, Impl, ReduceOp, run_rank_threads,
 };
-
-fn small_pool(mut c: CommConfig) -> CommConfig {
-    c.pool = PoolConfig {
-        segment_bytes: 1 << 20,
-        alignment: 256,
-        granularity: 1 << 16,
-    };
-    c
-}
-
-fn all_ok<R: std::fmt::Debug>(results: Vec<symmcomm::Result<R>>) -> Vec<R> {
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(r, x)| x.unwrap_or_else(|e| panic!("rank {r}: {e}")))
-        .collect()
-}
 
 /// Token-count patterns for `world` ranks (capacity 8): a zero-count rank in the middle and
 /// first, equal counts, nobody, and one so lopsided that the rule picks SUM_LEN.

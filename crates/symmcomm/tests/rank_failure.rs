@@ -15,25 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::TestBackend;
-use common::procs::{self, Proc, after, epoch_ms};
+use common::procs::{self, Proc, ROLE, after, env_u64, epoch_ms, role_is};
 use symmcomm::bootstrap::{Bootstrap, free_port};
 use symmcomm::{BackendChoice, CommConfig, Communicator, DType, Error, ReduceOp, TableSource};
 
-const ROLE: &str = "SYMMCOMM_TEST_CHILD";
 const BACKEND: &str = "SYMMCOMM_TEST_BACKEND";
 const DEADLINE_MS: &str = "SYMMCOMM_TEST_DEADLINE_MS";
 const ELEMS: &str = "SYMMCOMM_TEST_ELEMS";
-
-fn role_is(role: &str) -> bool {
-    std::env::var(ROLE).as_deref() == Ok(role)
-}
-
-fn env_u64(name: &str) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("child needs {name}"))
-}
 
 fn variant(e: &Error) -> &'static str {
     match e {

@@ -61,6 +61,25 @@ impl TestBackend {
     }
 }
 
+/// `c` with a small pool (1 MiB segments), so tests grow pools often.
+pub fn small_pool(mut c: CommConfig) -> CommConfig {
+    c.pool = symmcomm::pool::PoolConfig {
+        segment_bytes: 1 << 20,
+        alignment: 256,
+        granularity: 1 << 16,
+    };
+    c
+}
+
+/// Every rank's result, or a panic naming the first rank that failed.
+pub fn all_ok<R: std::fmt::Debug>(results: Vec<symmcomm::Result<R>>) -> Vec<R> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(r, x)| x.unwrap_or_else(|e| panic!("rank {r}: {e}")))
+        .collect()
+}
+
 /// A fresh seed per test run, printed so a failure can be replayed with `SYMMCOMM_SEED`.
 pub fn seed() -> u64 {
     let s = std::env::var("SYMMCOMM_SEED")

@@ -8,6 +8,22 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The environment variable that names a child's role; without it the child tests return at once.
+pub const ROLE: &str = "SYMMCOMM_TEST_CHILD";
+
+/// Whether this process is a child in `role`.
+pub fn role_is(role: &str) -> bool {
+    std::env::var(ROLE).as_deref() == Ok(role)
+}
+
+/// A number the parent passed to this child in `name`.
+pub fn env_u64(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("child needs {name}"))
+}
+
 /// Milliseconds since the Unix epoch: a clock every process of the host shares.
 pub fn epoch_ms() -> u64 {
     SystemTime::now()
