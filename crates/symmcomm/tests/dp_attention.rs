@@ -21,11 +21,11 @@ use symmcomm::{
 fn patterns(world: usize) -> Vec<Vec<usize>> {
     let cut = |v: &[usize]| v[..world].to_vec();
     vec![
-        cut(&[5, 0, 3, 1]),
-        cut(&[0, 7, 2, 8]),
+        cut(&[5, 0, 3, 1, 0, 6, 2, 4]),
+        cut(&[0, 7, 2, 8, 1, 0, 0, 3]),
         vec![3; world],
         vec![0; world],
-        cut(&[8, 1, 0, 0]),
+        cut(&[8, 1, 0, 0, 0, 0, 0, 0]),
     ]
 }
 
@@ -131,7 +131,7 @@ fn check_step(
 
 fn gather_scatter_uneven_counts(b: TestBackend) {
     let seed = common::seed();
-    for world in [2, 3, 4] {
+    for world in [2, 3, 4, 8] {
         if !b.can_run(world) {
             continue;
         }
@@ -208,7 +208,7 @@ fn gather_scatter_uneven_counts(b: TestBackend) {
 /// MAX_LEN captured once in a graph, replayed with fresh inputs each time.
 fn graph_replays(b: TestBackend) {
     let seed = common::seed();
-    for world in [2, 3, 4] {
+    for world in [2, 3, 4, 8] {
         if !b.can_run(world) {
             continue;
         }
@@ -225,7 +225,7 @@ fn graph_replays(b: TestBackend) {
                     symmetric: true,
                 },
             )?;
-            let pattern = [3usize, 0, 2, 1];
+            let pattern = [3usize, 0, 2, 1, 0, 3, 1, 2];
             let counts = TokenCounts::exchange(g, pattern[g.rank()])?;
             let step = DpStep::new(counts, true);
             assert_eq!(step.mode(), DpPaddingMode::MaxLen);
