@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use symmcomm::bench::{self, BenchSpec, DcpBenchSpec, Limits, Meta, Mode, Results, Row, Variant};
+use symmcomm::bench::{
+    self, BenchSpec, DcpBenchSpec, Limits, Meta, Mode, Results, Row, Timing, Variant,
+};
 use symmcomm::dcp::CombineImpl;
 use symmcomm::{BackendKind, Collective, Communicator, DType, ReduceOp};
 
@@ -136,7 +138,7 @@ impl BenchArgs {
         } else if backend == BackendKind::Host {
             spec.sizes.retain(|&b| b <= 1 << 20);
         }
-        spec.modes = self
+        spec.timing.modes = self
             .modes
             .iter()
             .map(|m| match m.as_str() {
@@ -145,16 +147,16 @@ impl BenchArgs {
                 other => bail!("unknown mode {other:?} (eager, graph)"),
             })
             .collect::<anyhow::Result<_>>()?;
-        spec.iters = self.iters.max(1);
-        spec.graph_ops = self.graph_ops.max(1);
-        spec.replays = self.replays.max(1);
-        spec.repeats = self.repeats.max(1);
+        spec.timing.iters = self.iters.max(1);
+        spec.timing.graph_ops = self.graph_ops.max(1);
+        spec.timing.replays = self.replays.max(1);
+        spec.timing.repeats = self.repeats.max(1);
         if backend == BackendKind::Host {
             // The host reference is slow; fewer repetitions keep a sweep to seconds.
-            spec.iters = spec.iters.min(5);
-            spec.replays = spec.replays.min(2);
-            spec.repeats = spec.repeats.min(3);
-            spec.warmup = 1;
+            spec.timing.iters = spec.timing.iters.min(5);
+            spec.timing.replays = spec.timing.replays.min(2);
+            spec.timing.repeats = spec.timing.repeats.min(3);
+            spec.timing.warmup = 1;
         }
         Ok(spec)
     }
@@ -164,7 +166,7 @@ impl BenchArgs {
     /// The DCP rows to measure, if `--ops` asks for them.
     fn dcp_spec(
         &self,
-        timing: &BenchSpec,
+        timing: &Timing,
         backend: BackendKind,
     ) -> anyhow::Result<Option<DcpBenchSpec>> {
         if !self.ops.iter().any(|o| o == DCP_OP) {
@@ -330,7 +332,7 @@ fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow:
     }
     let mut rows = sweep(comm, &spec)?;
     let collective_rows = rows.len();
-    let dcp = args.dcp_spec(&spec, comm.backend())?;
+    let dcp = args.dcp_spec(&spec.timing, comm.backend())?;
     if let Some(d) = &dcp {
         rows.extend(dcp_sweep(comm, d)?);
     }

@@ -79,6 +79,13 @@ pub struct BenchSpec {
     pub sizes: Vec<usize>,
     /// Implementations and buffer placements.
     pub impls: Vec<Variant>,
+    /// How each row is timed.
+    pub timing: Timing,
+}
+
+/// How each row of a benchmark is timed: shared by the collective and the DCP-combine rows.
+#[derive(Clone, Debug)]
+pub struct Timing {
     /// Modes.
     pub modes: Vec<Mode>,
     /// Untimed operations before timing.
@@ -93,6 +100,20 @@ pub struct BenchSpec {
     pub repeats: usize,
     /// Seed of the inputs.
     pub seed: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            modes: vec![Mode::Eager, Mode::Graph],
+            warmup: 5,
+            iters: 20,
+            graph_ops: 20,
+            replays: 10,
+            repeats: 7,
+            seed: 0x5EED,
+        }
+    }
 }
 
 impl BenchSpec {
@@ -119,19 +140,17 @@ impl BenchSpec {
             ]
             .to_vec(),
             impls,
-            modes: vec![Mode::Eager, Mode::Graph],
-            warmup: 5,
-            iters: 20,
-            graph_ops: 20,
-            replays: 10,
-            repeats: 7,
-            seed: 0x5EED,
+            timing: Timing::default(),
         }
     }
 
     /// Number of rows the sweep produces.
     pub fn rows(&self) -> usize {
-        self.ops.len() * self.dtypes.len() * self.sizes.len() * self.impls.len() * self.modes.len()
+        self.ops.len()
+            * self.dtypes.len()
+            * self.sizes.len()
+            * self.impls.len()
+            * self.timing.modes.len()
     }
 }
 
@@ -309,20 +328,20 @@ pub fn measure_point(
             imp: variant.imp,
             input_symm: variant.windows,
             output_symm: variant.windows,
-            seed: spec.seed ^ bytes as u64,
+            seed: spec.timing.seed ^ bytes as u64,
         };
         let bufs = verify::alloc(group, &case)?;
         group.fill_random(&bufs.input, case.seed, None)?;
         let run = || group.collective(coll, &bufs.input, &bufs.output, None, variant.imp);
         let mut ran = None;
-        for _ in 0..spec.warmup.max(1) {
+        for _ in 0..spec.timing.warmup.max(1) {
             ran = Some(run()?.name);
         }
         let graph = match mode {
             Mode::Eager => None,
             Mode::Graph => {
                 comm.begin_capture()?;
-                let captured = (0..spec.graph_ops).try_for_each(|_| -> Result<()> {
+                let captured = (0..spec.timing.graph_ops).try_for_each(|_| -> Result<()> {
                     ran = Some(run()?.name);
                     Ok(())
                 });
@@ -341,28 +360,30 @@ pub fn measure_point(
             bufs,
             graph,
             ran,
-            samples: Vec::with_capacity(spec.repeats),
+            samples: Vec::with_capacity(spec.timing.repeats),
         });
     }
     comm.synchronize()?;
     group.barrier()?;
-    for _ in 0..spec.repeats {
+    for _ in 0..spec.timing.repeats {
         for p in &mut prepared {
             let (bufs, imp) = (&p.bufs, p.variant.imp);
             let t = match &p.graph {
                 None => comm.time(&mut || {
-                    for _ in 0..spec.iters {
+                    for _ in 0..spec.timing.iters {
                         group.collective(coll, &bufs.input, &bufs.output, None, imp)?;
                     }
                     Ok(())
                 })?,
                 Some(g) => {
-                    p.samples
-                        .push(replay_us(comm, g, spec.replays)? / spec.graph_ops as f64);
+                    p.samples.push(
+                        replay_us(comm, g, spec.timing.replays)? / spec.timing.graph_ops as f64,
+                    );
                     continue;
                 }
             };
-            p.samples.push(t.as_secs_f64() * 1e6 / spec.iters as f64);
+            p.samples
+                .push(t.as_secs_f64() * 1e6 / spec.timing.iters as f64);
         }
     }
     let mut rows = Vec::with_capacity(prepared.len());
@@ -458,7 +479,7 @@ pub fn run(
     for &op in &spec.ops {
         for &dtype in &spec.dtypes {
             for &bytes in &spec.sizes {
-                for &mode in &spec.modes {
+                for &mode in &spec.timing.modes {
                     let what = format!("{} {} {} B {}", op.name(), dtype, bytes, mode.name());
                     done += spec.impls.len();
                     let Some(shape) = case_shape(op, dtype, bytes, world) else {

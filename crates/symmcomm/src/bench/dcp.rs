@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Mode, Row, median, to_f64};
+use super::{Mode, Row, Timing, median, to_f64};
 use crate::backend::{BackendKind, Impl};
 use crate::comm::Communicator;
 use crate::dcp::{CombineImpl, CombineSpec, DcpCombine, LseBase, merge_reference};
@@ -29,26 +29,14 @@ pub struct DcpBenchSpec {
     pub base: LseBase,
     /// Implementations.
     pub impls: Vec<CombineImpl>,
-    /// Modes.
-    pub modes: Vec<Mode>,
-    /// Untimed runs before timing.
-    pub warmup: usize,
-    /// Runs per timed region (eager).
-    pub iters: usize,
-    /// Runs captured in one graph.
-    pub graph_ops: usize,
-    /// Replays per timed region.
-    pub replays: usize,
-    /// Timed regions per row; the median is reported.
-    pub repeats: usize,
-    /// Seed of the inputs.
-    pub seed: u64,
+    /// How each row is timed (a run of the combine counts as one operation).
+    pub timing: Timing,
 }
 
 impl DcpBenchSpec {
     /// DeepSeek-V3 MLA (128 heads, D = 512, bf16, base 2) at B = 1, 8, 32, 128, with the
     /// timing parameters of `timing`.
-    pub fn deepseek_v3(impls: Vec<CombineImpl>, timing: &super::BenchSpec) -> Self {
+    pub fn deepseek_v3(impls: Vec<CombineImpl>, timing: &Timing) -> Self {
         DcpBenchSpec {
             batches: vec![1, 8, 32, 128],
             heads: 128,
@@ -56,13 +44,10 @@ impl DcpBenchSpec {
             dtype: DType::BF16,
             base: LseBase::Two,
             impls,
-            modes: timing.modes.clone(),
-            warmup: timing.warmup,
-            iters: timing.iters,
-            graph_ops: timing.graph_ops,
-            replays: timing.replays,
-            repeats: timing.repeats,
-            seed: timing.seed ^ 0xDC9,
+            timing: Timing {
+                seed: timing.seed ^ 0xDC9,
+                ..timing.clone()
+            },
         }
     }
 
@@ -78,7 +63,7 @@ impl DcpBenchSpec {
 
     /// Rows the sweep produces at most.
     pub fn rows(&self) -> usize {
-        self.batches.len() * self.impls.len() * self.modes.len()
+        self.batches.len() * self.impls.len() * self.timing.modes.len()
     }
 }
 
@@ -95,10 +80,10 @@ fn inputs(spec: &DcpBenchSpec, batch: usize, world: usize) -> (Vec<Vec<f64>>, Ve
     let (mut os, mut ls) = (Vec::new(), Vec::new());
     for r in 0..world as u64 {
         let mut b = vec![0u8; n * spec.dtype.size()];
-        crate::fill::fill_bytes(spec.dtype, spec.seed, r, 0, 0, &mut b);
+        crate::fill::fill_bytes(spec.dtype, spec.timing.seed, r, 0, 0, &mut b);
         os.push((0..n).map(|i| spec.dtype.read_f64(&b, i)).collect());
         let mut b = vec![0u8; batch * spec.heads * 4];
-        crate::fill::fill_bytes(DType::F32, !spec.seed, r, 0, 0, &mut b);
+        crate::fill::fill_bytes(DType::F32, !spec.timing.seed, r, 0, 0, &mut b);
         ls.push(
             (0..batch * spec.heads)
                 .map(|i| DType::F32.read_f64(&b, i))
@@ -151,17 +136,17 @@ pub fn measure_dcp_point(
             );
             continue;
         }
-        group.fill_random(&combine.partial_out(batch)?, spec.seed, None)?;
-        group.fill_random(&combine.partial_lse(batch)?, !spec.seed, None)?;
-        for _ in 0..spec.warmup.max(1) {
+        group.fill_random(&combine.partial_out(batch)?, spec.timing.seed, None)?;
+        group.fill_random(&combine.partial_lse(batch)?, !spec.timing.seed, None)?;
+        for _ in 0..spec.timing.warmup.max(1) {
             combine.run(batch, imp)?;
         }
         let graph = match mode {
             Mode::Eager => None,
             Mode::Graph => {
                 comm.begin_capture()?;
-                let captured =
-                    (0..spec.graph_ops).try_for_each(|_| combine.run(batch, imp).map(|_| ()));
+                let captured = (0..spec.timing.graph_ops)
+                    .try_for_each(|_| combine.run(batch, imp).map(|_| ()));
                 let graph = comm.end_capture();
                 captured?;
                 let graph = graph?;
@@ -175,30 +160,30 @@ pub fn measure_dcp_point(
             imp,
             combine,
             graph,
-            samples: Vec::with_capacity(spec.repeats),
+            samples: Vec::with_capacity(spec.timing.repeats),
         });
     }
     comm.synchronize()?;
     group.barrier()?;
-    for _ in 0..spec.repeats {
+    for _ in 0..spec.timing.repeats {
         for p in &mut prepared {
             let t = match &p.graph {
                 None => comm.time(&mut || {
-                    for _ in 0..spec.iters {
+                    for _ in 0..spec.timing.iters {
                         p.combine.run(batch, p.imp)?;
                     }
                     Ok(())
                 })?,
                 Some(g) => comm.time(&mut || {
-                    for _ in 0..spec.replays {
+                    for _ in 0..spec.timing.replays {
                         g.replay()?;
                     }
                     Ok(())
                 })?,
             };
             let ops = match &p.graph {
-                None => spec.iters,
-                Some(_) => spec.replays * spec.graph_ops,
+                None => spec.timing.iters,
+                Some(_) => spec.timing.replays * spec.timing.graph_ops,
             };
             p.samples.push(t.as_secs_f64() * 1e6 / ops as f64);
         }
@@ -273,7 +258,7 @@ pub fn run_dcp(
     let mut done = 0;
     let mut rows = Vec::new();
     for &batch in &spec.batches {
-        for &mode in &spec.modes {
+        for &mode in &spec.timing.modes {
             rows.extend(measure_dcp_point(comm, group, spec, batch, mode)?);
             done += spec.impls.len();
             progress(
