@@ -4,6 +4,11 @@
 # (every line of a launched rank is prefixed with its rank). Binaries come prebuilt in $BIN
 # (default .gpu/; scripts/gpu-build.sh, which also copies this script there as run.sh, so
 # `bash .gpu-x/run.sh` runs .gpu-x's binaries). Results and logs go to $OUT.
+#
+# Every step at once takes about 9 minutes on 2 x H200 (tests ~4 with 200 resource cycles, soak
+# ~2.2, tune + bench + decode-sim ~2.5): more than one device call may run. Split it, most
+# valuable first, into the same $OUT (summary.txt is appended to), e.g.
+#   STEPS=tune,bench,decode-sim bash .gpu/run.sh; then STEPS=info,tests,check,soak bash .gpu/run.sh
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/.."
