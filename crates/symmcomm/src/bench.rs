@@ -340,14 +340,12 @@ pub fn measure_point(
         let graph = match mode {
             Mode::Eager => None,
             Mode::Graph => {
-                comm.begin_capture()?;
-                let captured = (0..spec.timing.graph_ops).try_for_each(|_| -> Result<()> {
-                    ran = Some(run()?.name);
-                    Ok(())
-                });
-                let graph = comm.end_capture();
-                captured?;
-                let graph = graph?;
+                let (graph, ()) = comm.capture(|| {
+                    (0..spec.timing.graph_ops).try_for_each(|_| -> Result<()> {
+                        ran = Some(run()?.name);
+                        Ok(())
+                    })
+                })?;
                 for _ in 0..2 {
                     graph.replay()?;
                 }

@@ -323,6 +323,17 @@ impl Communicator {
         })
     }
 
+    /// Capture what `enqueue` enqueues into a graph: [`Communicator::begin_capture`], `enqueue`,
+    /// then [`Communicator::end_capture`] whatever `enqueue` returned, so a failed enqueue never
+    /// leaves the stream capturing. `enqueue`'s error comes first.
+    pub fn capture<T>(&self, enqueue: impl FnOnce() -> Result<T>) -> Result<(Graph, T)> {
+        self.begin_capture()?;
+        let enqueued = enqueue();
+        let graph = self.end_capture();
+        let value = enqueued?;
+        Ok((graph?, value))
+    }
+
     /// Wait for all enqueued work.
     pub fn synchronize(&self) -> Result<()> {
         self.shared.abort.check(&self.ctx(Op::Barrier))?;

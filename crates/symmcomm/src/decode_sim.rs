@@ -626,11 +626,8 @@ pub fn measure_step(
         comm.synchronize()?;
         // Report what the graph runs (eager calls may dispatch differently).
         p.ran.clear();
-        comm.begin_capture()?;
-        let captured = enqueue_step(group, spec, &mut p);
-        let graph = comm.end_capture();
-        captured?;
-        p.graph = Some(graph?);
+        let (graph, ()) = comm.capture(|| enqueue_step(group, spec, &mut p))?;
+        p.graph = Some(graph);
         prepared.push(p);
     }
     comm.synchronize()?;

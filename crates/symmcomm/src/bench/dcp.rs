@@ -144,12 +144,9 @@ pub fn measure_dcp_point(
         let graph = match mode {
             Mode::Eager => None,
             Mode::Graph => {
-                comm.begin_capture()?;
-                let captured = (0..spec.timing.graph_ops)
-                    .try_for_each(|_| combine.run(batch, imp).map(|_| ()));
-                let graph = comm.end_capture();
-                captured?;
-                let graph = graph?;
+                let (graph, ()) = comm.capture(|| {
+                    (0..spec.timing.graph_ops).try_for_each(|_| combine.run(batch, imp).map(|_| ()))
+                })?;
                 for _ in 0..2 {
                     graph.replay()?;
                 }
