@@ -20,4 +20,13 @@ fn main() {
     );
     println!("cargo:rerun-if-changed=../../.git/HEAD");
     println!("cargo:rerun-if-changed=../../.git/index");
+    // Edits not yet committed make the label "-dirty": look again whenever a source changes.
+    for dir in [
+        "src",
+        "../symmcomm/src",
+        "../symmcomm/kernels",
+        "../symmcomm/tables",
+    ] {
+        println!("cargo:rerun-if-changed={dir}");
+    }
 }

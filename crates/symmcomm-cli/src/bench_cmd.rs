@@ -442,6 +442,13 @@ fn tune_rank(comm: &Communicator, args: &TuneArgs) -> anyhow::Result<bool> {
     let ok = rows.iter().all(|r| r.ok);
     if comm.rank() == 0 {
         println!("{}", bench::nccl_tests_tables(&rows, backend));
+        if !ok {
+            // Wrong rows never enter the table (tune_table skips them), but the run fails.
+            eprintln!(
+                "WRONG RESULTS in {} rows (left out of the table)",
+                rows.iter().filter(|r| !r.ok).count()
+            );
+        }
         table.save(&args.out)?;
         eprintln!(
             "dispatch table ({} rows) written to {}",

@@ -730,24 +730,45 @@ SYMM_DEVICE void symm_ll_store(uint4* line, unsigned long long v, unsigned int f
                  : "memory");
 }
 
-// Wait for line's flags to show `flag`, then return its 8 data bytes in *v. False when the wait
-// gave up (symm_spin_must_stop); *v is then 0.
-SYMM_DEVICE bool symm_ll_load(const SymmArgs& a, SymmState* st, const uint4* line,
-                              unsigned int flag, unsigned int src, unsigned long long e,
-                              unsigned long long* v) {
+// Wait for line c of slot (parity, s) from every peer s, and return each line's 8 data bytes in
+// v[s] (v[rank] is left alone). All pending lines are loaded back to back before any is checked,
+// so their NVLink/L2 latencies overlap instead of adding up one peer after another. False when
+// the wait gave up (symm_spin_must_stop), naming the lowest peer still missing.
+SYMM_DEVICE bool symm_ll_load_all(const SymmArgs& a, SymmState* st, unsigned int parity,
+                                  unsigned long long c, unsigned int flag, unsigned long long e,
+                                  unsigned long long (&v)[SYMM_MAX_WORLD]) {
+    unsigned int pending = 0;
+#pragma unroll
+    for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+        if (s < a.world && s != a.rank) {
+            pending |= 1u << s;
+        }
+    }
     unsigned long long start = 0;
     for (unsigned long long it = 0;; ++it) {
-        unsigned int d0, f0, d1, f1;
-        asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(d0), "=r"(f0), "=r"(d1), "=r"(f1)
-                     : "l"(line)
-                     : "memory");
-        if (f0 == flag && f1 == flag) {
-            *v = (unsigned long long)d0 | ((unsigned long long)d1 << 32);
+        unsigned int d0[SYMM_MAX_WORLD], f0[SYMM_MAX_WORLD], d1[SYMM_MAX_WORLD],
+            f1[SYMM_MAX_WORLD];
+#pragma unroll
+        for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+            if (pending & (1u << s)) {
+                asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(d0[s]), "=r"(f0[s]), "=r"(d1[s]), "=r"(f1[s])
+                             : "l"(symm_ll_slot(a, a.rank, parity, s) + c)
+                             : "memory");
+            }
+        }
+#pragma unroll
+        for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+            if ((pending & (1u << s)) && f0[s] == flag && f1[s] == flag) {
+                v[s] = (unsigned long long)d0[s] | ((unsigned long long)d1[s] << 32);
+                pending &= ~(1u << s);
+            }
+        }
+        if (pending == 0) {
             return true;
         }
-        if (symm_spin_must_stop(a, st, it, &start, src, SYMM_LL_PHASE, e)) {
-            *v = 0;
+        if (symm_spin_must_stop(a, st, it, &start, (unsigned int)(__ffs(pending) - 1),
+                                SYMM_LL_PHASE, e)) {
             return false;
         }
     }
@@ -861,19 +882,19 @@ SYMM_DEVICE bool symm_ll_reduce(const SymmArgs& a, const SymmLaunch& l, const un
     const unsigned long long chunks = (bytes + 7) / 8;
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long c = symm_ll_first_chunk(); c < chunks; c += stride) {
+        const unsigned long long mine =
+            c == symm_ll_first_chunk() ? own_first
+                                       : symm_ld8<ES>(own + c * 8, bytes - c * 8, own_aligned8);
+        unsigned long long v[SYMM_MAX_WORLD];
+        if (!symm_ll_load_all(a, l.st, parity, c, flag, l.e, v)) {
+            return false;
+        }
         SymmAcc8 acc = {{0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll 1
-        for (unsigned int s = 0; s < a.world; ++s) {
-            unsigned long long v;
-            if (s == a.rank) {
-                v = c == symm_ll_first_chunk()
-                        ? own_first
-                        : symm_ld8<ES>(own + c * 8, bytes - c * 8, own_aligned8);
-            } else if (!symm_ll_load(a, l.st, symm_ll_slot(a, a.rank, parity, s) + c, flag, s,
-                                     l.e, &v)) {
-                return false;
+#pragma unroll
+        for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+            if (s < a.world) {
+                symm_ll_accumulate<Ty>(s == a.rank ? mine : v[s], acc, s == 0);
             }
-            symm_ll_accumulate<Ty>(v, acc, s == 0);
         }
         symm_st8<ES>(out + c * 8, symm_ll_pack<Ty>(acc), bytes - c * 8, out_aligned8);
     }
@@ -915,17 +936,22 @@ template <class Ty>
 SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
     constexpr int ES = Ty::ES;
     symm_enter();
-    // Prefetch the own piece and the next rank's (the only peer on two GPUs).
+    // Prefetch this thread's first chunk of every piece (independent loads, in flight together).
     const bool sized = a.count <= SYMM_LL_MAX_BYTES / ES && a.in != 0 && a.world >= 2 &&
                        a.world <= SYMM_MAX_WORLD && a.rank < a.world;
     const unsigned long long bytes = sized ? a.count * ES : 0;
-    const unsigned int next = sized ? (a.rank + 1) % a.world : 0;
+    unsigned long long firsts[SYMM_MAX_WORLD];
+#pragma unroll
+    for (unsigned int p = 0; p < SYMM_MAX_WORLD; ++p) {
+        const unsigned long long piece = a.in + bytes * p;
+        firsts[p] = p < a.world ? symm_ll_prefetch<ES>(reinterpret_cast<const unsigned char*>(piece),
+                                                       symm_aligned8(piece), bytes)
+                                : 0;
+    }
+    // The own piece's chunk once more (a runtime index would put firsts in local memory).
     const unsigned long long own = a.in + bytes * a.rank;
-    const unsigned long long next_piece = a.in + bytes * next;
     const unsigned long long own_first = symm_ll_prefetch<ES>(
         reinterpret_cast<const unsigned char*>(own), symm_aligned8(own), bytes);
-    const unsigned long long next_first = symm_ll_prefetch<ES>(
-        reinterpret_cast<const unsigned char*>(next_piece), symm_aligned8(next_piece), bytes);
     SymmLaunch l;
     if (!symm_take_epoch(a, &l)) {
         return;
@@ -934,14 +960,13 @@ SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
     if (ok) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned int flag = (unsigned int)l.e;
-        for (unsigned int k = 1; k < a.world; ++k) {
-            const unsigned int c = (a.rank + k) % a.world;
-            const unsigned long long piece = a.in + bytes * c;
-            const unsigned char* src = reinterpret_cast<const unsigned char*>(piece);
-            const unsigned long long first =
-                k == 1 ? next_first
-                       : symm_ll_prefetch<ES>(src, symm_aligned8(piece), bytes);
-            symm_ll_send<ES>(a, src, symm_aligned8(piece), bytes, parity, flag, (int)c, first);
+#pragma unroll
+        for (unsigned int p = 0; p < SYMM_MAX_WORLD; ++p) {
+            if (p < a.world && p != a.rank) {
+                const unsigned long long piece = a.in + bytes * p;
+                symm_ll_send<ES>(a, reinterpret_cast<const unsigned char*>(piece),
+                                 symm_aligned8(piece), bytes, parity, flag, (int)p, firsts[p]);
+            }
         }
         symm_ll_reduce<Ty>(a, l, reinterpret_cast<const unsigned char*>(own), symm_aligned8(own),
                            own_first, reinterpret_cast<unsigned char*>(a.out),
@@ -1002,30 +1027,21 @@ SYMM_KERNEL symm_ll_allgather(const SymmArgs a) {
         const unsigned long long chunks = (bytes + 7) / 8;
         const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
         const unsigned long long mine = symm_ll_first_chunk();
-        bool alive = true;
-        for (unsigned int s = 0; s < a.world && alive; ++s) {
-            const unsigned long long base = a.out + bytes * s;
-            unsigned char* dst = reinterpret_cast<unsigned char*>(base);
-            const bool dst8 = symm_aligned8(base);
-            if (s == a.rank) {
-                if (a.in != base) {
-                    for (unsigned long long c = mine; c < chunks; c += stride) {
-                        const unsigned long long v =
-                            c == mine ? first
-                                      : symm_ld8<1>(in + c * 8, bytes - c * 8, symm_aligned8(a.in));
-                        symm_st8<1>(dst + c * 8, v, bytes - c * 8, dst8);
-                    }
-                }
-                continue;
+        for (unsigned long long c = mine; c < chunks; c += stride) {
+            const unsigned long long own =
+                c == mine ? first : symm_ld8<1>(in + c * 8, bytes - c * 8, symm_aligned8(a.in));
+            unsigned long long v[SYMM_MAX_WORLD];
+            if (!symm_ll_load_all(a, l.st, parity, c, flag, l.e, v)) {
+                break;
             }
-            const uint4* slot = symm_ll_slot(a, a.rank, parity, s);
-            for (unsigned long long c = mine; c < chunks; c += stride) {
-                unsigned long long v;
-                if (!symm_ll_load(a, l.st, slot + c, flag, s, l.e, &v)) {
-                    alive = false;
-                    break;
+#pragma unroll
+            for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
+                const unsigned long long base = a.out + bytes * s;
+                // The own piece is copied unless the input already is it (in place).
+                if (s < a.world && (s != a.rank || a.in != base)) {
+                    symm_st8<1>(reinterpret_cast<unsigned char*>(base) + c * 8,
+                                s == a.rank ? own : v[s], bytes - c * 8, symm_aligned8(base));
                 }
-                symm_st8<1>(dst + c * 8, v, bytes - c * 8, dst8);
             }
         }
     } else if (threadIdx.x == 0) {

@@ -86,17 +86,19 @@ impl DType {
     }
 
     /// Relative tolerance for comparing a reduction of `terms` values with an f64 reference:
-    /// inputs are exact in the type, sums accumulate in f32, and the result is rounded once
-    /// to the type.
-    pub fn reduce_tolerance(self, terms: usize) -> f64 {
+    /// inputs are exact in the type, sums accumulate in f32, and `roundings` partial or final
+    /// sums are rounded to the type (1 when only the result is; `terms − 1` when every step of
+    /// a ring rounds, as NCCL's regular kernels do).
+    pub fn reduce_tolerance(self, terms: usize, roundings: usize) -> f64 {
         let rounding = match self {
             DType::F32 => f32::EPSILON as f64,
             DType::F16 => 2f64.powi(-11),
             DType::BF16 => 2f64.powi(-8),
             DType::I32 | DType::U8 => 0.0,
         };
-        // One rounding of the result plus f32 accumulation of `terms` values.
-        rounding + terms as f64 * f32::EPSILON as f64
+        // Each rounding errs by at most `rounding` times a partial sum, whose magnitude is at
+        // most the sum of the absolute values; plus f32 accumulation of `terms` values.
+        roundings.max(1) as f64 * rounding + terms as f64 * f32::EPSILON as f64
     }
 }
 

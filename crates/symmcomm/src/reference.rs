@@ -3,7 +3,7 @@
 //! follows the dtype (exact for gathers, max and min; rounding of the type plus f32
 //! accumulation for sums and averages). NaN never passes.
 
-use crate::backend::Collective;
+use crate::backend::{Collective, Impl};
 use crate::dtype::DType;
 use crate::tensor::DimSplit;
 
@@ -67,9 +67,46 @@ pub fn expected(
     }
 }
 
+/// Where an implementation keeps the partial sums of a reduction, which bounds how far its
+/// result may lie from the exact one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulation {
+    /// In f32, rounded to the element type once: our kernels, NCCL's symmetric kernels, the
+    /// host backend.
+    F32,
+    /// In the element type: NCCL's regular ring and tree kernels round every partial sum, so
+    /// `world − 1` roundings (seen as 1-ulp bf16 differences on 4 GPUs), and an average
+    /// scales every input in the type first (one more).
+    ElementType,
+}
+
+impl Accumulation {
+    /// What `imp` may do; `Auto` may run NCCL's regular kernels.
+    pub fn of(imp: Impl) -> Self {
+        match imp {
+            Impl::Regular | Impl::Auto => Accumulation::ElementType,
+            Impl::Symmetric | Impl::Kernel(_) => Accumulation::F32,
+        }
+    }
+
+    /// How many times a reduction of `world` terms is rounded to the element type.
+    pub fn roundings(self, world: usize) -> usize {
+        match self {
+            Accumulation::F32 => 1,
+            Accumulation::ElementType => world.saturating_sub(1).max(1),
+        }
+    }
+}
+
 /// The absolute tolerance of one reduced element: `world` terms whose absolute values sum to
-/// `abs_sum` (0 for gathers, max and min, which are exact).
-pub fn tolerance(coll: Collective, dtype: DType, world: usize, abs_sum: f64) -> f64 {
+/// `abs_sum` (0 for gathers, max and min, which are exact), reduced with `acc`.
+pub fn tolerance(
+    coll: Collective,
+    dtype: DType,
+    world: usize,
+    abs_sum: f64,
+    acc: Accumulation,
+) -> f64 {
     use crate::dtype::ReduceOp;
     match coll.reduce() {
         None | Some(ReduceOp::Max) | Some(ReduceOp::Min) => 0.0,
@@ -79,7 +116,9 @@ pub fn tolerance(coll: Collective, dtype: DType, world: usize, abs_sum: f64) -> 
             } else {
                 abs_sum
             };
-            dtype.reduce_tolerance(world) * mag.max(f64::MIN_POSITIVE)
+            let premultiply = usize::from(op == ReduceOp::Avg && acc == Accumulation::ElementType);
+            let roundings = acc.roundings(world) + premultiply;
+            dtype.reduce_tolerance(world, roundings) * mag.max(f64::MIN_POSITIVE)
         }
     }
 }
@@ -185,5 +224,69 @@ mod tests {
         let m = compare(DType::F32, &got, &[1.0, 2.5, 3.0], |_| 0.1).unwrap_err();
         assert_eq!((m.wrong, m.first_index, m.got, m.want), (2, 1, 2.0, 2.5));
         assert!(compare(DType::F32, &got[..8], &[1.0, 2.05], |_| 0.1).is_ok());
+    }
+
+    /// A ring that rounds every partial sum to bf16 (NCCL's regular kernels) stays within the
+    /// element-type tolerance, and on 4 and 8 ranks it leaves the f32 tolerance for some inputs:
+    /// so both bounds are tight enough to matter.
+    #[test]
+    fn element_type_rings_need_their_own_tolerance() {
+        use half::bf16;
+        let coll = Collective::AllReduce(ReduceOp::Sum);
+        for world in [2usize, 4, 8] {
+            let mut beyond_f32 = 0;
+            for i in 0..20_000u64 {
+                let xs: Vec<f64> = (0..world as u64)
+                    .map(|r| crate::fill::value(DType::BF16, 7, r, 0, i))
+                    .collect();
+                let ring = xs
+                    .iter()
+                    .skip(1)
+                    .fold(bf16::from_f64(xs[0]), |acc, &x| {
+                        bf16::from_f64(acc.to_f64() + x)
+                    })
+                    .to_f64();
+                let exact: f64 = xs.iter().sum();
+                let mag: f64 = xs.iter().map(|x| x.abs()).sum();
+                let native = tolerance(coll, DType::BF16, world, mag, Accumulation::ElementType);
+                assert!(
+                    (ring - exact).abs() <= native,
+                    "world {world}, element {i}: ring {ring} vs exact {exact}, tolerance {native}"
+                );
+                // An average as NCCL does it: every input scaled by 1/world in the type, then
+                // the same ring.
+                let scaled: Vec<f64> = xs
+                    .iter()
+                    .map(|&x| bf16::from_f64(x / world as f64).to_f64())
+                    .collect();
+                let avg_ring = scaled
+                    .iter()
+                    .skip(1)
+                    .fold(bf16::from_f64(scaled[0]), |acc, &x| {
+                        bf16::from_f64(acc.to_f64() + x)
+                    })
+                    .to_f64();
+                let avg = Collective::AllReduce(ReduceOp::Avg);
+                let avg_tol = tolerance(avg, DType::BF16, world, mag, Accumulation::ElementType);
+                assert!(
+                    (avg_ring - exact / world as f64).abs() <= avg_tol,
+                    "world {world}, element {i}: average {avg_ring} vs {}, tolerance {avg_tol}",
+                    exact / world as f64
+                );
+                let f32_tol = tolerance(coll, DType::BF16, world, mag, Accumulation::F32);
+                beyond_f32 += usize::from((ring - exact).abs() > f32_tol);
+            }
+            if world == 2 {
+                // One rounding: the same bound.
+                assert_eq!(beyond_f32, 0);
+            } else {
+                assert!(
+                    beyond_f32 > 0,
+                    "world {world}: no ring sum left the f32 bound"
+                );
+            }
+        }
+        assert_eq!(Accumulation::of(Impl::Regular).roundings(8), 7);
+        assert_eq!(Accumulation::of(Impl::Symmetric).roundings(8), 1);
     }
 }

@@ -151,7 +151,8 @@ fn compare_dim(
 
 /// The tolerance of one reduced element whose inputs have Σ|x| = `mag`.
 fn tolerance_for(case: &Case, world: usize, mag: f64) -> f64 {
-    reference::tolerance(case.coll, case.dtype, world, mag)
+    let acc = reference::Accumulation::of(case.imp);
+    reference::tolerance(case.coll, case.dtype, world, mag, acc)
 }
 
 /// Flat operations: every expected element is recomputed from the generator on the fly, in

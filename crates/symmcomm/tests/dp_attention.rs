@@ -11,7 +11,7 @@ use symmcomm::bench::Variant;
 use symmcomm::decode_sim::{self, DECODE_STEP_OP, ModelDims, SimSpec, StepConfig};
 use symmcomm::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
 use symmcomm::fill;
-use symmcomm::reference;
+use symmcomm::reference::{self, Accumulation};
 use symmcomm::{
     Collective, Communicator, DType, Error, Group, GroupKind, Impl, ReduceOp, run_rank_threads,
 };
@@ -120,8 +120,13 @@ fn check_step(
                 .collect();
             let sum: f64 = vals.iter().sum();
             let mag: f64 = vals.iter().map(|v| v.abs()).sum();
-            let tol =
-                reference::tolerance(Collective::ReduceScatter(ReduceOp::Sum), dtype, world, mag);
+            let tol = reference::tolerance(
+                Collective::ReduceScatter(ReduceOp::Sum),
+                dtype,
+                world,
+                mag,
+                Accumulation::of(imp),
+            );
             (i, sum, tol)
         })
         .collect();
@@ -277,6 +282,7 @@ fn graph_replays(b: TestBackend) {
                             DType::BF16,
                             world,
                             mag,
+                            Accumulation::of(Impl::Auto),
                         );
                         (i, vals.iter().sum(), tol)
                     })
