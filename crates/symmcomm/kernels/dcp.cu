@@ -358,38 +358,69 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
                     }
                 }
                 __syncthreads();
+                // DCP_UNROLL items per thread and round, shard by shard: the items' loads of one
+                // shard are in flight together (a round trip per shard, not per item and shard).
                 const unsigned int items = tn * vecs;
-                for (unsigned int it = threadIdx.x; it < items; it += blockDim.x) {
-                    const unsigned int tr = it / vecs;
-                    const unsigned int k = it - tr * vecs;
-                    const unsigned int row = t0 + tr;
-                    const unsigned int b = row / hl;
-                    const unsigned int hh = row - b * hl;
-                    const unsigned long long h = (unsigned long long)a.rank * hl + hh;
-                    float acc[8];
+                for (unsigned int it0 = threadIdx.x; it0 < items;
+                     it0 += blockDim.x * DCP_UNROLL) {
+                    float acc[DCP_UNROLL][8];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        acc[j] = 0.0f;
+                    for (int u = 0; u < DCP_UNROLL; ++u) {
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            acc[u][j] = 0.0f;
+                        }
                     }
+#pragma unroll 1
+                    for (unsigned int s = 0; s < a.world; ++s) {
+                        float w[DCP_UNROLL];
+                        float f[DCP_UNROLL][8];
 #pragma unroll
-                    for (unsigned int s = 0; s < SYMM_MAX_WORLD; ++s) {
-                        const float w = tile_w[tr][s];
-                        if (w != 0.0f) {
-                            const unsigned char* src =
-                                s == a.rank ? partial + ((unsigned long long)b * d.heads + h) * row_in
+                        for (int u = 0; u < DCP_UNROLL; ++u) {
+                            const unsigned int it = it0 + u * blockDim.x;
+                            w[u] = 0.0f;
+                            if (it < items) {
+                                const unsigned int tr = it / vecs;
+                                const unsigned int k = it - tr * vecs;
+                                w[u] = tile_w[tr][s];
+                                if (w[u] != 0.0f) {
+                                    const unsigned int row = t0 + tr;
+                                    const unsigned int b = row / hl;
+                                    const unsigned long long h =
+                                        (unsigned long long)a.rank * hl + (row - b * hl);
+                                    const unsigned char* src =
+                                        s == a.rank
+                                            ? partial + ((unsigned long long)b * d.heads + h) * row_in
                                             : ws_mine + slot0 + s * slot_stride + row * row_in;
-                            float f[8];
-                            dcp_load8<TIn>(src + k * 8ULL * TIn::ES, f);
+                                    dcp_load8<TIn>(src + k * 8ULL * TIn::ES, f[u]);
+                                }
+                            }
+                        }
 #pragma unroll
-                            for (int j = 0; j < 8; ++j) {
-                                acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+                        for (int u = 0; u < DCP_UNROLL; ++u) {
+                            if (w[u] != 0.0f) {
+#pragma unroll
+                                for (int j = 0; j < 8; ++j) {
+                                    acc[u][j] = __fadd_rn(acc[u][j], __fmul_rn(w[u], f[u][j]));
+                                }
                             }
                         }
                     }
-                    dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
-                                         ((unsigned long long)hh * d.batch + b) * row_out +
-                                         k * 8ULL * TOut::ES,
-                                     acc);
+#pragma unroll
+                    for (int u = 0; u < DCP_UNROLL; ++u) {
+                        const unsigned int it = it0 + u * blockDim.x;
+                        if (it < items) {
+                            const unsigned int tr = it / vecs;
+                            const unsigned int k = it - tr * vecs;
+                            const unsigned int row = t0 + tr;
+                            const unsigned int b = row / hl;
+                            const unsigned int hh = row - b * hl;
+                            dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
+                                                 ((unsigned long long)hh * d.batch + b) * row_out +
+                                                 k * 8ULL * TOut::ES,
+                                             acc[u]);
+                        }
+                    }
                 }
                 __syncthreads();
             }

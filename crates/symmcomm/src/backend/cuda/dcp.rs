@@ -86,13 +86,15 @@ impl DcpKernels {
     }
 
     /// Enqueue the fused combine with `symm` (the group's protocol: pads, state, deadline, and
-    /// the combine's workspace as every peer's `ws`) and `dcp` (pointers set by the caller).
+    /// the combine's workspace as every peer's `ws`) and `dcp` (pointers set by the caller),
+    /// with programmatic dependent launch when `pdl` (as our collectives are launched).
     pub(crate) fn fused(
         &self,
         shape: &DcpShape,
         symm: &mut SymmArgs,
         dcp: &mut DcpArgs,
         stream: sys::CUstream,
+        pdl: bool,
         ctx: &OpCtx,
     ) -> Result<()> {
         let f = self.function(true, shape, ctx)?;
@@ -104,8 +106,9 @@ impl DcpKernels {
         ];
         // SAFETY: `dcp_fused_*` takes a `SymmArgs` and a `DcpArgs` by value; the workspace, pads
         // and state belong to the group and the combine, which outlive the launch (graphs keep
-        // the buffers), and the group validated the shapes of every buffer.
-        unsafe { f.launch(grid, DCP_BLOCK_THREADS, 0, stream, &mut params, false, ctx) }
+        // the buffers), and the group validated the shapes of every buffer. The kernel waits on
+        // the grid dependency (symm_begin) before it touches memory, so PDL is safe.
+        unsafe { f.launch(grid, DCP_BLOCK_THREADS, 0, stream, &mut params, pdl, ctx) }
     }
 }
 

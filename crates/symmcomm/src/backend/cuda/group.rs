@@ -527,6 +527,7 @@ impl GroupBackend for CudaGroup {
             &mut symm,
             &mut dcp,
             self.dev.stream_raw() as cudarc::driver::sys::CUstream,
+            self.dev.own_kernels_pdl,
             ctx,
         )
     }
