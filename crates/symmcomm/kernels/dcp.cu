@@ -181,6 +181,90 @@ SYMM_DEVICE void dcp_correct(const DcpArgs& d) {
 #define DCP_ITEM_WEIGHT_ROWS 8
 #define DCP_TILE_ROWS 64
 
+// What the tile merge of the fused combine needs (see dcp_fused).
+struct DcpTile {
+    unsigned int t0, tn, units, hl, rank, heads, batch;
+    unsigned long long row_in, row_out;
+    const unsigned char* partial;
+    const unsigned char* ws_mine;
+    unsigned long long slot0, slot_stride;
+    unsigned char* out;
+};
+
+// Merge rows [t0, t0 + tn) of a tile whose weights are in tile_w, by 16-byte units of the
+// partial rows (E = 16 / TIn::ES elements): U items per thread and round, shards in groups of S.
+// All U x S loads of a group are issued before any is used, so a round costs one memory round
+// trip per group: ceil(world / S). Shards of weight 0 are not loaded.
+template <class TIn, class TOut, int S, int U>
+SYMM_DEVICE void dcp_merge_tile(const DcpTile& t, const float (*tile_w)[SYMM_MAX_WORLD],
+                                unsigned int shards) {
+    constexpr int E = 16 / TIn::ES;
+    const unsigned int items = t.tn * t.units;
+    for (unsigned int it0 = threadIdx.x; it0 < items; it0 += blockDim.x * U) {
+        float acc[U][E];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int j = 0; j < E; ++j) {
+                acc[u][j] = 0.0f;
+            }
+        }
+#pragma unroll 1
+        for (unsigned int s0 = 0; s0 < shards; s0 += S) {
+            float w[U][S];
+            uint4 raw[U][S];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const unsigned int it = it0 + u * blockDim.x;
+                const unsigned int tr = it / t.units;
+                const unsigned int k = it - tr * t.units;
+                const unsigned int row = t.t0 + tr;
+                const unsigned int b = row / t.hl;
+                const unsigned long long h = (unsigned long long)t.rank * t.hl + (row - b * t.hl);
+#pragma unroll
+                for (int q = 0; q < S; ++q) {
+                    const unsigned int s = s0 + q;
+                    w[u][q] = it < items && s < shards ? tile_w[tr][s] : 0.0f;
+                    if (w[u][q] != 0.0f) {
+                        const unsigned char* src =
+                            s == t.rank ? t.partial + ((unsigned long long)b * t.heads + h) * t.row_in
+                                        : t.ws_mine + t.slot0 + s * t.slot_stride + row * t.row_in;
+                        raw[u][q] = *reinterpret_cast<const uint4*>(src + k * 16ULL);
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+#pragma unroll
+                for (int q = 0; q < S; ++q) {
+                    if (w[u][q] != 0.0f) {
+                        float f[E];
+                        symm_unit_to_f32<TIn>(raw[u][q], f);
+#pragma unroll
+                        for (int j = 0; j < E; ++j) {
+                            acc[u][j] = __fadd_rn(acc[u][j], __fmul_rn(w[u][q], f[j]));
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const unsigned int it = it0 + u * blockDim.x;
+            if (it < items) {
+                const unsigned int tr = it / t.units;
+                const unsigned int k = it - tr * t.units;
+                const unsigned int row = t.t0 + tr;
+                const unsigned int b = row / t.hl;
+                const unsigned int hh = row - b * t.hl;
+                dcp_store<TOut, E>(t.out + ((unsigned long long)hh * t.batch + b) * t.row_out +
+                                       (unsigned long long)k * E * TOut::ES,
+                                   acc[u]);
+            }
+        }
+    }
+}
+
 template <class TIn, class TOut>
 SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
     __shared__ float tile_w[DCP_TILE_ROWS][SYMM_MAX_WORLD];
@@ -358,69 +442,23 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
                     }
                 }
                 __syncthreads();
-                // DCP_UNROLL items per thread and round, shard by shard: the items' loads of one
-                // shard are in flight together (a round trip per shard, not per item and shard).
-                const unsigned int items = tn * vecs;
-                for (unsigned int it0 = threadIdx.x; it0 < items;
-                     it0 += blockDim.x * DCP_UNROLL) {
-                    float acc[DCP_UNROLL][8];
-#pragma unroll
-                    for (int u = 0; u < DCP_UNROLL; ++u) {
-#pragma unroll
-                        for (int j = 0; j < 8; ++j) {
-                            acc[u][j] = 0.0f;
-                        }
-                    }
-#pragma unroll 1
-                    for (unsigned int s = 0; s < a.world; ++s) {
-                        float w[DCP_UNROLL];
-                        float f[DCP_UNROLL][8];
-#pragma unroll
-                        for (int u = 0; u < DCP_UNROLL; ++u) {
-                            const unsigned int it = it0 + u * blockDim.x;
-                            w[u] = 0.0f;
-                            if (it < items) {
-                                const unsigned int tr = it / vecs;
-                                const unsigned int k = it - tr * vecs;
-                                w[u] = tile_w[tr][s];
-                                if (w[u] != 0.0f) {
-                                    const unsigned int row = t0 + tr;
-                                    const unsigned int b = row / hl;
-                                    const unsigned long long h =
-                                        (unsigned long long)a.rank * hl + (row - b * hl);
-                                    const unsigned char* src =
-                                        s == a.rank
-                                            ? partial + ((unsigned long long)b * d.heads + h) * row_in
-                                            : ws_mine + slot0 + s * slot_stride + row * row_in;
-                                    dcp_load8<TIn>(src + k * 8ULL * TIn::ES, f[u]);
-                                }
-                            }
-                        }
-#pragma unroll
-                        for (int u = 0; u < DCP_UNROLL; ++u) {
-                            if (w[u] != 0.0f) {
-#pragma unroll
-                                for (int j = 0; j < 8; ++j) {
-                                    acc[u][j] = __fadd_rn(acc[u][j], __fmul_rn(w[u], f[u][j]));
-                                }
-                            }
-                        }
-                    }
-#pragma unroll
-                    for (int u = 0; u < DCP_UNROLL; ++u) {
-                        const unsigned int it = it0 + u * blockDim.x;
-                        if (it < items) {
-                            const unsigned int tr = it / vecs;
-                            const unsigned int k = it - tr * vecs;
-                            const unsigned int row = t0 + tr;
-                            const unsigned int b = row / hl;
-                            const unsigned int hh = row - b * hl;
-                            dcp_store8<TOut>(reinterpret_cast<unsigned char*>(d.out) +
-                                                 ((unsigned long long)hh * d.batch + b) * row_out +
-                                                 k * 8ULL * TOut::ES,
-                                             acc[u]);
-                        }
-                    }
+                const DcpTile t = {t0,     tn,      units,  hl,          a.rank,  d.heads,
+                                   d.batch, row_in, row_out, partial, ws_mine, slot0,
+                                   slot_stride, reinterpret_cast<unsigned char*>(d.out)};
+                // Loads in flight per thread: 4 (2 ranks: 2 items x 2 shards; 4 and 8 ranks: 1
+                // item x 4 shards; otherwise 4 items x 1 shard). More spill under the 128
+                // registers of 512-thread blocks.
+                switch (a.world) {
+                case 2:
+                    dcp_merge_tile<TIn, TOut, 2, 2>(t, tile_w, a.world);
+                    break;
+                case 4:
+                case 8:
+                    dcp_merge_tile<TIn, TOut, 4, 1>(t, tile_w, a.world);
+                    break;
+                default:
+                    dcp_merge_tile<TIn, TOut, 1, DCP_UNROLL>(t, tile_w, a.world);
+                    break;
                 }
                 __syncthreads();
             }
