@@ -257,6 +257,13 @@ pub(crate) fn meta(comm: &Communicator, command: String) -> Meta {
     if let Some(p) = &facts.nccl_path {
         extra.insert("nccl_path".into(), serde_json::json!(p));
     }
+    // Which GPUs of the host ran (a 2-GPU run on a larger machine says so).
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        extra.insert("cuda_visible_devices".into(), serde_json::json!(v));
+    }
+    if let Ok(v) = std::env::var("SYMMCOMM_MACHINE") {
+        extra.insert("machine".into(), serde_json::json!(v));
+    }
     Meta {
         gpu: facts.name,
         gpus: comm.world_size(),
