@@ -9,8 +9,8 @@
 //!   [`DpGatheredBuffer`]. Rank `r` holds `B − ⌊r·B / 2N⌋` tokens, so counts differ and
 //!   `M = B`.
 //! - `dcp` (TP = DCP = N): per layer the all-gather of `q` `[H/N, B, kv_lora + rope]` along
-//!   heads, the DCP combine after the partial attention (a [`DcpCombine`] of the `[B, H,
-//!   kv_lora]` bf16 partial outputs and `[B, H]` base-2 LSEs: all-gather of the LSEs →
+//!   heads, the DCP combine after the partial attention (a [`DcpCombine`] of the bf16 partial
+//!   outputs `[B, H, kv_lora]` and the base-2 f32 LSEs `[B, H]`: all-gather of the LSEs →
 //!   correction → reduce-scatter along heads, or the fused kernel under `auto`), and the two TP
 //!   all-reduces of `[B, hidden]`.
 //!
@@ -445,10 +445,11 @@ fn prepare(
             inputs.push(alloc(group, w, DType::BF16, &[hl, batch, m.q_dim()])?);
             inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
             inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
-            // One combine per layer, so that each layer's merged heads can be checked: about
-            // 2·B·H·D bf16 (partial and corrected) plus the merged heads, and with `auto` the
-            // fused kernel's workspace (as much again) in windows; for DeepSeek-V3 at B = 64,
-            // 17 MiB (33 MiB with the workspace) per layer on each rank.
+            // One combine per layer, so that each layer's merged heads can be checked: 2·B·H·D
+            // bf16 (partial and corrected outputs) plus the merged heads, and with `auto` the
+            // fused kernel's workspace (about B·H·D bf16 more, in windows). DeepSeek-V3 at
+            // B = 64, N = 8: 17 MiB per layer on each rank (33 MiB with the workspace), 1 GiB
+            // per step (2 GiB).
             let cspec = combine_spec(m, batch, variant.imp == Impl::Auto);
             for _ in 0..m.layers {
                 let q_all = alloc(group, w, DType::BF16, &[h, batch, m.q_dim()])?;
