@@ -1,6 +1,7 @@
 //! `symmcomm decode-sim` as a user runs it, on the host backend with the tiny preset: it prints
-//! the per-step table, and `--json` replaces the decode-step rows of an existing results file
-//! while keeping every other row and the file's provenance.
+//! the per-step table, every row (the `dcp` rows' DCP combines included) matches its reference,
+//! and `--json` replaces the decode-step rows of an existing results file while keeping every
+//! other row and the file's provenance.
 
 use std::process::Command;
 
@@ -42,7 +43,7 @@ fn decode_sim_merges_its_rows_into_a_results_file() {
             "--batch",
             "1,3",
             "--configs",
-            "tp,dp_attn",
+            "tp,dp_attn,dcp",
             "--json",
         ])
         .arg(&path)
@@ -68,15 +69,29 @@ fn decode_sim_merges_its_rows_into_a_results_file() {
     let rows = new["rows"].as_array().unwrap();
     assert_eq!(rows[0]["op"], "all_reduce", "other rows kept");
     let steps: Vec<_> = rows.iter().filter(|r| r["op"] == "decode_step").collect();
-    // 2 configs × 2 batches × 3 implementations; the old row is gone.
-    assert_eq!(steps.len(), 12, "{steps:?}");
-    for r in steps {
+    // 3 configs × 2 batches × 3 implementations; the old row is gone.
+    assert_eq!(steps.len(), 18, "{steps:?}");
+    for r in &steps {
         assert_eq!(r["ok"], true, "{r}");
         assert_ne!(r["bytes"], 999);
         assert!(
-            matches!(r["config"].as_str(), Some("tp" | "dp_attn")),
+            matches!(r["config"].as_str(), Some("tp" | "dp_attn" | "dcp")),
             "{r}"
         );
         assert_eq!(r["mode"], "graph");
     }
+    // The auto dcp rows say which combine ran: the fused one, on thread ranks.
+    let dcp_auto: Vec<_> = steps
+        .iter()
+        .filter(|r| r["config"] == "dcp" && r["impl"] == "auto")
+        .collect();
+    assert_eq!(dcp_auto.len(), 2, "{dcp_auto:?}");
+    for r in dcp_auto {
+        let ran = r["ran"].as_str().unwrap_or_default();
+        assert!(
+            ran.split(' ').any(|op| op == "dcp_combine:host_fused"),
+            "{r}"
+        );
+    }
+    assert!(stdout.contains("dcp_combine:host_fused"), "{stdout}");
 }

@@ -19,6 +19,7 @@ use crate::verify::{self, Case};
 pub use crate::dispatch::Mode;
 
 mod dcp;
+pub(crate) use dcp::count_wrong as dcp_count_wrong;
 pub use dcp::{DcpBenchSpec, dcp_table, measure_dcp_point, run_dcp};
 
 /// An implementation and where its buffers live: `nccl` on plain memory, the others on

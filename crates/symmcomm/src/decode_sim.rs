@@ -9,15 +9,18 @@
 //!   [`DpGatheredBuffer`]. Rank `r` holds `B − ⌊r·B / 2N⌋` tokens, so counts differ and
 //!   `M = B`.
 //! - `dcp` (TP = DCP = N): per layer the all-gather of `q` `[H/N, B, kv_lora + rope]` along
-//!   heads, the combine after the partial attention ([`dcp_combine`]: all-gather of the
-//!   `[B, H]` fp32 LSEs, reduce-scatter of the `[H, B, kv_lora]` fp32 partial outputs along
-//!   heads), and the two TP all-reduces of `[B, hidden]`.
+//!   heads, the DCP combine after the partial attention (a [`DcpCombine`] of the bf16 partial
+//!   outputs `[B, H, kv_lora]` and the base-2 f32 LSEs `[B, H]`: all-gather of the LSEs →
+//!   correction → reduce-scatter along heads, or the fused kernel under `auto`), and the two TP
+//!   all-reduces of `[B, hidden]`.
 //!
 //! `B` is the batch every rank's attention holds (in `dp_attn`, the largest rank's). Each layer
-//! writes its own outputs, so after a replay every collective of the step can be checked
-//! against the f64 reference; the inputs are fresh random values before the first and the last
-//! replay, and both are checked. Compute is left out, except for an optional stand-in kernel
-//! that spins for a set time before each collective.
+//! writes its own outputs (in `dcp`, each layer has its own combine), so after a replay every
+//! collective of the step can be checked: the collectives against the f64 reference of
+//! [`verify`], the combines against [`merge_reference`] of the partial outputs and LSEs
+//! uploaded (with empty shards and a padding row). The inputs are fresh random values before
+//! the first and the last replay, and both are checked. Compute is left out, except for an
+//! optional stand-in kernel that spins for a set time before each collective.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -25,10 +28,12 @@ use std::fmt::Write as _;
 use crate::backend::{BackendKind, Collective, Impl};
 use crate::bench::{self, Mode, Results, Row, Variant};
 use crate::comm::{Communicator, Graph};
+use crate::dcp::{CombineImpl, CombineRun, CombineSpec, DcpCombine, merge_reference};
 use crate::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};
-use crate::group::{Dispatched, Group};
+use crate::fill::splitmix64;
+use crate::group::Group;
 use crate::tensor::Tensor;
 use crate::verify::{self, Case};
 
@@ -173,30 +178,6 @@ impl SimSpec {
     }
 }
 
-/// DCP's combine after the partial attention, in its plain form: all-gather every rank's LSEs
-/// (`lse_local [B, H]` into `lse_all [N, B, H]`), then reduce-scatter the partial outputs along
-/// heads (`out_partial [H, B, D]` into this rank's `out_mine [H/N, B, D]`). The LSE correction
-/// between the two is compute, which the simulation leaves out. Kept as one function so the
-/// DCP module's combine (`cp_lse_ag_out_rs`, or its fused kernel) can take its place.
-pub fn dcp_combine(
-    group: &Group,
-    lse_local: &Tensor,
-    lse_all: &Tensor,
-    out_partial: &Tensor,
-    out_mine: &Tensor,
-    imp: Impl,
-) -> Result<Vec<Dispatched>> {
-    let lse = group.collective(Collective::AllGather, lse_local, lse_all, None, imp)?;
-    let rs = group.collective(
-        Collective::ReduceScatter(ReduceOp::Sum),
-        out_partial,
-        out_mine,
-        None,
-        imp,
-    )?;
-    Ok(vec![lse, rs])
-}
-
 /// A collective's output and the input whose every-rank values it must reduce or gather.
 struct Output {
     tensor: Tensor,
@@ -215,8 +196,9 @@ enum Layer {
     },
     Dcp {
         q_all: Tensor,
-        lse_all: Tensor,
-        o_mine: Tensor,
+        /// This layer's combine: its own partial inputs and merged output (boxed: it is several
+        /// times the other variants' size).
+        combine: Box<DcpCombine>,
         attn_out: Tensor,
         moe_out: Tensor,
     },
@@ -225,9 +207,14 @@ enum Layer {
 /// One implementation's step at one (config, batch): buffers, graph, samples.
 struct Prepared {
     variant: Variant,
-    /// Filled with fresh values before each checked replay.
+    batch: usize,
+    /// How the `dcp` layers' combines run (`None` in the other configurations).
+    combine_imp: Option<CombineImpl>,
+    /// Filled with fresh values before each checked replay (the combines' inputs are filled
+    /// separately).
     inputs: Vec<Tensor>,
-    /// Poisoned before each checked replay and compared after it.
+    /// Poisoned before each checked replay and compared after it (the combines' outputs are
+    /// poisoned and compared separately).
     outputs: Vec<Output>,
     layers: Vec<Layer>,
     dp_step: Option<DpStep>,
@@ -239,8 +226,58 @@ struct Prepared {
     wrong: usize,
 }
 
+impl Prepared {
+    /// The `dcp` layers' combines, in layer order (none in the other configurations).
+    fn combines(&self) -> impl Iterator<Item = &DcpCombine> {
+        self.layers.iter().filter_map(|l| match l {
+            Layer::Dcp { combine, .. } => Some(combine.as_ref()),
+            _ => None,
+        })
+    }
+}
+
+/// The shape of every `dcp` layer's combine: all `H` gathered heads of `kv_lora_rank` values,
+/// bf16 partial outputs and merged heads, base-2 f32 LSEs (DeepSeek-V3's MLA decode, as the
+/// DCP benchmark runs it); the fused kernel's workspace only where it may run (`auto`).
+fn combine_spec(m: &ModelDims, batch: usize, fused: bool) -> CombineSpec {
+    CombineSpec {
+        heads: m.heads,
+        dim: m.kv_lora_rank,
+        fused,
+        ..CombineSpec::deepseek_v3(batch)
+    }
+}
+
+/// The combine an implementation of the step runs: `auto` takes the fused kernel where it can
+/// run and the sequence with `auto` collectives otherwise; every other implementation runs the
+/// sequence with its own collectives (`nccl`: `Regular`, `nccl_symm`: `Symmetric`).
+fn combine_impl(imp: Impl, combine: &DcpCombine) -> CombineImpl {
+    match imp {
+        Impl::Auto if combine.unavailable(CombineImpl::Fused).is_none() => CombineImpl::Fused,
+        i => CombineImpl::Sequence(i),
+    }
+}
+
+/// What a combine ran, for the row's `ran` text: `fused` (`host_fused`), or the sequence and
+/// the implementations of its all-gather and reduce-scatter: `sequence(oneshot,nccl)`.
+fn combine_ran(run: &CombineRun, imp: CombineImpl) -> String {
+    match imp {
+        CombineImpl::Fused => run.name.clone(),
+        CombineImpl::Sequence(_) => format!(
+            "sequence({})",
+            run.collectives
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
 /// The collectives of one layer: (collective, dtype, elements of the input, elements of the
-/// output).
+/// output). For `dcp`, the combine counts as its sequence's all-gather of the f32 LSEs and
+/// reduce-scatter of the corrected `[H, B, D]` outputs; the fused kernel moves the same partial
+/// rows (every peer's heads) and LSEs, once.
 fn layer_traffic(
     config: StepConfig,
     m: &ModelDims,
@@ -259,6 +296,7 @@ fn layer_traffic(
         ],
         StepConfig::Dcp => {
             let hl = m.heads / world;
+            let corrected = combine_spec(m, batch, false).out_dtype;
             vec![
                 (
                     ag,
@@ -269,7 +307,7 @@ fn layer_traffic(
                 (ag, DType::F32, batch * m.heads, world * batch * m.heads),
                 (
                     rs,
-                    DType::F32,
+                    corrected,
                     m.heads * batch * m.kv_lora_rank,
                     hl * batch * m.kv_lora_rank,
                 ),
@@ -286,6 +324,10 @@ pub fn unsupported(config: StepConfig, model: &ModelDims, world: usize) -> Optio
         StepConfig::Dcp if !model.heads.is_multiple_of(world) => Some(format!(
             "dcp splits {} heads over {world} ranks: not divisible",
             model.heads
+        )),
+        StepConfig::Dcp if !model.kv_lora_rank.is_multiple_of(8) => Some(format!(
+            "the DCP combine moves 8-element vectors: kv_lora_rank {} is not a multiple of 8",
+            model.kv_lora_rank
         )),
         _ => None,
     }
@@ -331,6 +373,7 @@ fn prepare(
     let mut outputs = Vec::new();
     let mut layers = Vec::with_capacity(m.layers);
     let mut dp_step = None;
+    let mut combine_imp = None;
     let ar = Collective::AllReduce(ReduceOp::Sum);
     match config {
         StepConfig::Tp => {
@@ -398,24 +441,37 @@ fn prepare(
             dp_step = Some(step);
         }
         StepConfig::Dcp => {
-            let (h, hl, d) = (m.heads, m.heads / world, m.kv_lora_rank);
+            let (h, hl) = (m.heads, m.heads / world);
             inputs.push(alloc(group, w, DType::BF16, &[hl, batch, m.q_dim()])?);
-            inputs.push(alloc(group, w, DType::F32, &[batch, h])?);
-            inputs.push(alloc(group, w, DType::F32, &[h, batch, d])?);
             inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
             inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+            // One combine per layer, so that each layer's merged heads can be checked: 2·B·H·D
+            // bf16 (partial and corrected outputs) plus the merged heads, and with `auto` the
+            // fused kernel's workspace (about B·H·D bf16 more, in windows). DeepSeek-V3 at
+            // B = 64, N = 8: 17 MiB per layer on each rank (33 MiB with the workspace), 1 GiB
+            // per step (2 GiB).
+            let cspec = combine_spec(m, batch, variant.imp == Impl::Auto);
             for _ in 0..m.layers {
                 let q_all = alloc(group, w, DType::BF16, &[h, batch, m.q_dim()])?;
-                let lse_all = alloc(group, w, DType::F32, &[world, batch, h])?;
-                let o_mine = alloc(group, w, DType::F32, &[hl, batch, d])?;
+                let combine = Box::new(DcpCombine::new(group, cspec, !w)?);
+                let imp = *combine_imp.get_or_insert_with(|| combine_impl(variant.imp, &combine));
+                if let Some(why) = combine.unavailable(imp) {
+                    return Err(Error::ImplUnavailable {
+                        ctx: group.ctx(Op::DcpCombine, combine.partial_bytes(batch)),
+                        implementation: format!(
+                            "{} (dcp_combine {})",
+                            variant.name(backend),
+                            imp.name(backend)
+                        ),
+                        why,
+                    });
+                }
                 let attn_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
                 let moe_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
                 for (t, coll, input) in [
                     (&q_all, Collective::AllGather, 0),
-                    (&lse_all, Collective::AllGather, 1),
-                    (&o_mine, Collective::ReduceScatter(ReduceOp::Sum), 2),
-                    (&attn_out, ar, 3),
-                    (&moe_out, ar, 4),
+                    (&attn_out, ar, 1),
+                    (&moe_out, ar, 2),
                 ] {
                     outputs.push(Output {
                         tensor: t.clone(),
@@ -425,8 +481,7 @@ fn prepare(
                 }
                 layers.push(Layer::Dcp {
                     q_all,
-                    lse_all,
-                    o_mine,
+                    combine,
                     attn_out,
                     moe_out,
                 });
@@ -439,6 +494,8 @@ fn prepare(
     };
     Ok(Prepared {
         variant,
+        batch,
+        combine_imp,
         inputs,
         outputs,
         layers,
@@ -454,7 +511,8 @@ fn prepare(
 /// Enqueue the collectives of one step (every layer) for `p`.
 fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
     let imp = p.variant.imp;
-    let mut ran: Vec<(&'static str, Dispatched)> = Vec::new();
+    // (op, the implementation that ran it)
+    let mut ran: Vec<(&'static str, String)> = Vec::new();
     let compute = |spin: &Option<Tensor>| -> Result<()> {
         match (spin, spec.compute_us) {
             (Some(t), Some(us)) => {
@@ -469,10 +527,10 @@ fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
             Layer::Tp { attn_out, moe_out } => {
                 compute(&p.spin)?;
                 let d = group.collective(ar, &p.inputs[0], attn_out, None, imp)?;
-                ran.push(("all_reduce", d));
+                ran.push(("all_reduce", d.name));
                 compute(&p.spin)?;
                 let d = group.collective(ar, &p.inputs[1], moe_out, None, imp)?;
-                ran.push(("all_reduce", d));
+                ran.push(("all_reduce", d.name));
             }
             Layer::DpAttn { buf } => {
                 let step = p.dp_step.as_ref().expect("dp_attn layers have a step");
@@ -482,39 +540,37 @@ fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
                 };
                 compute(&p.spin)?;
                 if let Some(d) = buf.gather(step, imp)?.ran {
-                    ran.push((gather_op, d));
+                    ran.push((gather_op, d.name));
                 }
                 compute(&p.spin)?;
                 if let Some(d) = buf.scatter_from(step, &p.inputs[0], imp)?.ran {
-                    ran.push((scatter_op, d));
+                    ran.push((scatter_op, d.name));
                 }
             }
             Layer::Dcp {
                 q_all,
-                lse_all,
-                o_mine,
+                combine,
                 attn_out,
                 moe_out,
             } => {
+                let combine_imp = p.combine_imp.expect("dcp layers have a combine");
                 compute(&p.spin)?;
                 let d = group.collective(Collective::AllGather, &p.inputs[0], q_all, None, imp)?;
-                ran.push(("all_gather", d));
+                ran.push(("all_gather", d.name));
                 compute(&p.spin)?;
-                let ds = dcp_combine(group, &p.inputs[1], lse_all, &p.inputs[2], o_mine, imp)?;
-                for (op, d) in ["all_gather", "reduce_scatter"].into_iter().zip(ds) {
-                    ran.push((op, d));
-                }
+                let run = combine.run(p.batch, combine_imp)?;
+                ran.push(("dcp_combine", combine_ran(&run, combine_imp)));
                 compute(&p.spin)?;
-                let d = group.collective(ar, &p.inputs[3], attn_out, None, imp)?;
-                ran.push(("all_reduce", d));
+                let d = group.collective(ar, &p.inputs[1], attn_out, None, imp)?;
+                ran.push(("all_reduce", d.name));
                 compute(&p.spin)?;
-                let d = group.collective(ar, &p.inputs[4], moe_out, None, imp)?;
-                ran.push(("all_reduce", d));
+                let d = group.collective(ar, &p.inputs[2], moe_out, None, imp)?;
+                ran.push(("all_reduce", d.name));
             }
         }
     }
-    for (op, d) in ran {
-        p.ran.entry(op).or_default().insert(d.name);
+    for (op, name) in ran {
+        p.ran.entry(op).or_default().insert(name);
     }
     Ok(())
 }
@@ -525,17 +581,131 @@ fn seed_for(spec: &SimSpec, config: StepConfig, batch: usize, check: u64, input:
     )
 }
 
-/// Fill fresh inputs, poison every output, replay once, compare every output with the f64
-/// reference. Returns the elements wrong on this rank.
-fn checked_replay(
+/// The `input` index of the combines' inputs in [`seed_for`].
+const COMBINE_INPUTS: usize = 0xDC9;
+
+/// A uniform value in `[0, 1)` at `index` of stream `stream` of `seed`: every rank computes any
+/// rank's value of any element, without materialising the rest.
+fn uniform(seed: u64, stream: u64, index: usize) -> f64 {
+    let bits = splitmix64(splitmix64(seed ^ stream) ^ index as u64);
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Whether rank `r`'s KV shard holds nothing for token `b` and head `h` in the combines'
+/// inputs: the last token of batches of 3 or more is a padding row (every shard empty), and
+/// one (token, head, rank) in five elsewhere is a sequence shorter than the ranks.
+fn empty_shard(batch: usize, b: usize, h: usize, r: usize) -> bool {
+    (batch >= 3 && b == batch - 1) || (b * 7 + h * 3 + r).is_multiple_of(5)
+}
+
+/// `x` as stored in `dtype` and read back.
+fn round_to(dtype: DType, x: f64) -> f64 {
+    let mut b = [0u8; 8];
+    dtype.write_f64(&mut b, 0, x);
+    dtype.read_f64(&b, 0)
+}
+
+/// What one checked replay feeds the `dcp` layers' combines, as the reference reads it.
+struct CombineInputs {
+    /// This rank's `[B, H, D]` partial output, as uploaded into every layer's combine.
+    partial_bytes: Vec<u8>,
+    /// Every rank's partial output as f64 (the same in every layer). Of other ranks only this
+    /// rank's heads are filled: they are all its merge reads.
+    partial: Vec<Vec<f64>>,
+    /// Per layer, every rank's `[B, H]` LSE as uploaded (f32 values).
+    lse: Vec<Vec<Vec<f64>>>,
+}
+
+impl CombineInputs {
+    /// Fresh inputs from `seed`: partial outputs in `[−1, 1)`, LSEs in `[−4, 12)` different in
+    /// every layer; an empty shard has NaN outputs and a NaN, +inf or −inf LSE, as attention
+    /// kernels write them.
+    fn new(spec: &CombineSpec, layers: usize, batch: usize, group: &Group, seed: u64) -> Self {
+        let (world, rank) = (group.size(), group.rank());
+        let (h, d, hl) = (spec.heads, spec.dim, spec.heads / world);
+        let partial_value = |r: usize, i: usize| {
+            let (b, head) = (i / (h * d), i / d % h);
+            if empty_shard(batch, b, head, r) {
+                f64::NAN
+            } else {
+                2.0 * uniform(seed, r as u64, i) - 1.0
+            }
+        };
+        let n = batch * h * d;
+        let dtype = spec.partial_dtype;
+        let mut partial_bytes = vec![0u8; n * dtype.size()];
+        for i in 0..n {
+            dtype.write_f64(&mut partial_bytes, i, partial_value(rank, i));
+        }
+        let partial = (0..world)
+            .map(|r| {
+                if r == rank {
+                    return (0..n).map(|i| dtype.read_f64(&partial_bytes, i)).collect();
+                }
+                let mut o = vec![0.0; n];
+                for b in 0..batch {
+                    let mine = (b * h + rank * hl) * d..(b * h + (rank + 1) * hl) * d;
+                    for i in mine {
+                        o[i] = round_to(dtype, partial_value(r, i));
+                    }
+                }
+                o
+            })
+            .collect();
+        let lse = (0..layers)
+            .map(|layer| {
+                (0..world)
+                    .map(|r| {
+                        let stream = ((layer as u64 + 1) << 32) | r as u64;
+                        (0..batch * h)
+                            .map(|i| {
+                                let (b, head) = (i / h, i % h);
+                                if empty_shard(batch, b, head, r) {
+                                    [f64::NAN, f64::INFINITY, f64::NEG_INFINITY][(b + head + r) % 3]
+                                } else {
+                                    round_to(DType::F32, -4.0 + 16.0 * uniform(seed, stream, i))
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        CombineInputs {
+            partial_bytes,
+            partial,
+            lse,
+        }
+    }
+
+    /// Layer `layer`'s LSE of this rank, as f32 bytes.
+    fn lse_bytes(&self, layer: usize, rank: usize) -> Vec<u8> {
+        let lse = &self.lse[layer][rank];
+        let mut bytes = vec![0u8; lse.len() * 4];
+        for (i, &x) in lse.iter().enumerate() {
+            DType::F32.write_f64(&mut bytes, i, x);
+        }
+        bytes
+    }
+}
+
+/// What a checked replay put in and what it compares against.
+struct CheckedInputs {
+    /// Seeds of `Prepared::inputs`.
+    seeds: Vec<u64>,
+    /// The combines' inputs, in `dcp`.
+    combine: Option<CombineInputs>,
+}
+
+/// Fill fresh inputs (the combines' too), poison every output (the combines' too).
+fn fill_and_poison(
     group: &Group,
     spec: &SimSpec,
     config: StepConfig,
     batch: usize,
     check: u64,
     p: &Prepared,
-) -> Result<usize> {
-    let graph = p.graph.as_ref().expect("captured before checking");
+) -> Result<CheckedInputs> {
     let seeds: Vec<u64> = (0..p.inputs.len())
         .map(|i| seed_for(spec, config, batch, check, i))
         .collect();
@@ -545,7 +715,32 @@ fn checked_replay(
     for o in &p.outputs {
         group.poison(&o.tensor)?;
     }
-    graph.replay()?;
+    let mut combine = None;
+    for (layer, c) in p.combines().enumerate() {
+        let inputs = combine.get_or_insert_with(|| {
+            let seed = seed_for(spec, config, batch, check, COMBINE_INPUTS);
+            CombineInputs::new(c.spec(), spec.model.layers, batch, group, seed)
+        });
+        group.upload_bytes(&c.partial_out(batch)?, &inputs.partial_bytes)?;
+        group.upload_bytes(
+            &c.partial_lse(batch)?,
+            &inputs.lse_bytes(layer, group.rank()),
+        )?;
+        group.poison(&c.output(batch)?)?;
+    }
+    Ok(CheckedInputs { seeds, combine })
+}
+
+/// Compare every output with its f64 reference after a replay on `inputs`: the collectives'
+/// with [`verify::compare`], the combines' with [`merge_reference`]. Returns the elements wrong
+/// on this rank.
+fn count_wrong(
+    group: &Group,
+    config: StepConfig,
+    batch: usize,
+    p: &Prepared,
+    inputs: &CheckedInputs,
+) -> Result<usize> {
     let mut wrong = 0;
     for (k, o) in p.outputs.iter().enumerate() {
         let input = &p.inputs[o.input];
@@ -557,7 +752,7 @@ fn checked_replay(
             imp: p.variant.imp,
             input_symm: p.variant.windows,
             output_symm: p.variant.windows,
-            seed: seeds[o.input],
+            seed: inputs.seeds[o.input],
         };
         let got = group.download_bytes(&o.tensor)?;
         if let Err(m) = verify::compare(&case, group.size(), group.rank(), 0, &got) {
@@ -577,7 +772,50 @@ fn checked_replay(
             wrong += m.wrong;
         }
     }
+    for (layer, c) in p.combines().enumerate() {
+        let ci = inputs.combine.as_ref().expect("filled for every combine");
+        let cs = c.spec();
+        let want = merge_reference(
+            &ci.partial,
+            &ci.lse[layer],
+            batch,
+            cs.heads,
+            cs.dim,
+            group.rank(),
+            cs.base,
+        );
+        let got = group.download_bytes(&c.output(batch)?)?;
+        let bad = bench::dcp_count_wrong(&got, &want.out, cs.out_dtype, group.size());
+        if bad > 0 {
+            tracing::warn!(
+                config = config.name(),
+                batch,
+                layer,
+                op = "dcp_combine",
+                rank = group.rank(),
+                "wrong result: {bad} of {} merged elements",
+                want.out.len()
+            );
+            wrong += bad;
+        }
+    }
     Ok(wrong)
+}
+
+/// Fill fresh inputs, poison every output, replay once, compare every output with the f64
+/// reference. Returns the elements wrong on this rank.
+fn checked_replay(
+    group: &Group,
+    spec: &SimSpec,
+    config: StepConfig,
+    batch: usize,
+    check: u64,
+    p: &Prepared,
+) -> Result<usize> {
+    let graph = p.graph.as_ref().expect("captured before checking");
+    let inputs = fill_and_poison(group, spec, config, batch, check, p)?;
+    graph.replay()?;
+    count_wrong(group, config, batch, p, &inputs)
 }
 
 /// Measure every implementation of `spec` at one (config, batch) on every rank of `group`
@@ -782,18 +1020,100 @@ mod tests {
 
     #[test]
     fn deepseek_shapes_match_the_research_notes() {
-        // §6.1 at B = 32, N = 8: the q all-gather receives 4.7 MB, the fp32 reduce-scatter
-        // sends 8.4 MB, the all-reduce is 0.46 MB.
+        // §6.1 at B = 32, N = 8: the q all-gather receives 4.7 MB, the all-reduce is 0.46 MB;
+        // the combine's reduce-scatter sends the corrected outputs in bf16 (the combine's
+        // output type), 4.2 MB, half of the notes' fp32 8.4 MB.
         let m = ModelDims::deepseek_v3();
         assert_eq!(m.q_dim(), 576);
         let t = layer_traffic(StepConfig::Dcp, &m, 32, 8);
         let bytes = |k: usize| t[k].3.max(t[k].2) * t[k].1.size();
         assert_eq!(bytes(0), 147_456 * 32);
-        assert_eq!(bytes(2), 262_144 * 32);
+        assert_eq!(bytes(1), 128 * 4 * 8 * 32);
+        assert_eq!(bytes(2), 131_072 * 32);
         assert_eq!(bytes(3), 14_336 * 32);
+        // The combine's spec follows the model: every gathered head, D = kv_lora_rank.
+        let cs = combine_spec(&m, 32, true);
+        assert_eq!(cs, CombineSpec::deepseek_v3(32));
+        assert_eq!(t[2].1, cs.out_dtype);
         // §6.2: the gathered buffer receives 114,688·M bytes per rank at N = 8.
         let t = layer_traffic(StepConfig::DpAttn, &m, 256, 8);
         assert_eq!(t[0].3 * 2, 114_688 * 256);
+    }
+
+    /// On the host backend (2 thread ranks, the tiny model, `dcp` at B = 5) for each
+    /// implementation: a replay of the captured step is right; the check without a replay
+    /// counts every element of every output, the combines' merged heads included; and one merged
+    /// value changed after a right replay is caught by the merge reference.
+    #[test]
+    fn dcp_checks_catch_unwritten_and_wrong_combine_outputs() {
+        use crate::comm::{BackendChoice, CommConfig, TableSource};
+        let cfg = CommConfig {
+            backend: BackendChoice::Host,
+            timeout: std::time::Duration::from_secs(30),
+            table: TableSource::None,
+            ..CommConfig::default()
+        };
+        let (config, batch) = (StepConfig::Dcp, 5);
+        let results = crate::run_rank_threads(2, &cfg, |comm| {
+            let g = comm.world();
+            let spec = SimSpec::new(ModelDims::tiny(), Vec::new());
+            let mut seen = Vec::new();
+            for name in ["host", "host_symm", "auto"] {
+                let variant = Variant::parse(name).expect("a variant name");
+                let mut p = prepare(comm.backend(), g, &spec, config, batch, variant)?;
+                enqueue_step(g, &spec, &mut p)?;
+                comm.synchronize()?;
+                let (graph, ()) = comm.capture(|| enqueue_step(g, &spec, &mut p))?;
+                p.graph = Some(graph);
+                let right = checked_replay(g, &spec, config, batch, 0, &p)?;
+
+                let inputs = fill_and_poison(g, &spec, config, batch, 1, &p)?;
+                comm.synchronize()?;
+                let unwritten = count_wrong(g, config, batch, &p, &inputs)?;
+                let collective_elements: usize = p.outputs.iter().map(|o| o.tensor.numel()).sum();
+                let merged_elements = p.combines().count() * (8 / 2) * batch * 32;
+
+                // A right replay, then the first merged value of layer 1 (token 0, which has
+                // tokens on some shard) moved by 0.5.
+                p.graph.as_ref().expect("captured").replay()?;
+                comm.synchronize()?;
+                let out = p.combines().nth(1).expect("3 layers").output(batch)?;
+                let mut bytes = g.download_bytes(&out)?;
+                let x = out.dtype().read_f64(&bytes, 0);
+                out.dtype().write_f64(&mut bytes, 0, x + 0.5);
+                g.upload_bytes(&out, &bytes)?;
+                let one = count_wrong(g, config, batch, &p, &inputs)?;
+                seen.push((
+                    name,
+                    p.combine_imp,
+                    p.ran.get("dcp_combine").cloned(),
+                    right,
+                    unwritten,
+                    collective_elements + merged_elements,
+                    one,
+                ));
+            }
+            g.barrier()?;
+            Ok(seen)
+        });
+        for r in results {
+            let seen = r.expect("every rank runs");
+            for (name, imp, ran, right, unwritten, elements, one) in seen {
+                assert_eq!(right, 0, "{name}");
+                assert_eq!(unwritten, elements, "{name}: every poisoned element counts");
+                assert_eq!(one, 1, "{name}: one wrong merged value");
+                let (want_imp, want_ran) = match name {
+                    "host" => (CombineImpl::Sequence(Impl::Regular), "sequence(host,host)"),
+                    "host_symm" => (
+                        CombineImpl::Sequence(Impl::Symmetric),
+                        "sequence(host_symm,host_symm)",
+                    ),
+                    _ => (CombineImpl::Fused, "host_fused"),
+                };
+                assert_eq!(imp, Some(want_imp), "{name}");
+                assert_eq!(ran, Some(BTreeSet::from([want_ran.to_string()])), "{name}");
+            }
+        }
     }
 
     #[test]

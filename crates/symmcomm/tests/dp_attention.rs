@@ -389,8 +389,9 @@ fn agreement_and_capacity(b: TestBackend) {
 }
 
 /// `decode-sim` on the tiny preset: every (config, batch, implementation) gives a row, and
-/// every row's outputs match the reference. World 3 cannot split the tiny model's 8 heads, so
-/// its dcp rows are skipped.
+/// every row's outputs match the reference, the DCP combine of every `dcp` layer included
+/// (checked against the f64 merge; `auto` runs the fused combine where it can). World 3
+/// cannot split the tiny model's 8 heads, so its dcp rows are skipped.
 fn decode_sim_tiny(b: TestBackend) {
     let seed = common::seed();
     for world in [2, 3] {
@@ -425,6 +426,17 @@ fn decode_sim_tiny(b: TestBackend) {
                 let c = StepConfig::parse(row.config.as_deref().unwrap()).unwrap();
                 assert!(world == 2 || c != StepConfig::Dcp);
                 assert_eq!(row.ran.is_some(), row.implementation == "auto");
+                if let Some(ran) = &row.ran {
+                    // What the auto rows ran names the combine exactly where dcp runs it.
+                    let combine = ran
+                        .split(' ')
+                        .find_map(|op| op.strip_prefix("dcp_combine:"));
+                    assert_eq!(combine.is_some(), c == StepConfig::Dcp, "{row:?}");
+                    if let (Some(combine), TestBackend::Host) = (combine, b) {
+                        // Thread ranks run the fused combine.
+                        assert_eq!(combine, "host_fused", "{row:?}");
+                    }
+                }
             }
         }
         assert_eq!(rows[0], rows[1], "every rank reports the same rows");

@@ -95,7 +95,7 @@ fn inputs(spec: &DcpBenchSpec, batch: usize, world: usize) -> (Vec<Vec<f64>>, Ve
 
 /// Elements of `got` (merged output, `dtype`) that differ from `want` beyond the tolerance of
 /// a bf16 / f32 merge over `world` ranks.
-fn count_wrong(got: &[u8], want: &[f64], dtype: DType, world: usize) -> usize {
+pub(crate) fn count_wrong(got: &[u8], want: &[f64], dtype: DType, world: usize) -> usize {
     let eps = match dtype {
         DType::BF16 => 2f64.powi(-8),
         _ => 2e-6,
