@@ -87,7 +87,34 @@ def grouped_table(rows, op, key, key_name, out, title):
     out.append("")
 
 
-def bars(rows, out):
+def decode_steps(rows, out):
+    """Per (config, B): the three implementations, what auto ran, auto/nccl and the saving."""
+    steps = defaultdict(dict)
+    for r in rows:
+        if r["op"] == "decode_step" and r["mode"] == "graph":
+            steps[(r.get("config", ""), r["bytes"])][r["impl"]] = r
+    if not steps:
+        return
+    out.append("**decode_step, graph** (µs of communication per step; saving = nccl − auto)\n")
+    out.append("| config | B | nccl | nccl_symm | auto | auto ran | auto/nccl | saving µs | saving % | ok |")
+    out.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---|")
+    met = 0
+    order = {"tp": 0, "dp_attn": 1, "dcp": 2}
+    for (config, b), p in sorted(steps.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        us = {i: p[i]["us"] for i in p}
+        if "auto" not in us or "nccl" not in us:
+            continue
+        ratio = us["auto"] / us["nccl"]
+        met += ratio <= 0.6
+        save = us["nccl"] - us["auto"]
+        ok = "yes" if all(r["ok"] for r in p.values()) else "**NO**"
+        out.append(f"| {config} | {b} | {us['nccl']:.1f} | {fmt(us.get('nccl_symm'))} | "
+                   f"{us['auto']:.1f} | {p['auto'].get('ran', '')} | {ratio:.3f} | {save:.1f} | "
+                   f"{100 * save / us['nccl']:.1f}% | {ok} |")
+    out.append(f"\nauto ≤ 0.6 × nccl at {met} of {len(steps)} points.\n")
+
+
+def bars(rows, out, limits):
     graph = defaultdict(dict)
     for r in rows:
         if r["op"] in COLLECTIVES and r["mode"] == "graph" and r.get("dtype") == "bf16":
@@ -110,6 +137,14 @@ def bars(rows, out):
         w = worst(lo, hi, ref)
         if w:
             out.append(f"| {label} | {w[0]:.3f} | {w[1]} {w[2]} |")
+    big_ag = graph.get(("all_gather", 256 << 20), {})
+    copy = (limits or {}).get("p2p_copy_gbps")
+    world = next((r["world"] for r in rows if r["op"] == "all_gather"), 2)
+    if "auto" in big_ag and copy:
+        # Bus bandwidth (nccl-tests): algbw x (n - 1) / n.
+        bus = (256 << 20) / big_ag["auto"] / 1e3 * (world - 1) / world
+        out.append(f"| all_gather 256M: auto bus bandwidth / peer copy | {bus / copy:.3f} | "
+                   f"{bus:.0f} of {copy:.1f} GB/s |")
     n_ok = sum(r["ok"] for r in rows)
     out.append(f"| rows ok | {n_ok} / {len(rows)} | |")
     out.append("")
@@ -123,9 +158,8 @@ def main():
     collective_tables(rows, out)
     grouped_table(rows, "dcp_combine", lambda r: r["bytes"], "bytes", out,
                   "**dcp_combine** (µs per combine; bytes = partial output per rank)")
-    grouped_table(rows, "decode_step", lambda r: r["bytes"], "batch", out,
-                  "**decode_step** (µs of communication per decode step)")
-    bars(rows, out)
+    decode_steps(rows, out)
+    bars(rows, out, data.get("limits"))
     print("\n".join(out))
 
 

@@ -149,15 +149,24 @@ impl DispatchTable {
         covering(Some(mode)).or_else(|| covering(None))
     }
 
-    /// The table shipped for a device, if one was measured for it: 2×H200 (written by
-    /// `symmcomm tune` on the GPU machine; see BENCHMARKS.md).
+    /// The table shipped for a device, if one was measured for it: 2 and 4 H200s (written by
+    /// `symmcomm tune` on the GPU machines; see BENCHMARKS.md).
     pub fn builtin(backend: BackendKind, device: &str, world: usize) -> Option<Self> {
         const H200X2: &str = include_str!("../tables/h200x2.json");
-        if backend != BackendKind::Cuda || !device.contains("H200") || world != 2 {
+        const H200X4: &str = include_str!("../tables/h200x4.json");
+        if backend != BackendKind::Cuda || !device.contains("H200") {
             return None;
         }
-        let mut t: DispatchTable = serde_json::from_str(H200X2).ok()?;
-        t.source = format!("builtin h200x2 ({})", t.source);
+        let (name, json) = match world {
+            2 => ("h200x2", H200X2),
+            4 => ("h200x4", H200X4),
+            _ => return None,
+        };
+        let mut t: DispatchTable = serde_json::from_str(json).ok()?;
+        if t.rows.iter().any(|r| r.world != world) {
+            return None;
+        }
+        t.source = format!("builtin {name} ({})", t.source);
         t.validate().ok()?;
         Some(t)
     }
@@ -508,17 +517,21 @@ mod tests {
     }
 
     #[test]
-    fn the_builtin_table_parses_and_covers_every_op() {
-        let t = DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H200 (cuda:0, sm_90)", 2)
-            .expect("the 2xH200 table parses");
-        for op in ["all_reduce", "all_gather", "reduce_scatter"] {
-            for mode in [Mode::Eager, Mode::Graph] {
-                assert!(
-                    t.rows
-                        .iter()
-                        .any(|r| r.op == op && r.mode == Some(mode) && r.max_bytes == usize::MAX),
-                    "{op} {mode:?} has no open-ended row"
-                );
+    fn the_builtin_tables_parse_and_cover_every_op() {
+        for world in [2, 4] {
+            let t = DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H200 (cuda:0, sm_90)", world)
+                .unwrap_or_else(|| panic!("the {world}xH200 table parses"));
+            assert!(t.source.contains(&format!("h200x{world}")), "{}", t.source);
+            for op in ["all_reduce", "all_gather", "reduce_scatter"] {
+                for mode in [Mode::Eager, Mode::Graph] {
+                    assert!(
+                        t.rows.iter().any(|r| r.op == op
+                            && r.mode == Some(mode)
+                            && r.max_bytes == usize::MAX
+                            && r.world == world),
+                        "{world} ranks: {op} {mode:?} has no open-ended row"
+                    );
+                }
             }
         }
         assert!(DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H100", 2).is_none());
