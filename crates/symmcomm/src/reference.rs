@@ -226,6 +226,17 @@ mod tests {
         assert!(compare(DType::F32, &got[..8], &[1.0, 2.05], |_| 0.1).is_ok());
     }
 
+    /// The sum of `xs` in order with every partial sum rounded to bf16, as a ring does it.
+    fn bf16_ring(xs: &[f64]) -> f64 {
+        use half::bf16;
+        xs.iter()
+            .skip(1)
+            .fold(bf16::from_f64(xs[0]), |acc, &x| {
+                bf16::from_f64(acc.to_f64() + x)
+            })
+            .to_f64()
+    }
+
     /// A ring that rounds every partial sum to bf16 (NCCL's regular kernels) stays within the
     /// element-type tolerance, and on 4 and 8 ranks it leaves the f32 tolerance for some inputs:
     /// so both bounds are tight enough to matter.
@@ -239,13 +250,7 @@ mod tests {
                 let xs: Vec<f64> = (0..world as u64)
                     .map(|r| crate::fill::value(DType::BF16, 7, r, 0, i))
                     .collect();
-                let ring = xs
-                    .iter()
-                    .skip(1)
-                    .fold(bf16::from_f64(xs[0]), |acc, &x| {
-                        bf16::from_f64(acc.to_f64() + x)
-                    })
-                    .to_f64();
+                let ring = bf16_ring(&xs);
                 let exact: f64 = xs.iter().sum();
                 let mag: f64 = xs.iter().map(|x| x.abs()).sum();
                 let native = tolerance(coll, DType::BF16, world, mag, Accumulation::ElementType);
@@ -259,13 +264,7 @@ mod tests {
                     .iter()
                     .map(|&x| bf16::from_f64(x / world as f64).to_f64())
                     .collect();
-                let avg_ring = scaled
-                    .iter()
-                    .skip(1)
-                    .fold(bf16::from_f64(scaled[0]), |acc, &x| {
-                        bf16::from_f64(acc.to_f64() + x)
-                    })
-                    .to_f64();
+                let avg_ring = bf16_ring(&scaled);
                 let avg = Collective::AllReduce(ReduceOp::Avg);
                 let avg_tol = tolerance(avg, DType::BF16, world, mag, Accumulation::ElementType);
                 assert!(

@@ -217,17 +217,14 @@ fn combine_impls() -> Vec<(CombineImpl, bool)> {
     ]
 }
 
-fn worlds(b: TestBackend) -> &'static [usize] {
-    match b {
-        // On GPUs each world runs where enough GPUs are present (can_run skips the others).
-        TestBackend::Host | TestBackend::Cuda => &[2, 3, 4, 8],
-    }
-}
+/// World sizes the combine tests run; on GPUs each runs where enough GPUs are present
+/// (`can_run` skips the others).
+const WORLDS: [usize; 4] = [2, 3, 4, 8];
 
 /// The merged heads of every rank against a brute-force attention over the whole cache.
 fn combine_equals_full_attention(b: TestBackend) {
     let seed = common::seed();
-    for &world in worlds(b) {
+    for world in WORLDS {
         if !b.can_run(world) {
             continue;
         }
@@ -424,7 +421,7 @@ fn combine_across_graph_replays(b: TestBackend) {
 
 /// The q gather: every rank's heads in rank order, `q_pe` and `q_nope` as views into it.
 fn q_gather_puts_heads_in_rank_order(b: TestBackend) {
-    for &world in worlds(b).iter().take(2) {
+    for world in WORLDS.into_iter().take(2) {
         if !b.can_run(world) {
             continue;
         }
