@@ -6,8 +6,9 @@
 # `bash .gpu-x/run.sh` runs .gpu-x's binaries). Results and logs go to $OUT.
 #
 # Every step at once takes about 9 minutes on 2 x H200 (tests ~4 with 200 resource cycles, soak
-# ~2.2, tune + bench + decode-sim ~2.5): more than one device call may run. Split it, most
-# valuable first, into the same $OUT (summary.txt is appended to), e.g.
+# ~2.2, tune + bench + decode-sim ~2.5; on 4 x H200 tests + check took 3.5 and tune + bench +
+# decode-sim 3): more than one device call may run. Split it, most valuable first, into the same
+# $OUT (summary.txt is appended to), e.g.
 #   STEPS=tune,bench,decode-sim bash .gpu/run.sh; then STEPS=info,tests,check,soak bash .gpu/run.sh
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -22,7 +23,18 @@ export RUST_BACKTRACE=1
 # per group), so 1000 (its default) takes ~11 minutes; 200 fits a test step.
 export SYMMCOMM_RESOURCE_CYCLES="${SYMMCOMM_RESOURCE_CYCLES:-200}"
 if [[ -x "$HERE/symmcomm" ]]; then BIN="${BIN:-$HERE}"; else BIN="${BIN:-.gpu}"; fi
-MACHINE="${MACHINE:-h200x2}"
+# Results are named after the machine: h200x<GPUs this run sees> unless MACHINE says otherwise
+# (e.g. MACHINE=h200x2 with CUDA_VISIBLE_DEVICES=0,1 on a 4-GPU machine). SYMMCOMM_MACHINE, if
+# set, is written into the results' meta (which lent machine ran them).
+if [[ -z "${MACHINE:-}" ]]; then
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    gpus=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES")
+  else
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  fi
+  [[ "${gpus:-0}" -gt 0 ]] || gpus=2
+  MACHINE="h200x${gpus}"
+fi
 STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,bench-nccl2289}"
 # At most 8 files come back from the machine: logs are grouped.
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
