@@ -190,6 +190,28 @@ pub struct Row {
     pub config: Option<String>,
 }
 
+#[cfg(test)]
+impl Row {
+    /// A correct graph-mode bf16 row of 2 ranks, for tests of what reads rows.
+    pub(crate) fn graph_bf16_for_tests(op: &str, bytes: usize, imp: &str, us: f64) -> Row {
+        Row {
+            op: op.into(),
+            dtype: DType::BF16,
+            bytes,
+            world: 2,
+            implementation: imp.into(),
+            mode: Mode::Graph,
+            us,
+            algbw_gbps: 0.0,
+            busbw_gbps: 0.0,
+            ok: true,
+            ran: None,
+            wrong: 0,
+            config: None,
+        }
+    }
+}
+
 /// Physical limits measured on the machine.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
@@ -810,21 +832,7 @@ mod tests {
     }
 
     fn row(op: &str, bytes: usize, imp: &str, us: f64) -> Row {
-        Row {
-            op: op.into(),
-            dtype: DType::BF16,
-            bytes,
-            world: 2,
-            implementation: imp.into(),
-            mode: Mode::Graph,
-            us,
-            algbw_gbps: 0.0,
-            busbw_gbps: 0.0,
-            ok: true,
-            ran: None,
-            wrong: 0,
-            config: None,
-        }
+        Row::graph_bf16_for_tests(op, bytes, imp, us)
     }
 
     #[test]

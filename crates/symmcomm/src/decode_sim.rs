@@ -1128,21 +1128,7 @@ mod tests {
 
     #[test]
     fn merge_keeps_other_rows() {
-        let row = |op: &str, us: f64| Row {
-            op: op.into(),
-            dtype: DType::BF16,
-            bytes: 1,
-            world: 2,
-            implementation: "nccl".into(),
-            mode: Mode::Graph,
-            us,
-            algbw_gbps: 0.0,
-            busbw_gbps: 0.0,
-            ok: true,
-            ran: None,
-            wrong: 0,
-            config: None,
-        };
+        let row = |op: &str, us: f64| Row::graph_bf16_for_tests(op, 1, "nccl", us);
         let mut r = Results {
             rows: vec![row("all_reduce", 1.0), row(DECODE_STEP_OP, 2.0)],
             ..Results::default()
