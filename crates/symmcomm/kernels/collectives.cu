@@ -13,7 +13,7 @@
 #include "symm_common.cuh"
 
 #define SYMM_MAX_WORLD 8
-#define SYMM_MAX_BLOCKS 64
+#define SYMM_MAX_BLOCKS 128
 #define SYMM_BLOCK_THREADS 512
 #define SYMM_PHASES 2
 #define SYMM_AREAS 2
@@ -30,8 +30,8 @@
 // Signal pad of one rank: flags[phase][block][src] (u64 epochs), then peer_error[src] (u32).
 #define SYMM_PAD_FLAGS_OFFSET 0ULL
 #define SYMM_PAD_PEER_ERROR_OFFSET \
-    (8ULL * SYMM_PHASES * SYMM_MAX_BLOCKS * SYMM_MAX_WORLD) /* 8192 */
-#define SYMM_PAD_BYTES (SYMM_PAD_PEER_ERROR_OFFSET + 4ULL * SYMM_MAX_WORLD) /* 8224 */
+    (8ULL * SYMM_PHASES * SYMM_MAX_BLOCKS * SYMM_MAX_WORLD) /* 16384 */
+#define SYMM_PAD_BYTES (SYMM_PAD_PEER_ERROR_OFFSET + 4ULL * SYMM_MAX_WORLD) /* 16416 */
 
 // Low-latency (LL) area, after the pad: ll[parity][src] slots of SYMM_LL_SLOT_BYTES. Each
 // 16-byte line carries 8 data bytes and the 32-bit launch flag twice ({d0, flag, d1, flag}), so
@@ -40,7 +40,7 @@
 // SYMM_LL_OFFSET: SYMM_PAD_BYTES rounded up to 256. SYMM_LL_MAX_BYTES: payload of one slot
 // (512 KiB). SYMM_LL_SLOT_BYTES: twice that (16 bytes of line per 8 of payload).
 // SYMM_LL_PHASE: the error_phase an LL wait records.
-#define SYMM_LL_OFFSET 8448ULL
+#define SYMM_LL_OFFSET 16640ULL
 #define SYMM_LL_MAX_BYTES 524288ULL
 #define SYMM_LL_SLOT_BYTES 1048576ULL
 #define SYMM_LL_PHASE 2u
@@ -1009,7 +1009,7 @@ SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
 // Launch: block (SYMM_BLOCK_THREADS, 1, 1), grid (g, 1, 1) with 1 <= g <= 64, the
 // same g on every rank; see KERNELS.md.
 
-// One block per SM is all a launch needs (grids are at most 64 blocks): saying so lets ptxas
+// One block per SM is all a launch needs (grids are at most 128 blocks): saying so lets ptxas
 // keep the LL kernels out of local memory instead of squeezing them into 32 registers.
 #define SYMM_KERNEL extern "C" __global__ void __launch_bounds__(SYMM_BLOCK_THREADS, 1)
 

@@ -471,7 +471,7 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
 
 // ---------------------------------------------------------------------------------------------
 // Entry points: dcp_{correct,fused}_<partial dtype>_<output dtype>. Correction: any grid, any
-// block that is a multiple of 32 up to 512. Fused: block (512, 1, 1), grid 1..64, the same on
+// block that is a multiple of 32 up to 512. Fused: block (512, 1, 1), grid 1..128, the same on
 // every rank of the group (KERNELS.md section 4).
 
 #define DCP_KERNEL extern "C" __global__ void __launch_bounds__(DCP_BLOCK_THREADS, 1)

@@ -72,7 +72,7 @@ pub const HEADERS: &[(&str, &str)] = &[
 /// Threads per block the collectives are built for (`__launch_bounds__`); launch with exactly this.
 pub const BLOCK_THREADS: u32 = 512;
 /// Most blocks a collective may be launched with (flag slots per phase in the signal pad).
-pub const MAX_BLOCKS: u32 = 64;
+pub const MAX_BLOCKS: u32 = 128;
 /// Most ranks in a group the collectives handle.
 pub const MAX_WORLD: usize = 8;
 /// Barrier phases (two-shot uses both; everything else phase 0).

@@ -112,8 +112,9 @@ impl DcpKernels {
     }
 }
 
-/// Blocks of the fused combine: one per 4 rows of `(token, local head)`, at most 64 (every
-/// rank computes the same number from the same shape).
+/// Blocks of the fused combine: one per 4 rows of `(token, local head)`, at most [`MAX_BLOCKS`]
+/// (every rank computes the same number from the same shape). 128 blocks instead of 64 took the
+/// 2-GPU combine at B = 32 from 15.3 to 13.7 µs (DeepSeek-V3 shapes, graph).
 pub(crate) fn fused_grid(shape: &DcpShape) -> u32 {
     (shape.batch * shape.heads_local())
         .div_ceil(4)
