@@ -149,6 +149,20 @@ impl DispatchTable {
         covering(Some(mode)).or_else(|| covering(None))
     }
 
+    /// The bucket measured just below `row` (same op, dtype, world and mode), if any.
+    pub fn below(&self, row: &DispatchRow) -> Option<&DispatchRow> {
+        self.rows
+            .iter()
+            .filter(|r| {
+                r.op == row.op
+                    && r.dtype == row.dtype
+                    && r.world == row.world
+                    && r.mode == row.mode
+                    && r.max_bytes < row.max_bytes
+            })
+            .max_by_key(|r| r.max_bytes)
+    }
+
     /// The table shipped for a device, if one was measured for it: 2 and 4 H200s (written by
     /// `symmcomm tune` on the GPU machines; see BENCHMARKS.md).
     pub fn builtin(backend: BackendKind, device: &str, world: usize) -> Option<Self> {
@@ -215,6 +229,34 @@ pub fn decide(
             ))
         };
     };
+    // Between two measured sizes, the times of each implementation are interpolated linearly
+    // and the fastest one at `bytes` runs: the bucket's own winner was measured at its top
+    // size only, and two kernels' lines can cross inside a 2x-4x bucket (2×H200: LL and
+    // one-shot reduce-scatter within 1 % at 1 MiB, LL 4 % faster at 896 KiB).
+    if both {
+        if let Some((imp, us)) = table
+            .and_then(|t| t.below(row))
+            .and_then(|lower| interpolated_best(lower, row, bytes, available))
+        {
+            if imp != row.best || !available(row.best) {
+                if imp == Impl::Regular {
+                    return regular(format!(
+                        "table: regular path interpolated fastest at {bytes} B ({us:.2} us)"
+                    ));
+                }
+                return Decision {
+                    imp,
+                    stage_input: false,
+                    stage_output: false,
+                    reason: format!(
+                        "table: {imp:?} interpolated fastest at {bytes} B ({us:.2} us), \
+                         {:?} measured fastest at {} B",
+                        row.best, row.max_bytes
+                    ),
+                };
+            }
+        }
+    }
     let best = if available(row.best) {
         row.best
     } else if available(Impl::Symmetric) {
@@ -254,6 +296,48 @@ pub fn decide(
             .into()
     } else {
         format!("plain buffer: staging into a window loses at {bytes} B, regular path")
+    })
+}
+
+/// The implementation with the least time at `bytes` on the line between its measured times at
+/// `lower.max_bytes` and `upper.max_bytes`, among those measured at both sizes and available
+/// now. `None` when `bytes` is not strictly between the two sizes, or when the upper bucket's
+/// winner was not measured at both (its line is unknown, so nothing can be said to beat it).
+fn interpolated_best(
+    lower: &DispatchRow,
+    upper: &DispatchRow,
+    bytes: usize,
+    available: &dyn Fn(Impl) -> bool,
+) -> Option<(Impl, f64)> {
+    // The last bucket reaches to usize::MAX: its times were measured at some size below that,
+    // which the row does not record, so there is no line to draw.
+    if !(lower.max_bytes < bytes && bytes < upper.max_bytes) || upper.max_bytes == usize::MAX {
+        return None;
+    }
+    let has_best = |r: &DispatchRow| {
+        r.measured_us
+            .keys()
+            .any(|k| k.parse::<Impl>() == Ok(upper.best))
+    };
+    if !(has_best(lower) && has_best(upper)) {
+        return None;
+    }
+    let t = (bytes - lower.max_bytes) as f64 / (upper.max_bytes - lower.max_bytes) as f64;
+    let lines = upper.measured_us.iter().filter_map(|(name, &hi)| {
+        let imp: Impl = name.parse().ok()?;
+        let lo = *lower.measured_us.get(name)?;
+        (imp != Impl::Auto && available(imp) && lo.is_finite() && hi.is_finite())
+            .then(|| (imp, lo + (hi - lo) * t))
+    });
+    let fastest = lines.clone().min_by(|a, b| a.1.total_cmp(&b.1))?;
+    // The tuner's rule (bench::tune_table): our kernels replace NCCL only where they win by more
+    // than 3 %, the noise of a measurement.
+    let nccl = lines
+        .filter(|(i, _)| matches!(i, Impl::Regular | Impl::Symmetric))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    Some(match (fastest, nccl) {
+        ((Impl::Kernel(_), us), Some(n)) if us >= 0.97 * n.1 => n,
+        _ => fastest,
     })
 }
 
@@ -339,6 +423,114 @@ mod tests {
             (g.best, g.max_bytes),
             (Impl::Kernel(Algo::OneShot), 64 << 10)
         );
+    }
+
+    /// Two buckets measured as on 2×H200 (reduce-scatter, graph): LL wins at 512 KiB, one-shot
+    /// by a hair at 1 MiB, LL not measured above 512 KiB... except here, where it is.
+    fn crossing_table() -> DispatchTable {
+        let measured = |v: &[(&str, f64)]| -> BTreeMap<String, f64> {
+            v.iter().map(|(k, us)| (k.to_string(), *us)).collect()
+        };
+        let mut lower = row(512 << 10, Impl::Kernel(Algo::LowLatency), false);
+        lower.measured_us = measured(&[
+            ("ll", 4.91),
+            ("oneshot", 5.64),
+            ("nccl", 7.7),
+            ("auto_plain", 5.0),
+        ]);
+        let mut upper = row(1 << 20, Impl::Kernel(Algo::OneShot), false);
+        upper.measured_us = measured(&[
+            ("ll", 6.54),
+            ("oneshot", 6.53),
+            ("nccl", 9.74),
+            ("twoshot", 1.0), // measured at one size only: never interpolated
+        ]);
+        DispatchTable {
+            source: "test".into(),
+            device: "test".into(),
+            backend: BackendKind::Cuda,
+            rows: vec![upper, lower],
+        }
+    }
+
+    fn decide_ar(
+        t: &DispatchTable,
+        bytes: usize,
+        both: bool,
+        available: &dyn Fn(Impl) -> bool,
+    ) -> Decision {
+        decide(
+            Some(t),
+            Mode::Graph,
+            AR,
+            DType::BF16,
+            2,
+            bytes,
+            both,
+            both,
+            true,
+            available,
+        )
+    }
+
+    #[test]
+    fn between_buckets_the_interpolated_fastest_runs() {
+        let t = crossing_table();
+        let all = |_: Impl| true;
+        // 896 KiB: LL 4.91 + 0.75 * 1.63 = 6.13 us, one-shot 5.64 + 0.75 * 0.89 = 6.31 us.
+        let d = decide_ar(&t, 896 << 10, true, &all);
+        assert_eq!(d.imp, Impl::Kernel(Algo::LowLatency), "{}", d.reason);
+        assert!(d.reason.contains("interpolated"), "{}", d.reason);
+        // At the top of the bucket the measured winner runs.
+        let d = decide_ar(&t, 1 << 20, true, &all);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
+        // An implementation measured at one of the two sizes only is never picked (twoshot),
+        // and a bucket whose winner has no line is not interpolated.
+        assert_ne!(
+            decide_ar(&t, 900 << 10, true, &all).imp,
+            Impl::Kernel(Algo::TwoShot)
+        );
+        let mut only_top = crossing_table();
+        only_top.rows[0].best = Impl::Kernel(Algo::TwoShot);
+        let d = decide_ar(&only_top, 896 << 10, true, &all);
+        assert_eq!(d.imp, Impl::Kernel(Algo::TwoShot), "{}", d.reason);
+        // Not available now (say, LL beyond its slot): the next fastest line.
+        let no_ll = |i: Impl| i != Impl::Kernel(Algo::LowLatency);
+        let d = decide_ar(&t, 896 << 10, true, &no_ll);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
+        // In the lowest bucket there is nothing to interpolate from: its winner runs.
+        let d = decide_ar(&t, 300 << 10, true, &all);
+        assert_eq!(d.imp, Impl::Kernel(Algo::LowLatency), "{}", d.reason);
+        assert!(!d.reason.contains("interpolated"), "{}", d.reason);
+        // Plain buffers keep the bucket's rule (staging is decided for its winner only).
+        let d = decide_ar(&t, 896 << 10, false, &all);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
+    }
+
+    #[test]
+    fn interpolation_can_choose_the_regular_path() {
+        let mut t = crossing_table();
+        // NCCL's line falls below both kernels' inside the bucket: at 1000 KiB it is at 5.13 us,
+        // LL at 6.46 us.
+        t.rows[0].measured_us.insert("nccl".into(), 5.0);
+        let d = decide_ar(&t, 1000 << 10, true, &|_| true);
+        assert_eq!(d.imp, Impl::Regular, "{}", d.reason);
+        // A kernel within 3 % of NCCL's line does not replace it (the tuner's rule): NCCL at
+        // 6.25 us against LL's 6.13 us at 896 KiB.
+        let mut t = crossing_table();
+        t.rows[0].measured_us.insert("nccl".into(), 6.42);
+        t.rows[1].measured_us.insert("nccl".into(), 5.75);
+        let d = decide_ar(&t, 896 << 10, true, &|_| true);
+        assert_eq!(d.imp, Impl::Regular, "{}", d.reason);
+    }
+
+    #[test]
+    fn the_open_ended_bucket_is_not_interpolated() {
+        let mut t = crossing_table();
+        t.rows[0].max_bytes = usize::MAX;
+        // LL would win on a line to usize::MAX; the bucket's measured winner runs instead.
+        let d = decide_ar(&t, 896 << 10, true, &|_| true);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
     }
 
     #[test]
