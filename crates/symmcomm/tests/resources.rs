@@ -51,8 +51,19 @@ fn groups_and_pools_come_back(b: TestBackend) {
             output_symm: true,
             seed: 11,
         };
+        // Where a cycle's time goes: creating the group, the checked collective (which grows
+        // the pool), dropping the group.
+        let spent = std::cell::Cell::new([std::time::Duration::ZERO; 3]);
+        let add = |k: usize, t: std::time::Instant| {
+            let mut s = spent.get();
+            s[k] += t.elapsed();
+            spent.set(s);
+        };
         let cycle = |i: usize| -> symmcomm::Result<()> {
+            let t = std::time::Instant::now();
             let g = comm.split(GroupKind::Tp, 0)?;
+            add(0, t);
+            let t = std::time::Instant::now();
             let case = Case {
                 seed: case.seed + i as u64,
                 ..case.clone()
@@ -60,6 +71,10 @@ fn groups_and_pools_come_back(b: TestBackend) {
             verify::run_checked(&g, &case)?;
             assert_eq!(g.pool_stats().segments, 1);
             g.barrier()?;
+            add(1, t);
+            let t = std::time::Instant::now();
+            drop(g);
+            add(2, t);
             Ok(())
         };
         for i in 0..3 {
@@ -82,6 +97,13 @@ fn groups_and_pools_come_back(b: TestBackend) {
             }
         }
         comm.world().barrier()?;
+        let [create, run, dropped] = spent.get();
+        eprintln!(
+            "rank {}: of {} cycles, creating groups took {create:?}, the checked all-reduces \
+             {run:?}, dropping {dropped:?}",
+            comm.rank(),
+            n + 3
+        );
         let mem1 = comm.device_memory()?;
         let vm1 = vm_size();
         Ok((mem0, mem1, vm0, vm1, t0.elapsed()))
