@@ -233,29 +233,28 @@ pub fn decide(
     // and the fastest one at `bytes` runs: the bucket's own winner was measured at its top
     // size only, and two kernels' lines can cross inside a 2x-4x bucket (2×H200: LL and
     // one-shot reduce-scatter within 1 % at 1 MiB, LL 4 % faster at 896 KiB).
-    if both {
-        if let Some((imp, us)) = table
-            .and_then(|t| t.below(row))
-            .and_then(|lower| interpolated_best(lower, row, bytes, available))
-        {
-            if imp != row.best || !available(row.best) {
-                if imp == Impl::Regular {
-                    return regular(format!(
-                        "table: regular path interpolated fastest at {bytes} B ({us:.2} us)"
-                    ));
-                }
-                return Decision {
-                    imp,
-                    stage_input: false,
-                    stage_output: false,
-                    reason: format!(
-                        "table: {imp:?} interpolated fastest at {bytes} B ({us:.2} us), \
-                         {:?} measured fastest at {} B",
-                        row.best, row.max_bytes
-                    ),
-                };
-            }
+    let interpolated = table
+        .and_then(|t| t.below(row))
+        .and_then(|lower| interpolated_best(lower, row, bytes, available))
+        .filter(|_| both);
+    if let Some((imp, us)) = interpolated
+        && (imp != row.best || !available(row.best))
+    {
+        if imp == Impl::Regular {
+            return regular(format!(
+                "table: regular path interpolated fastest at {bytes} B ({us:.2} us)"
+            ));
         }
+        return Decision {
+            imp,
+            stage_input: false,
+            stage_output: false,
+            reason: format!(
+                "table: {imp:?} interpolated fastest at {bytes} B ({us:.2} us), \
+                 {:?} measured fastest at {} B",
+                row.best, row.max_bytes
+            ),
+        };
     }
     let best = if available(row.best) {
         row.best
@@ -327,7 +326,7 @@ fn interpolated_best(
         let imp: Impl = name.parse().ok()?;
         let lo = *lower.measured_us.get(name)?;
         (imp != Impl::Auto && available(imp) && lo.is_finite() && hi.is_finite())
-            .then(|| (imp, lo + (hi - lo) * t))
+            .then_some((imp, lo + (hi - lo) * t))
     });
     let fastest = lines.clone().min_by(|a, b| a.1.total_cmp(&b.1))?;
     // The tuner's rule (bench::tune_table): our kernels replace NCCL only where they win by more
