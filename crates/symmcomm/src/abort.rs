@@ -105,12 +105,17 @@ pub fn abort_all(reason: &str) {
 /// Trip every communicator of the process when `res` is an error that leaves peers stuck (a
 /// deadline passed, an NCCL or device failure, an abort seen elsewhere); pass `res` on.
 pub(crate) fn on_failure<T>(res: Result<T>) -> Result<T> {
-    if let Err(e) = &res
-        && leaves_peers_stuck(e)
-    {
-        abort_all(&e.to_string());
+    if let Err(e) = &res {
+        on_error(e);
     }
     res
+}
+
+/// Trip every communicator of the process when `e` leaves peers stuck (see [`on_failure`]).
+pub(crate) fn on_error(e: &Error) {
+    if leaves_peers_stuck(e) {
+        abort_all(&e.to_string());
+    }
 }
 
 /// Whether an error means the group can no longer make progress together.

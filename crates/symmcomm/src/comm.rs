@@ -53,8 +53,8 @@ pub struct CommConfig {
     /// When ranks compare their pool requests.
     pub check: CheckMode,
     /// The per-operation deadline: no wait of any call (a collective's host exchange, a
-    /// barrier, a synchronisation with the GPU, our kernels' flag spins, NCCL progress) lasts
-    /// longer. When one passes, every communicator of the process is aborted and each pending
+    /// barrier, a synchronisation with the GPU, our kernels' flag spins, NCCL progress, the
+    /// creation of an NCCL communicator in [`Communicator::new`] and every split) lasts longer. When one passes, every communicator of the process is aborted and each pending
     /// call returns an error naming its rank, group, operation and size. Default 60 s.
     pub timeout: Duration,
     /// `auto`'s table.

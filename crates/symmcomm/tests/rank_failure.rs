@@ -3,7 +3,10 @@
 //! at once, and nothing hangs (dropping the communicator included). On the host backend with
 //! one process per rank (the data plane goes through the job's store), killing an ordinary rank
 //! and killing rank 0 (which serves the store); on GPUs with one process per GPU. And inside one
-//! process: one communicator's deadline aborts every other communicator of the process.
+//! process: one communicator's deadline aborts every other communicator of the process. And on
+//! GPUs, NCCL communicator creation: a peer that passed our control plane's handshake but never
+//! makes the NCCL call (`ncclCommInitRankConfig`, `ncclCommSplit`) is an error within the
+//! deadline + 1 s, not a hang, and the process still exits.
 //!
 //! Ranks are this test binary run again with `SYMMCOMM_TEST_CHILD` naming the role; without it
 //! the `child_…` tests return at once. Times are compared on the host's wall clock (ms since the
@@ -16,12 +19,16 @@ use std::time::{Duration, Instant};
 
 use common::TestBackend;
 use common::procs::{self, Proc, ROLE, after, env_u64, epoch_ms, role_is};
+use symmcomm::backend::cuda::test_hooks::{NcclCreation, skip_next_nccl_creation};
 use symmcomm::bootstrap::{Bootstrap, free_port};
-use symmcomm::{BackendChoice, CommConfig, Communicator, DType, Error, ReduceOp, TableSource};
+use symmcomm::{
+    BackendChoice, CommConfig, Communicator, DType, Error, GroupKind, ReduceOp, TableSource,
+};
 
 const BACKEND: &str = "SYMMCOMM_TEST_BACKEND";
 const DEADLINE_MS: &str = "SYMMCOMM_TEST_DEADLINE_MS";
 const ELEMS: &str = "SYMMCOMM_TEST_ELEMS";
+const CREATION: &str = "SYMMCOMM_TEST_CREATION";
 
 fn variant(e: &Error) -> &'static str {
     match e {
@@ -360,4 +367,188 @@ fn a_deadline_aborts_every_communicator_of_the_process() {
         .find_map(|l| after(l, "LATER "))
         .expect("A1's later call");
     assert!(later.starts_with("A1 Aborted "), "{later}");
+}
+
+/// One rank of a communicator creation that rank 1 never joins at the NCCL level
+/// (`SYMMCOMM_TEST_CREATION`: `init`, the world's `ncclCommInitRankConfig` in
+/// `Communicator::new`, or `split`, the `ncclCommSplit` of `Communicator::split`). Both ranks
+/// pass the control plane's exchange (the unique id, the split colours); the test hook then makes
+/// rank 1 return instead of calling NCCL, and it stays alive and silent past rank 0's deadline.
+/// Rank 0 reports its error (and, for a split, a later call on the parent and the drop), then
+/// returns: the test harness must end the process with the abandoned creation still in NCCL.
+#[test]
+fn child_creation() {
+    if !role_is("creation") {
+        return;
+    }
+    let deadline = Duration::from_millis(env_u64(DEADLINE_MS));
+    let split = match std::env::var(CREATION).as_deref() {
+        Ok("init") => false,
+        Ok("split") => true,
+        other => panic!("{CREATION}={other:?}"),
+    };
+    let boot = Bootstrap::from_env(Duration::from_secs(60)).expect("rendezvous");
+    let rank = boot.rank;
+    if rank == 1 && !split {
+        skip_next_nccl_creation(NcclCreation::InitRank);
+    }
+    let started = Instant::now();
+    let made = Communicator::new(boot, config(BackendChoice::Cuda, deadline));
+    let mut kept = None;
+    let res = if split {
+        let comm = made.expect("communicator");
+        let g = comm.world().clone();
+        // A window on the parent, so its teardown after the abandoned split is exercised too.
+        let x = g.alloc_symmetric(DType::F32, &[1024]).expect("alloc");
+        g.fill_random(&x, 1, None).expect("fill");
+        g.all_reduce(&x, &x, ReduceOp::Sum).expect("all_reduce");
+        comm.synchronize().expect("synchronize");
+        g.barrier().expect("barrier");
+        if rank == 1 {
+            skip_next_nccl_creation(NcclCreation::Split);
+        }
+        let started = Instant::now();
+        let res = comm.split(GroupKind::Tp, 0).map(|_| ());
+        let took = started.elapsed();
+        kept = Some((comm, g, x));
+        res.map_err(|e| (e, took))
+    } else {
+        made.map(|_| ()).map_err(|e| (e, started.elapsed()))
+    };
+    let (err, took) = match res {
+        Ok(()) => panic!("rank {rank}: the creation succeeded without rank 1"),
+        Err(e) => e,
+    };
+    if rank == 1 {
+        // The moment rank 0's NCCL call began waiting for this rank.
+        println!("SKIPPED {} {err}", epoch_ms());
+        // Alive and silent past rank 0's deadline; then gone without tearing anything down.
+        std::thread::sleep(deadline + Duration::from_secs(2));
+        std::process::exit(0);
+    }
+    println!(
+        "RESULT {} {} {} {err}",
+        variant(&err),
+        epoch_ms(),
+        took.as_millis()
+    );
+    if let Some((comm, g, x)) = kept {
+        let t = Instant::now();
+        match g.all_reduce(&x, &x, ReduceOp::Sum) {
+            Ok(_) => println!("AFTER Ok {}", t.elapsed().as_millis()),
+            Err(e) => println!("AFTER {} {} {e}", variant(&e), t.elapsed().as_millis()),
+        }
+        // Rank 1 leaves 2 s after its deadline; once it is gone the abandoned split may return
+        // (and its thread abort the parent) before, during or after this drop.
+        std::thread::sleep(Duration::from_secs(3));
+        let t = Instant::now();
+        drop((x, g, comm));
+        println!("DROPPED {}", t.elapsed().as_millis());
+    }
+    println!("DONE");
+}
+
+/// Two processes, one per GPU; rank 1 never makes the NCCL call `which` creates the
+/// communicator with. Rank 0 fails with `Timeout` within deadline (2 s) + 1 s of rank 1's
+/// return, naming the NCCL call, its rank and the group; the process then exits normally.
+fn a_peer_never_joins(which: &str, call: &str, group_needles: &[&str]) {
+    if !TestBackend::Cuda.can_run(2) {
+        return;
+    }
+    let deadline_ms = 2000u64;
+    let port = free_port("127.0.0.1").expect("free port");
+    let ranks: Vec<Proc> = (0..2)
+        .map(|rank| {
+            procs::spawn(
+                &format!("rank {rank}"),
+                "child_creation",
+                &[
+                    (ROLE, "creation".into()),
+                    (CREATION, which.into()),
+                    (DEADLINE_MS, deadline_ms.to_string()),
+                    ("RANK", rank.to_string()),
+                    ("LOCAL_RANK", rank.to_string()),
+                    ("WORLD_SIZE", "2".into()),
+                    ("MASTER_ADDR", "127.0.0.1".into()),
+                    ("MASTER_PORT", port.to_string()),
+                    ("NCCL_NVLS_ENABLE", "0".into()),
+                ],
+            )
+        })
+        .collect();
+    // Starting CUDA and NCCL takes seconds; a hang is anything past two minutes.
+    let end_by = Instant::now() + Duration::from_secs(120);
+    let outputs: Vec<Vec<String>> = ranks.into_iter().map(|p| p.finish(end_by)).collect();
+    let (out0, out1) = (&outputs[0], &outputs[1]);
+    let all = || format!("rank 0:\n{}\nrank 1:\n{}", out0.join("\n"), out1.join("\n"));
+    let skipped = out1
+        .iter()
+        .find_map(|l| after(l, "SKIPPED "))
+        .unwrap_or_else(|| panic!("rank 1 did not skip {call}; {}", all()));
+    assert!(skipped.contains("skipped by the test hook"), "{}", all());
+    let skipped_at: u64 = skipped
+        .split(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    let result = out0
+        .iter()
+        .find_map(|l| after(l, "RESULT "))
+        .unwrap_or_else(|| panic!("rank 0 reported no error; {}", all()));
+    let mut it = result.splitn(4, ' ');
+    let variant = it.next().unwrap_or("");
+    let at_ms: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+    let took_ms: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+    let message = it.next().unwrap_or("");
+    let late = at_ms.saturating_sub(skipped_at);
+    // Shown with --nocapture.
+    println!(
+        "rank 0 failed {late} ms after rank 1 skipped {call} ({took_ms} ms in the call that failed; deadline {deadline_ms} ms): {variant} {message}"
+    );
+    assert_eq!(variant, "Timeout", "{}", all());
+    assert!(
+        late <= deadline_ms + 1000,
+        "rank 0 failed {late} ms after rank 1 skipped {call}: deadline {deadline_ms} ms + 1 s; {}",
+        all()
+    );
+    for needle in [call, "rank 0/2", "a peer did not join", "deadline of 2s"]
+        .iter()
+        .chain(group_needles)
+    {
+        assert!(
+            message.contains(needle),
+            "rank 0's error does not name {needle:?}: {message}"
+        );
+    }
+    if which == "split" {
+        let later = out0
+            .iter()
+            .find_map(|l| after(l, "AFTER "))
+            .unwrap_or_else(|| panic!("no later call; {}", all()));
+        let mut a = later.splitn(3, ' ');
+        let (v, ms) = (a.next().unwrap_or(""), a.next().unwrap_or(""));
+        assert_eq!(v, "Aborted", "a later call on the parent: {later}");
+        let ms: u64 = ms.parse().unwrap_or(u64::MAX);
+        assert!(ms < 1000, "a later call took {ms} ms to fail");
+        assert!(
+            out0.iter().any(|l| l.contains("DROPPED ")),
+            "dropping the communicator did not finish; {}",
+            all()
+        );
+    }
+    assert!(
+        out0.iter().any(|l| l.contains("DONE")) && out0.iter().any(|l| l.contains("1 passed")),
+        "rank 0 did not end normally (the abandoned creation must not hold the process); {}",
+        all()
+    );
+}
+
+#[test]
+fn cuda_init_without_a_peer_fails_within_the_deadline() {
+    a_peer_never_joins("init", "ncclCommInitRankConfig", &["init on world"]);
+}
+
+#[test]
+fn cuda_split_without_a_peer_fails_within_the_deadline() {
+    a_peer_never_joins("split", "ncclCommSplit", &["split on world", "tp#0"]);
 }

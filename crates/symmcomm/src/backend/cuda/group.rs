@@ -104,14 +104,16 @@ impl CudaGroup {
             ctx: ctx.clone(),
             detail: format!("rank 0 sent a unique id of {} bytes", bytes.len()),
         })?;
-        let windows = Arc::new(OwnedComm::init(
+        let windows = OwnedComm::init(
             dev.nccl,
             &id,
             control.size(),
             control.rank(),
             &label,
-            &ctx,
-        )?);
+            &dev.creation(&ctx),
+        )
+        .map_err(|e| dev.creation_failed(e))?;
+        let windows = Arc::new(windows);
         Self::finish(dev, windows, control, label)
     }
 
@@ -131,7 +133,10 @@ impl CudaGroup {
             world: size,
             bytes: 0,
         };
-        let plain = Arc::new(windows.split(0, rank, &format!("{label}/regular"), &ctx)?);
+        let plain = windows
+            .split(0, rank, &format!("{label}/regular"), &dev.creation(&ctx))
+            .map_err(|e| dev.creation_failed(e))?;
+        let plain = Arc::new(plain);
         dev.track(&windows);
         dev.track(&plain);
         let mut g = CudaGroup {
@@ -461,7 +466,11 @@ impl GroupBackend for CudaGroup {
         self.dev.check_abort(&ctx)?;
         self.windows.live(&ctx)?;
         self.dev.bind(&ctx)?;
-        let windows = Arc::new(self.windows.split(color, key, &label, &ctx)?);
+        let windows = self
+            .windows
+            .split(color, key, &label, &self.dev.creation(&ctx))
+            .map_err(|e| self.dev.creation_failed(e))?;
+        let windows = Arc::new(windows);
         Ok(Arc::new(Self::finish(
             self.dev.clone(),
             windows,

@@ -1,16 +1,20 @@
 //! The CUDA backend: one device and one stream per rank, NCCL communicators per group,
 //! symmetric windows from `ncclMemAlloc`, CUDA graph capture, and our kernels compiled by
-//! NVRTC. Every wait polls NCCL's asynchronous errors against the communicator's deadline.
+//! NVRTC. Every wait polls NCCL's asynchronous errors against the communicator's deadline;
+//! creating an NCCL communicator (blocking and collective) has that deadline too.
 
 mod dcp;
 mod driver;
 mod group;
+mod handoff;
 pub mod limits;
 mod memory;
 mod modules;
 mod nccl;
 mod own;
 mod peers;
+#[doc(hidden)]
+pub mod test_hooks;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +29,7 @@ use self::driver::{Event, check};
 use self::group::CudaGroup;
 use self::memory::DeviceAlloc;
 use self::modules::UtilKernels;
-use self::nccl::OwnedComm;
+use self::nccl::{Creation, OwnedComm};
 use crate::abort::{self, AbortFlag};
 use crate::backend::{
     BackendKind, Copy2d, DcpCorrect, FillSpec, GraphExec, GroupBackend, RankBackend,
@@ -367,6 +371,39 @@ impl DeviceShared {
         Ok(())
     }
 
+    /// What creating a communicator of this device needs to have the deadline: the context to
+    /// bind on the helper thread that makes the blocking call, and the abort flag to poll.
+    pub(crate) fn creation<'a>(&'a self, ctx: &'a OpCtx) -> Creation<'a> {
+        Creation {
+            ctx,
+            cuda: &self.ctx,
+            deadline: self.timeout,
+            abort: &self.abort,
+        }
+    }
+
+    /// A communicator creation failed with `e`. After a deadline or an abort the creation call
+    /// is still running on its helper thread (a parent mid-split, its windows registered): from
+    /// now on release no memory, abort every other communicator of this device, and abort
+    /// every communicator of the process, as any deadline does.
+    pub(crate) fn creation_failed(&self, e: Error) -> Error {
+        if matches!(e, Error::Timeout { .. } | Error::Aborted { .. }) {
+            self.abandon_memory();
+            self.abort_comms();
+            abort::on_error(&e);
+        }
+        e
+    }
+
+    /// Release no device memory from now on (see [`ABANDONED`]), and keep this context.
+    fn abandon_memory(&self) {
+        ABANDONED.store(true, Ordering::Release);
+        KEPT_CONTEXTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.ctx.clone());
+    }
+
     /// Abort every NCCL communicator of this device now (from the rank's own thread, so no
     /// other call on them runs concurrently): kernels waiting for a dead peer exit, and every
     /// later use of them is an error instead of a hang.
@@ -381,11 +418,7 @@ impl DeviceShared {
         if !comms.iter().any(|c| !c.is_aborted()) {
             return;
         }
-        ABANDONED.store(true, Ordering::Release);
-        KEPT_CONTEXTS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(self.ctx.clone());
+        self.abandon_memory();
         for c in comms {
             c.abort_now();
         }

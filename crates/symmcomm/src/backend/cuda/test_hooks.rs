@@ -1,0 +1,55 @@
+//! Test hooks, hidden from the docs and not part of the API: ways for the GPU failure tests to
+//! reach a state a correct program never does. Each is per thread and fires once.
+
+use std::cell::Cell;
+
+/// An NCCL call that creates a communicator (blocking and collective: every peer must call it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NcclCreation {
+    /// `ncclCommInitRankConfig`: the world group's communicator (in `Communicator::new`).
+    InitRank,
+    /// `ncclCommSplit`: a group split from another (`Group::split`; the first split a
+    /// `Communicator::new` or `Group::split` reaches).
+    Split,
+}
+
+thread_local! {
+    static SKIP: Cell<Option<NcclCreation>> = const { Cell::new(None) };
+}
+
+/// Make the next `call` this thread reaches not happen: after the control plane has agreed (the
+/// unique id shared, the split colours exchanged), this rank returns
+/// `Error::InvalidArgument` ("skipped by the test hook") instead of calling NCCL, so its peers
+/// wait inside NCCL for a rank that never joins: the state only the NCCL-level deadline ends.
+/// The control plane's own handshake would catch a rank that is missing altogether first.
+pub fn skip_next_nccl_creation(call: NcclCreation) {
+    SKIP.with(|s| s.set(Some(call)));
+}
+
+/// Whether this thread's `call` is to be skipped (the hook is used up when it is).
+pub(crate) fn take_skip(call: NcclCreation) -> bool {
+    SKIP.with(|s| {
+        let hit = s.get() == Some(call);
+        if hit {
+            s.set(None);
+        }
+        hit
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hook_fires_once_for_its_call_and_this_thread_only() {
+        assert!(!take_skip(NcclCreation::Split));
+        skip_next_nccl_creation(NcclCreation::Split);
+        assert!(!take_skip(NcclCreation::InitRank));
+        std::thread::spawn(|| assert!(!take_skip(NcclCreation::Split)))
+            .join()
+            .unwrap();
+        assert!(take_skip(NcclCreation::Split));
+        assert!(!take_skip(NcclCreation::Split));
+    }
+}
