@@ -439,23 +439,28 @@ impl OwnedComm {
         // `ncclCommAbort` frees device memory, which waits for NCCL's kernels; a kernel stuck on
         // a dead peer may never end, so the abort runs on its own thread and is waited for only
         // briefly: the caller's error must not wait for it.
-        let (nccl, comm, label) = (self.nccl, self.comm as usize, self.label.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let spawned = std::thread::Builder::new()
-            .name("symmcomm-abort".into())
-            .spawn(move || {
+        let (nccl, comm) = (self.nccl, self.comm as usize);
+        let aborted = call_with_deadline(
+            "symmcomm-abort",
+            Instant::now() + Duration::from_millis(300),
+            || Ok(()),
+            move || {
                 // SAFETY: the communicator is live (`request_abort` released it just now, once),
                 // no split of it is in flight (else the abort would have been deferred), and
                 // nothing else uses it from now on (every use checks the flag).
-                let r = unsafe { nccl.comm_abort(comm as RawComm) };
-                let _ = tx.send(r);
-            });
-        match spawned.map(|_| rx.recv_timeout(Duration::from_millis(300))) {
-            Ok(Ok(r)) => {
-                tracing::warn!(comm = %label, code = %r.name(), "NCCL communicator aborted")
+                unsafe { nccl.comm_abort(comm as RawComm) }
+            },
+            |_| {},
+        );
+        match aborted {
+            Ok(r) => {
+                tracing::warn!(comm = %self.label, code = %r.name(), "NCCL communicator aborted")
             }
-            _ => {
-                tracing::warn!(comm = %label, "NCCL communicator abort still running (its kernels have not ended)")
+            Err(GaveUp::Spawn(e)) => {
+                tracing::warn!(comm = %self.label, error = %e, "NCCL communicator not aborted: no thread for the abort")
+            }
+            Err(_) => {
+                tracing::warn!(comm = %self.label, "NCCL communicator abort still running (its kernels have not ended)")
             }
         }
     }
