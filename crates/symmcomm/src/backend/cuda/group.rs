@@ -42,7 +42,6 @@ pub(crate) fn nccl_op(r: ReduceOp) -> RedOp {
 /// One rank's view of a CUDA group.
 #[derive(Debug)]
 pub(crate) struct CudaGroup {
-    dev: Arc<DeviceShared>,
     /// Windows are registered here: the symmetric path.
     windows: Arc<OwnedComm>,
     /// No windows: the regular path.
@@ -55,6 +54,8 @@ pub(crate) struct CudaGroup {
     own: Option<Arc<OwnKernels>>,
     /// Every rank's view of each pool segment (segment order), for copy-engine transfers.
     segment_views: std::sync::Mutex<Vec<Vec<PeerView>>>,
+    /// Last, so that it is dropped after the communicators (fields drop in order).
+    dev: Arc<DeviceShared>,
 }
 
 /// Our kernel for an algorithm and collective.

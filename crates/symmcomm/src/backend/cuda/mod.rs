@@ -13,6 +13,7 @@ mod modules;
 mod nccl;
 mod own;
 mod peers;
+mod teardown;
 #[doc(hidden)]
 pub mod test_hooks;
 
@@ -208,6 +209,7 @@ pub(crate) fn start(
         cc,
         util: OnceLock::new(),
         dcp: OnceLock::new(),
+        collectives: OnceLock::new(),
         scratch: OnceLock::new(),
         capturing: AtomicBool::new(false),
         graph: Mutex::new(()),
@@ -240,6 +242,8 @@ pub(crate) struct DeviceShared {
     cc: (i32, i32),
     util: OnceLock<std::result::Result<UtilKernels, String>>,
     dcp: OnceLock<std::result::Result<dcp::DcpKernels, String>>,
+    /// Our collective kernels, loaded once per device and shared by every group on it.
+    collectives: OnceLock<std::result::Result<own::CollectiveFunctions, String>>,
     scratch: OnceLock<DeviceAlloc>,
     capturing: AtomicBool,
     /// Serialises capture begin/end.
@@ -259,6 +263,14 @@ pub(crate) struct DeviceShared {
     pub(crate) own_kernels_pdl: bool,
     /// Our kernels' groups, whose device-side error state every wait checks.
     own: Mutex<Vec<(Weak<own::OwnKernels>, String)>>,
+}
+
+impl Drop for DeviceShared {
+    /// The device goes last: its groups' communicators are on their teardown threads by now;
+    /// let them finish (within the deadline), so that the process does not end under them.
+    fn drop(&mut self) {
+        teardown::wait_idle(self.timeout);
+    }
 }
 
 impl DeviceShared {
@@ -335,6 +347,20 @@ impl DeviceShared {
             .as_ref()
             .map_err(|reason| Error::NoGpu {
                 reason: format!("DCP kernels unavailable: {reason}"),
+            })
+    }
+
+    /// Our collective kernels, compiled and loaded on first use (once per device: groups made
+    /// and dropped many times do not load the module again).
+    pub(crate) fn collectives(&self) -> Result<&own::CollectiveFunctions> {
+        self.collectives
+            .get_or_init(|| {
+                own::CollectiveFunctions::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0))
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|reason| Error::NoGpu {
+                reason: format!("our collective kernels are unavailable: {reason}"),
             })
     }
 
@@ -829,6 +855,17 @@ impl RankBackend for CudaDevice {
 
     fn memory_info(&self) -> Result<Option<(usize, usize)>> {
         let op = self.dev.op(Op::PoolAlloc, 0);
+        // Dropped groups' communicators may still be on their teardown threads: what they hold
+        // counts as used until they finish.
+        if !teardown::wait_idle(self.dev.timeout) {
+            return Err(Error::Timeout {
+                ctx: op,
+                waited: self.dev.timeout,
+                detail: "NCCL communicators of dropped groups were still being destroyed, so \
+                         device memory cannot be measured"
+                    .into(),
+            });
+        }
         self.dev.bind(&op)?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: both outputs are valid for writing; the device's context is current.

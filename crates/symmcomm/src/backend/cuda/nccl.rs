@@ -1,7 +1,7 @@
 //! An owned NCCL communicator: created from a unique id or split from a parent, with a deadline
 //! (the blocking creation call runs on a helper thread; a peer that never joins is an error, not
-//! a hang), polled for asynchronous errors, finalized and destroyed on drop, aborted when
-//! anything went wrong.
+//! a hang), polled for asynchronous errors, destroyed on a teardown thread after its drop
+//! (`teardown.rs` says why), aborted at once when anything went wrong.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -45,6 +45,9 @@ pub(crate) struct OwnedComm {
     /// Who may call NCCL on the handle, and who releases it.
     teardown: Mutex<Teardown>,
     label: String,
+    /// The rank's CUDA context, kept alive until the communicator is destroyed (which may
+    /// happen on a teardown thread after the rank's device is gone).
+    cuda: Arc<CudaContext>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
@@ -264,7 +267,7 @@ impl Drop for SplitInFlight {
 }
 
 impl OwnedComm {
-    fn new(nccl: &'static Nccl, comm: RawComm, label: &str) -> Self {
+    fn new(nccl: &'static Nccl, comm: RawComm, label: &str, cuda: Arc<CudaContext>) -> Self {
         OwnedComm {
             nccl,
             comm,
@@ -272,6 +275,7 @@ impl OwnedComm {
             aborted: AtomicBool::new(false),
             teardown: Mutex::new(Teardown::default()),
             label: label.into(),
+            cuda,
         }
     }
 
@@ -291,11 +295,12 @@ impl OwnedComm {
     ) -> Result<Self> {
         skipped_by_test_hook(NcclCreation::InitRank, how.ctx)?;
         let (id, owned_label, ctx) = (*id, label.to_string(), how.ctx.clone());
+        let cuda = how.cuda.clone();
         create_with_deadline(
             how,
             NcclCreation::InitRank,
             &format!("joining {label} as rank {rank} of {size}"),
-            move || Self::init_blocking(nccl, &id, size, rank, &owned_label, &ctx),
+            move || Self::init_blocking(nccl, &id, size, rank, &owned_label, cuda, &ctx),
             |_| {},
         )
     }
@@ -307,6 +312,7 @@ impl OwnedComm {
         size: usize,
         rank: usize,
         label: &str,
+        cuda: Arc<CudaContext>,
         ctx: &OpCtx,
     ) -> Result<Self> {
         let mut comm: RawComm = std::ptr::null_mut();
@@ -319,7 +325,7 @@ impl OwnedComm {
             nccl.comm_init_rank_config(&mut comm, size as i32, *id, rank as i32, &mut config)
         };
         check(nccl, r, "ncclCommInitRankConfig", ctx)?;
-        Ok(OwnedComm::new(nccl, comm, label))
+        Ok(OwnedComm::new(nccl, comm, label, cuda))
     }
 
     /// Split: ranks with equal `color` form a new communicator ordered by `key` (collective
@@ -381,7 +387,7 @@ impl OwnedComm {
                 detail: "ncclCommSplit returned no communicator".into(),
             });
         }
-        Ok(OwnedComm::new(self.nccl, comm, label))
+        Ok(OwnedComm::new(self.nccl, comm, label, self.cuda.clone()))
     }
 
     /// The raw handle, for calls that pass it to NCCL. Callers on the rank's thread check
@@ -500,21 +506,50 @@ impl Drop for OwnedComm {
             return;
         }
         let abort = t.unusable || self.failed.load(Ordering::Relaxed);
-        // SAFETY: the communicator was not released before (per `release_on_drop`), no window,
-        // group or split uses it any more (they hold an `Arc` to it), and it is dropped once.
-        // Abort when something failed: finalize would wait for peers that may be gone.
-        let r = unsafe {
-            if abort {
-                self.nccl.comm_abort(self.comm)
-            } else {
-                self.nccl.comm_destroy(self.comm)
+        if abort {
+            // Abort when something failed: finalize would wait for peers that may be gone.
+            // SAFETY: the communicator was not released before (per `release_on_drop`), no
+            // window, group or split uses it any more (they hold an `Arc` to it), and it is
+            // dropped once.
+            let r = unsafe { self.nccl.comm_abort(self.comm) };
+            if !r.is_success() {
+                tracing::warn!(comm = %self.label, code = %r.name(), "NCCL communicator abort failed");
             }
-        };
-        if !r.is_success() {
-            tracing::warn!(comm = %self.label, code = %r.name(), "NCCL communicator teardown failed");
+            return;
         }
+        // A healthy communicator is destroyed on a teardown thread (`teardown.rs` says why).
+        let (nccl, comm, label, cuda) = (
+            self.nccl,
+            SendComm(self.comm),
+            std::mem::take(&mut self.label),
+            self.cuda.clone(),
+        );
+        super::teardown::run("symmcomm-nccl-destroy", TEARDOWN_SLOT_WAIT, move || {
+            let comm = comm;
+            if let Err(e) = cuda.bind_to_thread() {
+                tracing::warn!(comm = %label, error = %e, "cannot bind the context to destroy an NCCL communicator");
+            }
+            // SAFETY: the communicator was not released before (per `release_on_drop`),
+            // nothing uses it any more (its `OwnedComm` is being dropped, and windows,
+            // groups and splits hold an `Arc` to that), and it is destroyed once, here; its
+            // context is held alive by `cuda`.
+            let r = unsafe { nccl.comm_destroy(comm.0) };
+            if !r.is_success() {
+                tracing::warn!(comm = %label, code = %r.name(), "NCCL communicator teardown failed");
+            }
+        });
     }
 }
+
+/// How long a drop waits for a free teardown slot before destroying on its own thread.
+const TEARDOWN_SLOT_WAIT: Duration = Duration::from_secs(30);
+
+/// A communicator handle on its way to a teardown thread.
+struct SendComm(RawComm);
+
+// SAFETY: the handle is moved to exactly one teardown thread, the only one that uses it after
+// its `OwnedComm` was dropped (see `OwnedComm`'s `Send`).
+unsafe impl Send for SendComm {}
 
 #[cfg(test)]
 mod tests {

@@ -44,10 +44,40 @@ impl Drop for Workspace {
     }
 }
 
+/// Every function of the collectives module (`kernels/collectives.cu`), by name: loaded once
+/// per device ([`DeviceShared::collectives`]) and shared by its groups.
+#[derive(Debug, Clone)]
+pub(crate) struct CollectiveFunctions(Arc<Vec<(&'static str, Function)>>);
+
+impl CollectiveFunctions {
+    pub(crate) fn load(
+        ctx: &Arc<cudarc::driver::CudaContext>,
+        cc: (i32, i32),
+        op: &OpCtx,
+    ) -> Result<Self> {
+        let m = Module::load(ctx, source("collectives"), cc, op)?;
+        let mut fs = Vec::new();
+        for k in CollectiveKernel::ALL {
+            for d in [DType::BF16, DType::F16, DType::F32] {
+                if let Some(name) = k.function(d)
+                    && !fs.iter().any(|(n, _)| *n == name)
+                {
+                    fs.push((name, m.function(name, op)?));
+                }
+            }
+        }
+        Ok(CollectiveFunctions(Arc::new(fs)))
+    }
+
+    fn get(&self, name: &str) -> Option<&Function> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, f)| f)
+    }
+}
+
 /// Our kernels on one group.
 #[derive(Debug)]
 pub(crate) struct OwnKernels {
-    functions: Vec<(&'static str, Function)>,
+    functions: CollectiveFunctions,
     /// Every rank's workspace (then its pad at `ws_bytes`), as this rank addresses it.
     views: Vec<PeerView>,
     _workspace: Workspace,
@@ -87,19 +117,7 @@ impl OwnKernels {
         if slot_bytes == 0 || !(2..=MAX_WORLD).contains(&world) {
             return Ok(None);
         }
-        let loaded = Module::load(&dev.ctx, source("collectives"), dev.cc, ctx).and_then(|m| {
-            let mut fs = Vec::new();
-            for k in CollectiveKernel::ALL {
-                for d in [DType::BF16, DType::F16, DType::F32] {
-                    if let Some(name) = k.function(d)
-                        && !fs.iter().any(|(n, _)| *n == name)
-                    {
-                        fs.push((name, m.function(name, ctx)?));
-                    }
-                }
-            }
-            Ok(fs)
-        });
+        let loaded = dev.collectives().cloned();
         let flag = [u8::from(loaded.is_ok())];
         let all = control.all_gather("own kernels loaded", &flag)?;
         let functions = match loaded {
@@ -167,10 +185,7 @@ impl OwnKernels {
     }
 
     fn function(&self, name: &str) -> Option<&Function> {
-        self.functions
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, f)| f)
+        self.functions.get(name)
     }
 
     /// Why `kernel` cannot move `elems` elements of `dtype` per piece, if it cannot.
