@@ -13,8 +13,10 @@
 //! - at most [`MAX_IN_FLIGHT`] run at once: a drop beyond that waits for a slot (with a
 //!   deadline, after which it destroys on its own thread);
 //! - [`wait_idle`] waits (with a deadline) until every teardown has finished: the device's
-//!   memory report and the device's own drop call it, so memory is measured, and the process
-//!   ends, only after NCCL has released everything.
+//!   memory report, the device's own drop and the process's exit (an `atexit` handler, which
+//!   also covers `std::process::exit`) call it, so memory is measured, and the process ends,
+//!   only after NCCL has released everything (a process that ended under a teardown thread
+//!   crashed in NCCL on 2 × H200).
 //!
 //! Aborts never come here: `ncclCommAbort` runs at once on the caller's thread.
 
@@ -130,9 +132,26 @@ impl Teardowns {
     }
 }
 
+/// How long the process's exit waits for teardowns still running.
+const EXIT_WAIT: Duration = Duration::from_secs(60);
+
 /// Run `destroy` on a teardown thread of the process (see the module's documentation).
 pub(crate) fn run(name: &str, slot_wait: Duration, destroy: impl FnOnce() + Send + 'static) {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: `wait_at_exit` is an `extern "C" fn()` that never unwinds (it only waits on
+        // a mutex and a condition variable, whose poisoning it ignores).
+        if unsafe { libc::atexit(wait_at_exit) } != 0 {
+            tracing::warn!("cannot register the exit handler that waits for NCCL teardowns");
+        }
+    });
     TEARDOWNS.run(name, slot_wait, destroy);
+}
+
+/// Runs at the process's exit, before NCCL's and CUDA's own exit handlers (registered earlier,
+/// so they run later): the teardowns finish first.
+extern "C" fn wait_at_exit() {
+    TEARDOWNS.wait_idle(EXIT_WAIT);
 }
 
 /// Wait until the process's teardowns have finished, at most `within`; `false` (and a warning)
