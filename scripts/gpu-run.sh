@@ -19,8 +19,10 @@ export NCCL_NVLS_ENABLE=0            # never NVLink multicast on this machine
 export SYMMCOMM_REQUIRE_GPU=1
 export SYMMCOMM_KERNEL_CACHE="${SYMMCOMM_KERNEL_CACHE:-/tmp/symmcomm-kernels}"
 export RUST_BACKTRACE=1
-# Create-and-drop cycles of the resources test: 0.65 s each on 2xH200 (two NCCL communicators
-# per group), so 1000 (its default) takes ~11 minutes; 200 fits a test step.
+# Create-and-drop cycles of the resources test: 0.16 s each on 2xH200 since the teardown
+# threads (commit e318e3e; 0.65 s before), plus a tenth as many warm-up cycles: 1000 (the test's
+# own default, RELIABILITY.md's row) take ~3 minutes, so give them a step of their own
+# (SYMMCOMM_RESOURCE_CYCLES=1000 TEST_TIMEOUT=300); 200 keep the test step short.
 export SYMMCOMM_RESOURCE_CYCLES="${SYMMCOMM_RESOURCE_CYCLES:-200}"
 if [[ -x "$HERE/symmcomm" ]]; then BIN="${BIN:-$HERE}"; else BIN="${BIN:-.gpu}"; fi
 # Results are named after the machine: h200x<GPUs this run sees> unless MACHINE says otherwise

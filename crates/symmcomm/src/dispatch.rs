@@ -163,17 +163,19 @@ impl DispatchTable {
             .max_by_key(|r| r.max_bytes)
     }
 
-    /// The table shipped for a device, if one was measured for it: 2 and 4 H200s (written by
+    /// The table shipped for a device, if one was measured for it: 2, 4 and 8 H200s (written by
     /// `symmcomm tune` on the GPU machines; see BENCHMARKS.md).
     pub fn builtin(backend: BackendKind, device: &str, world: usize) -> Option<Self> {
         const H200X2: &str = include_str!("../tables/h200x2.json");
         const H200X4: &str = include_str!("../tables/h200x4.json");
+        const H200X8: &str = include_str!("../tables/h200x8.json");
         if backend != BackendKind::Cuda || !device.contains("H200") {
             return None;
         }
         let (name, json) = match world {
             2 => ("h200x2", H200X2),
             4 => ("h200x4", H200X4),
+            8 => ("h200x8", H200X8),
             _ => return None,
         };
         let mut t: DispatchTable = serde_json::from_str(json).ok()?;
@@ -709,7 +711,7 @@ mod tests {
 
     #[test]
     fn the_builtin_tables_parse_and_cover_every_op() {
-        for world in [2, 4] {
+        for world in [2, 4, 8] {
             let t = DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H200 (cuda:0, sm_90)", world)
                 .unwrap_or_else(|| panic!("the {world}xH200 table parses"));
             assert!(t.source.contains(&format!("h200x{world}")), "{}", t.source);
@@ -727,7 +729,7 @@ mod tests {
         }
         assert!(DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H100", 2).is_none());
         assert!(DispatchTable::builtin(BackendKind::Host, "NVIDIA H200", 2).is_none());
-        assert!(DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H200", 8).is_none());
+        assert!(DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H200", 3).is_none());
     }
 
     #[test]
