@@ -265,6 +265,20 @@ pub(crate) struct DeviceShared {
     own: Mutex<Vec<(Weak<own::OwnKernels>, String)>>,
 }
 
+/// What `cell` holds, loading it with `load` on first use; a failure is kept too (loading again
+/// would fail the same way) and reported as `NoGpu` naming `what`.
+fn loaded_once<'a, T>(
+    cell: &'a OnceLock<std::result::Result<T, String>>,
+    what: &str,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<&'a T> {
+    cell.get_or_init(|| load().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|reason| Error::NoGpu {
+            reason: format!("{what} unavailable: {reason}"),
+        })
+}
+
 impl Drop for DeviceShared {
     /// The device goes last: its groups' communicators are on their teardown threads by now;
     /// let them finish (within the deadline), so that the process does not end under them.
@@ -326,42 +340,24 @@ impl DeviceShared {
 
     /// The utility kernels, compiled and loaded on first use.
     pub(crate) fn util(&self) -> Result<&UtilKernels> {
-        self.util
-            .get_or_init(|| {
-                UtilKernels::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0))
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|reason| Error::NoGpu {
-                reason: format!("utility kernels unavailable: {reason}"),
-            })
+        loaded_once(&self.util, "utility kernels", || {
+            UtilKernels::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0))
+        })
     }
 
     /// The DCP kernels, compiled and loaded on first use.
     pub(crate) fn dcp(&self) -> Result<&dcp::DcpKernels> {
-        self.dcp
-            .get_or_init(|| {
-                dcp::DcpKernels::load(&self.ctx, self.cc, &self.op(Op::DcpCombine, 0))
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|reason| Error::NoGpu {
-                reason: format!("DCP kernels unavailable: {reason}"),
-            })
+        loaded_once(&self.dcp, "DCP kernels", || {
+            dcp::DcpKernels::load(&self.ctx, self.cc, &self.op(Op::DcpCombine, 0))
+        })
     }
 
     /// Our collective kernels, compiled and loaded on first use (once per device: groups made
     /// and dropped many times do not load the module again).
     pub(crate) fn collectives(&self) -> Result<&own::CollectiveFunctions> {
-        self.collectives
-            .get_or_init(|| {
-                own::CollectiveFunctions::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0))
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|reason| Error::NoGpu {
-                reason: format!("our collective kernels are unavailable: {reason}"),
-            })
+        loaded_once(&self.collectives, "our collective kernels", || {
+            own::CollectiveFunctions::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0))
+        })
     }
 
     /// 256 bytes of device memory for warm-ups.
