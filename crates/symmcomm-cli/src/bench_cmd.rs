@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use symmcomm::bench::{
-    self, BenchSpec, DcpBenchSpec, Limits, Meta, Mode, Results, Row, Timing, Variant,
-};
 use symmcomm::dcp::CombineImpl;
 use symmcomm::{BackendKind, Collective, Communicator, DType, ReduceOp};
+use symmcomm_lab::bench::{
+    self, BenchSpec, DcpBenchSpec, Limits, Meta, Mode, Results, Row, Timing, Variant,
+};
 
 use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
 
@@ -309,7 +309,7 @@ fn measure_limits(args: &BenchArgs, backend: BackendKind, world: usize) -> Limit
     if args.no_limits || backend != BackendKind::Cuda || world < 2 {
         return Limits::default();
     }
-    match symmcomm::limits::measure(0, 1) {
+    match symmcomm::lab::measure_limits(0, 1) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("warning: could not measure the limits: {e}");

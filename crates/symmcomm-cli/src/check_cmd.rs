@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use symmcomm::verify::{self, Case};
 use symmcomm::{Algo, Collective, Communicator, DType, Impl, ReduceOp};
+use symmcomm_lab::verify::{self, Case};
 
 use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
 
@@ -171,5 +171,5 @@ pub(crate) fn rand_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    symmcomm::fill::splitmix64(t ^ u64::from(std::process::id()))
+    symmcomm::lab::fill::splitmix64(t ^ u64::from(std::process::id()))
 }

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use symmcomm::bench::{Results, Row, Variant};
-use symmcomm::decode_sim::{self, ModelDims, SimSpec, StepConfig};
 use symmcomm::{BackendKind, Communicator};
+use symmcomm_lab::bench::{Results, Row, Variant};
+use symmcomm_lab::decode_sim::{self, ModelDims, SimSpec, StepConfig};
 
 use crate::bench_cmd::{command_line, exit, meta};
 use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};

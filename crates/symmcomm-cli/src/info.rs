@@ -108,7 +108,7 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
                 let upto = if r.max_bytes == usize::MAX {
                     "∞".into()
                 } else {
-                    symmcomm::bench::human_bytes(r.max_bytes)
+                    symmcomm_lab::bench::human_bytes(r.max_bytes)
                 };
                 println!(
                     "  {:<15} {:<5} world {} up to {:>5}: {:<10} staging {}",

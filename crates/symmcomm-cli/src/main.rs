@@ -62,11 +62,11 @@ struct LaunchArgs {
 
 fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     let (program, rest) = args.command.split_first().expect("clap requires a command");
-    let mut spec = symmcomm::launch::LaunchSpec::new(args.nproc, program, rest.to_vec());
+    let mut spec = symmcomm_lab::launch::LaunchSpec::new(args.nproc, program, rest.to_vec());
     spec.master_addr = args.master_addr;
     spec.master_port = args.master_port;
     spec.timeout = args.timeout.map(std::time::Duration::from_secs);
-    let report = symmcomm::launch::launch(&spec)?;
+    let report = symmcomm_lab::launch::launch(&spec)?;
     if !report.success() {
         eprintln!("{report}");
     }

@@ -155,9 +155,9 @@ pub(crate) fn launch_self(
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.push("--rank-child".into());
-    let mut spec = symmcomm::launch::LaunchSpec::new(nproc, exe, args);
+    let mut spec = symmcomm_lab::launch::LaunchSpec::new(nproc, exe, args);
     spec.extra_env = extra_env;
-    let report = symmcomm::launch::launch(&spec)?;
+    let report = symmcomm_lab::launch::launch(&spec)?;
     if !report.success() {
         eprintln!("{report}");
     }

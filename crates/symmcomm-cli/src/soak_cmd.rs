@@ -7,8 +7,8 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use symmcomm::verify::{self, Case};
 use symmcomm::{Collective, Communicator, DType, Impl, ReduceOp};
+use symmcomm_lab::verify::{self, Case};
 
 use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
 

@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::backend::{Call, CallShape, Collective, Copy2d, FillSpec, GroupBackend, Impl, SymmLoc};
+use crate::backend::{Call, CallShape, Collective, Copy2d, GroupBackend, Impl, SymmLoc};
 use crate::bootstrap::ControlPlane;
 use crate::comm::CommShared;
 use crate::dispatch;
@@ -147,13 +147,6 @@ impl SymmScope<'_> {
             self.group.alloc_plain(dtype, shape)
         }
     }
-}
-
-/// A device counter that producers read as their epoch; bumping it inside a captured graph
-/// gives every replay fresh inputs.
-#[derive(Clone, Debug)]
-pub struct EpochCounter {
-    t: Tensor,
 }
 
 /// The validated shape of a call.
@@ -439,7 +432,8 @@ impl Group {
         &self.inner.control
     }
 
-    pub(crate) fn ctx(&self, op: Op, bytes: usize) -> OpCtx {
+    /// The context an error of `op` on `bytes` in this group names (rank, group, size).
+    pub fn ctx(&self, op: Op, bytes: usize) -> OpCtx {
         OpCtx {
             op,
             group: self.inner.label.clone(),
@@ -610,7 +604,7 @@ impl Group {
         Ok(())
     }
 
-    fn contiguous_ref(&self, t: &Tensor, op: Op) -> Result<MemRef> {
+    pub(crate) fn contiguous_ref(&self, t: &Tensor, op: Op) -> Result<MemRef> {
         self.check_owned(t, op)?;
         if !t.is_contiguous() {
             return Err(Error::NotContiguous {
@@ -674,55 +668,6 @@ impl Group {
         Ok(out)
     }
 
-    /// Enqueue a fill of `t` with the reference generator ([`crate::fill`]) for `seed` and this
-    /// group's rank, at the epoch `counter` holds when the fill runs (0 without a counter).
-    pub fn fill_random(&self, t: &Tensor, seed: u64, counter: Option<&EpochCounter>) -> Result<()> {
-        self.fill_with(t, seed, counter, None)
-    }
-
-    /// [`Group::fill_random`] by a producer that lets the next kernel start at once and writes
-    /// only after `delay_ns` (bf16 only on CUDA): what a consumer launched with programmatic
-    /// dependent launch that does not wait on its grid dependency sees. For hazard tests.
-    pub fn fill_random_early_release(
-        &self,
-        t: &Tensor,
-        seed: u64,
-        counter: Option<&EpochCounter>,
-        delay_ns: u64,
-    ) -> Result<()> {
-        self.fill_with(t, seed, counter, Some(delay_ns))
-    }
-
-    fn fill_with(
-        &self,
-        t: &Tensor,
-        seed: u64,
-        counter: Option<&EpochCounter>,
-        early_release_ns: Option<u64>,
-    ) -> Result<()> {
-        let r = self.contiguous_ref(t, Op::Fill)?;
-        let spec = FillSpec {
-            seed,
-            rank: self.rank() as u64,
-            epoch: counter.map(|c| c.t.buf.mem_ref(0)),
-            early_release_ns,
-        };
-        let mut keep = vec![&t.buf];
-        if let Some(c) = counter {
-            keep.push(&c.t.buf);
-        }
-        self.inner.comm.keep_alive(&keep, &[]);
-        self.inner.comm.device.fill(&r, t.dtype, t.numel(), &spec)
-    }
-
-    /// Enqueue setting every byte of `t` to 0xFF (NaN for floats): outputs are poisoned before
-    /// a run so an element left unwritten fails the check.
-    pub fn poison(&self, t: &Tensor) -> Result<()> {
-        let r = self.contiguous_ref(t, Op::Fill)?;
-        self.inner.comm.keep_alive(&[&t.buf], &[]);
-        self.inner.comm.device.memset(&r, t.bytes(), 0xFF)
-    }
-
     /// Enqueue a copy of `src` into `dst`: both contiguous, of this communicator, with the same
     /// element type and number of elements (empty views copy nothing).
     pub fn copy(&self, src: &Tensor, dst: &Tensor) -> Result<()> {
@@ -772,25 +717,6 @@ impl Group {
     /// Whether `other` is this very group (not merely one with the same members).
     pub fn same_group(&self, other: &Group) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
-    /// A zeroed epoch counter in plain memory.
-    pub fn epoch_counter(&self) -> Result<EpochCounter> {
-        let t = self.alloc_plain(DType::U8, &[8])?;
-        self.upload_bytes(&t, &[0; 8])?;
-        Ok(EpochCounter { t })
-    }
-
-    /// Enqueue `counter += 1`.
-    pub fn bump(&self, counter: &EpochCounter) -> Result<()> {
-        self.inner.comm.keep_alive(&[&counter.t.buf], &[]);
-        self.inner.comm.device.bump(&counter.t.buf.mem_ref(0))
-    }
-
-    /// The counter's value (waits for queued work).
-    pub fn epoch(&self, counter: &EpochCounter) -> Result<u64> {
-        let b = self.download_bytes(&counter.t)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
     /// Wait for queued work, then for every rank of the group.

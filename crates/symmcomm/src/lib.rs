@@ -15,27 +15,23 @@ pub struct ReadmeExample;
 
 mod abort;
 pub mod backend;
-pub mod bench;
 pub mod bootstrap;
 pub mod comm;
 pub mod dcp;
-pub mod decode_sim;
 pub mod dispatch;
 pub mod dp_attention;
 pub mod dtype;
 pub mod error;
-pub mod fill;
 pub mod group;
 pub mod kernels;
-pub mod launch;
+#[cfg(feature = "lab")]
+pub mod lab;
 pub mod memory;
 pub mod policy;
 pub mod pool;
 pub mod rank_threads;
-pub mod reference;
 pub mod symm_pool;
 pub mod tensor;
-pub mod verify;
 
 pub use abort::abort_all;
 pub use backend::{Algo, BackendKind, Collective, Impl};
@@ -43,7 +39,9 @@ pub use bootstrap::Bootstrap;
 pub use comm::{BackendChoice, CommConfig, Communicator, Graph, TableSource};
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{Error, Op, OpCtx, Result};
-pub use group::{Dispatched, EpochCounter, Group, SymmScope};
+pub use group::{Dispatched, Group, SymmScope};
+#[cfg(feature = "lab")]
+pub use lab::EpochCounter;
 pub use policy::{GroupKind, Placement, SymmPolicy};
 pub use rank_threads::run_rank_threads;
 pub use tensor::{Layout, Tensor};
@@ -51,11 +49,6 @@ pub use tensor::{Layout, Tensor};
 /// The visible GPUs, or why none.
 pub fn gpus() -> std::result::Result<Vec<backend::cuda::GpuInfo>, String> {
     backend::cuda::gpus()
-}
-
-/// Measure the physical limits between GPUs `a` and `b` (peer copy bandwidth, flag round trip).
-pub mod limits {
-    pub use crate::backend::cuda::limits::measure;
 }
 
 /// How many CUDA devices this process can use with the CUDA backend (driver and NCCL present),

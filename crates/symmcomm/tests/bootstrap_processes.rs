@@ -17,7 +17,7 @@ mod common;
 use common::procs::{self, Proc, ROLE, after, env_u64, role_is};
 use symmcomm::bootstrap::{Bootstrap, free_port};
 use symmcomm::error::Error;
-use symmcomm::launch::{LaunchSpec, RankStatus, launch};
+use symmcomm_lab::launch::{LaunchSpec, RankStatus, launch};
 
 const SCENARIO: &str = "SYMMCOMM_TEST_SCENARIO";
 const TIMEOUT_MS: &str = "SYMMCOMM_TEST_TIMEOUT_MS";

@@ -7,11 +7,11 @@ mod common;
 use common::{TestBackend, all_ok, small_pool};
 use symmcomm::dispatch::{DispatchRow, DispatchTable};
 use symmcomm::pool::CheckMode;
-use symmcomm::verify::{self, Case};
 use symmcomm::{
     Algo, Collective, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy, TableSource,
     run_rank_threads,
 };
+use symmcomm_lab::verify::{self, Case};
 
 fn colls() -> Vec<Collective> {
     let mut v = vec![Collective::AllGather];
@@ -783,8 +783,8 @@ fn auto_follows_the_mode(b: TestBackend) {
         device: "any".into(),
         backend: symmcomm::BackendKind::Host,
         rows: vec![
-            row(symmcomm::bench::Mode::Eager, Impl::Regular),
-            row(symmcomm::bench::Mode::Graph, Impl::Symmetric),
+            row(symmcomm_lab::bench::Mode::Eager, Impl::Regular),
+            row(symmcomm_lab::bench::Mode::Graph, Impl::Symmetric),
         ],
     });
     all_ok(run_rank_threads(2, &cfg, |comm| {

@@ -13,7 +13,7 @@ use symmcomm::dcp::{
     CombineImpl, CombineSpec, DcpCombine, DcpQGather, KvSharding, LseBase, QGatherSpec,
     merge_reference,
 };
-use symmcomm::fill::splitmix64;
+use symmcomm::lab::fill::splitmix64;
 use symmcomm::{Algo, DType, Error, Group, Impl, Tensor, run_rank_threads};
 
 /// A small deterministic generator (every rank builds the same problem from the seed).

@@ -7,14 +7,14 @@
 mod common;
 
 use common::{TestBackend, all_ok, small_pool};
-use symmcomm::bench::Variant;
-use symmcomm::decode_sim::{self, DECODE_STEP_OP, ModelDims, SimSpec, StepConfig};
 use symmcomm::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
-use symmcomm::fill;
-use symmcomm::reference::{self, Accumulation};
+use symmcomm::lab::fill;
 use symmcomm::{
     Collective, Communicator, DType, Error, Group, GroupKind, Impl, ReduceOp, run_rank_threads,
 };
+use symmcomm_lab::bench::Variant;
+use symmcomm_lab::decode_sim::{self, DECODE_STEP_OP, ModelDims, SimSpec, StepConfig};
+use symmcomm_lab::reference::{self, Accumulation};
 
 /// Token-count patterns for `world` ranks (capacity 8): a zero-count rank in the middle and
 /// first, equal counts, nobody, and one so lopsided that the rule picks SUM_LEN.

@@ -14,8 +14,8 @@
 mod common;
 
 use common::TestBackend;
-use symmcomm::verify::{self, Case};
 use symmcomm::{Collective, DType, Impl, ReduceOp, run_rank_threads};
+use symmcomm_lab::verify::{self, Case};
 
 const REPLAYS: u64 = 60;
 const DELAY_NS: u64 = 30_000;

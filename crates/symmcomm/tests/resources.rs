@@ -15,8 +15,8 @@ mod common;
 
 use common::TestBackend;
 use symmcomm::pool::PoolConfig;
-use symmcomm::verify::{self, Case};
 use symmcomm::{Collective, DType, GroupKind, Impl, ReduceOp, run_rank_threads};
+use symmcomm_lab::verify::{self, Case};
 
 /// The process's virtual memory size in bytes (`VmSize` of /proc/self/status).
 fn vm_size() -> usize {

@@ -229,8 +229,9 @@ impl Call {
     }
 }
 
+#[cfg(feature = "lab")]
 /// How a producer writes fresh values: element `i` of rank `rank` at epoch `e` is
-/// [`crate::fill::value`]`(dtype, seed, rank, e, i)`, with `e` read from `epoch` when given
+/// [`crate::lab::fill::value`]`(dtype, seed, rank, e, i)`, with `e` read from `epoch` when given
 /// (a device counter that [`RankBackend::bump`] advances, so graph replays see fresh data).
 #[derive(Clone, Debug)]
 pub(crate) struct FillSpec {
@@ -381,10 +382,12 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     /// Enqueue a strided copy.
     fn copy_2d(&self, c: &Copy2d) -> Result<()>;
     /// Enqueue a fill of `elems` elements with the reference generator.
+    #[cfg(feature = "lab")]
     fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()>;
     /// Enqueue a fill of `bytes` bytes with `byte` (poisoning outputs).
     fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()>;
     /// Enqueue `counter += 1` on an 8-byte counter.
+    #[cfg(feature = "lab")]
     fn bump(&self, counter: &MemRef) -> Result<()>;
     /// Enqueue the DCP correction step (local: no communication).
     fn dcp_correct(&self, call: &DcpCorrect) -> Result<()>;

@@ -11,8 +11,19 @@ use cudarc::driver::{CudaContext, CudaStream};
 use super::driver::{Event, check};
 use super::memory::DeviceAlloc;
 use super::modules::UtilKernels;
-use crate::bench::Limits;
 use crate::error::{Error, Op, OpCtx, Result};
+
+/// Physical limits measured on the machine.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Peer copy bandwidth with the copy engine, one direction, GB/s.
+    pub p2p_copy_gbps: f64,
+    /// Peer copy bandwidth each way with both directions at once, GB/s.
+    #[serde(default)]
+    pub p2p_bidir_gbps: f64,
+    /// GPU-to-GPU flag round trip, µs.
+    pub flag_roundtrip_us: f64,
+}
 
 const COPY_BYTES: usize = 256 << 20;
 const COPIES: usize = 8;

@@ -7,6 +7,7 @@ mod dcp;
 mod driver;
 mod group;
 mod handoff;
+#[cfg(feature = "lab")]
 pub mod limits;
 mod memory;
 mod modules;
@@ -32,11 +33,10 @@ use self::memory::DeviceAlloc;
 use self::modules::UtilKernels;
 use self::nccl::{Creation, OwnedComm};
 use crate::abort::{self, AbortFlag};
-use crate::backend::{
-    BackendKind, Copy2d, DcpCorrect, FillSpec, GraphExec, GroupBackend, RankBackend,
-};
+use crate::backend::{BackendKind, Copy2d, DcpCorrect, GraphExec, GroupBackend, RankBackend};
 use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::comm::CommConfig;
+#[cfg(feature = "lab")]
 use crate::dtype::DType;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::memory::{MemRef, Memory};
@@ -709,7 +709,14 @@ impl RankBackend for CudaDevice {
         check(r, "cuMemcpy2DAsync", &op)
     }
 
-    fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()> {
+    #[cfg(feature = "lab")]
+    fn fill(
+        &self,
+        dst: &MemRef,
+        dtype: DType,
+        elems: usize,
+        spec: &crate::backend::FillSpec,
+    ) -> Result<()> {
         let op = self.dev.op(Op::Fill, elems * dtype.size());
         self.dev.bind(&op)?;
         let util = self.dev.util()?;
@@ -779,6 +786,7 @@ impl RankBackend for CudaDevice {
         check(r, "cuMemsetD8Async", &op)
     }
 
+    #[cfg(feature = "lab")]
     fn bump(&self, counter: &MemRef) -> Result<()> {
         let op = self.dev.op(Op::Kernel, 8);
         self.dev.bind(&op)?;

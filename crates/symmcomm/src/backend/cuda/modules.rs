@@ -8,6 +8,7 @@ use cudarc::driver::CudaContext;
 use cudarc::driver::sys;
 
 use super::driver::check;
+#[cfg(feature = "lab")]
 use crate::dtype::DType;
 use crate::error::{Error, OpCtx, Result};
 use crate::kernels::{KernelModule, MODULES, NvrtcCompiler, arch_for};
@@ -165,8 +166,11 @@ impl Function {
     }
 }
 
-/// The utility kernels: producers, counters, the PDL guard.
+/// The utility kernels: producers, counters, the PDL guard. Only the guard serves engines; the
+/// producers, the counter and the ping-pong serve the lab (feature `lab`), and are loaded with
+/// the guard from one module either way.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "lab"), allow(dead_code))]
 pub(crate) struct UtilKernels {
     fill: [Function; 5],
     slow_fill_bf16: Function,
@@ -193,6 +197,7 @@ impl UtilKernels {
         })
     }
 
+    #[cfg(feature = "lab")]
     pub(crate) fn fill(&self, dtype: DType) -> &Function {
         &self.fill[match dtype {
             DType::F32 => 0,
@@ -205,6 +210,7 @@ impl UtilKernels {
 
     /// A bf16 producer that lets its dependents start at once and writes only after
     /// `delay_ns`: the producer that exposes consumers reading inputs early under PDL.
+    #[cfg(feature = "lab")]
     pub(crate) fn slow_fill_bf16(&self) -> &Function {
         &self.slow_fill_bf16
     }

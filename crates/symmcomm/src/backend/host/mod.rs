@@ -11,10 +11,9 @@ mod memory;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{
-    BackendKind, Copy2d, DcpCorrect, FillSpec, GraphExec, GroupBackend, RankBackend,
-};
+use crate::backend::{BackendKind, Copy2d, DcpCorrect, GraphExec, GroupBackend, RankBackend};
 use crate::bootstrap::ControlPlane;
+#[cfg(feature = "lab")]
 use crate::dtype::DType;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::memory::{MemRef, Memory};
@@ -176,7 +175,14 @@ impl RankBackend for HostDevice {
         }))
     }
 
-    fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()> {
+    #[cfg(feature = "lab")]
+    fn fill(
+        &self,
+        dst: &MemRef,
+        dtype: DType,
+        elems: usize,
+        spec: &crate::backend::FillSpec,
+    ) -> Result<()> {
         let (dst, spec) = (dst.clone(), spec.clone());
         self.enqueue(Box::new(move || {
             let epoch = match &spec.epoch {
@@ -188,7 +194,7 @@ impl RankBackend for HostDevice {
                 None => 0,
             };
             let mut bytes = vec![0u8; elems * dtype.size()];
-            crate::fill::fill_bytes(dtype, spec.seed, spec.rank, epoch, 0, &mut bytes);
+            crate::lab::fill::fill_bytes(dtype, spec.seed, spec.rank, epoch, 0, &mut bytes);
             host_mem(&dst).write(dst.offset, &bytes);
             Ok(())
         }))
@@ -202,6 +208,7 @@ impl RankBackend for HostDevice {
         }))
     }
 
+    #[cfg(feature = "lab")]
     fn bump(&self, counter: &MemRef) -> Result<()> {
         let c = counter.clone();
         self.enqueue(Box::new(move || {

@@ -25,17 +25,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use crate::backend::{BackendKind, Collective, Impl};
 use crate::bench::{self, Mode, Results, Row, Variant};
-use crate::comm::{Communicator, Graph};
-use crate::dcp::{CombineImpl, CombineRun, CombineSpec, DcpCombine, merge_reference};
-use crate::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
-use crate::dtype::{DType, ReduceOp};
-use crate::error::{Error, Op, OpCtx, Result};
-use crate::fill::splitmix64;
-use crate::group::Group;
-use crate::tensor::Tensor;
 use crate::verify::{self, Case};
+use symmcomm::backend::{BackendKind, Collective, Impl};
+use symmcomm::comm::{Communicator, Graph};
+use symmcomm::dcp::{CombineImpl, CombineRun, CombineSpec, DcpCombine, merge_reference};
+use symmcomm::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
+use symmcomm::dtype::{DType, ReduceOp};
+use symmcomm::error::{Error, Op, OpCtx, Result};
+use symmcomm::group::Group;
+use symmcomm::lab::fill::splitmix64;
+use symmcomm::tensor::Tensor;
 
 /// The op name of decode-step rows in the results file.
 pub const DECODE_STEP_OP: &str = "decode_step";
@@ -576,7 +576,7 @@ fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
 }
 
 fn seed_for(spec: &SimSpec, config: StepConfig, batch: usize, check: u64, input: usize) -> u64 {
-    crate::fill::splitmix64(
+    symmcomm::lab::fill::splitmix64(
         spec.seed ^ ((config as u64) << 56) ^ ((batch as u64) << 24) ^ (check << 20) ^ input as u64,
     )
 }
@@ -1046,7 +1046,7 @@ mod tests {
     /// value changed after a right replay is caught by the merge reference.
     #[test]
     fn dcp_checks_catch_unwritten_and_wrong_combine_outputs() {
-        use crate::comm::{BackendChoice, CommConfig, TableSource};
+        use symmcomm::comm::{BackendChoice, CommConfig, TableSource};
         let cfg = CommConfig {
             backend: BackendChoice::Host,
             timeout: std::time::Duration::from_secs(30),
@@ -1054,7 +1054,7 @@ mod tests {
             ..CommConfig::default()
         };
         let (config, batch) = (StepConfig::Dcp, 5);
-        let results = crate::run_rank_threads(2, &cfg, |comm| {
+        let results = symmcomm::run_rank_threads(2, &cfg, |comm| {
             let g = comm.world();
             let spec = SimSpec::new(ModelDims::tiny(), Vec::new());
             let mut seen = Vec::new();

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendKind, Collective, Impl};
-use crate::comm::Communicator;
-use crate::dtype::{DType, ReduceOp};
-use crate::error::{Error, Result};
-use crate::group::Group;
 use crate::verify::{self, Case};
+use symmcomm::backend::{BackendKind, Collective, Impl};
+use symmcomm::comm::Communicator;
+use symmcomm::dtype::{DType, ReduceOp};
+use symmcomm::error::{Error, Result};
+use symmcomm::group::Group;
 
-pub use crate::dispatch::Mode;
+pub use symmcomm::dispatch::Mode;
 
 mod dcp;
 pub(crate) use dcp::count_wrong as dcp_count_wrong;
@@ -214,17 +214,7 @@ impl Row {
     }
 }
 
-/// Physical limits measured on the machine.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Limits {
-    /// Peer copy bandwidth with the copy engine, one direction, GB/s.
-    pub p2p_copy_gbps: f64,
-    /// Peer copy bandwidth each way with both directions at once, GB/s.
-    #[serde(default)]
-    pub p2p_bidir_gbps: f64,
-    /// GPU-to-GPU flag round trip, µs.
-    pub flag_roundtrip_us: f64,
-}
+pub use symmcomm::lab::Limits;
 
 /// Where and how the results were produced.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -312,7 +302,7 @@ struct Prepared {
     variant: Variant,
     case: Case,
     bufs: verify::CaseBuffers,
-    graph: Option<crate::comm::Graph>,
+    graph: Option<symmcomm::comm::Graph>,
     ran: Option<String>,
     samples: Vec<f64>,
 }
@@ -334,8 +324,8 @@ pub fn measure_point(
 ) -> Result<Vec<Row>> {
     let world = group.size();
     let shape = case_shape(coll, dtype, bytes, world).ok_or_else(|| Error::InvalidArgument {
-        ctx: crate::error::OpCtx {
-            op: crate::error::Op::Init,
+        ctx: symmcomm::error::OpCtx {
+            op: symmcomm::error::Op::Init,
             group: group.label().into(),
             rank: group.rank(),
             world,
@@ -449,7 +439,11 @@ pub fn measure_point(
 }
 
 /// Time `replays` back-to-back replays of `graph` between two device events; µs per replay.
-pub fn replay_us(comm: &Communicator, graph: &crate::comm::Graph, replays: usize) -> Result<f64> {
+pub fn replay_us(
+    comm: &Communicator,
+    graph: &symmcomm::comm::Graph,
+    replays: usize,
+) -> Result<f64> {
     let t = comm.time(&mut || {
         for _ in 0..replays {
             graph.replay()?;
@@ -710,8 +704,8 @@ pub fn tune_table(
     backend: BackendKind,
     device: &str,
     source: &str,
-) -> crate::dispatch::DispatchTable {
-    use crate::dispatch::{DispatchRow, DispatchTable};
+) -> symmcomm::dispatch::DispatchTable {
+    use symmcomm::dispatch::{DispatchRow, DispatchTable};
     let regular = Impl::Regular.name(backend);
     let mut keys: Vec<(String, DType, usize, Mode)> = rows
         .iter()
@@ -861,7 +855,7 @@ mod tests {
         let at = |b: usize| t.rows.iter().find(|r| r.max_bytes == b).unwrap();
         assert_eq!(at(2048).best, Impl::Symmetric);
         assert!(at(2048).stage, "staged 5.5 < 0.98 * 6.0");
-        assert_eq!(at(1 << 20).best, Impl::Kernel(crate::Algo::OneShot));
+        assert_eq!(at(1 << 20).best, Impl::Kernel(symmcomm::Algo::OneShot));
         let last = t.rows.iter().find(|r| r.max_bytes == usize::MAX).unwrap();
         assert_eq!(last.best, Impl::Regular);
         assert!(t.rows.iter().all(|r| r.mode == Some(Mode::Graph)));

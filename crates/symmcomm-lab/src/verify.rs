@@ -2,13 +2,13 @@
 //! comparison with the f64 reference recomputed on the host from every rank's seed. Tests,
 //! `symmcomm check` and every benchmark row use it, on any backend.
 
-use crate::backend::{Collective, Impl};
-use crate::dtype::{DType, ReduceOp};
-use crate::error::{Error, Op, OpCtx, Result};
-use crate::fill;
-use crate::group::{Dispatched, Group};
 use crate::reference::{self, Mismatch};
-use crate::tensor::Tensor;
+use symmcomm::backend::{Collective, Impl};
+use symmcomm::dtype::{DType, ReduceOp};
+use symmcomm::error::{Error, Op, OpCtx, Result};
+use symmcomm::group::{Dispatched, Group};
+use symmcomm::lab::fill;
+use symmcomm::tensor::Tensor;
 
 /// One case: which collective, on what, with which implementation.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,7 +79,7 @@ pub fn enqueue(
     group: &Group,
     case: &Case,
     bufs: &CaseBuffers,
-    counter: Option<&crate::group::EpochCounter>,
+    counter: Option<&symmcomm::EpochCounter>,
 ) -> Result<Dispatched> {
     group.fill_random(&bufs.input, case.seed, counter)?;
     group.poison(&bufs.output)?;

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::bootstrap::{LaunchEnv, free_port};
-use crate::error::{Error, Op, OpCtx, Result};
+use symmcomm::bootstrap::{LaunchEnv, free_port};
+use symmcomm::error::{Error, Op, OpCtx, Result};
 
 /// How often the launcher looks at its children.
 const POLL: Duration = Duration::from_millis(10);

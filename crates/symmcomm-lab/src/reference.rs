@@ -3,9 +3,9 @@
 //! follows the dtype (exact for gathers, max and min; rounding of the type plus f32
 //! accumulation for sums and averages). NaN never passes.
 
-use crate::backend::{Collective, Impl};
-use crate::dtype::DType;
-use crate::tensor::DimSplit;
+use symmcomm::backend::{Collective, Impl};
+use symmcomm::dtype::DType;
+use symmcomm::tensor::DimSplit;
 
 /// The expected output of `rank` for per-rank inputs `inputs[r]`, flat (dimension 0) or along
 /// `dim` of the per-rank `shape` (the input shape for all-gather and all-reduce, the output
@@ -107,7 +107,7 @@ pub fn tolerance(
     abs_sum: f64,
     acc: Accumulation,
 ) -> f64 {
-    use crate::dtype::ReduceOp;
+    use symmcomm::dtype::ReduceOp;
     match coll.reduce() {
         None | Some(ReduceOp::Max) | Some(ReduceOp::Min) => 0.0,
         Some(op) => {
@@ -174,7 +174,7 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::ReduceOp;
+    use symmcomm::dtype::ReduceOp;
 
     #[test]
     fn flat_references() {
@@ -248,7 +248,7 @@ mod tests {
             let mut beyond_f32 = 0;
             for i in 0..20_000u64 {
                 let xs: Vec<f64> = (0..world as u64)
-                    .map(|r| crate::fill::value(DType::BF16, 7, r, 0, i))
+                    .map(|r| symmcomm::lab::fill::value(DType::BF16, 7, r, 0, i))
                     .collect();
                 let ring = bf16_ring(&xs);
                 let exact: f64 = xs.iter().sum();

@@ -7,12 +7,12 @@
 use std::fmt::Write as _;
 
 use super::{Mode, Row, Timing, median, to_f64};
-use crate::backend::{BackendKind, Impl};
-use crate::comm::Communicator;
-use crate::dcp::{CombineImpl, CombineSpec, DcpCombine, LseBase, merge_reference};
-use crate::dtype::DType;
-use crate::error::Result;
-use crate::group::Group;
+use symmcomm::backend::{BackendKind, Impl};
+use symmcomm::comm::Communicator;
+use symmcomm::dcp::{CombineImpl, CombineSpec, DcpCombine, LseBase, merge_reference};
+use symmcomm::dtype::DType;
+use symmcomm::error::Result;
+use symmcomm::group::Group;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -70,7 +70,7 @@ impl DcpBenchSpec {
 struct Prepared {
     imp: CombineImpl,
     combine: DcpCombine,
-    graph: Option<crate::comm::Graph>,
+    graph: Option<symmcomm::comm::Graph>,
     samples: Vec<f64>,
 }
 
@@ -80,10 +80,10 @@ fn inputs(spec: &DcpBenchSpec, batch: usize, world: usize) -> (Vec<Vec<f64>>, Ve
     let (mut os, mut ls) = (Vec::new(), Vec::new());
     for r in 0..world as u64 {
         let mut b = vec![0u8; n * spec.dtype.size()];
-        crate::fill::fill_bytes(spec.dtype, spec.timing.seed, r, 0, 0, &mut b);
+        symmcomm::lab::fill::fill_bytes(spec.dtype, spec.timing.seed, r, 0, 0, &mut b);
         os.push((0..n).map(|i| spec.dtype.read_f64(&b, i)).collect());
         let mut b = vec![0u8; batch * spec.heads * 4];
-        crate::fill::fill_bytes(DType::F32, !spec.timing.seed, r, 0, 0, &mut b);
+        symmcomm::lab::fill::fill_bytes(DType::F32, !spec.timing.seed, r, 0, 0, &mut b);
         ls.push(
             (0..batch * spec.heads)
                 .map(|i| DType::F32.read_f64(&b, i))
