@@ -350,14 +350,14 @@ pub fn measure_point(
         let run = || group.collective(coll, &bufs.input, &bufs.output, None, variant.imp);
         let mut ran = None;
         for _ in 0..spec.timing.warmup.max(1) {
-            ran = Some(run()?.name);
+            ran = Some(run()?.name());
         }
         let graph = match mode {
             Mode::Eager => None,
             Mode::Graph => {
                 let (graph, ()) = comm.capture(|| {
                     (0..spec.timing.graph_ops).try_for_each(|_| -> Result<()> {
-                        ran = Some(run()?.name);
+                        ran = Some(run()?.name());
                         Ok(())
                     })
                 })?;
@@ -488,7 +488,7 @@ pub fn run(
         }
     }
     if spec.impls.iter().any(|v| v.windows || v.imp == Impl::Auto) {
-        group.reserve(largest)?;
+        group.prepare(largest)?;
     }
     let total = spec.rows();
     let mut rows = Vec::with_capacity(total);

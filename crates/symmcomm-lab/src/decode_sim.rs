@@ -267,7 +267,7 @@ fn combine_ran(run: &CombineRun, imp: CombineImpl) -> String {
             "sequence({})",
             run.collectives
                 .iter()
-                .map(|d| d.name.as_str())
+                .map(|d| d.name())
                 .collect::<Vec<_>>()
                 .join(",")
         ),
@@ -527,10 +527,10 @@ fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
             Layer::Tp { attn_out, moe_out } => {
                 compute(&p.spin)?;
                 let d = group.collective(ar, &p.inputs[0], attn_out, None, imp)?;
-                ran.push(("all_reduce", d.name));
+                ran.push(("all_reduce", d.name()));
                 compute(&p.spin)?;
                 let d = group.collective(ar, &p.inputs[1], moe_out, None, imp)?;
-                ran.push(("all_reduce", d.name));
+                ran.push(("all_reduce", d.name()));
             }
             Layer::DpAttn { buf } => {
                 let step = p.dp_step.as_ref().expect("dp_attn layers have a step");
@@ -540,11 +540,11 @@ fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
                 };
                 compute(&p.spin)?;
                 if let Some(d) = buf.gather(step, imp)?.ran {
-                    ran.push((gather_op, d.name));
+                    ran.push((gather_op, d.name()));
                 }
                 compute(&p.spin)?;
                 if let Some(d) = buf.scatter_from(step, &p.inputs[0], imp)?.ran {
-                    ran.push((scatter_op, d.name));
+                    ran.push((scatter_op, d.name()));
                 }
             }
             Layer::Dcp {
@@ -556,16 +556,16 @@ fn enqueue_step(group: &Group, spec: &SimSpec, p: &mut Prepared) -> Result<()> {
                 let combine_imp = p.combine_imp.expect("dcp layers have a combine");
                 compute(&p.spin)?;
                 let d = group.collective(Collective::AllGather, &p.inputs[0], q_all, None, imp)?;
-                ran.push(("all_gather", d.name));
+                ran.push(("all_gather", d.name()));
                 compute(&p.spin)?;
                 let run = combine.run(p.batch, combine_imp)?;
                 ran.push(("dcp_combine", combine_ran(&run, combine_imp)));
                 compute(&p.spin)?;
                 let d = group.collective(ar, &p.inputs[1], attn_out, None, imp)?;
-                ran.push(("all_reduce", d.name));
+                ran.push(("all_reduce", d.name()));
                 compute(&p.spin)?;
                 let d = group.collective(ar, &p.inputs[2], moe_out, None, imp)?;
-                ran.push(("all_reduce", d.name));
+                ran.push(("all_reduce", d.name()));
             }
         }
     }
@@ -857,7 +857,7 @@ pub fn measure_step(
                 .map(|&(_, d, i, o)| i.max(o) * d.size())
                 .max()
                 .unwrap_or(0);
-            group.reserve(largest)?;
+            group.prepare(largest)?;
         }
         // Eagerly once: connects the communicator and sets up anything lazy before capture.
         enqueue_step(group, spec, &mut p)?;

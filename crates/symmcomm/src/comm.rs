@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::abort::AbortFlag;
-use crate::backend::{BackendKind, GraphExec, RankBackend};
+use crate::backend::{BackendKind, Exec, GraphExec, RankBackend, StreamSel};
 use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::dispatch::DispatchTable;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::group::{Group, GroupShared};
-use crate::memory::{Buffer, Memory};
+use crate::memory::Buffer;
 use crate::policy::{GroupKind, SymmPolicy};
 use crate::pool::{CheckMode, PoolConfig};
 
@@ -59,8 +59,12 @@ pub struct CommConfig {
     pub timeout: Duration,
     /// `auto`'s table.
     pub table: TableSource,
-    /// CUDA device ordinal; `None` = the bootstrap's local rank.
+    /// CUDA device ordinal; `None` = the engine's context's device when `cuda_context` is
+    /// given, else the bootstrap's local rank.
     pub device: Option<usize>,
+    /// The engine's CUDA context (cudarc's, the device's primary context): the communicator
+    /// runs on it, and leaves its settings (cudarc's event tracking among them) as they are.
+    pub cuda_context: Option<Arc<cudarc::driver::CudaContext>>,
     /// On NCCL 2.28.0–2.30.6, put a guard kernel before each NCCL symmetric kernel so it
     /// cannot read its input before the producer finished. Turn off only to measure the hazard.
     pub pdl_guard: bool,
@@ -83,6 +87,7 @@ impl Default for CommConfig {
             timeout: Duration::from_secs(60),
             table: TableSource::Builtin,
             device: None,
+            cuda_context: None,
             pdl_guard: true,
             kernel_slot_bytes: 4 << 20,
             own_kernels_pdl: true,
@@ -90,11 +95,16 @@ impl Default for CommConfig {
     }
 }
 
-/// Buffers and scratch memory captured work refers to; a graph keeps them alive.
+/// Buffers captured work refers to; a graph keeps them alive.
 #[derive(Default)]
 pub(crate) struct KeepAlive {
     pub(crate) buffers: Vec<Arc<Buffer>>,
-    pub(crate) memory: Vec<Arc<dyn Memory>>,
+}
+
+impl KeepAlive {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buffers.is_empty()
+    }
 }
 
 pub(crate) struct CommShared {
@@ -130,12 +140,27 @@ impl CommShared {
         self.capture.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// While capturing, keep `buffers` and `memory` alive for the graph.
-    pub(crate) fn keep_alive(&self, buffers: &[&Arc<Buffer>], memory: &[&Arc<dyn Memory>]) {
-        if let Some(k) = self.capture_lock().as_mut() {
-            k.buffers.extend(buffers.iter().map(|b| Arc::clone(b)));
-            k.memory.extend(memory.iter().map(|m| Arc::clone(m)));
+    /// Keep `buffers` alive as long as the graph being captured on `exec`'s stream, if one is:
+    /// a capture of this communicator's own (`Communicator::begin_capture`) holds them in the
+    /// graph it returns; the engine's capture holds them through the backend.
+    pub(crate) fn keep_alive(
+        &self,
+        exec: Exec,
+        buffers: &[&Arc<Buffer>],
+        ctx: &OpCtx,
+    ) -> Result<()> {
+        if !exec.capturing {
+            return Ok(());
         }
+        let buffers = buffers.iter().map(|b| Arc::clone(b)).collect();
+        if exec.stream == StreamSel::Own
+            && let Some(k) = self.capture_lock().as_mut()
+        {
+            k.buffers.extend::<Vec<_>>(buffers);
+            return Ok(());
+        }
+        self.device
+            .retain_for_capture(exec, KeepAlive { buffers }, ctx)
     }
 }
 
@@ -290,8 +315,16 @@ impl Communicator {
         self.world.split(kind, color)
     }
 
-    /// Start capturing collectives (of any groups) into a graph. Nothing may register memory
-    /// or grow a pool until [`Communicator::end_capture`]; that is an error, not a hang.
+    /// The communicator's own stream, where groups enqueue work unless bound to another
+    /// ([`Group::on`]).
+    pub fn stream(&self) -> crate::Stream {
+        crate::Stream::own()
+    }
+
+    /// Start capturing the work enqueued on the communicator's own stream (collectives of any
+    /// groups) into a graph. Nothing may register memory or grow a pool until
+    /// [`Communicator::end_capture`]; that is an error, not a hang. An engine that captures
+    /// its own stream needs none of this: groups bound to that stream see the capture.
     pub fn begin_capture(&self) -> Result<()> {
         let mut cap = self.shared.capture_lock();
         if cap.is_some() {
@@ -334,15 +367,15 @@ impl Communicator {
         Ok((graph?, value))
     }
 
-    /// Wait for all enqueued work.
+    /// Wait for the work enqueued on the communicator's own stream.
     pub fn synchronize(&self) -> Result<()> {
         self.shared.abort.check(&self.ctx(Op::Barrier))?;
-        crate::abort::on_failure(self.shared.device.synchronize())
+        crate::abort::on_failure(self.shared.device.synchronize(StreamSel::Own))
     }
 
-    /// Time the work `enqueue` puts on this rank's stream.
+    /// Time the work `enqueue` puts on the communicator's own stream.
     pub fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
-        self.shared.device.time(enqueue)
+        self.shared.device.time(StreamSel::Own, enqueue)
     }
 
     fn ctx(&self, op: Op) -> OpCtx {

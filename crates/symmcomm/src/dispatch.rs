@@ -1,7 +1,7 @@
 //! Dispatch: which implementation `auto` runs for (op, dtype, bytes, world), read from a
 //! measured table (`symmcomm tune` writes it; a built-in one ships for 2×H200). Without a row
 //! NCCL's own rule applies: the symmetric path when both buffers are in windows, else the
-//! regular one. A decision always carries the reason, which the trace prints.
+//! regular one. A decision always carries why ([`Why`]), which the trace prints.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,7 +73,7 @@ pub struct DispatchTable {
 }
 
 /// What `auto` decided.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Decision {
     /// The implementation to run.
     pub imp: Impl,
@@ -81,8 +81,142 @@ pub struct Decision {
     pub stage_input: bool,
     /// Run into a window and copy out to a plain output.
     pub stage_output: bool,
-    /// Why, in words.
-    pub reason: String,
+    /// Why; formatted only when shown.
+    pub why: Why,
+}
+
+/// Why an implementation runs: the facts of the decision, put into words only when shown
+/// (`Display`), so that a call does not format a string.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Why {
+    /// The caller named the implementation.
+    Explicit,
+    /// No table row: NCCL's own rule (symmetric kernels when both buffers are in windows).
+    NoRow {
+        /// Both buffers lie in windows.
+        both_in_windows: bool,
+        /// The implementation that ran.
+        ran: Impl,
+    },
+    /// Between two measured sizes, `imp`'s interpolated time was least.
+    Interpolated {
+        /// The winner at `bytes`.
+        imp: Impl,
+        /// Its interpolated time, µs.
+        us: f64,
+        /// The size asked for.
+        bytes: usize,
+        /// The bucket's measured winner and its top size.
+        best: Impl,
+        /// The bucket's top size.
+        max_bytes: usize,
+    },
+    /// The table's fastest implementation for the bucket up to `max_bytes`.
+    Fastest {
+        /// The implementation.
+        imp: Impl,
+        /// The bucket's top size.
+        max_bytes: usize,
+    },
+    /// Staging plain memory into windows and running `imp` beats the regular path.
+    Staged {
+        /// The implementation.
+        imp: Impl,
+        /// The bucket's top size.
+        max_bytes: usize,
+    },
+    /// A plain buffer, and no scratch window can be had now (capture, or policy).
+    NoScratch,
+    /// A plain buffer, and staging it into a window loses at this size.
+    StagingLoses {
+        /// The size asked for.
+        bytes: usize,
+    },
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Why::Explicit => write!(f, "requested explicitly"),
+            Why::NoRow {
+                both_in_windows: true,
+                ran: Impl::Symmetric,
+            } => write!(f, "no table row: NCCL's rule, both buffers in windows"),
+            Why::NoRow {
+                both_in_windows, ..
+            } => write!(
+                f,
+                "no table row: NCCL's rule, {} in a window",
+                if both_in_windows {
+                    "symmetric path unavailable though both are"
+                } else {
+                    "not both buffers"
+                }
+            ),
+            Why::Interpolated {
+                imp: Impl::Regular,
+                us,
+                bytes,
+                ..
+            } => write!(
+                f,
+                "table: regular path interpolated fastest at {bytes} B ({us:.2} us)"
+            ),
+            Why::Interpolated {
+                imp,
+                us,
+                bytes,
+                best,
+                max_bytes,
+            } => write!(
+                f,
+                "table: {imp:?} interpolated fastest at {bytes} B ({us:.2} us), {best:?} \
+                 measured fastest at {max_bytes} B"
+            ),
+            Why::Fastest {
+                imp: Impl::Regular,
+                max_bytes,
+            } => write!(f, "table: regular path is fastest up to {max_bytes} B"),
+            Why::Fastest { imp, max_bytes } => {
+                write!(f, "table: {imp:?} is fastest up to {max_bytes} B")
+            }
+            Why::Staged { imp, max_bytes } => write!(
+                f,
+                "table: staging plain memory into windows and running {imp:?} wins up to \
+                 {max_bytes} B"
+            ),
+            Why::NoScratch => write!(
+                f,
+                "plain buffer and no scratch window can be had now (capture, or policy): \
+                 regular path"
+            ),
+            Why::StagingLoses { bytes } => write!(
+                f,
+                "plain buffer: staging into a window loses at {bytes} B, regular path"
+            ),
+        }
+    }
+}
+
+/// One call `auto` decides for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DispatchRequest {
+    /// Eager, or inside a capture (the graph row of the table).
+    pub mode: Mode,
+    /// The collective.
+    pub coll: Collective,
+    /// Element type.
+    pub dtype: DType,
+    /// Ranks in the group.
+    pub world: usize,
+    /// nccl-tests bytes: the larger buffer.
+    pub bytes: usize,
+    /// The input lies in one of the group's windows (or will, through scratch).
+    pub input_in_window: bool,
+    /// The output lies in one of the group's windows (or will, through scratch).
+    pub output_in_window: bool,
+    /// Scratch windows can be had now to stage plain buffers.
+    pub can_stage: bool,
 }
 
 impl DispatchTable {
@@ -188,48 +322,35 @@ impl DispatchTable {
     }
 }
 
-/// Decide what `auto` runs. `input_symm`/`output_symm` say whether each buffer lies in this
-/// group's windows; `can_stage` whether scratch windows can be had now (not when capture
-/// would have to grow the pool, not when the group's policy forbids symmetric memory);
-/// `available` whether the backend can run an implementation for this call.
-#[allow(clippy::too_many_arguments)]
+/// What `auto` runs for `req`: the table's row for (op, dtype, world, mode) and size, among
+/// the implementations `available` says can run it; NCCL's rule without a row.
 pub fn decide(
     table: Option<&DispatchTable>,
-    mode: Mode,
-    coll: Collective,
-    dtype: DType,
-    world: usize,
-    bytes: usize,
-    input_symm: bool,
-    output_symm: bool,
-    can_stage: bool,
+    req: &DispatchRequest,
     available: &dyn Fn(Impl) -> bool,
 ) -> Decision {
-    let both = input_symm && output_symm;
-    let regular = |reason: String| Decision {
-        imp: Impl::Regular,
+    let both = req.input_in_window && req.output_in_window;
+    let run = |imp: Impl, why: Why| Decision {
+        imp,
         stage_input: false,
         stage_output: false,
-        reason,
+        why,
     };
-    let Some(row) = table.and_then(|t| t.lookup(coll, dtype, world, bytes, mode)) else {
-        return if both && available(Impl::Symmetric) {
-            Decision {
-                imp: Impl::Symmetric,
-                stage_input: false,
-                stage_output: false,
-                reason: "no table row: NCCL's rule, both buffers in windows".into(),
-            }
+    let Some(row) =
+        table.and_then(|t| t.lookup(req.coll, req.dtype, req.world, req.bytes, req.mode))
+    else {
+        let ran = if both && available(Impl::Symmetric) {
+            Impl::Symmetric
         } else {
-            regular(format!(
-                "no table row: NCCL's rule, {} in a window",
-                if both {
-                    "symmetric path unavailable though both are"
-                } else {
-                    "not both buffers"
-                }
-            ))
+            Impl::Regular
         };
+        return run(
+            ran,
+            Why::NoRow {
+                both_in_windows: both,
+                ran,
+            },
+        );
     };
     // Between two measured sizes, the times of each implementation are interpolated linearly
     // and the fastest one at `bytes` runs: the bucket's own winner was measured at its top
@@ -237,26 +358,21 @@ pub fn decide(
     // one-shot reduce-scatter within 1 % at 1 MiB, LL 4 % faster at 896 KiB).
     let interpolated = table
         .and_then(|t| t.below(row))
-        .and_then(|lower| interpolated_best(lower, row, bytes, available))
+        .and_then(|lower| interpolated_best(lower, row, req.bytes, available))
         .filter(|_| both);
     if let Some((imp, us)) = interpolated
         && (imp != row.best || !available(row.best))
     {
-        if imp == Impl::Regular {
-            return regular(format!(
-                "table: regular path interpolated fastest at {bytes} B ({us:.2} us)"
-            ));
-        }
-        return Decision {
+        return run(
             imp,
-            stage_input: false,
-            stage_output: false,
-            reason: format!(
-                "table: {imp:?} interpolated fastest at {bytes} B ({us:.2} us), \
-                 {:?} measured fastest at {} B",
-                row.best, row.max_bytes
-            ),
-        };
+            Why::Interpolated {
+                imp,
+                us,
+                bytes: req.bytes,
+                best: row.best,
+                max_bytes: row.max_bytes,
+            },
+        );
     }
     let best = if available(row.best) {
         row.best
@@ -265,39 +381,37 @@ pub fn decide(
     } else {
         Impl::Regular
     };
+    let fastest = Why::Fastest {
+        imp: best,
+        max_bytes: row.max_bytes,
+    };
     if best == Impl::Regular {
-        return regular(format!(
-            "table: regular path is fastest up to {} B",
-            row.max_bytes
-        ));
+        return run(best, fastest);
     }
-    let stage_input = best.needs_input_window() && !input_symm;
-    let stage_output = best.needs_output_window() && !output_symm;
+    let stage_input = best.needs_input_window() && !req.input_in_window;
+    let stage_output = best.needs_output_window() && !req.output_in_window;
     if !stage_input && !stage_output {
-        return Decision {
-            imp: best,
-            stage_input: false,
-            stage_output: false,
-            reason: format!("table: {best:?} is fastest up to {} B", row.max_bytes),
-        };
+        return run(best, fastest);
     }
-    if row.stage && can_stage {
+    if row.stage && req.can_stage {
         return Decision {
             imp: best,
             stage_input,
             stage_output,
-            reason: format!(
-                "table: staging plain memory into windows and running {best:?} wins up to {} B",
-                row.max_bytes
-            ),
+            why: Why::Staged {
+                imp: best,
+                max_bytes: row.max_bytes,
+            },
         };
     }
-    regular(if row.stage {
-        "plain buffer and no scratch window can be had now (capture, or policy): regular path"
-            .into()
-    } else {
-        format!("plain buffer: staging into a window loses at {bytes} B, regular path")
-    })
+    run(
+        Impl::Regular,
+        if row.stage {
+            Why::NoScratch
+        } else {
+            Why::StagingLoses { bytes: req.bytes }
+        },
+    )
 }
 
 /// The implementation with the least time at `bytes` on the line between its measured times at
@@ -462,14 +576,16 @@ mod tests {
     ) -> Decision {
         decide(
             Some(t),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            bytes,
-            both,
-            both,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes,
+                input_in_window: both,
+                output_in_window: both,
+                can_stage: true,
+            },
             available,
         )
     }
@@ -480,11 +596,11 @@ mod tests {
         let all = |_: Impl| true;
         // 896 KiB: LL 4.91 + 0.75 * 1.63 = 6.13 us, one-shot 5.64 + 0.75 * 0.89 = 6.31 us.
         let d = decide_ar(&t, 896 << 10, true, &all);
-        assert_eq!(d.imp, Impl::Kernel(Algo::LowLatency), "{}", d.reason);
-        assert!(d.reason.contains("interpolated"), "{}", d.reason);
+        assert_eq!(d.imp, Impl::Kernel(Algo::LowLatency), "{}", d.why);
+        assert!(d.why.to_string().contains("interpolated"), "{}", d.why);
         // At the top of the bucket the measured winner runs.
         let d = decide_ar(&t, 1 << 20, true, &all);
-        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.why);
         // An implementation measured at one of the two sizes only is never picked (twoshot),
         // and a bucket whose winner has no line is not interpolated.
         assert_ne!(
@@ -494,18 +610,18 @@ mod tests {
         let mut only_top = crossing_table();
         only_top.rows[0].best = Impl::Kernel(Algo::TwoShot);
         let d = decide_ar(&only_top, 896 << 10, true, &all);
-        assert_eq!(d.imp, Impl::Kernel(Algo::TwoShot), "{}", d.reason);
+        assert_eq!(d.imp, Impl::Kernel(Algo::TwoShot), "{}", d.why);
         // Not available now (say, LL beyond its slot): the next fastest line.
         let no_ll = |i: Impl| i != Impl::Kernel(Algo::LowLatency);
         let d = decide_ar(&t, 896 << 10, true, &no_ll);
-        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.why);
         // In the lowest bucket there is nothing to interpolate from: its winner runs.
         let d = decide_ar(&t, 300 << 10, true, &all);
-        assert_eq!(d.imp, Impl::Kernel(Algo::LowLatency), "{}", d.reason);
-        assert!(!d.reason.contains("interpolated"), "{}", d.reason);
+        assert_eq!(d.imp, Impl::Kernel(Algo::LowLatency), "{}", d.why);
+        assert!(!d.why.to_string().contains("interpolated"), "{}", d.why);
         // Plain buffers keep the bucket's rule (staging is decided for its winner only).
         let d = decide_ar(&t, 896 << 10, false, &all);
-        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.why);
     }
 
     #[test]
@@ -515,14 +631,14 @@ mod tests {
         // LL at 6.46 us.
         t.rows[0].measured_us.insert("nccl".into(), 5.0);
         let d = decide_ar(&t, 1000 << 10, true, &|_| true);
-        assert_eq!(d.imp, Impl::Regular, "{}", d.reason);
+        assert_eq!(d.imp, Impl::Regular, "{}", d.why);
         // A kernel within 3 % of NCCL's line does not replace it (the tuner's rule): NCCL at
         // 6.25 us against LL's 6.13 us at 896 KiB.
         let mut t = crossing_table();
         t.rows[0].measured_us.insert("nccl".into(), 6.42);
         t.rows[1].measured_us.insert("nccl".into(), 5.75);
         let d = decide_ar(&t, 896 << 10, true, &|_| true);
-        assert_eq!(d.imp, Impl::Regular, "{}", d.reason);
+        assert_eq!(d.imp, Impl::Regular, "{}", d.why);
     }
 
     #[test]
@@ -531,7 +647,7 @@ mod tests {
         t.rows[0].max_bytes = usize::MAX;
         // LL would win on a line to usize::MAX; the bucket's measured winner runs instead.
         let d = decide_ar(&t, 896 << 10, true, &|_| true);
-        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.reason);
+        assert_eq!(d.imp, Impl::Kernel(Algo::OneShot), "{}", d.why);
     }
 
     #[test]
@@ -541,14 +657,16 @@ mod tests {
         // both symmetric, small: own kernel
         let d = decide(
             Some(&t),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            4096,
-            true,
-            true,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 4096,
+                input_in_window: true,
+                output_in_window: true,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!(d.imp, Impl::Kernel(Algo::OneShot));
@@ -556,14 +674,16 @@ mod tests {
         // plain input, small: our kernels push from any memory, nothing to stage
         let d = decide(
             Some(&t),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            4096,
-            false,
-            false,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 4096,
+                input_in_window: false,
+                output_in_window: false,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!(
@@ -575,14 +695,16 @@ mod tests {
         st.rows[1].best = Impl::Symmetric;
         let d = decide(
             Some(&st),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            4096,
-            false,
-            true,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 4096,
+                input_in_window: false,
+                output_in_window: true,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!(
@@ -592,14 +714,16 @@ mod tests {
         // ...but not when no scratch window can be had now
         let d = decide(
             Some(&st),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            4096,
-            false,
-            true,
-            false,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 4096,
+                input_in_window: false,
+                output_in_window: true,
+                can_stage: false,
+            },
             &all,
         );
         assert_eq!(d.imp, Impl::Regular);
@@ -607,43 +731,49 @@ mod tests {
         st.rows[1].best = Impl::Kernel(Algo::CopyEngine);
         let d = decide(
             Some(&st),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            4096,
-            false,
-            false,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 4096,
+                input_in_window: false,
+                output_in_window: false,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!((d.stage_input, d.stage_output), (false, true));
         // plain input, medium: staging loses
         let d = decide(
             Some(&t),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            512 << 10,
-            false,
-            false,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 512 << 10,
+                input_in_window: false,
+                output_in_window: false,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!(d.imp, Impl::Regular);
-        assert!(d.reason.contains("loses"), "{}", d.reason);
+        assert!(d.why.to_string().contains("loses"), "{}", d.why);
         // large: regular even with windows
         let d = decide(
             Some(&t),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            64 << 20,
-            true,
-            true,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 64 << 20,
+                input_in_window: true,
+                output_in_window: true,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!(d.imp, Impl::Regular);
@@ -651,14 +781,16 @@ mod tests {
         let no_kernel = |i: Impl| !matches!(i, Impl::Kernel(_));
         let d = decide(
             Some(&t),
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            4096,
-            true,
-            true,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 4096,
+                input_in_window: true,
+                output_in_window: true,
+                can_stage: true,
+            },
             &no_kernel,
         );
         assert_eq!(d.imp, Impl::Symmetric);
@@ -669,41 +801,47 @@ mod tests {
         let all = |_: Impl| true;
         let d = decide(
             None,
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            1 << 30,
-            true,
-            true,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 1 << 30,
+                input_in_window: true,
+                output_in_window: true,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!(d.imp, Impl::Symmetric);
         let d = decide(
             None,
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            1024,
-            true,
-            false,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 1024,
+                input_in_window: true,
+                output_in_window: false,
+                can_stage: true,
+            },
             &all,
         );
         assert_eq!(d.imp, Impl::Regular);
         let none = |i: Impl| i == Impl::Regular;
         let d = decide(
             None,
-            Mode::Graph,
-            AR,
-            DType::BF16,
-            2,
-            1024,
-            true,
-            true,
-            true,
+            &DispatchRequest {
+                mode: Mode::Graph,
+                coll: AR,
+                dtype: DType::BF16,
+                world: 2,
+                bytes: 1024,
+                input_in_window: true,
+                output_in_window: true,
+                can_stage: true,
+            },
             &none,
         );
         assert_eq!(d.imp, Impl::Regular);

@@ -210,7 +210,7 @@ pub struct DpOutput {
 
 /// The gathered buffer of DP attention, with this rank's send and receive buffers: allocated
 /// once, at a capacity every rank agreed on, the same size on every rank.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct DpGatheredBuffer {
     group: Group,
     spec: DpBufferSpec,
@@ -299,6 +299,15 @@ impl DpGatheredBuffer {
         })
     }
 
+    /// This buffer with its gathers and scatters enqueued on `stream` (the same memory; see
+    /// [`Group::on`]).
+    pub fn on(&self, stream: &crate::Stream) -> Result<Self> {
+        Ok(DpGatheredBuffer {
+            group: self.group.on(stream)?,
+            ..self.clone()
+        })
+    }
+
     /// What the buffer was created for.
     pub fn spec(&self) -> DpBufferSpec {
         self.spec
@@ -342,7 +351,7 @@ impl DpGatheredBuffer {
                 capacity: self.spec.max_tokens_per_rank,
             });
         }
-        if step.mode == DpPaddingMode::SumLen && self.group.capturing() {
+        if step.mode == DpPaddingMode::SumLen && self.group.capturing()? {
             return Err(Error::InvalidArgument {
                 ctx: ctx(),
                 detail: "SUM_LEN bakes every rank's count into the graph; graphs use MAX_LEN"

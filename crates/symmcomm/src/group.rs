@@ -1,37 +1,60 @@
-//! A group: a typed set of ranks with its communicator, its symmetric pool and its policy.
-//! Collectives enter here: arguments are validated before anything is written, `auto` is
-//! resolved by the dispatch table, plain buffers are staged into windows where that wins, and
-//! along-dimension operations are reduced to flat ones plus strided copies.
+//! A group: a typed set of ranks with its communicator, its symmetric pool, its policy and the
+//! stream its work goes to. Collectives enter here ([`crate::collective`] carries one call
+//! through its steps); so do the group's memory (symmetric and plain tensors, the engine's own
+//! memory wrapped in place) and the `prepare` step that makes captures safe.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Call, CallShape, Collective, Copy2d, GroupBackend, Impl, SymmLoc};
+use crate::backend::{BackendKind, Collective, Copy2d, Exec, GroupBackend, Impl, SymmLoc};
 use crate::bootstrap::ControlPlane;
 use crate::comm::CommShared;
-use crate::dispatch;
+use crate::dispatch::Why;
 use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Arg, Error, Op, OpCtx, Result};
-use crate::memory::{Backing, Buffer, MemRef, Memory, SymmSlot};
+use crate::memory::{Backing, Buffer, MemRef};
 use crate::policy::{GroupKind, Placement};
 use crate::pool::SegmentHit;
+use crate::stream::Stream;
 use crate::symm_pool::{PoolStats, SymmPool};
-use crate::tensor::{DimSplit, Layout, Tensor};
+use crate::tensor::{Layout, Tensor};
 
 /// What ran for one collective call, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Dispatched {
     /// The implementation that ran.
     pub imp: Impl,
-    /// Its name on this backend (`nccl_symm`, `oneshot`, ...).
-    pub name: String,
     /// A plain input was copied into a window first.
     pub staged_input: bool,
     /// The result went through a window and was copied to a plain output.
     pub staged_output: bool,
-    /// Why this implementation.
-    pub reason: String,
+    /// Why this implementation (put into words by [`Dispatched::reason`]).
+    pub why: Why,
+    pub(crate) backend: BackendKind,
+}
+
+impl Dispatched {
+    /// The implementation's name on this backend (`nccl_symm`, `oneshot`, `host`, ...).
+    pub fn name(&self) -> String {
+        self.imp.name(self.backend)
+    }
+
+    /// Why this implementation, in words.
+    pub fn reason(&self) -> String {
+        self.why.to_string()
+    }
+}
+
+/// The scratch a group's collectives stage through, kept from call to call: a window for each
+/// side (a plain input copied in, a result copied out) and one plain buffer (along-dimension
+/// reordering into memory no window needs). Each is a [`Buffer`], so a captured graph that
+/// used one keeps it, and its pool slot, after the group has grown past it.
+#[derive(Default)]
+pub(crate) struct Staging {
+    pub(crate) window_in: Option<Arc<Buffer>>,
+    pub(crate) window_out: Option<Arc<Buffer>>,
+    pub(crate) plain: Option<Arc<Buffer>>,
 }
 
 pub(crate) struct GroupShared {
@@ -42,7 +65,7 @@ pub(crate) struct GroupShared {
     pub(crate) backend: Arc<dyn GroupBackend>,
     pub(crate) control: Arc<ControlPlane>,
     pub(crate) pool: Arc<SymmPool>,
-    plain_scratch: Mutex<Option<Arc<dyn Memory>>>,
+    staging: Mutex<Staging>,
     splits: AtomicU64,
 }
 
@@ -58,7 +81,6 @@ impl GroupShared {
         let pool = Arc::new(SymmPool::new(
             label.clone(),
             backend.clone(),
-            comm.device.clone(),
             control.clone(),
             comm.config.pool,
             comm.config.check,
@@ -71,26 +93,29 @@ impl GroupShared {
             backend,
             control,
             pool,
-            plain_scratch: Mutex::new(None),
+            staging: Mutex::new(Staging::default()),
             splits: AtomicU64::new(0),
         }
     }
 }
 
-/// A group of ranks on this rank: collectives, allocation, its symmetric pool.
+/// A group of ranks on this rank: collectives, allocation, its symmetric pool; its work goes
+/// to one stream ([`Group::on`] binds another). Cloning is cheap and shares the group.
 #[derive(Clone)]
 pub struct Group {
     inner: Arc<GroupShared>,
+    stream: Stream,
 }
 
 impl fmt::Debug for Group {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Group({}, rank {}/{})",
+            "Group({}, rank {}/{}, {:?})",
             self.inner.label,
             self.rank(),
-            self.size()
+            self.size(),
+            self.stream
         )
     }
 }
@@ -149,246 +174,11 @@ impl SymmScope<'_> {
     }
 }
 
-/// The validated shape of a call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Plan {
-    /// Elements per rank piece (all-reduce: the whole buffer).
-    pub(crate) piece: usize,
-    /// For along-dim calls that need reordering: the decomposition of the per-rank piece.
-    pub(crate) reorder: Option<DimSplit>,
-}
-
-fn shape_with(shape: &[usize], dim: usize, len: usize) -> Vec<usize> {
-    let mut s = shape.to_vec();
-    s[dim] = len;
-    s
-}
-
-/// Check a collective's arguments; nothing is written when this fails.
-pub(crate) fn validate(
-    coll: Collective,
-    input: &Tensor,
-    output: &Tensor,
-    dim: Option<usize>,
-    world: usize,
-    rank: usize,
-    ctx: &OpCtx,
-) -> Result<Plan> {
-    let ctx = || ctx.clone();
-    if input.dtype != output.dtype {
-        return Err(Error::DTypeMismatch {
-            ctx: ctx(),
-            input: input.dtype,
-            output: output.dtype,
-        });
-    }
-    if let Some(r) = coll.reduce()
-        && !input.dtype.allows(r)
-    {
-        return Err(Error::OpNotAllowed {
-            ctx: ctx(),
-            reduce: r,
-            dtype: input.dtype,
-        });
-    }
-    for (arg, t) in [(Arg::Input, input), (Arg::Output, output)] {
-        if !t.is_contiguous() {
-            return Err(Error::NotContiguous {
-                ctx: ctx(),
-                arg,
-                shape: t.shape().to_vec(),
-                strides: t.layout().strides().to_vec(),
-            });
-        }
-    }
-    let size_error = |expected: Vec<usize>, got: &Tensor| {
-        let needed: usize = expected.iter().product();
-        if got.numel() < needed {
-            Error::OutputTooSmall {
-                ctx: ctx(),
-                needed,
-                got: got.numel(),
-            }
-        } else {
-            Error::ShapeMismatch {
-                ctx: ctx(),
-                expected,
-                got: got.shape().to_vec(),
-            }
-        }
-    };
-    let (piece, reorder) = match (coll, dim) {
-        (Collective::AllReduce(_), _) => {
-            if output.numel() != input.numel() {
-                return Err(size_error(vec![input.numel()], output));
-            }
-            (input.numel(), None)
-        }
-        (Collective::AllGather, None) => {
-            if output.numel() != input.numel() * world {
-                return Err(size_error(vec![input.numel() * world], output));
-            }
-            (input.numel(), None)
-        }
-        (Collective::ReduceScatter(_), None) => {
-            if !input.numel().is_multiple_of(world) {
-                return Err(Error::NotDivisible {
-                    ctx: ctx(),
-                    arg: Arg::Input,
-                    len: input.numel(),
-                    world,
-                });
-            }
-            if output.numel() != input.numel() / world {
-                return Err(size_error(vec![input.numel() / world], output));
-            }
-            (input.numel() / world, None)
-        }
-        (Collective::AllGather, Some(d)) => {
-            if d >= input.shape().len() {
-                return Err(Error::BadDim {
-                    ctx: ctx(),
-                    dim: d,
-                    ndim: input.shape().len(),
-                });
-            }
-            let want = shape_with(input.shape(), d, input.shape()[d] * world);
-            if output.shape() != want.as_slice() {
-                return Err(size_error(want, output));
-            }
-            let split = DimSplit::of(input.shape(), d).expect("dim checked");
-            (input.numel(), (!split.is_flat()).then_some(split))
-        }
-        (Collective::ReduceScatter(_), Some(d)) => {
-            if d >= input.shape().len() {
-                return Err(Error::BadDim {
-                    ctx: ctx(),
-                    dim: d,
-                    ndim: input.shape().len(),
-                });
-            }
-            if !input.shape()[d].is_multiple_of(world) {
-                return Err(Error::NotDivisible {
-                    ctx: ctx(),
-                    arg: Arg::Input,
-                    len: input.shape()[d],
-                    world,
-                });
-            }
-            let want = shape_with(input.shape(), d, input.shape()[d] / world);
-            if output.shape() != want.as_slice() {
-                return Err(size_error(want, output));
-            }
-            let split = DimSplit::of(&want, d).expect("dim checked");
-            (output.numel(), (!split.is_flat()).then_some(split))
-        }
-    };
-    // Overlap: distinct buffers never overlap; within one buffer only NCCL's in-place layouts.
-    if Arc::ptr_eq(&input.buf, &output.buf) {
-        let (ib, ob) = (input.byte_offset(), output.byte_offset());
-        let (il, ol) = (input.bytes(), output.bytes());
-        if ib < ob + ol && ob < ib + il {
-            let exact = reorder.is_none()
-                && match coll {
-                    Collective::AllReduce(_) => ib == ob,
-                    Collective::AllGather => ib == ob + rank * il,
-                    Collective::ReduceScatter(_) => ob == ib + rank * ol,
-                };
-            if !exact {
-                return Err(Error::Overlap { ctx: ctx() });
-            }
-        }
-    }
-    Ok(Plan { piece, reorder })
-}
-
-/// Byte copies that turn a flat gather's `[world, outer, piece, inner]` into the along-dim
-/// `[outer, world * piece, inner]` (or the reverse, for reduce-scatter's input).
-fn reorder_copies(
-    split: DimSplit,
-    world: usize,
-    elem: usize,
-    flat: &MemRef,
-    big: &MemRef,
-    to_big: bool,
-) -> Vec<Copy2d> {
-    let row = split.piece * split.inner * elem;
-    let piece_bytes = split.piece_elems() * elem;
-    (0..world)
-        .map(|r| {
-            let flat_r = MemRef {
-                mem: flat.mem.clone(),
-                offset: flat.offset + r * piece_bytes,
-            };
-            let big_r = MemRef {
-                mem: big.mem.clone(),
-                offset: big.offset + r * row,
-            };
-            if to_big {
-                Copy2d {
-                    src: flat_r,
-                    src_pitch: row,
-                    dst: big_r,
-                    dst_pitch: world * row,
-                    row_bytes: row,
-                    rows: split.outer,
-                }
-            } else {
-                Copy2d {
-                    src: big_r,
-                    src_pitch: world * row,
-                    dst: flat_r,
-                    dst_pitch: row,
-                    row_bytes: row,
-                    rows: split.outer,
-                }
-            }
-        })
-        .collect()
-}
-
-/// Scratch memory held for one call.
-enum Scratch {
-    Symm(SymmSlot),
-    Plain(Arc<dyn Memory>),
-}
-
-impl Scratch {
-    fn mem_ref(&self) -> MemRef {
-        match self {
-            Scratch::Symm(s) => MemRef {
-                mem: s.segment.clone(),
-                offset: s.slot.offset,
-            },
-            Scratch::Plain(m) => MemRef {
-                mem: m.clone(),
-                offset: 0,
-            },
-        }
-    }
-
-    fn loc(&self) -> Option<SymmLoc> {
-        match self {
-            Scratch::Symm(s) => Some(SymmLoc {
-                segment: s.slot.segment,
-                offset: s.slot.offset,
-            }),
-            Scratch::Plain(_) => None,
-        }
-    }
-
-    fn memory(&self) -> Arc<dyn Memory> {
-        match self {
-            Scratch::Symm(s) => s.segment.clone(),
-            Scratch::Plain(m) => m.clone(),
-        }
-    }
-}
-
 impl Group {
     pub(crate) fn new(shared: GroupShared) -> Self {
         Group {
             inner: Arc::new(shared),
+            stream: Stream::own(),
         }
     }
 
@@ -443,6 +233,49 @@ impl Group {
         }
     }
 
+    /// Whether `other` is this very group (not merely one with the same members), whatever
+    /// stream each is bound to.
+    pub fn same_group(&self, other: &Group) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    // ---- streams --------------------------------------------------------------------------
+
+    /// This group with its work enqueued on `stream` (the engine's stream, say): the same
+    /// group, pool and communicators. Checked here: the stream must belong to the
+    /// communicator's device.
+    ///
+    /// Inside the caller's own capture of that stream (`cuStreamBeginCapture`, any mode),
+    /// collectives use the graph row of the dispatch table and add nothing a capture cannot
+    /// hold; what would allocate, register or compile is an error naming the operation, so
+    /// call [`Group::prepare`] before capturing.
+    pub fn on(&self, stream: &Stream) -> Result<Group> {
+        self.device()
+            .check_stream(stream.sel, &self.ctx(Op::Capture, 0))?;
+        Ok(Group {
+            inner: self.inner.clone(),
+            stream: stream.clone(),
+        })
+    }
+
+    /// The stream this group's work goes to.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// Whether the group's stream is being captured now (by symmcomm or by the engine).
+    pub fn capturing(&self) -> Result<bool> {
+        Ok(self.exec(&self.ctx(Op::Capture, 0))?.capturing)
+    }
+
+    /// The group's stream as a call sees it now.
+    pub(crate) fn exec(&self, ctx: &OpCtx) -> Result<Exec> {
+        self.inner.comm.abort.check(ctx)?;
+        self.device().exec(self.stream.sel, ctx)
+    }
+
+    // ---- what other modules of the library reach --------------------------------------------
+
     /// This rank's device (for operations of other modules: the DCP combine).
     pub(crate) fn device(&self) -> &Arc<dyn crate::backend::RankBackend> {
         &self.inner.comm.device
@@ -453,42 +286,69 @@ impl Group {
         &self.inner.backend
     }
 
-    /// Keep `buffers` alive for a graph being captured (no-op otherwise).
-    pub(crate) fn keep_alive(&self, buffers: &[&Arc<Buffer>]) {
-        self.inner.comm.keep_alive(buffers, &[]);
+    pub(crate) fn comm(&self) -> &Arc<CommShared> {
+        &self.inner.comm
     }
 
-    /// Where `t` lies in this group's pool, if it does.
+    pub(crate) fn pool(&self) -> &Arc<SymmPool> {
+        &self.inner.pool
+    }
+
+    pub(crate) fn staging(&self) -> MutexGuard<'_, Staging> {
+        self.inner.staging.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keep `buffers` alive for a graph being captured on `exec`'s stream (no-op otherwise).
+    pub(crate) fn keep_alive(
+        &self,
+        exec: Exec,
+        buffers: &[&Arc<Buffer>],
+        ctx: &OpCtx,
+    ) -> Result<()> {
+        self.inner.comm.keep_alive(exec, buffers, ctx)
+    }
+
+    /// Where `t` lies in this group's pool, if it does: a slot of it, or the engine's memory
+    /// inside one of its windows.
     pub(crate) fn symm_location(&self, t: &Tensor) -> Option<SymmLoc> {
-        self.symm_loc(t)
+        if t.buf.is_foreign() {
+            let hit = self.inner.pool.lookup(t.addr())?;
+            return Some(SymmLoc {
+                segment: hit.segment,
+                offset: hit.offset,
+            });
+        }
+        let (pool, segment, offset) = t.buf.symm_location(t.byte_offset())?;
+        Arc::ptr_eq(pool, &self.inner.pool).then_some(SymmLoc { segment, offset })
+    }
+
+    /// `Err(ForeignBuffer)` unless `t` was made by this communicator.
+    pub(crate) fn check_owned(&self, t: &Tensor, arg: Arg, ctx: &OpCtx) -> Result<()> {
+        if t.buf.comm_id != self.inner.comm.id {
+            return Err(Error::ForeignBuffer {
+                ctx: ctx.clone(),
+                arg,
+                owner: t.buf.to_string(),
+            });
+        }
+        Ok(())
     }
 
     // ---- groups -------------------------------------------------------------------------
 
     /// Split into groups of `kind`: ranks passing the same `color` form one group, ordered by
-    /// their rank in this group. Collective over this group.
+    /// their rank in this group. Collective over this group. The new group's work goes to the
+    /// same stream as this one's.
     pub fn split(&self, kind: GroupKind, color: usize) -> Result<Group> {
-        if self.inner.comm.device.capturing() {
+        let ctx = self.ctx(Op::Split, 0);
+        if self.exec(&ctx)?.capturing {
             return Err(Error::DuringCapture {
-                ctx: self.ctx(Op::Split, 0),
+                ctx,
                 action: "making a group (it creates communicators and registers memory)".into(),
             });
         }
         let seq = self.inner.splits.fetch_add(1, Ordering::Relaxed);
-        let all = self
-            .inner
-            .control
-            .all_gather("split colours", &(color as u64).to_le_bytes())?;
-        let mut members = Vec::new();
-        for (i, c) in all.iter().enumerate() {
-            let c = <[u8; 8]>::try_from(c.as_slice()).map_err(|_| Error::InvalidArgument {
-                ctx: self.ctx(Op::Split, 0),
-                detail: format!("rank {i} sent a malformed split colour"),
-            })?;
-            if u64::from_le_bytes(c) == color as u64 {
-                members.push(self.inner.control.members()[i]);
-            }
-        }
+        let members = self.members_with_color(color, &ctx)?;
         let label = format!("{}#{color}", kind.name());
         let control = Arc::new(
             self.inner
@@ -499,14 +359,36 @@ impl Group {
             .inner
             .backend
             .split(color, self.rank(), control.clone())?;
-        Ok(Group::new(GroupShared::new(
-            self.inner.comm.clone(),
-            kind,
-            color,
-            label,
-            backend,
-            control,
-        )))
+        Ok(Group {
+            inner: Arc::new(GroupShared::new(
+                self.inner.comm.clone(),
+                kind,
+                color,
+                label,
+                backend,
+                control,
+            )),
+            stream: self.stream.clone(),
+        })
+    }
+
+    /// Global ranks of the members that passed `color` (collective).
+    fn members_with_color(&self, color: usize, ctx: &OpCtx) -> Result<Vec<usize>> {
+        let all = self
+            .inner
+            .control
+            .all_gather("split colours", &(color as u64).to_le_bytes())?;
+        let mut members = Vec::new();
+        for (i, c) in all.iter().enumerate() {
+            let c = <[u8; 8]>::try_from(c.as_slice()).map_err(|_| Error::InvalidArgument {
+                ctx: ctx.clone(),
+                detail: format!("rank {i} sent a malformed split colour"),
+            })?;
+            if u64::from_le_bytes(c) == color as u64 {
+                members.push(self.inner.control.members()[i]);
+            }
+        }
+        Ok(members)
     }
 
     // ---- memory ---------------------------------------------------------------------------
@@ -529,53 +411,119 @@ impl Group {
     }
 
     /// A tensor in this group's symmetric pool (collective when the pool must grow: every rank
-    /// must make the same requests in the same order).
+    /// must make the same requests in the same order). Inside a capture it may only take a
+    /// slot of the segments already registered.
     pub fn alloc_symmetric(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let layout = Layout::contiguous(shape);
         let bytes = layout.numel() * dtype.size();
-        let slot = self.inner.pool.alloc(bytes)?;
-        Ok(Tensor {
-            buf: Arc::new(Buffer {
-                backing: Backing::Symmetric(slot),
-                comm_id: self.inner.comm.id,
-                bytes,
-            }),
-            dtype,
-            layout,
-        })
+        let exec = self.exec(&self.ctx(Op::PoolAlloc, bytes))?;
+        let slot = self.inner.pool.alloc(bytes, exec.capturing)?;
+        Ok(self.tensor_of(Backing::Symmetric(slot), bytes, dtype, layout))
     }
 
     /// A tensor in plain memory.
     pub fn alloc_plain(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let layout = Layout::contiguous(shape);
         let bytes = layout.numel() * dtype.size();
-        if self.inner.comm.device.capturing() {
+        let ctx = self.ctx(Op::PoolAlloc, bytes);
+        if self.exec(&ctx)?.capturing {
             return Err(Error::DuringCapture {
-                ctx: self.ctx(Op::PoolAlloc, bytes),
+                ctx,
                 action: "allocating plain memory".into(),
             });
         }
-        let mem = self.inner.comm.device.alloc_plain(bytes.max(1))?;
-        Ok(Tensor {
+        let mem = self.device().alloc_plain(bytes.max(1))?;
+        Ok(self.tensor_of(Backing::Plain(mem), bytes, dtype, layout))
+    }
+
+    /// The engine's memory as a tensor, in place: `shape` row-major from `addr` (a device
+    /// pointer on CUDA, a host pointer on the host backend). Checked: on CUDA the memory lies
+    /// on this communicator's device and `shape` fits in its allocation; the address is a
+    /// multiple of the element size. Memory inside one of a group's windows (a pointer into a
+    /// tensor of [`Group::alloc_symmetric`], say) is used there zero-copy; other memory is
+    /// staged through windows or sent down NCCL's regular path, as the dispatch table says,
+    /// and [`Dispatched`] says which.
+    ///
+    /// # Safety
+    ///
+    /// `addr` holds `shape`'s elements of `dtype` and stays valid while work enqueued with the
+    /// tensor can run, including every replay of a graph captured with it.
+    pub unsafe fn wrap_raw(&self, addr: u64, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let strides = Layout::contiguous(shape).strides().to_vec();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.wrap_raw_strided(addr, dtype, shape, &strides) }
+    }
+
+    /// [`Group::wrap_raw`] for a strided view (strides in elements). Collectives need
+    /// contiguous tensors and name the shape and strides of one that is not.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Group::wrap_raw`], for every element the strides reach.
+    pub unsafe fn wrap_raw_strided(
+        &self,
+        addr: u64,
+        dtype: DType,
+        shape: &[usize],
+        strides: &[usize],
+    ) -> Result<Tensor> {
+        let ctx = self.ctx(Op::Copy, 0);
+        let layout = Layout::strided(shape, strides).ok_or_else(|| Error::InvalidArgument {
+            ctx: ctx.clone(),
+            detail: format!("{} strides for a {}-d shape", strides.len(), shape.len()),
+        })?;
+        let bytes = layout.end() * dtype.size();
+        let ctx = OpCtx { bytes, ..ctx };
+        if !addr.is_multiple_of(dtype.size() as u64) {
+            return Err(Error::InvalidArgument {
+                ctx,
+                detail: format!(
+                    "address {addr:#x} is not a multiple of {dtype}'s {} bytes",
+                    dtype.size()
+                ),
+            });
+        }
+        // SAFETY: the caller's contract covers `bytes` from `addr`.
+        let mem = unsafe { self.device().foreign(addr, bytes, &ctx)? };
+        Ok(self.tensor_of(Backing::Foreign(mem), bytes, dtype, layout))
+    }
+
+    fn tensor_of(&self, backing: Backing, bytes: usize, dtype: DType, layout: Layout) -> Tensor {
+        Tensor {
             buf: Arc::new(Buffer {
-                backing: Backing::Plain(mem),
+                backing,
                 comm_id: self.inner.comm.id,
                 bytes,
             }),
             dtype,
             layout,
-        })
+        }
     }
 
-    /// Make sure one symmetric allocation of up to `bytes`, and the scratch that collectives
-    /// of up to `bytes` need, will not grow anything. Call before capturing a graph.
-    pub fn reserve(&self, bytes: usize) -> Result<()> {
-        if self.placement(false).is_symmetric() {
-            // Staging may hold two scratch slots at once, next to the caller's own buffers.
-            self.inner.pool.reserve(bytes)?;
-            self.inner.pool.reserve(2 * bytes)?;
+    /// Make the collectives of this group up to `bytes` (nccl-tests bytes: the larger buffer)
+    /// safe to capture: load every kernel module, and grow the pool and the staging scratch
+    /// they need, so that nothing compiles, allocates or registers memory inside a capture.
+    /// Collective when the pool grows (every rank calls it with the same `bytes`). Call it
+    /// before capturing, once per largest size.
+    pub fn prepare(&self, bytes: usize) -> Result<()> {
+        let ctx = self.ctx(Op::PoolAlloc, bytes);
+        let exec = self.exec(&ctx)?;
+        if exec.capturing {
+            return Err(Error::DuringCapture {
+                ctx,
+                action: "preparing (it loads kernels and grows the pool)".into(),
+            });
         }
-        self.plain_scratch(bytes).map(|_| ())
+        self.device().prepare(&ctx)?;
+        if self.placement(false).is_symmetric() {
+            for side in [
+                crate::collective::Side::Input,
+                crate::collective::Side::Output,
+            ] {
+                self.staging_window(side, bytes, exec, &ctx)?;
+            }
+        }
+        self.staging_plain(bytes, exec, &ctx).map(|_| ())
     }
 
     /// Sizes of this group's pool.
@@ -593,22 +541,12 @@ impl Group {
         self.inner.pool.verify()
     }
 
-    fn check_owned(&self, t: &Tensor, op: Op) -> Result<()> {
-        if t.buf.comm_id != self.inner.comm.id {
-            return Err(Error::ForeignBuffer {
-                ctx: self.ctx(op, t.bytes()),
-                arg: Arg::Input,
-                owner: t.buf.to_string(),
-            });
-        }
-        Ok(())
-    }
-
     pub(crate) fn contiguous_ref(&self, t: &Tensor, op: Op) -> Result<MemRef> {
-        self.check_owned(t, op)?;
+        let ctx = self.ctx(op, t.bytes());
+        self.check_owned(t, Arg::Input, &ctx)?;
         if !t.is_contiguous() {
             return Err(Error::NotContiguous {
-                ctx: self.ctx(op, t.bytes()),
+                ctx,
                 arg: Arg::Input,
                 shape: t.shape().to_vec(),
                 strides: t.layout().strides().to_vec(),
@@ -617,7 +555,8 @@ impl Group {
         Ok(t.buf.mem_ref(t.byte_offset()))
     }
 
-    /// Copy host values into a contiguous tensor (waits for queued work).
+    /// Copy host values into a contiguous tensor (waits for the work queued on the group's
+    /// stream first).
     pub fn upload<T: Element>(&self, t: &Tensor, data: &[T]) -> Result<()> {
         if T::DTYPE != t.dtype || data.len() != t.numel() {
             return Err(Error::InvalidArgument {
@@ -643,10 +582,11 @@ impl Group {
                 detail: format!("{} bytes for a tensor of {} bytes", bytes.len(), t.bytes()),
             });
         }
-        self.inner.comm.device.upload(&r, bytes)
+        self.device().upload(self.stream.sel, &r, bytes)
     }
 
-    /// Copy a contiguous tensor to host values (waits for queued work).
+    /// Copy a contiguous tensor to host values (waits for the work queued on the group's
+    /// stream first).
     pub fn download<T: Element>(&self, t: &Tensor) -> Result<Vec<T>> {
         if T::DTYPE != t.dtype {
             return Err(Error::InvalidArgument {
@@ -664,16 +604,17 @@ impl Group {
     pub fn download_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
         let r = self.contiguous_ref(t, Op::Copy)?;
         let mut out = vec![0u8; t.bytes()];
-        self.inner.comm.device.download(&r, &mut out)?;
+        self.device().download(self.stream.sel, &r, &mut out)?;
         Ok(out)
     }
 
     /// Enqueue a copy of `src` into `dst`: both contiguous, of this communicator, with the same
     /// element type and number of elements (empty views copy nothing).
     pub fn copy(&self, src: &Tensor, dst: &Tensor) -> Result<()> {
+        let ctx = self.ctx(Op::Copy, src.bytes().max(dst.bytes()));
         if src.dtype != dst.dtype || src.numel() != dst.numel() {
             return Err(Error::InvalidArgument {
-                ctx: self.ctx(Op::Copy, src.bytes().max(dst.bytes())),
+                ctx,
                 detail: format!(
                     "copy of {} {} elements into {} {} elements",
                     src.numel(),
@@ -688,15 +629,19 @@ impl Group {
         if src.bytes() == 0 {
             return Ok(());
         }
-        self.inner.comm.keep_alive(&[&src.buf, &dst.buf], &[]);
-        self.inner.comm.device.copy_2d(&Copy2d {
-            src: s,
-            src_pitch: src.bytes(),
-            dst: d,
-            dst_pitch: dst.bytes(),
-            row_bytes: src.bytes(),
-            rows: 1,
-        })
+        let exec = self.exec(&ctx)?;
+        self.keep_alive(exec, &[&src.buf, &dst.buf], &ctx)?;
+        self.device().copy_2d(
+            exec.stream,
+            &Copy2d {
+                src: s,
+                src_pitch: src.bytes(),
+                dst: d,
+                dst_pitch: dst.bytes(),
+                row_bytes: src.bytes(),
+                rows: 1,
+            },
+        )
     }
 
     /// Enqueue setting every element of the contiguous `t` to zero.
@@ -705,30 +650,42 @@ impl Group {
         if t.bytes() == 0 {
             return Ok(());
         }
-        self.inner.comm.keep_alive(&[&t.buf], &[]);
-        self.inner.comm.device.memset(&r, t.bytes(), 0)
+        let ctx = self.ctx(Op::Fill, t.bytes());
+        let exec = self.exec(&ctx)?;
+        self.keep_alive(exec, &[&t.buf], &ctx)?;
+        self.device().memset(exec.stream, &r, t.bytes(), 0)
     }
 
-    /// Whether this rank is capturing a graph now.
-    pub fn capturing(&self) -> bool {
-        self.inner.comm.device.capturing()
-    }
-
-    /// Whether `other` is this very group (not merely one with the same members).
-    pub fn same_group(&self, other: &Group) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
-    /// Wait for queued work, then for every rank of the group.
+    /// Wait for the work queued on the group's stream, then for every rank of the group.
     pub fn barrier(&self) -> Result<()> {
         self.inner.comm.abort.check(&self.ctx(Op::Barrier, 0))?;
-        crate::abort::on_failure(self.inner.comm.device.synchronize())?;
+        crate::abort::on_failure(self.device().synchronize(self.stream.sel))?;
         self.inner.control.barrier("group barrier")
+    }
+
+    /// Wait for the work queued on the group's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.comm.abort.check(&self.ctx(Op::Barrier, 0))?;
+        crate::abort::on_failure(self.device().synchronize(self.stream.sel))
     }
 
     // ---- collectives ------------------------------------------------------------------------
 
     /// Reduce `input` across ranks into `output` (same number of elements; in place allowed).
+    ///
+    /// ```
+    /// use symmcomm::{BackendChoice, CommConfig, DType, ReduceOp, run_rank_threads};
+    ///
+    /// let config = CommConfig { backend: BackendChoice::Host, ..CommConfig::default() };
+    /// let sums = run_rank_threads(2, &config, |comm| {
+    ///     let world = comm.world();
+    ///     let x = world.alloc_symmetric(DType::F32, &[2])?;
+    ///     world.upload(&x, &[1.0f32 + world.rank() as f32, 10.0])?;
+    ///     world.all_reduce(&x, &x, ReduceOp::Sum)?; // in place
+    ///     world.download::<f32>(&x)
+    /// });
+    /// assert!(sums.into_iter().all(|s| s.unwrap() == vec![3.0, 20.0]));
+    /// ```
     pub fn all_reduce(&self, input: &Tensor, output: &Tensor, op: ReduceOp) -> Result<Dispatched> {
         self.collective(Collective::AllReduce(op), input, output, None, Impl::Auto)
     }
@@ -781,6 +738,28 @@ impl Group {
         )
     }
 
+    /// Run one collective with an explicit implementation (`Impl::Auto` dispatches).
+    /// `dim = None` is the flat operation.
+    pub fn collective(
+        &self,
+        coll: Collective,
+        input: &Tensor,
+        output: &Tensor,
+        dim: Option<usize>,
+        imp: Impl,
+    ) -> Result<Dispatched> {
+        crate::collective::run(
+            self,
+            &crate::collective::Request {
+                coll,
+                input,
+                output,
+                dim,
+                imp,
+            },
+        )
+    }
+
     /// Whether `imp` can run `coll` on `dtype` with pieces of `piece` elements (all-reduce:
     /// the whole buffer) in this group, buffers in windows where it needs them; or why not.
     pub fn supports(
@@ -801,7 +780,7 @@ impl Group {
         }
         match self.inner.backend.unavailable(
             imp,
-            &CallShape {
+            &crate::backend::CallShape {
                 coll,
                 dtype,
                 piece,
@@ -811,324 +790,5 @@ impl Group {
             None => Ok(()),
             Some(why) => Err(why),
         }
-    }
-
-    fn symm_loc(&self, t: &Tensor) -> Option<SymmLoc> {
-        let (pool, segment, offset) = t.buf.symm_location(t.byte_offset())?;
-        Arc::ptr_eq(pool, &self.inner.pool).then_some(SymmLoc { segment, offset })
-    }
-
-    fn plain_scratch(&self, bytes: usize) -> Result<Arc<dyn Memory>> {
-        let mut s = self
-            .inner
-            .plain_scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = s.as_ref()
-            && m.len() >= bytes
-        {
-            return Ok(m.clone());
-        }
-        if self.inner.comm.device.capturing() {
-            return Err(Error::DuringCapture {
-                ctx: self.ctx(Op::PoolAlloc, bytes),
-                action: format!("growing the plain scratch buffer to {bytes} B"),
-            });
-        }
-        let m = self.inner.comm.device.alloc_plain(bytes.max(256))?;
-        *s = Some(m.clone());
-        Ok(m)
-    }
-
-    /// Whether scratch windows of `bytes` can be had now without registering memory.
-    fn can_stage(&self, bytes: usize) -> bool {
-        self.placement(false).is_symmetric()
-            && (!self.inner.comm.device.capturing()
-                || self.inner.pool.stats().capacity > 0 && {
-                    // During capture, a slot must fit in the existing segments.
-                    self.inner.pool.largest_free() >= bytes
-                })
-    }
-
-    /// Run one collective with an explicit implementation (`Impl::Auto` dispatches).
-    /// `dim = None` is the flat operation.
-    pub fn collective(
-        &self,
-        coll: Collective,
-        input: &Tensor,
-        output: &Tensor,
-        dim: Option<usize>,
-        imp: Impl,
-    ) -> Result<Dispatched> {
-        let world = self.size();
-        let rank = self.rank();
-        let op = match coll {
-            Collective::AllReduce(_) => Op::AllReduce,
-            Collective::AllGather => Op::AllGather,
-            Collective::ReduceScatter(_) => Op::ReduceScatter,
-        };
-        let ctx = self.ctx(op, input.bytes().max(output.bytes()));
-        self.inner.comm.abort.check(&ctx)?;
-        let plan = validate(coll, input, output, dim, world, rank, &ctx)?;
-        for (arg, t) in [(Arg::Input, input), (Arg::Output, output)] {
-            if t.buf.comm_id != self.inner.comm.id {
-                return Err(Error::ForeignBuffer {
-                    ctx,
-                    arg,
-                    owner: t.buf.to_string(),
-                });
-            }
-        }
-        let dtype = input.dtype;
-        let elem = dtype.size();
-        let (in_bytes, out_bytes) = {
-            let (i, o) = coll.io_elems(plan.piece, world);
-            (i * elem, o * elem)
-        };
-        let in_loc = self.symm_loc(input);
-        let out_loc = self.symm_loc(output);
-        let backend = self.inner.comm.device.kind();
-
-        // Which side of the flat call goes through scratch anyway (along-dim reordering).
-        let reorder_in = plan.reorder.is_some() && matches!(coll, Collective::ReduceScatter(_));
-        let reorder_out = plan.reorder.is_some() && matches!(coll, Collective::AllGather);
-
-        let shape = CallShape {
-            coll,
-            dtype,
-            piece: plan.piece,
-            align: 1usize << (input.addr() | output.addr() | 256).trailing_zeros(),
-        };
-        let (imp, stage_in, stage_out, reason) = if imp == Impl::Auto {
-            let stage_ok = self.can_stage(in_bytes.max(out_bytes));
-            let table = self.inner.comm.table();
-            let mode = if self.inner.comm.device.capturing() {
-                dispatch::Mode::Graph
-            } else {
-                dispatch::Mode::Eager
-            };
-            let d = dispatch::decide(
-                table.as_deref(),
-                mode,
-                coll,
-                dtype,
-                world,
-                ctx.bytes,
-                in_loc.is_some() || (reorder_in && stage_ok),
-                out_loc.is_some() || (reorder_out && stage_ok),
-                stage_ok,
-                &|i| self.inner.backend.unavailable(i, &shape).is_none(),
-            );
-            (d.imp, d.stage_input, d.stage_output, d.reason)
-        } else {
-            if let Some(why) = self.inner.backend.unavailable(imp, &shape) {
-                return Err(Error::ImplUnavailable {
-                    ctx,
-                    implementation: imp.name(backend),
-                    why,
-                });
-            }
-            for (arg, t, loc, reordered, needed) in [
-                (
-                    Arg::Input,
-                    input,
-                    in_loc,
-                    reorder_in,
-                    imp.needs_input_window(),
-                ),
-                (
-                    Arg::Output,
-                    output,
-                    out_loc,
-                    reorder_out,
-                    imp.needs_output_window(),
-                ),
-            ] {
-                {
-                    if needed && loc.is_none() && !reordered {
-                        return Err(if t.is_symmetric() {
-                            Error::ForeignBuffer {
-                                ctx,
-                                arg,
-                                owner: t.buf.to_string(),
-                            }
-                        } else {
-                            Error::NotSymmetric {
-                                ctx,
-                                implementation: imp.name(backend),
-                                arg,
-                            }
-                        });
-                    }
-                }
-            }
-            (imp, false, false, "requested explicitly".to_string())
-        };
-        let device = &self.inner.comm.device;
-
-        // Scratch: a window where the implementation reads or writes that side there, plain
-        // memory otherwise.
-        let mut scratch_mem: Vec<Arc<dyn Memory>> = Vec::new();
-        let scratch = |bytes: usize, window: bool| -> Result<Scratch> {
-            if window {
-                Ok(Scratch::Symm(self.inner.pool.alloc(bytes)?))
-            } else {
-                Ok(Scratch::Plain(self.plain_scratch(bytes)?))
-            }
-        };
-        let input_ref = input.buf.mem_ref(input.byte_offset());
-        let output_ref = output.buf.mem_ref(output.byte_offset());
-        let in_scratch = if reorder_in || stage_in {
-            Some(scratch(in_bytes, imp.needs_input_window())?)
-        } else {
-            None
-        };
-        let out_scratch = if reorder_out || stage_out {
-            let window = imp.needs_output_window();
-            if matches!(in_scratch, Some(Scratch::Plain(_))) && !window {
-                // One plain scratch buffer: reordering never needs both sides, and staging
-                // always goes through windows.
-                return Err(Error::InvalidArgument {
-                    ctx,
-                    detail: "internal: two plain scratch buffers requested".into(),
-                });
-            }
-            Some(scratch(out_bytes, window)?)
-        } else {
-            None
-        };
-        let (src, src_loc) = match &in_scratch {
-            Some(s) => {
-                let dst = s.mem_ref();
-                if let (Some(split), true) = (plan.reorder, reorder_in) {
-                    for c in reorder_copies(split, world, elem, &dst, &input_ref, false) {
-                        device.copy_2d(&c)?;
-                    }
-                } else {
-                    device.copy_2d(&Copy2d {
-                        src: input_ref.clone(),
-                        src_pitch: in_bytes,
-                        dst: dst.clone(),
-                        dst_pitch: in_bytes,
-                        row_bytes: in_bytes,
-                        rows: 1,
-                    })?;
-                }
-                scratch_mem.push(s.memory());
-                (dst, s.loc())
-            }
-            None => (input_ref, in_loc),
-        };
-        let (dst, dst_loc) = match &out_scratch {
-            Some(s) => {
-                scratch_mem.push(s.memory());
-                (s.mem_ref(), s.loc())
-            }
-            None => (output_ref.clone(), out_loc),
-        };
-        let call = Call {
-            coll,
-            dtype,
-            piece: plan.piece,
-            input: src,
-            input_symm: src_loc,
-            output: dst.clone(),
-            output_symm: dst_loc,
-            imp,
-            ctx: ctx.clone(),
-        };
-        crate::abort::on_failure(self.inner.backend.collective(&call))?;
-        if out_scratch.is_some() {
-            if let (Some(split), true) = (plan.reorder, reorder_out) {
-                for c in reorder_copies(split, world, elem, &dst, &output_ref, true) {
-                    device.copy_2d(&c)?;
-                }
-            } else {
-                device.copy_2d(&Copy2d {
-                    src: dst,
-                    src_pitch: out_bytes,
-                    dst: output_ref,
-                    dst_pitch: out_bytes,
-                    row_bytes: out_bytes,
-                    rows: 1,
-                })?;
-            }
-        }
-        let scratch_refs: Vec<&Arc<dyn Memory>> = scratch_mem.iter().collect();
-        self.inner
-            .comm
-            .keep_alive(&[&input.buf, &output.buf], &scratch_refs);
-        let d = Dispatched {
-            imp,
-            name: imp.name(backend),
-            staged_input: stage_in,
-            staged_output: stage_out,
-            reason,
-        };
-        tracing::debug!(
-            target: "symmcomm::dispatch",
-            group = %self.inner.label,
-            op = coll.name(),
-            dtype = %dtype,
-            bytes = ctx.bytes,
-            implementation = %d.name,
-            staged_input = d.staged_input,
-            staged_output = d.staged_output,
-            reason = %d.reason,
-            "collective"
-        );
-        Ok(d)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Validation is tested through real groups in tests/host_collectives.rs; the pure shape
-    // helpers are checked here.
-    #[test]
-    fn reorder_copies_cover_each_piece() {
-        let split = DimSplit {
-            outer: 3,
-            piece: 2,
-            inner: 5,
-        };
-        #[derive(Debug)]
-        struct Fake;
-        impl Memory for Fake {
-            fn addr(&self) -> u64 {
-                0
-            }
-            fn len(&self) -> usize {
-                1 << 20
-            }
-            fn as_any(&self) -> &dyn std::any::Any {
-                self
-            }
-        }
-        let m: Arc<dyn Memory> = Arc::new(Fake);
-        let flat = MemRef {
-            mem: m.clone(),
-            offset: 0,
-        };
-        let big = MemRef {
-            mem: m,
-            offset: 4096,
-        };
-        let cs = reorder_copies(split, 4, 2, &flat, &big, true);
-        assert_eq!(cs.len(), 4);
-        for (r, c) in cs.iter().enumerate() {
-            assert_eq!(c.rows, 3);
-            assert_eq!(c.row_bytes, 2 * 5 * 2);
-            assert_eq!(c.src.offset, r * 3 * 2 * 5 * 2);
-            assert_eq!(c.dst.offset, 4096 + r * 20);
-            assert_eq!(c.dst_pitch, 4 * 20);
-        }
-    }
-
-    #[test]
-    fn shape_with_replaces_one_dim() {
-        assert_eq!(shape_with(&[2, 3, 4], 1, 9), vec![2, 9, 4]);
     }
 }

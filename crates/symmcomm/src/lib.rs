@@ -16,6 +16,7 @@ pub struct ReadmeExample;
 mod abort;
 pub mod backend;
 pub mod bootstrap;
+mod collective;
 pub mod comm;
 pub mod dcp;
 pub mod dispatch;
@@ -30,6 +31,7 @@ pub mod memory;
 pub mod policy;
 pub mod pool;
 pub mod rank_threads;
+mod stream;
 pub mod symm_pool;
 pub mod tensor;
 
@@ -44,6 +46,7 @@ pub use group::{Dispatched, Group, SymmScope};
 pub use lab::EpochCounter;
 pub use policy::{GroupKind, Placement, SymmPolicy};
 pub use rank_threads::run_rank_threads;
+pub use stream::Stream;
 pub use tensor::{Layout, Tensor};
 
 /// The visible GPUs, or why none.

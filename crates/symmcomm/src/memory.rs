@@ -54,6 +54,9 @@ pub(crate) enum Backing {
     Plain(Arc<dyn Memory>),
     /// A slot of a group's symmetric pool.
     Symmetric(SymmSlot),
+    /// Memory the engine owns (its own allocation, a torch tensor's storage): used in place,
+    /// never freed here. When it lies in a group's windows, that group finds it by address.
+    Foreign(Arc<dyn Memory>),
 }
 
 /// Memory a tensor views.
@@ -69,6 +72,12 @@ impl fmt::Display for Buffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.backing {
             Backing::Plain(_) => write!(f, "plain memory of comm {}", self.comm_id),
+            Backing::Foreign(m) => write!(
+                f,
+                "the engine's memory at {:#x} (comm {})",
+                m.addr(),
+                self.comm_id
+            ),
             Backing::Symmetric(s) => write!(
                 f,
                 "symmetric pool of {} (segment {}, offset {})",
@@ -90,9 +99,14 @@ impl Buffer {
     /// Address of the first byte.
     pub(crate) fn addr(&self) -> u64 {
         match &self.backing {
-            Backing::Plain(m) => m.addr(),
+            Backing::Plain(m) | Backing::Foreign(m) => m.addr(),
             Backing::Symmetric(s) => s.segment.addr() + s.slot.offset as u64,
         }
+    }
+
+    /// Whether the buffer is the engine's memory.
+    pub(crate) fn is_foreign(&self) -> bool {
+        matches!(self.backing, Backing::Foreign(_))
     }
 
     /// Whether the buffer lies in a symmetric window.
@@ -103,7 +117,7 @@ impl Buffer {
     /// The memory and the byte offset of `byte_offset` inside it.
     pub(crate) fn mem_ref(&self, byte_offset: usize) -> MemRef {
         match &self.backing {
-            Backing::Plain(m) => MemRef {
+            Backing::Plain(m) | Backing::Foreign(m) => MemRef {
                 mem: m.clone(),
                 offset: byte_offset,
             },
@@ -120,7 +134,7 @@ impl Buffer {
         byte_offset: usize,
     ) -> Option<(&Arc<SymmPool>, usize, usize)> {
         match &self.backing {
-            Backing::Plain(_) => None,
+            Backing::Plain(_) | Backing::Foreign(_) => None,
             Backing::Symmetric(s) => Some((&s.pool, s.slot.segment, s.slot.offset + byte_offset)),
         }
     }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{GroupBackend, RankBackend};
+use crate::backend::GroupBackend;
 use crate::bootstrap::ControlPlane;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::memory::{Memory, SymmSlot};
@@ -38,7 +38,6 @@ pub struct PoolStats {
 pub(crate) struct SymmPool {
     label: String,
     group: Arc<dyn GroupBackend>,
-    device: Arc<dyn RankBackend>,
     control: Arc<ControlPlane>,
     check: CheckMode,
     state: Mutex<PoolState>,
@@ -54,7 +53,6 @@ impl SymmPool {
     pub(crate) fn new(
         label: String,
         group: Arc<dyn GroupBackend>,
-        device: Arc<dyn RankBackend>,
         control: Arc<ControlPlane>,
         config: PoolConfig,
         check: CheckMode,
@@ -62,7 +60,6 @@ impl SymmPool {
         SymmPool {
             label,
             group,
-            device,
             control,
             check,
             state: Mutex::new(PoolState {
@@ -95,8 +92,9 @@ impl SymmPool {
         }
     }
 
-    /// A slot of `bytes`, growing the pool (collectively) when nothing fits.
-    pub(crate) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<SymmSlot> {
+    /// A slot of `bytes`, growing the pool (collectively) when nothing fits; while the caller's
+    /// stream is `capturing`, growing is an error instead.
+    pub(crate) fn alloc(self: &Arc<Self>, bytes: usize, capturing: bool) -> Result<SymmSlot> {
         let mut st = self.lock();
         if let Some(e) = st.release_errors.first() {
             return Err(Error::InvalidArgument {
@@ -113,7 +111,7 @@ impl SymmPool {
         let slot = match st.layout.alloc(bytes) {
             Ok(slot) => slot,
             Err(need) => {
-                self.grow_locked(&mut st, need.bytes, bytes)?;
+                self.grow_locked(&mut st, need.bytes, bytes, capturing)?;
                 st.layout.alloc(bytes).map_err(|n| Error::InvalidArgument {
                     ctx: self.ctx(Op::PoolAlloc, bytes),
                     detail: format!(
@@ -131,20 +129,14 @@ impl SymmPool {
         })
     }
 
-    /// Make sure one allocation of up to `bytes` will not grow the pool (call before capture).
-    pub(crate) fn reserve(&self, bytes: usize) -> Result<()> {
-        let mut st = self.lock();
-        // A zero-byte slot still takes one alignment unit.
-        let bytes = bytes.max(1);
-        if st.layout.largest_free() >= bytes {
-            return Ok(());
-        }
-        let size = st.layout.segment_size_for(bytes);
-        self.grow_locked(&mut st, size, bytes)
-    }
-
-    fn grow_locked(&self, st: &mut PoolState, segment_bytes: usize, request: usize) -> Result<()> {
-        if self.device.capturing() {
+    fn grow_locked(
+        &self,
+        st: &mut PoolState,
+        segment_bytes: usize,
+        request: usize,
+        capturing: bool,
+    ) -> Result<()> {
+        if capturing {
             return Err(Error::DuringCapture {
                 ctx: self.ctx(Op::PoolAlloc, request),
                 action: format!("growing the symmetric pool by a {segment_bytes} B segment"),

@@ -41,6 +41,16 @@ impl Layout {
         }
     }
 
+    /// A view of `shape` with `strides` (in elements) from element 0; `None` when the two
+    /// differ in length.
+    pub fn strided(shape: &[usize], strides: &[usize]) -> Option<Self> {
+        (shape.len() == strides.len()).then(|| Layout {
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            offset: 0,
+        })
+    }
+
     /// Dimensions.
     pub fn shape(&self) -> &[usize] {
         &self.shape

@@ -90,7 +90,7 @@ fn flat_collectives(b: TestBackend) {
                                 } else {
                                     Impl::Regular
                                 };
-                                assert_eq!(d.imp, want, "{case:?}: {}", d.reason);
+                                assert_eq!(d.imp, want, "{case:?}: {}", d.reason());
                             }
                         }
                     }
@@ -498,7 +498,7 @@ fn graph_of_two_groups(b: TestBackend) {
             .map(|(g, c)| verify::alloc(g, c))
             .collect::<symmcomm::Result<_>>()?;
         for (g, _) in &cases {
-            g.reserve(1 << 16)?;
+            g.prepare(1 << 16)?;
         }
         let counter = tp.epoch_counter()?;
         comm.begin_capture()?;
@@ -589,11 +589,11 @@ fn auto_stages_by_table(b: TestBackend) {
             seed,
         };
         let d = verify::run_checked(g, &case)?;
-        assert_eq!(d.imp, Impl::Symmetric, "{}", d.reason);
+        assert_eq!(d.imp, Impl::Symmetric, "{}", d.reason());
         assert!(d.staged_input && d.staged_output);
         case.shape = vec![1 << 16];
         let d = verify::run_checked(g, &case)?;
-        assert_eq!(d.imp, Impl::Regular, "{}", d.reason);
+        assert_eq!(d.imp, Impl::Regular, "{}", d.reason());
         Ok(())
     }));
 }
@@ -689,7 +689,7 @@ fn registration_during_capture(b: TestBackend) {
         let _warm = g.alloc_symmetric(DType::U8, &[1024])?;
         let before = g.pool_stats();
         comm.begin_capture()?;
-        let e = g.reserve(8 << 20).unwrap_err();
+        let e = g.prepare(8 << 20).unwrap_err();
         assert!(matches!(e, Error::DuringCapture { .. }), "{e}");
         let e = comm.split(GroupKind::Tp, 0).unwrap_err();
         assert!(matches!(e, Error::DuringCapture { .. }), "{e}");
@@ -793,12 +793,12 @@ fn auto_follows_the_mode(b: TestBackend) {
         let y = g.alloc_symmetric(DType::F32, &[1024])?;
         g.fill_random(&x, 3, None)?;
         let d = g.all_reduce(&x, &y, ReduceOp::Sum)?;
-        assert_eq!(d.imp, Impl::Regular, "eager: {}", d.reason);
+        assert_eq!(d.imp, Impl::Regular, "eager: {}", d.reason());
         comm.begin_capture()?;
         let d = g.all_reduce(&x, &y, ReduceOp::Sum);
         let graph = comm.end_capture()?;
         let d = d?;
-        assert_eq!(d.imp, Impl::Symmetric, "graph: {}", d.reason);
+        assert_eq!(d.imp, Impl::Symmetric, "graph: {}", d.reason());
         graph.replay()?;
         comm.synchronize()?;
         Ok(())

@@ -478,7 +478,7 @@ fn q_gather_puts_heads_in_rank_order(b: TestBackend) {
                                     all[at],
                                     value(r, h, t, i),
                                     "{} r{r} h{h} t{t} i{i}",
-                                    got.dispatched.name
+                                    got.dispatched.name()
                                 );
                             }
                         }

@@ -188,6 +188,25 @@ impl Collective {
     }
 }
 
+/// Where a call's work is enqueued: the device's own stream (the host backend's queue), or an
+/// engine's CUDA stream (a raw `CUstream`; 0 is the legacy default stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum StreamSel {
+    /// The device's own stream.
+    Own,
+    /// A CUDA stream of the engine.
+    Cuda(u64),
+}
+
+/// A stream as one call sees it: where its work goes, and whether that stream is being
+/// captured into a graph now (by symmcomm or by the engine), in which case nothing may
+/// allocate, register or compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Exec {
+    pub(crate) stream: StreamSel,
+    pub(crate) capturing: bool,
+}
+
 /// Where a symmetric buffer lies in its group's pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SymmLoc {
@@ -330,8 +349,8 @@ pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
     fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>>;
     /// Why `imp` cannot run calls of this shape on this backend, if it cannot.
     fn unavailable(&self, imp: Impl, shape: &CallShape) -> Option<String>;
-    /// Run (enqueue, on CUDA) a validated call; `call.imp` is concrete.
-    fn collective(&self, call: &Call) -> Result<()>;
+    /// Run (enqueue, on CUDA) a validated call on `exec`'s stream; `call.imp` is concrete.
+    fn collective(&self, exec: Exec, call: &Call) -> Result<()>;
     /// Make a sub-communicator: members with equal `color` form a group ordered by `key`.
     /// Every rank of this group calls it. `control` is the new group's control plane.
     fn split(
@@ -344,8 +363,9 @@ pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
     fn describe(&self) -> String;
     /// Why the fused DCP combine cannot run this shape here, if it cannot.
     fn dcp_fused_unavailable(&self, shape: &DcpShape) -> Option<String>;
-    /// Enqueue the fused DCP combine (every rank of the group calls it with the same shape).
-    fn dcp_fused(&self, call: &DcpFused) -> Result<()>;
+    /// Enqueue the fused DCP combine on `exec`'s stream (every rank of the group calls it with the same
+    /// shape).
+    fn dcp_fused(&self, exec: Exec, call: &DcpFused) -> Result<()>;
 }
 
 /// Facts about a rank's device, for reports and results files.
@@ -375,34 +395,60 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>>;
     /// A plain allocation.
     fn alloc_plain(&self, bytes: usize) -> Result<Arc<dyn Memory>>;
-    /// Copy host bytes into memory (synchronous: waits for queued work first).
-    fn upload(&self, dst: &MemRef, src: &[u8]) -> Result<()>;
-    /// Copy memory into host bytes (synchronous).
-    fn download(&self, src: &MemRef, dst: &mut [u8]) -> Result<()>;
+    /// Memory an engine owns, `bytes` from `addr`, checked to lie on this rank's device (CUDA:
+    /// one allocation of this device holds the whole range). Not freed by symmcomm.
+    ///
+    /// # Safety
+    ///
+    /// The range stays valid while work enqueued with it (and graphs captured with it) can run.
+    unsafe fn foreign(&self, addr: u64, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>>;
+    /// Load every kernel module now (before a capture, where loading one is an error).
+    fn prepare(&self, ctx: &OpCtx) -> Result<()>;
+    /// Check that `s` can carry this device's work (a CUDA stream of this device's context).
+    fn check_stream(&self, s: StreamSel, ctx: &OpCtx) -> Result<()>;
+    /// The stream `s` as a call sees it now: is it being captured?
+    fn exec(&self, s: StreamSel, ctx: &OpCtx) -> Result<Exec>;
+    /// While `exec` is a capture that symmcomm did not begin (the engine's), keep `keep` alive
+    /// as long as the graph being captured (and every graph instantiated from it).
+    fn retain_for_capture(
+        &self,
+        exec: Exec,
+        keep: crate::comm::KeepAlive,
+        ctx: &OpCtx,
+    ) -> Result<()>;
+    /// Copy host bytes into memory (synchronous: waits for the work queued on `s` first).
+    fn upload(&self, s: StreamSel, dst: &MemRef, src: &[u8]) -> Result<()>;
+    /// Copy memory into host bytes (synchronous: waits for the work queued on `s` first).
+    fn download(&self, s: StreamSel, src: &MemRef, dst: &mut [u8]) -> Result<()>;
     /// Enqueue a strided copy.
-    fn copy_2d(&self, c: &Copy2d) -> Result<()>;
+    fn copy_2d(&self, s: StreamSel, c: &Copy2d) -> Result<()>;
     /// Enqueue a fill of `elems` elements with the reference generator.
     #[cfg(feature = "lab")]
-    fn fill(&self, dst: &MemRef, dtype: DType, elems: usize, spec: &FillSpec) -> Result<()>;
+    fn fill(
+        &self,
+        s: StreamSel,
+        dst: &MemRef,
+        dtype: DType,
+        elems: usize,
+        spec: &FillSpec,
+    ) -> Result<()>;
     /// Enqueue a fill of `bytes` bytes with `byte` (poisoning outputs).
-    fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()>;
+    fn memset(&self, s: StreamSel, dst: &MemRef, bytes: usize, byte: u8) -> Result<()>;
     /// Enqueue `counter += 1` on an 8-byte counter.
     #[cfg(feature = "lab")]
-    fn bump(&self, counter: &MemRef) -> Result<()>;
+    fn bump(&self, s: StreamSel, counter: &MemRef) -> Result<()>;
     /// Enqueue the DCP correction step (local: no communication).
-    fn dcp_correct(&self, call: &DcpCorrect) -> Result<()>;
-    /// Start capturing enqueued work into a graph.
+    fn dcp_correct(&self, exec: Exec, call: &DcpCorrect) -> Result<()>;
+    /// Start capturing the work enqueued on the device's own stream into a graph.
     fn begin_capture(&self) -> Result<()>;
     /// Stop capturing and instantiate the graph.
     fn end_capture(&self) -> Result<Box<dyn GraphExec>>;
-    /// Whether a capture is in progress.
-    fn capturing(&self) -> bool;
-    /// Wait for all enqueued work.
-    fn synchronize(&self) -> Result<()>;
+    /// Wait for the work enqueued on `s`, within the deadline.
+    fn synchronize(&self, s: StreamSel) -> Result<()>;
     /// Free and total device memory (`None` on the host).
     fn memory_info(&self) -> Result<Option<(usize, usize)>>;
-    /// Time the work `enqueue` puts on the stream (device events on CUDA, the clock on host).
-    fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration>;
+    /// Time the work `enqueue` puts on `s` (device events on CUDA, the clock on host).
+    fn time(&self, s: StreamSel, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration>;
 }
 
 /// Start this rank's device for `config.backend`.

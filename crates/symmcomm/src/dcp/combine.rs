@@ -110,7 +110,7 @@ pub fn fused_slot_bytes(batch: usize, heads_local: usize, dim: usize, partial: D
 }
 
 /// What a run did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CombineRun {
     /// The combine's name ([`CombineImpl::name`]).
     pub name: String,
@@ -124,7 +124,7 @@ pub struct CombineRun {
 /// with the same batch and implementation. Write the attention's partial output into
 /// [`DcpCombine::partial_out`] and its LSE into [`DcpCombine::partial_lse`], call
 /// [`DcpCombine::run`], read [`DcpCombine::output`].
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct DcpCombine {
     group: Group,
     spec: CombineSpec,
@@ -222,6 +222,8 @@ impl DcpCombine {
         } else {
             None
         };
+        // Its kernels load now, so that a run can be captured.
+        group.device().prepare(&ctx)?;
         Ok(DcpCombine {
             group: group.clone(),
             spec,
@@ -233,6 +235,14 @@ impl DcpCombine {
             merged,
             workspace,
             slot_bytes,
+        })
+    }
+
+    /// This combine with its runs enqueued on `stream` (the same buffers; see [`Group::on`]).
+    pub fn on(&self, stream: &crate::Stream) -> Result<Self> {
+        Ok(DcpCombine {
+            group: self.group.on(stream)?,
+            ..self.clone()
         })
     }
 
@@ -379,6 +389,7 @@ impl DcpCombine {
             self.heads_local(),
         );
         let ctx = self.group.ctx(Op::DcpCombine, self.partial_bytes(batch));
+        let exec = self.group.exec(&ctx)?;
         let shape = self.shape(batch);
         let partial = prefix(&self.partial, &[batch, h, d]);
         let lse = prefix(&self.lse, &[batch, h]);
@@ -395,19 +406,22 @@ impl DcpCombine {
                     None,
                     i,
                 )?);
-                self.group.device().dcp_correct(&DcpCorrect {
-                    shape,
-                    partial: mem_ref(&partial),
-                    lse_all: mem_ref(&lse_all),
-                    corrected: mem_ref(&corrected),
-                    merged_lse: merged.as_ref().map(mem_ref),
-                    ctx: ctx.clone(),
-                })?;
+                self.group.device().dcp_correct(
+                    exec,
+                    &DcpCorrect {
+                        shape,
+                        partial: mem_ref(&partial),
+                        lse_all: mem_ref(&lse_all),
+                        corrected: mem_ref(&corrected),
+                        merged_lse: merged.as_ref().map(mem_ref),
+                        ctx: ctx.clone(),
+                    },
+                )?;
                 let mut keep = vec![&partial.buf, &lse_all.buf, &corrected.buf];
                 if let Some(m) = &merged {
                     keep.push(&m.buf);
                 }
-                self.group.keep_alive(&keep);
+                self.group.keep_alive(exec, &keep, &ctx)?;
                 run.collectives.push(self.group.collective(
                     Collective::ReduceScatter(ReduceOp::Sum),
                     &corrected,
@@ -425,16 +439,19 @@ impl DcpCombine {
                     });
                 }
                 let ws = self.workspace.as_ref();
-                self.group.backend().dcp_fused(&DcpFused {
-                    shape,
-                    partial: mem_ref(&partial),
-                    lse: mem_ref(&lse),
-                    out: mem_ref(&out),
-                    merged_lse: merged.as_ref().map(mem_ref),
-                    workspace_symm: ws.and_then(|w| self.group.symm_location(w)),
-                    slot_bytes: self.slot_bytes,
-                    ctx,
-                })?;
+                self.group.backend().dcp_fused(
+                    exec,
+                    &DcpFused {
+                        shape,
+                        partial: mem_ref(&partial),
+                        lse: mem_ref(&lse),
+                        out: mem_ref(&out),
+                        merged_lse: merged.as_ref().map(mem_ref),
+                        workspace_symm: ws.and_then(|w| self.group.symm_location(w)),
+                        slot_bytes: self.slot_bytes,
+                        ctx: ctx.clone(),
+                    },
+                )?;
                 let mut keep = vec![&partial.buf, &lse.buf, &out.buf];
                 if let Some(m) = &merged {
                     keep.push(&m.buf);
@@ -442,7 +459,7 @@ impl DcpCombine {
                 if let Some(w) = ws {
                     keep.push(&w.buf);
                 }
-                self.group.keep_alive(&keep);
+                self.group.keep_alive(exec, &keep, &ctx)?;
             }
         }
         Ok(run)

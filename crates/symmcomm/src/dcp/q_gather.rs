@@ -46,7 +46,7 @@ pub struct GatheredQ {
 }
 
 /// A q gather on one rank of a DCP group: its send and gathered buffers, made once.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct DcpQGather {
     group: Group,
     spec: QGatherSpec,
@@ -85,6 +85,14 @@ impl DcpQGather {
             spec,
             send,
             gathered,
+        })
+    }
+
+    /// This gather enqueued on `stream` (the same buffers; see [`Group::on`]).
+    pub fn on(&self, stream: &crate::Stream) -> Result<Self> {
+        Ok(DcpQGather {
+            group: self.group.on(stream)?,
+            ..self.clone()
         })
     }
 

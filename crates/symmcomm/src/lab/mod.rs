@@ -56,16 +56,21 @@ impl Group {
         if let Some(c) = counter {
             keep.push(&c.t.buf);
         }
-        self.keep_alive(&keep);
-        self.device().fill(&r, t.dtype, t.numel(), &spec)
+        let ctx = self.ctx(Op::Fill, t.bytes());
+        let exec = self.exec(&ctx)?;
+        self.keep_alive(exec, &keep, &ctx)?;
+        self.device()
+            .fill(exec.stream, &r, t.dtype, t.numel(), &spec)
     }
 
     /// Enqueue setting every byte of `t` to 0xFF (NaN for floats): outputs are poisoned before
     /// a run so an element left unwritten fails the check.
     pub fn poison(&self, t: &Tensor) -> Result<()> {
         let r = self.contiguous_ref(t, Op::Fill)?;
-        self.keep_alive(&[&t.buf]);
-        self.device().memset(&r, t.bytes(), 0xFF)
+        let ctx = self.ctx(Op::Fill, t.bytes());
+        let exec = self.exec(&ctx)?;
+        self.keep_alive(exec, &[&t.buf], &ctx)?;
+        self.device().memset(exec.stream, &r, t.bytes(), 0xFF)
     }
 
     /// A zeroed epoch counter in plain memory.
@@ -77,8 +82,10 @@ impl Group {
 
     /// Enqueue `counter += 1`.
     pub fn bump(&self, counter: &EpochCounter) -> Result<()> {
-        self.keep_alive(&[&counter.t.buf]);
-        self.device().bump(&counter.t.buf.mem_ref(0))
+        let ctx = self.ctx(Op::Kernel, 8);
+        let exec = self.exec(&ctx)?;
+        self.keep_alive(exec, &[&counter.t.buf], &ctx)?;
+        self.device().bump(exec.stream, &counter.t.buf.mem_ref(0))
     }
 
     /// The counter's value (waits for queued work).

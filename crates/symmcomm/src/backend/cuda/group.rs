@@ -13,7 +13,9 @@ use super::memory::NcclSegment;
 use super::nccl::OwnedComm;
 use super::own::OwnKernels;
 use super::peers::{self, PeerView};
-use crate::backend::{Algo, Call, CallShape, Collective, DcpFused, DcpShape, GroupBackend, Impl};
+use crate::backend::{
+    Algo, Call, CallShape, Collective, DcpFused, DcpShape, Exec, GroupBackend, Impl, StreamSel,
+};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};
@@ -176,24 +178,24 @@ impl CudaGroup {
                     DataType::FLOAT32,
                     RedOp::SUM,
                     comm.raw(),
-                    self.dev.stream_raw(),
+                    self.dev.raw(StreamSel::Own) as *mut c_void,
                 )
             };
             comm.check(r, "ncclAllReduce (warm-up)", &ctx)?;
         }
-        self.dev.sync(&ctx)
+        self.dev.sync(StreamSel::Own, &ctx)
     }
 
     /// All-gather by the copy engine: a barrier (every peer's output is free), one copy of
     /// this rank's piece into every rank's output window, a barrier (every copy landed).
-    fn ce_all_gather(&self, own: &OwnKernels, call: &Call) -> Result<()> {
+    fn ce_all_gather(&self, own: &OwnKernels, s: StreamSel, call: &Call) -> Result<()> {
         let ctx = &call.ctx;
         let loc = call.output_symm.ok_or_else(|| Error::InvalidArgument {
             ctx: ctx.clone(),
             detail: "the copy-engine all-gather writes into windows; the output is not in one"
                 .into(),
         })?;
-        let stream = self.dev.stream_raw() as cudarc::driver::sys::CUstream;
+        let stream = self.dev.raw(s);
         let piece = call.piece * call.dtype.size();
         let src = call.input.addr();
         own.launch(CollectiveKernel::Barrier, call.dtype, 0, 0, 0, stream, ctx)?;
@@ -219,7 +221,7 @@ impl CudaGroup {
             let local = seg[self.rank].base() + (loc.offset + self.rank * piece) as u64;
             let in_place = local == src;
             if !in_place {
-                self.dev.fork_side(ctx, |side| copy(local, side))?;
+                self.dev.fork_side(s, ctx, |side| copy(local, side))?;
             }
             for p in (1..self.size).map(|i| (self.rank + i) % self.size) {
                 copy(
@@ -228,7 +230,7 @@ impl CudaGroup {
                 )?;
             }
             if !in_place {
-                self.dev.join_side(ctx)?;
+                self.dev.join_side(s, ctx)?;
             }
         }
         own.launch(CollectiveKernel::Barrier, call.dtype, 0, 0, 0, stream, ctx)
@@ -358,7 +360,7 @@ impl GroupBackend for CudaGroup {
         }
     }
 
-    fn collective(&self, call: &Call) -> Result<()> {
+    fn collective(&self, exec: Exec, call: &Call) -> Result<()> {
         let ctx = &call.ctx;
         self.dev.check_abort(ctx)?;
         self.dev.note_pending(ctx);
@@ -370,7 +372,7 @@ impl GroupBackend for CudaGroup {
             })?;
             self.dev.bind(ctx)?;
             if algo == Algo::CopyEngine {
-                return self.ce_all_gather(own, call);
+                return self.ce_all_gather(own, exec.stream, call);
             }
             let k = kernel_for(algo, call.coll).ok_or_else(|| Error::ImplUnavailable {
                 ctx: ctx.clone(),
@@ -383,7 +385,7 @@ impl GroupBackend for CudaGroup {
                 call.input.addr(),
                 call.output.addr(),
                 call.piece,
-                self.dev.stream_raw() as cudarc::driver::sys::CUstream,
+                self.dev.raw(exec.stream),
                 ctx,
             );
         }
@@ -406,7 +408,7 @@ impl GroupBackend for CudaGroup {
         };
         let raw = comm.live(ctx)?;
         self.dev.bind(ctx)?;
-        let stream = self.dev.stream_raw();
+        let stream = self.dev.raw(exec.stream) as *mut c_void;
         debug_assert!(
             call.imp != Impl::Symmetric
                 || (call.input_symm.is_some() && call.output_symm.is_some()),
@@ -495,7 +497,7 @@ impl GroupBackend for CudaGroup {
         super::dcp::fused_shape_unavailable(shape)
     }
 
-    fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
+    fn dcp_fused(&self, exec: Exec, call: &DcpFused) -> Result<()> {
         let ctx = &call.ctx;
         if let Some(why) = self.dcp_fused_unavailable(&call.shape) {
             return Err(Error::ImplUnavailable {
@@ -532,11 +534,11 @@ impl GroupBackend for CudaGroup {
         dcp.lse = call.lse.addr();
         dcp.out = call.out.addr();
         dcp.merged_lse = call.merged_lse.as_ref().map_or(0, |m| m.addr());
-        self.dev.dcp()?.fused(
+        self.dev.dcp(exec.capturing, ctx)?.fused(
             &call.shape,
             &mut symm,
             &mut dcp,
-            self.dev.stream_raw() as cudarc::driver::sys::CUstream,
+            self.dev.raw(exec.stream),
             self.dev.own_kernels_pdl,
             ctx,
         )

@@ -115,3 +115,95 @@ impl Drop for NcclSegment {
         }
     }
 }
+
+/// Device memory an engine owns (a `CudaSlice`, a torch tensor's storage), used in place and
+/// never freed by symmcomm.
+#[derive(Debug)]
+pub(crate) struct ForeignDevice {
+    ptr: u64,
+    len: usize,
+}
+
+impl ForeignDevice {
+    /// `bytes` from `addr`, checked to be device memory of device `ordinal` inside one
+    /// allocation. The device's context must be current.
+    pub(crate) fn check(
+        addr: u64,
+        bytes: usize,
+        ordinal: usize,
+        ctx: &crate::error::OpCtx,
+    ) -> crate::error::Result<Self> {
+        use crate::error::Error;
+        let bad = |detail: String| Error::InvalidArgument {
+            ctx: ctx.clone(),
+            detail,
+        };
+        if addr == 0 {
+            return Err(bad(format!("a null device pointer for {bytes} bytes")));
+        }
+        let attr = |a: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
+            // SAFETY: `out` points to a value of the size the attribute writes (checked by the
+            // callers below: u32 for memory type, i32 for the ordinal, u64/usize for the range).
+            let r = unsafe { sys::cuPointerGetAttribute(out, a, addr) };
+            super::driver::check(r, "cuPointerGetAttribute", ctx)
+        };
+        let mut kind = 0u32;
+        if attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            &mut kind as *mut u32 as *mut std::ffi::c_void,
+        )
+        .is_err()
+        {
+            return Err(bad(format!(
+                "{addr:#x} is not memory the CUDA driver knows (a host pointer, or freed)"
+            )));
+        }
+        if kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+            return Err(bad(format!(
+                "{addr:#x} is not device memory (CUDA memory type {kind})"
+            )));
+        }
+        let mut device = -1i32;
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            &mut device as *mut i32 as *mut std::ffi::c_void,
+        )?;
+        if device != ordinal as i32 {
+            return Err(bad(format!(
+                "{addr:#x} is memory of device {device}; this communicator runs on device {ordinal}"
+            )));
+        }
+        let (mut start, mut size) = (0u64, 0usize);
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            &mut start as *mut u64 as *mut std::ffi::c_void,
+        )?;
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+            &mut size as *mut usize as *mut std::ffi::c_void,
+        )?;
+        let end = start + size as u64;
+        if addr + bytes as u64 > end {
+            return Err(bad(format!(
+                "{bytes} bytes from {addr:#x} run past the end of their allocation \
+                 ({start:#x}, {size} bytes)"
+            )));
+        }
+        Ok(ForeignDevice {
+            ptr: addr,
+            len: bytes,
+        })
+    }
+}
+
+impl Memory for ForeignDevice {
+    fn addr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

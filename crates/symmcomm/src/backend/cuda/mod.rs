@@ -14,6 +14,7 @@ mod modules;
 mod nccl;
 mod own;
 mod peers;
+mod retain;
 mod teardown;
 #[doc(hidden)]
 pub mod test_hooks;
@@ -29,11 +30,13 @@ use nccl_sys::{Nccl, Version};
 
 use self::driver::{Event, check};
 use self::group::CudaGroup;
-use self::memory::DeviceAlloc;
+use self::memory::{DeviceAlloc, ForeignDevice};
 use self::modules::UtilKernels;
 use self::nccl::{Creation, OwnedComm};
 use crate::abort::{self, AbortFlag};
-use crate::backend::{BackendKind, Copy2d, DcpCorrect, GraphExec, GroupBackend, RankBackend};
+use crate::backend::{
+    BackendKind, Copy2d, DcpCorrect, Exec, GraphExec, GroupBackend, RankBackend, StreamSel,
+};
 use crate::bootstrap::{Bootstrap, ControlPlane};
 use crate::comm::CommConfig;
 #[cfg(feature = "lab")]
@@ -162,7 +165,10 @@ pub(crate) fn start(
         Nccl::load()?;
     }
     let count = probe().map_err(|reason| Error::NoGpu { reason })?;
-    let ordinal = config.device.unwrap_or(boot.local_rank);
+    let ordinal = config
+        .device
+        .or(config.cuda_context.as_ref().map(|c| c.ordinal()))
+        .unwrap_or(boot.local_rank);
     let op = OpCtx {
         op: Op::Init,
         group: format!("cuda:{ordinal}"),
@@ -183,8 +189,22 @@ pub(crate) fn start(
         call,
         message: e.to_string(),
     };
+    // Our own handle on the device's primary context (an engine's `CudaContext` is that same
+    // context; its settings, event tracking included, stay the engine's).
     let ctx = CudaContext::new(ordinal).map_err(|e| cu(e, "cuDevicePrimaryCtxRetain"))?;
-    // SAFETY: symmcomm never hands cudarc slices to this context, so nothing relies on
+    if let Some(engine) = &config.cuda_context
+        && engine.cu_ctx() != ctx.cu_ctx()
+    {
+        return Err(Error::InvalidArgument {
+            ctx: op,
+            detail: format!(
+                "the engine's CUDA context (device {}) is not the primary context of device \
+                 {ordinal}, which symmcomm runs on",
+                engine.ordinal()
+            ),
+        });
+    }
+    // SAFETY: symmcomm never hands cudarc slices to this handle, so nothing relies on
     // cudarc's event tracking.
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().map_err(|e| cu(e, "cuStreamCreate"))?;
@@ -211,7 +231,6 @@ pub(crate) fn start(
         dcp: OnceLock::new(),
         collectives: OnceLock::new(),
         scratch: OnceLock::new(),
-        capturing: AtomicBool::new(false),
         graph: Mutex::new(()),
         comms: Mutex::new(Vec::new()),
         timeout: config.timeout,
@@ -222,6 +241,9 @@ pub(crate) fn start(
         own_kernels_pdl: config.own_kernels_pdl && cc.0 >= 9,
         own: Mutex::new(Vec::new()),
     });
+    // The utility module (the guard kernel among others) loads now, never inside a capture; a
+    // failure is kept and reported where a kernel of it is needed.
+    let _ = dev.util();
     Ok(Arc::new(CudaDevice { dev }))
 }
 
@@ -245,7 +267,6 @@ pub(crate) struct DeviceShared {
     /// Our collective kernels, loaded once per device and shared by every group on it.
     collectives: OnceLock<std::result::Result<own::CollectiveFunctions, String>>,
     scratch: OnceLock<DeviceAlloc>,
-    capturing: AtomicBool,
     /// Serialises capture begin/end.
     graph: Mutex<()>,
     comms: Mutex<Vec<Weak<OwnedComm>>>,
@@ -307,23 +328,24 @@ impl DeviceShared {
         })
     }
 
-    pub(crate) fn stream_raw(&self) -> *mut c_void {
-        self.stream.cu_stream() as *mut c_void
+    /// The `CUstream` work for `s` goes to.
+    pub(crate) fn raw(&self, s: StreamSel) -> sys::CUstream {
+        match s {
+            StreamSel::Own => self.stream.cu_stream(),
+            StreamSel::Cuda(raw) => raw as usize as sys::CUstream,
+        }
     }
 
-    fn cu_stream(&self) -> sys::CUstream {
-        self.stream.cu_stream()
-    }
-
-    /// Run `side_work` on the side stream, ordered after everything queued so far on the main
-    /// stream; returns after enqueueing. [`DeviceShared::join_side`] orders the main stream
-    /// after it. Both work under graph capture (the events become graph edges).
+    /// Run `side_work` on the side stream, ordered after everything queued so far on `s`;
+    /// returns after enqueueing. [`DeviceShared::join_side`] orders `s` after it. Both work
+    /// under graph capture (the events become graph edges).
     pub(crate) fn fork_side(
         &self,
+        s: StreamSel,
         ctx: &OpCtx,
         side_work: impl FnOnce(sys::CUstream) -> Result<()>,
     ) -> Result<()> {
-        self.fork.record(self.cu_stream(), ctx)?;
+        self.fork.record(self.raw(s), ctx)?;
         // SAFETY: both streams and the event belong to the current context.
         let r = unsafe { sys::cuStreamWaitEvent(self.side.cu_stream(), self.fork.raw(), 0) };
         check(r, "cuStreamWaitEvent", ctx)?;
@@ -331,11 +353,32 @@ impl DeviceShared {
         self.join.record(self.side.cu_stream(), ctx)
     }
 
-    /// Order the main stream after the side work of the last [`DeviceShared::fork_side`].
-    pub(crate) fn join_side(&self, ctx: &OpCtx) -> Result<()> {
+    /// Order `s` after the side work of the last [`DeviceShared::fork_side`].
+    pub(crate) fn join_side(&self, s: StreamSel, ctx: &OpCtx) -> Result<()> {
         // SAFETY: as in `fork_side`.
-        let r = unsafe { sys::cuStreamWaitEvent(self.cu_stream(), self.join.raw(), 0) };
+        let r = unsafe { sys::cuStreamWaitEvent(self.raw(s), self.join.raw(), 0) };
         check(r, "cuStreamWaitEvent", ctx)
+    }
+
+    /// Whether `s` is being captured now. A capture that an error invalidated is an error.
+    pub(crate) fn capturing(&self, s: StreamSel, ctx: &OpCtx) -> Result<bool> {
+        self.bind(ctx)?;
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: `status` is valid for writing; the stream is this context's (checked when the
+        // group was bound to it) or the legacy default stream.
+        let r = unsafe { sys::cuStreamIsCapturing(self.raw(s), &mut status) };
+        check(r, "cuStreamIsCapturing", ctx)?;
+        match status {
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Ok(false),
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => Ok(true),
+            _ => Err(Error::Cuda {
+                ctx: ctx.clone(),
+                call: "cuStreamIsCapturing",
+                message: "the stream's capture was invalidated by an earlier error; end it \
+                          (cuStreamEndCapture) and capture again"
+                    .into(),
+            }),
+        }
     }
 
     /// The utility kernels, compiled and loaded on first use.
@@ -345,8 +388,16 @@ impl DeviceShared {
         })
     }
 
-    /// The DCP kernels, compiled and loaded on first use.
-    pub(crate) fn dcp(&self) -> Result<&dcp::DcpKernels> {
+    /// The DCP kernels, compiled and loaded on first use (never inside a capture: loading a
+    /// module there is an error naming the operation; `Group::prepare` and the combine's
+    /// constructor load it before).
+    pub(crate) fn dcp(&self, capturing: bool, ctx: &OpCtx) -> Result<&dcp::DcpKernels> {
+        if capturing && self.dcp.get().is_none() {
+            return Err(Error::DuringCapture {
+                ctx: ctx.clone(),
+                action: "loading the DCP kernels (call Group::prepare before capturing)".into(),
+            });
+        }
         loaded_once(&self.dcp, "DCP kernels", || {
             dcp::DcpKernels::load(&self.ctx, self.cc, &self.op(Op::DcpCombine, 0))
         })
@@ -456,13 +507,13 @@ impl DeviceShared {
         res
     }
 
-    /// Wait for everything queued on the stream, polling NCCL's errors, within the deadline;
-    /// then check our kernels' device-side error state.
-    pub(crate) fn sync(&self, ctx: &OpCtx) -> Result<()> {
+    /// Wait for everything queued on `s`, polling NCCL's errors, within the deadline; then
+    /// check our kernels' device-side error state.
+    pub(crate) fn sync(&self, s: StreamSel, ctx: &OpCtx) -> Result<()> {
         self.check_abort(ctx)?;
         self.bind(ctx)?;
         let ev = Event::new(false, ctx)?;
-        ev.record(self.cu_stream(), ctx)?;
+        ev.record(self.raw(s), ctx)?;
         let res = ev
             .wait(Instant::now() + self.timeout, ctx, || self.poll_comms(ctx))
             .and_then(|()| self.check_own(ctx))
@@ -644,9 +695,73 @@ impl RankBackend for CudaDevice {
         Ok(Arc::new(alloc(&self.dev.ctx, bytes, &op)?))
     }
 
-    fn upload(&self, dst: &MemRef, src: &[u8]) -> Result<()> {
+    unsafe fn foreign(&self, addr: u64, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
+        self.dev.bind(ctx)?;
+        Ok(Arc::new(ForeignDevice::check(
+            addr,
+            bytes,
+            self.dev.ordinal,
+            ctx,
+        )?))
+    }
+
+    fn prepare(&self, ctx: &OpCtx) -> Result<()> {
+        self.dev.bind(ctx)?;
+        self.dev.util()?;
+        self.dev.dcp(false, ctx)?;
+        self.dev.collectives().map(|_| ())
+    }
+
+    fn check_stream(&self, s: StreamSel, ctx: &OpCtx) -> Result<()> {
+        let StreamSel::Cuda(raw) = s else {
+            return Ok(());
+        };
+        if raw == 0 {
+            // The legacy default stream of whatever context is current: ours, bound per call.
+            return Ok(());
+        }
+        self.dev.bind(ctx)?;
+        let mut owner: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: `owner` is valid for writing; a stream handle that is not a live stream is
+        // reported by the driver as an error, which is returned.
+        let r = unsafe { sys::cuStreamGetCtx(raw as usize as sys::CUstream, &mut owner) };
+        check(r, "cuStreamGetCtx", ctx)?;
+        if owner != self.dev.ctx.cu_ctx() {
+            return Err(Error::InvalidArgument {
+                ctx: ctx.clone(),
+                detail: format!(
+                    "stream {raw:#x} belongs to another CUDA context than device {}'s primary \
+                     context, which this communicator runs on",
+                    self.dev.ordinal
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn exec(&self, s: StreamSel, ctx: &OpCtx) -> Result<Exec> {
+        let capturing = self.dev.capturing(s, ctx)?;
+        if !capturing {
+            retain::release_deferred();
+        }
+        Ok(Exec {
+            stream: s,
+            capturing,
+        })
+    }
+
+    fn retain_for_capture(
+        &self,
+        exec: Exec,
+        keep: crate::comm::KeepAlive,
+        ctx: &OpCtx,
+    ) -> Result<()> {
+        retain::for_capture(self.dev.raw(exec.stream), keep, ctx)
+    }
+
+    fn upload(&self, s: StreamSel, dst: &MemRef, src: &[u8]) -> Result<()> {
         let op = self.dev.op(Op::Copy, src.len());
-        self.dev.sync(&op)?;
+        self.dev.sync(s, &op)?;
         let r = {
             // SAFETY: validation guaranteed `dst` holds `src.len()` bytes of this device; the
             // stream is idle, so nothing races with the copy.
@@ -655,9 +770,9 @@ impl RankBackend for CudaDevice {
         check(r, "cuMemcpyHtoD", &op)
     }
 
-    fn download(&self, src: &MemRef, dst: &mut [u8]) -> Result<()> {
+    fn download(&self, s: StreamSel, src: &MemRef, dst: &mut [u8]) -> Result<()> {
         let op = self.dev.op(Op::Copy, dst.len());
-        self.dev.sync(&op)?;
+        self.dev.sync(s, &op)?;
         let r = {
             // SAFETY: as for upload, with `dst` valid for writing `dst.len()` bytes.
             unsafe {
@@ -667,7 +782,7 @@ impl RankBackend for CudaDevice {
         check(r, "cuMemcpyDtoH", &op)
     }
 
-    fn copy_2d(&self, c: &Copy2d) -> Result<()> {
+    fn copy_2d(&self, s: StreamSel, c: &Copy2d) -> Result<()> {
         let op = self.dev.op(Op::Copy, c.rows * c.row_bytes);
         self.dev.bind(&op)?;
         if c.rows == 1 || (c.src_pitch == c.row_bytes && c.dst_pitch == c.row_bytes) {
@@ -678,7 +793,7 @@ impl RankBackend for CudaDevice {
                         cuda_of(&c.dst),
                         cuda_of(&c.src),
                         c.rows * c.row_bytes,
-                        self.dev.cu_stream(),
+                        self.dev.raw(s),
                     )
                 }
             };
@@ -704,7 +819,7 @@ impl RankBackend for CudaDevice {
         };
         let r = {
             // SAFETY: every row lies inside its buffer (validated by the group).
-            unsafe { sys::cuMemcpy2DAsync_v2(&p, self.dev.cu_stream()) }
+            unsafe { sys::cuMemcpy2DAsync_v2(&p, self.dev.raw(s)) }
         };
         check(r, "cuMemcpy2DAsync", &op)
     }
@@ -712,6 +827,7 @@ impl RankBackend for CudaDevice {
     #[cfg(feature = "lab")]
     fn fill(
         &self,
+        s: StreamSel,
         dst: &MemRef,
         dtype: DType,
         elems: usize,
@@ -749,45 +865,31 @@ impl RankBackend for CudaDevice {
             // SAFETY: the arguments match `symm_slow_fill_bf16(bf16*, u64, u64, u64, const u64*,
             // u64, u64)`; buffers as for the plain fill below.
             return unsafe {
-                util.slow_fill_bf16().launch(
-                    grid,
-                    256,
-                    0,
-                    self.dev.cu_stream(),
-                    &mut args,
-                    false,
-                    &op,
-                )
+                util.slow_fill_bf16()
+                    .launch(grid, 256, 0, self.dev.raw(s), &mut args, false, &op)
             };
         }
         // SAFETY: the arguments match `symm_fill_*(T*, u64, u64, u64, const u64*, u64)` (the
         // last pointer is not passed); `out` holds `elems` elements and `epoch` is null or an
         // 8-byte counter, both alive until the work is enqueued (and kept by graphs).
         unsafe {
-            util.fill(dtype).launch(
-                grid,
-                256,
-                0,
-                self.dev.cu_stream(),
-                &mut args[..6],
-                false,
-                &op,
-            )
+            util.fill(dtype)
+                .launch(grid, 256, 0, self.dev.raw(s), &mut args[..6], false, &op)
         }
     }
 
-    fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()> {
+    fn memset(&self, s: StreamSel, dst: &MemRef, bytes: usize, byte: u8) -> Result<()> {
         let op = self.dev.op(Op::Fill, bytes);
         self.dev.bind(&op)?;
         let r = {
             // SAFETY: `dst` holds `bytes` bytes of device memory (validated by the caller).
-            unsafe { sys::cuMemsetD8Async(cuda_of(dst), byte, bytes, self.dev.cu_stream()) }
+            unsafe { sys::cuMemsetD8Async(cuda_of(dst), byte, bytes, self.dev.raw(s)) }
         };
         check(r, "cuMemsetD8Async", &op)
     }
 
     #[cfg(feature = "lab")]
-    fn bump(&self, counter: &MemRef) -> Result<()> {
+    fn bump(&self, s: StreamSel, counter: &MemRef) -> Result<()> {
         let op = self.dev.op(Op::Kernel, 8);
         self.dev.bind(&op)?;
         let util = self.dev.util()?;
@@ -796,13 +898,15 @@ impl RankBackend for CudaDevice {
         // SAFETY: `symm_bump(u64*)` gets an 8-byte device counter.
         unsafe {
             util.bump
-                .launch(1, 1, 0, self.dev.cu_stream(), &mut args, false, &op)
+                .launch(1, 1, 0, self.dev.raw(s), &mut args, false, &op)
         }
     }
 
-    fn dcp_correct(&self, call: &DcpCorrect) -> Result<()> {
+    fn dcp_correct(&self, exec: Exec, call: &DcpCorrect) -> Result<()> {
         self.dev.bind(&call.ctx)?;
-        self.dev.dcp()?.correct(call, self.dev.cu_stream())
+        self.dev
+            .dcp(exec.capturing, &call.ctx)?
+            .correct(call, self.dev.raw(exec.stream))
     }
 
     fn begin_capture(&self) -> Result<()> {
@@ -818,7 +922,6 @@ impl RankBackend for CudaDevice {
                 call: "cuStreamBeginCapture",
                 message: e.to_string(),
             })?;
-        self.dev.capturing.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -830,7 +933,6 @@ impl RankBackend for CudaDevice {
             .dev
             .stream
             .end_capture(sys::CUgraphInstantiate_flags(0));
-        self.dev.capturing.store(false, Ordering::Release);
         let graph = res.map_err(|e| Error::Cuda {
             ctx: op.clone(),
             call: "cuStreamEndCapture/cuGraphInstantiate",
@@ -849,12 +951,8 @@ impl RankBackend for CudaDevice {
         }))
     }
 
-    fn capturing(&self) -> bool {
-        self.dev.capturing.load(Ordering::Acquire)
-    }
-
-    fn synchronize(&self) -> Result<()> {
-        self.dev.sync(&self.dev.op(Op::Barrier, 0))
+    fn synchronize(&self, s: StreamSel) -> Result<()> {
+        self.dev.sync(s, &self.dev.op(Op::Barrier, 0))
     }
 
     fn memory_info(&self) -> Result<Option<(usize, usize)>> {
@@ -878,15 +976,15 @@ impl RankBackend for CudaDevice {
         Ok(Some((free, total)))
     }
 
-    fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
+    fn time(&self, s: StreamSel, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
         let op = self.dev.op(Op::Kernel, 0);
         self.dev.check_abort(&op)?;
         self.dev.bind(&op)?;
         let (a, b) = (Event::new(true, &op)?, Event::new(true, &op)?);
-        a.record(self.dev.cu_stream(), &op)?;
+        a.record(self.dev.raw(s), &op)?;
         enqueue()?;
         self.dev.bind(&op)?;
-        b.record(self.dev.cu_stream(), &op)?;
+        b.record(self.dev.raw(s), &op)?;
         let waited = b.wait(Instant::now() + self.dev.timeout, &op, || {
             self.dev.poll_comms(&op)
         });

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::{HostMemory, HostQueue, dcp, host_mem};
+use super::{HostBytes, HostMemory, HostQueue, dcp, host_mem};
 use crate::abort::{AbortFlag, POLL};
+use crate::backend::Exec;
 use crate::backend::{Call, CallShape, Collective, DcpFused, DcpShape, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
@@ -470,7 +471,7 @@ impl GroupBackend for HostGroup {
         }
     }
 
-    fn collective(&self, call: &Call) -> Result<()> {
+    fn collective(&self, _exec: Exec, call: &Call) -> Result<()> {
         let (me, call) = (self.inner.clone(), call.clone());
         self.inner.queue.enqueue(Box::new(move || me.run(&call)))
     }
@@ -505,7 +506,7 @@ impl GroupBackend for HostGroup {
         }
     }
 
-    fn dcp_fused(&self, call: &DcpFused) -> Result<()> {
+    fn dcp_fused(&self, _exec: Exec, call: &DcpFused) -> Result<()> {
         let (me, call) = (self.inner.clone(), call.clone());
         self.inner
             .queue

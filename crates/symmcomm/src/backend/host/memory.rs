@@ -62,9 +62,16 @@ impl HostMemory {
             pos += take;
         }
     }
+}
 
+/// Byte access to host memory of either kind.
+pub(crate) trait HostBytes {
+    /// Copy `out.len()` bytes starting at `offset` into `out`.
+    fn read(&self, offset: usize, out: &mut [u8]);
+    /// Copy `data` into the bytes starting at `offset`.
+    fn write(&self, offset: usize, data: &[u8]);
     /// Set `len` bytes at `offset` to `byte`.
-    pub(crate) fn fill(&self, offset: usize, len: usize, byte: u8) {
+    fn fill(&self, offset: usize, len: usize, byte: u8) {
         const CHUNK: usize = 1 << 16;
         let buf = vec![byte; CHUNK.min(len)];
         let mut done = 0;
@@ -74,14 +81,83 @@ impl HostMemory {
             done += n;
         }
     }
-
     /// A copy of `len` bytes at `offset`.
-    pub(crate) fn to_vec(&self, offset: usize, len: usize) -> Vec<u8> {
+    fn to_vec(&self, offset: usize, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         self.read(offset, &mut v);
         v
     }
 }
+
+impl HostBytes for HostMemory {
+    fn read(&self, offset: usize, out: &mut [u8]) {
+        HostMemory::read(self, offset, out)
+    }
+    fn write(&self, offset: usize, data: &[u8]) {
+        HostMemory::write(self, offset, data)
+    }
+}
+
+/// Host memory an engine owns (a NumPy array's buffer, say), used in place. Only this rank's
+/// thread touches it: peers read windows, never foreign memory.
+#[derive(Debug)]
+pub(crate) struct ForeignHost {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+}
+
+impl ForeignHost {
+    fn check(&self, offset: usize, len: usize) {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "foreign host access out of bounds"
+        );
+    }
+}
+
+impl HostBytes for ForeignHost {
+    fn read(&self, offset: usize, out: &mut [u8]) {
+        self.check(offset, out.len());
+        // SAFETY: `Group::wrap_raw`'s contract: `len` bytes from `ptr` are valid while work
+        // uses them; the range was checked above, and `out` is a distinct Rust buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (self.ptr as usize + offset) as *const u8,
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        }
+    }
+    fn write(&self, offset: usize, data: &[u8]) {
+        self.check(offset, data.len());
+        // SAFETY: as for `read`; `copy` allows the source to overlap the destination.
+        unsafe {
+            std::ptr::copy(
+                data.as_ptr(),
+                (self.ptr as usize + offset) as *mut u8,
+                data.len(),
+            )
+        }
+    }
+}
+
+impl Memory for ForeignHost {
+    fn addr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+// SAFETY: the pointer is plain host memory the engine keeps valid (see `read`); the struct only
+// carries its address.
+unsafe impl Send for ForeignHost {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for ForeignHost {}
 
 impl Memory for HostMemory {
     fn addr(&self) -> u64 {

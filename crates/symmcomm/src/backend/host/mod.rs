@@ -11,7 +11,9 @@ mod memory;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendKind, Copy2d, DcpCorrect, GraphExec, GroupBackend, RankBackend};
+use crate::backend::{
+    BackendKind, Copy2d, DcpCorrect, Exec, GraphExec, GroupBackend, RankBackend, StreamSel,
+};
 use crate::bootstrap::ControlPlane;
 #[cfg(feature = "lab")]
 use crate::dtype::DType;
@@ -19,7 +21,7 @@ use crate::error::{Error, Op, OpCtx, Result};
 use crate::memory::{MemRef, Memory};
 
 pub(crate) use fabric::HostGroup;
-pub(crate) use memory::HostMemory;
+pub(crate) use memory::{ForeignHost, HostBytes, HostMemory};
 
 type HostOp = Box<dyn Fn() -> Result<()> + Send + Sync>;
 
@@ -65,9 +67,13 @@ impl std::fmt::Debug for HostOpDebug {
     }
 }
 
-/// The host memory behind a [`MemRef`] made by this backend.
-pub(crate) fn host_mem(r: &MemRef) -> &HostMemory {
-    r.mem.as_any().downcast_ref::<HostMemory>().expect(
+/// The host memory behind a [`MemRef`] made by this backend (its own, or an engine's).
+pub(crate) fn host_mem(r: &MemRef) -> &dyn HostBytes {
+    let any = r.mem.as_any();
+    if let Some(m) = any.downcast_ref::<HostMemory>() {
+        return m;
+    }
+    any.downcast_ref::<ForeignHost>().expect(
         "the host backend only sees host memory (buffers are checked against their communicator)",
     )
 }
@@ -107,6 +113,10 @@ impl HostDevice {
 
     fn enqueue(&self, op: HostOp) -> Result<()> {
         self.queue.enqueue(op)
+    }
+
+    fn capturing(&self) -> bool {
+        self.queue.rec().is_some()
     }
 
     fn not_while_capturing(&self, what: &str, bytes: usize) -> Result<()> {
@@ -150,19 +160,68 @@ impl RankBackend for HostDevice {
         Ok(Arc::new(HostMemory::new(bytes)))
     }
 
-    fn upload(&self, dst: &MemRef, src: &[u8]) -> Result<()> {
+    unsafe fn foreign(&self, addr: u64, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
+        if addr == 0 && bytes > 0 {
+            return Err(Error::InvalidArgument {
+                ctx: ctx.clone(),
+                detail: format!("a null pointer for {bytes} bytes"),
+            });
+        }
+        Ok(Arc::new(ForeignHost {
+            ptr: addr,
+            len: bytes,
+        }))
+    }
+
+    fn prepare(&self, _ctx: &OpCtx) -> Result<()> {
+        Ok(())
+    }
+
+    fn check_stream(&self, s: StreamSel, ctx: &OpCtx) -> Result<()> {
+        match s {
+            StreamSel::Own => Ok(()),
+            StreamSel::Cuda(raw) => Err(Error::InvalidArgument {
+                ctx: ctx.clone(),
+                detail: format!(
+                    "CUDA stream {raw:#x} given to the host backend, which has no CUDA streams \
+                     (use the communicator's own stream)"
+                ),
+            }),
+        }
+    }
+
+    fn exec(&self, s: StreamSel, ctx: &OpCtx) -> Result<Exec> {
+        self.check_stream(s, ctx)?;
+        Ok(Exec {
+            stream: s,
+            capturing: self.capturing(),
+        })
+    }
+
+    fn retain_for_capture(
+        &self,
+        _exec: Exec,
+        _keep: crate::comm::KeepAlive,
+        _ctx: &OpCtx,
+    ) -> Result<()> {
+        // The host backend is only captured by `Communicator::begin_capture`, whose graph
+        // keeps what it uses itself.
+        Ok(())
+    }
+
+    fn upload(&self, _s: StreamSel, dst: &MemRef, src: &[u8]) -> Result<()> {
         self.not_while_capturing("a synchronous upload", src.len())?;
         host_mem(dst).write(dst.offset, src);
         Ok(())
     }
 
-    fn download(&self, src: &MemRef, dst: &mut [u8]) -> Result<()> {
+    fn download(&self, _s: StreamSel, src: &MemRef, dst: &mut [u8]) -> Result<()> {
         self.not_while_capturing("a synchronous download", dst.len())?;
         host_mem(src).read(src.offset, dst);
         Ok(())
     }
 
-    fn copy_2d(&self, c: &Copy2d) -> Result<()> {
+    fn copy_2d(&self, _s: StreamSel, c: &Copy2d) -> Result<()> {
         let c = c.clone();
         self.enqueue(Box::new(move || {
             let (src, dst) = (host_mem(&c.src), host_mem(&c.dst));
@@ -178,6 +237,7 @@ impl RankBackend for HostDevice {
     #[cfg(feature = "lab")]
     fn fill(
         &self,
+        _s: StreamSel,
         dst: &MemRef,
         dtype: DType,
         elems: usize,
@@ -200,7 +260,7 @@ impl RankBackend for HostDevice {
         }))
     }
 
-    fn memset(&self, dst: &MemRef, bytes: usize, byte: u8) -> Result<()> {
+    fn memset(&self, _s: StreamSel, dst: &MemRef, bytes: usize, byte: u8) -> Result<()> {
         let dst = dst.clone();
         self.enqueue(Box::new(move || {
             host_mem(&dst).fill(dst.offset, bytes, byte);
@@ -209,7 +269,7 @@ impl RankBackend for HostDevice {
     }
 
     #[cfg(feature = "lab")]
-    fn bump(&self, counter: &MemRef) -> Result<()> {
+    fn bump(&self, _s: StreamSel, counter: &MemRef) -> Result<()> {
         let c = counter.clone();
         self.enqueue(Box::new(move || {
             let m = host_mem(&c);
@@ -220,7 +280,7 @@ impl RankBackend for HostDevice {
         }))
     }
 
-    fn dcp_correct(&self, call: &DcpCorrect) -> Result<()> {
+    fn dcp_correct(&self, _exec: Exec, call: &DcpCorrect) -> Result<()> {
         let c = call.clone();
         self.enqueue(Box::new(move || {
             let sh = &c.shape;
@@ -273,11 +333,7 @@ impl RankBackend for HostDevice {
         }))
     }
 
-    fn capturing(&self) -> bool {
-        self.queue.rec().is_some()
-    }
-
-    fn synchronize(&self) -> Result<()> {
+    fn synchronize(&self, _s: StreamSel) -> Result<()> {
         Ok(())
     }
 
@@ -285,7 +341,7 @@ impl RankBackend for HostDevice {
         Ok(None)
     }
 
-    fn time(&self, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
+    fn time(&self, _s: StreamSel, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration> {
         let t0 = Instant::now();
         enqueue()?;
         Ok(t0.elapsed())
