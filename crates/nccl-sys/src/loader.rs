@@ -498,8 +498,9 @@ impl Nccl {
     /// The process-wide NCCL, loaded on first use.
     ///
     /// Tries, in order: the absolute path in [`LIBRARY_ENV_VAR`] (if set and non-empty it is
-    /// the only candidate; a relative path is [`LoadError::RelativePath`]), then each of
-    /// [`SONAMES`]. A library that opens but is unusable (too old, missing a symbol) ends the
+    /// the only candidate; a relative path is [`LoadError::RelativePath`]), then an NCCL the
+    /// process has already loaded under one of [`SONAMES`] (PyTorch's, say: shared, not
+    /// loaded twice), then each of [`SONAMES`]. A library that opens but is unusable (too old, missing a symbol) ends the
     /// search with that error. The first success is kept for the life of the process; a
     /// failure is not, so a later call tries again.
     pub fn load() -> Result<&'static Nccl, LoadError> {
@@ -571,6 +572,13 @@ impl Nccl {
             }
             return Self::load_from(&path);
         }
+        // An NCCL the process has loaded already (PyTorch's, in a torch process) is shared,
+        // whatever file it came from; its version is checked like any other.
+        for name in SONAMES {
+            if let Some(library) = already_loaded(name) {
+                return Self::from_library(library, Path::new(name));
+            }
+        }
         let mut tried = Vec::new();
         for name in SONAMES {
             match open(Path::new(name)) {
@@ -641,6 +649,21 @@ fn open(name: &Path) -> Result<Library, String> {
     // SAFETY: opening runs the library's initialisers; the file is trusted to be NCCL (see
     // `Nccl::load_from`), whose initialisers have no preconditions.
     unsafe { Library::new(name) }.map_err(|error| error.to_string())
+}
+
+/// The object already loaded under soname `name`, if one is (`RTLD_NOLOAD`: nothing is opened).
+#[cfg(unix)]
+fn already_loaded(name: &str) -> Option<Library> {
+    use libloading::os::unix::{Library as UnixLibrary, RTLD_LAZY};
+    // SAFETY: with RTLD_NOLOAD dlopen only looks the name up among loaded objects and takes a
+    // reference to it; no initialiser runs.
+    let lib = unsafe { UnixLibrary::open(Some(name), RTLD_LAZY | libc::RTLD_NOLOAD) }.ok()?;
+    Some(Library::from(lib))
+}
+
+#[cfg(not(unix))]
+fn already_loaded(_name: &str) -> Option<Library> {
+    None
 }
 
 /// The file of the loaded object containing `address`, from `dladdr`.

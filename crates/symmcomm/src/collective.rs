@@ -475,6 +475,7 @@ impl Group {
         Ok(Arc::new(Buffer {
             backing: crate::memory::Backing::Symmetric(slot),
             comm_id: self.comm().id,
+            backend: self.device().kind(),
             bytes,
         }))
     }
@@ -505,6 +506,7 @@ impl Group {
         let b = Arc::new(Buffer {
             backing: crate::memory::Backing::Plain(mem),
             comm_id: self.comm().id,
+            backend: self.device().kind(),
             bytes: bytes.max(256),
         });
         st.plain = Some(b.clone());

@@ -493,6 +493,7 @@ impl Group {
             buf: Arc::new(Buffer {
                 backing,
                 comm_id: self.inner.comm.id,
+                backend: self.device().kind(),
                 bytes,
             }),
             dtype,

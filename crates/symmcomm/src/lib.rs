@@ -24,6 +24,7 @@ pub mod dp_attention;
 pub mod dtype;
 pub mod error;
 pub mod group;
+mod interop;
 pub mod kernels;
 #[cfg(feature = "lab")]
 pub mod lab;
@@ -39,9 +40,12 @@ pub use abort::abort_all;
 pub use backend::{Algo, BackendKind, Collective, Impl};
 pub use bootstrap::Bootstrap;
 pub use comm::{BackendChoice, CommConfig, Communicator, Graph, TableSource};
+/// The cudarc this library is built with: an engine's cudarc types must come from this version.
+pub use cudarc;
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{Error, Op, OpCtx, Result};
 pub use group::{Dispatched, Group, SymmScope};
+pub use interop::{Borrowed, DeviceView};
 #[cfg(feature = "lab")]
 pub use lab::EpochCounter;
 pub use policy::{GroupKind, Placement, SymmPolicy};

@@ -64,6 +64,8 @@ pub struct Buffer {
     pub(crate) backing: Backing,
     /// Id of the communicator (one per rank and backend instance) that allocated it.
     pub(crate) comm_id: u64,
+    /// The backend whose memory it is.
+    pub(crate) backend: crate::backend::BackendKind,
     /// Bytes usable by the tensor.
     pub(crate) bytes: usize,
 }

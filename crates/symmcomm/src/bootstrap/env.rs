@@ -17,6 +17,11 @@ const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
 const MASTER_ADDR: &str = "MASTER_ADDR";
 /// Name of the variable holding the rendezvous port.
 const MASTER_PORT: &str = "MASTER_PORT";
+/// symmcomm's own rendezvous port, when given: it wins over `MASTER_PORT`.
+const SYMMCOMM_MASTER_PORT: &str = "SYMMCOMM_MASTER_PORT";
+/// Set by torchrun in every rank it starts; its agent then serves its own store on
+/// `MASTER_PORT`, so symmcomm's rank 0 cannot listen there.
+const TORCHELASTIC_RUN_ID: &str = "TORCHELASTIC_RUN_ID";
 
 /// `MASTER_ADDR` when the variable is absent: loopback, never a wildcard address.
 const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
@@ -36,7 +41,9 @@ pub struct EnvRanks {
     pub local_world_size: usize,
     /// `MASTER_ADDR` (defaults to 127.0.0.1).
     pub master_addr: String,
-    /// `MASTER_PORT` (required when `WORLD_SIZE` > 1, else defaults to 29500).
+    /// The port rank 0 serves the rendezvous on: `SYMMCOMM_MASTER_PORT` when set; else
+    /// `MASTER_PORT` + 1 under torchrun (its agent holds `MASTER_PORT`); else `MASTER_PORT`
+    /// (required when `WORLD_SIZE` > 1, else defaults to 29500).
     pub master_port: u16,
 }
 
@@ -103,22 +110,7 @@ impl EnvRanks {
                 a.to_string()
             }
         };
-        let master_port: u16 = match parse_optional(&lookup, MASTER_PORT)? {
-            Some(0) if world_size > 1 => {
-                return Err(bad(
-                    MASTER_PORT,
-                    "0 is not a port other ranks can connect to",
-                ));
-            }
-            Some(p) => p,
-            None if world_size > 1 => {
-                return Err(bad(
-                    MASTER_PORT,
-                    format!("is required when WORLD_SIZE is {world_size} (> 1)"),
-                ));
-            }
-            None => DEFAULT_MASTER_PORT,
-        };
+        let master_port = master_port(&lookup, world_size)?;
         Ok(EnvRanks {
             rank,
             world_size,
@@ -128,6 +120,48 @@ impl EnvRanks {
             master_port,
         })
     }
+}
+
+/// The rendezvous port (see [`EnvRanks::master_port`]).
+fn master_port(lookup: &impl Fn(&str) -> Option<String>, world_size: usize) -> Result<u16> {
+    if let Some(p) = parse_optional::<u16>(lookup, SYMMCOMM_MASTER_PORT)? {
+        if p == 0 && world_size > 1 {
+            return Err(bad(
+                SYMMCOMM_MASTER_PORT,
+                "0 is not a port other ranks can connect to",
+            ));
+        }
+        return Ok(p);
+    }
+    let under_torchrun = lookup(TORCHELASTIC_RUN_ID).is_some();
+    let port: u16 = match parse_optional(lookup, MASTER_PORT)? {
+        Some(0) if world_size > 1 => {
+            return Err(bad(
+                MASTER_PORT,
+                "0 is not a port other ranks can connect to",
+            ));
+        }
+        Some(p) => p,
+        None if world_size > 1 => {
+            return Err(bad(
+                MASTER_PORT,
+                format!("is required when WORLD_SIZE is {world_size} (> 1)"),
+            ));
+        }
+        None => DEFAULT_MASTER_PORT,
+    };
+    if !under_torchrun {
+        return Ok(port);
+    }
+    port.checked_add(1).ok_or_else(|| {
+        bad(
+            MASTER_PORT,
+            format!(
+                "is {port}: under torchrun symmcomm listens on MASTER_PORT + 1, which does not \
+                 exist; set {SYMMCOMM_MASTER_PORT}"
+            ),
+        )
+    })
 }
 
 fn bad(name: &str, detail: impl Into<String>) -> Error {
@@ -228,6 +262,30 @@ mod tests {
             Err(Error::BadEnv { name, detail }) => (name, detail),
             other => panic!("expected BadEnv, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn port_under_torchrun_and_override() {
+        let base = [("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "29400")];
+        assert_eq!(read(&base).unwrap().master_port, 29400);
+        // torchrun's agent holds MASTER_PORT: listen on the next one.
+        let mut tr = base.to_vec();
+        tr.push(("TORCHELASTIC_RUN_ID", "abc"));
+        assert_eq!(read(&tr).unwrap().master_port, 29401);
+        // An explicit port wins, with or without torchrun.
+        let mut ex = tr.clone();
+        ex.push(("SYMMCOMM_MASTER_PORT", "31000"));
+        assert_eq!(read(&ex).unwrap().master_port, 31000);
+        let mut zero = base.to_vec();
+        zero.push(("SYMMCOMM_MASTER_PORT", "0"));
+        assert_eq!(bad_env_name(read(&zero)).0, "SYMMCOMM_MASTER_PORT");
+        let top = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "65535"),
+            ("TORCHELASTIC_RUN_ID", "x"),
+        ];
+        assert_eq!(bad_env_name(read(&top)).0, "MASTER_PORT");
     }
 
     #[test]

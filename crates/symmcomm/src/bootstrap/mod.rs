@@ -76,22 +76,33 @@ impl Bootstrap {
     }
 
     /// From torchrun's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-    /// `MASTER_PORT`): rank 0 serves the TCP rendezvous, the others connect to it.
+    /// `MASTER_PORT`): rank 0 serves the TCP rendezvous, the others connect to it. Under
+    /// torchrun, whose agent holds `MASTER_PORT`, the rendezvous is on `MASTER_PORT` + 1;
+    /// `SYMMCOMM_MASTER_PORT` names another ([`EnvRanks::master_port`]).
     pub fn from_env(timeout: Duration) -> Result<Self> {
         let e = EnvRanks::from_env()?;
-        let cfg = RendezvousConfig {
-            addr: e.master_addr.clone(),
-            port: e.master_port,
-            rank: e.rank,
-            world_size: e.world_size,
-            timeout,
-        };
-        let store = TcpStore::rendezvous(&cfg)?;
-        Ok(Bootstrap::with_store(
-            e.rank,
-            e.world_size,
+        Self::rendezvous(
+            &RendezvousConfig {
+                addr: e.master_addr.clone(),
+                port: e.master_port,
+                rank: e.rank,
+                world_size: e.world_size,
+                timeout,
+            },
             e.local_rank,
-            timeout,
+        )
+    }
+
+    /// From a rendezvous address the engine hands over (rank 0 picked a free port with
+    /// [`free_port`] and told the others through its own channel, say): rank 0 serves the TCP
+    /// rendezvous at `cfg.addr:cfg.port`, the others connect to it.
+    pub fn rendezvous(cfg: &RendezvousConfig, local_rank: usize) -> Result<Self> {
+        let store = TcpStore::rendezvous(cfg)?;
+        Ok(Bootstrap::with_store(
+            cfg.rank,
+            cfg.world_size,
+            local_rank,
+            cfg.timeout,
             Arc::new(store),
         ))
     }
