@@ -6,6 +6,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ pub(super) const GRACE: Duration = Duration::from_millis(500);
 /// First and largest pause between connection attempts.
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// Longest single wait of a farewell: the connection is free for this rank's other threads
+/// between two.
+const FAREWELL_SLICE: Duration = Duration::from_millis(100);
 
 /// A rank's connection to the master; `broken` once a fault left it in an unknown state.
 #[derive(Debug)]
@@ -42,6 +46,8 @@ pub struct TcpStore {
     pub(super) timeout: Duration,
     pub(super) conn: Mutex<Conn>,
     pub(super) server: Option<Master>,
+    /// Farewells this rank has said.
+    pub(super) farewells: AtomicU64,
 }
 
 impl fmt::Debug for TcpStore {
@@ -375,22 +381,31 @@ impl Store for TcpStore {
 
     fn farewell(&self, deadline: Instant) -> Result<()> {
         let what = "the farewell";
+        let round = self.farewells.fetch_add(1, Ordering::Relaxed) + 1;
         let started = Instant::now();
-        let wait = deadline.saturating_duration_since(started);
-        let req = Request::Farewell {
-            wait_ms: ceil_ms(wait),
-        };
-        match self.request(what, &req, wait + GRACE)? {
-            Reply::Done => Ok(()),
-            Reply::Stragglers(ranks) => Err(Error::Timeout {
-                ctx: bootstrap_ctx(self.rank, self.world_size),
-                waited: started.elapsed(),
-                detail: format!(
-                    "rank {}: farewell through the master at {}: rank(s) {ranks:?} neither said farewell nor left",
-                    self.rank, self.master
-                ),
-            }),
-            other => Err(self.unexpected(what, &other)),
+        loop {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(FAREWELL_SLICE);
+            let req = Request::Farewell {
+                round,
+                wait_ms: ceil_ms(wait),
+            };
+            match self.request(what, &req, wait + GRACE)? {
+                Reply::Done => return Ok(()),
+                Reply::Stragglers(ranks) if Instant::now() >= deadline => {
+                    return Err(Error::Timeout {
+                        ctx: bootstrap_ctx(self.rank, self.world_size),
+                        waited: started.elapsed(),
+                        detail: format!(
+                            "rank {}: farewell #{round} through the master at {}: rank(s) {ranks:?} neither said farewell nor left",
+                            self.rank, self.master
+                        ),
+                    });
+                }
+                Reply::Stragglers(_) => {}
+                other => return Err(self.unexpected(what, &other)),
+            }
         }
     }
 }

@@ -49,7 +49,7 @@ struct State {
     map: HashMap<String, Vec<u8>>,
     /// Ranks whose connection ended after they were admitted (they closed it, or died).
     left: Vec<bool>,
-    /// How many farewells each rank has said.
+    /// The latest farewell round each rank has said.
     farewells: Vec<u64>,
     shutdown: bool,
     /// Clones of the open connections, to close their reading side on shutdown.
@@ -733,7 +733,9 @@ fn handle(shared: &Shared, rank: usize, req: Request) -> Reply {
             shared.lock().map.remove(&key);
             Reply::Done
         }
-        Request::Farewell { wait_ms } => farewell(shared, rank, after_ms(Instant::now(), wait_ms)),
+        Request::Farewell { round, wait_ms } => {
+            farewell(shared, rank, round, after_ms(Instant::now(), wait_ms))
+        }
         Request::Hello { .. } => Reply::Refused("unexpected hello".into()),
     }
 }
@@ -777,14 +779,16 @@ fn add(shared: &Shared, key: String, delta: i64) -> Reply {
     Reply::Count(new)
 }
 
-/// `rank`'s farewell: a barrier of every rank that has not left. Done once every rank has said
-/// as many farewells as `rank` now has, or has closed its connection; at `deadline`, the ranks
-/// still missing.
-fn farewell(shared: &Shared, rank: usize, deadline: Instant) -> Reply {
+/// `rank`'s farewell of `round`: a barrier of every rank that has not left. Done once every
+/// rank has said farewell `round` (or a later one) or has closed its connection; at `deadline`,
+/// the ranks still missing. The client repeats a round in short waits, so saying it again is
+/// harmless.
+fn farewell(shared: &Shared, rank: usize, round: u64, deadline: Instant) -> Reply {
     let mut st = shared.lock();
-    st.farewells[rank] += 1;
-    let round = st.farewells[rank];
-    shared.changed.notify_all();
+    if st.farewells[rank] < round {
+        st.farewells[rank] = round;
+        shared.changed.notify_all();
+    }
     loop {
         let stragglers: Vec<u32> = (0..shared.world)
             .filter(|&r| !st.left[r] && st.farewells[r] < round)

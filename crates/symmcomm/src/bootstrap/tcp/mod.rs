@@ -25,7 +25,8 @@
 //!    closed, garbage) makes the client mark it unusable, so later requests fail at once.
 //! 4. On its way out a rank may say farewell (a communicator does when it is dropped): the
 //!    master answers once every rank has said farewell or closed its connection (a rank that
-//!    died counts as gone), or names the stragglers when the rank's wait runs out.
+//!    died counts as gone), or names the stragglers when the wait runs out. The client waits in
+//!    short slices (saying the same round again), so the connection is not held for long.
 //! 5. Dropping rank 0's [`TcpStore`] closes its own connection, then waits (the rendezvous's
 //!    timeout at most, with a warning naming who is still connected) until every other rank
 //!    has closed its connection: a rank still reading the last exchange's values is answered.
@@ -41,6 +42,7 @@ mod tests;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -102,6 +104,7 @@ impl TcpStore {
                 broken: None,
             }),
             server,
+            farewells: AtomicU64::new(0),
         };
         match store.hello(start, deadline) {
             Ok(()) => {

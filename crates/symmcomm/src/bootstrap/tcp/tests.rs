@@ -335,7 +335,14 @@ fn farewell_waits_for_the_others_but_not_for_the_departed() {
                 .unwrap();
             said.load(std::sync::atomic::Ordering::SeqCst)
         });
-        thread::sleep(Duration::from_millis(200));
+        // The waiting farewell leaves the connection to rank 0's other threads between slices.
+        thread::sleep(Duration::from_millis(50));
+        s0.set("meanwhile", b"rank 0 still works").unwrap();
+        assert!(
+            !rank0.is_finished(),
+            "rank 0's farewell did not wait for rank 1"
+        );
+        thread::sleep(Duration::from_millis(150));
         said.store(true, std::sync::atomic::Ordering::SeqCst);
         s1.farewell(Instant::now() + Duration::from_secs(5))
             .unwrap();

@@ -15,7 +15,7 @@
 //! | `0x03` | client → master | get | key `str`, wait `u64` ms |
 //! | `0x04` | client → master | add | key `str`, delta `i64` |
 //! | `0x05` | client → master | delete | key `str` |
-//! | `0x06` | client → master | farewell | wait `u64` ms (this rank is done with the job's collectives) |
+//! | `0x06` | client → master | farewell | round `u64` (this rank's count of farewells, from 1), wait `u64` ms |
 //! | `0x81` | master → client | welcome | magic, version `u16`, world size `u32` |
 //! | `0x82` | master → client | failed | code `u8` + fields: 1 wrong world size (rank, expected, got: `u32`), 2 duplicate rank (rank `u32`, first `str`, second `str`), 3 rank out of range (rank, world: `u32`), 4 timeout (detail `str`), 5 other (reason `str`) |
 //! | `0x83` | master → client | done | (answers set, delete, and a farewell every rank joined) |
@@ -88,6 +88,7 @@ pub(super) enum Request {
         key: String,
     },
     Farewell {
+        round: u64,
         wait_ms: u64,
     },
 }
@@ -209,7 +210,9 @@ impl Request {
             }
             Request::Add { key, delta } => Enc::new(kind::ADD).bytes(key.as_bytes()).i64(*delta),
             Request::Delete { key } => Enc::new(kind::DELETE).bytes(key.as_bytes()),
-            Request::Farewell { wait_ms } => Enc::new(kind::FAREWELL).u64(*wait_ms),
+            Request::Farewell { round, wait_ms } => {
+                Enc::new(kind::FAREWELL).u64(*round).u64(*wait_ms)
+            }
         }
         .finish()
     }
@@ -241,6 +244,7 @@ impl Request {
             },
             kind::DELETE => Request::Delete { key: d.str("key")? },
             kind::FAREWELL => Request::Farewell {
+                round: d.u64("round")?,
                 wait_ms: d.u64("wait")?,
             },
             other => return Err(format!("unknown request kind 0x{other:02x}")),
@@ -597,7 +601,10 @@ mod tests {
                 delta: -7,
             },
             Request::Delete { key: "d".into() },
-            Request::Farewell { wait_ms: 60_000 },
+            Request::Farewell {
+                round: 2,
+                wait_ms: 60_000,
+            },
         ]
     }
 
