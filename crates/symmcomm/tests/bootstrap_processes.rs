@@ -147,10 +147,10 @@ fn store_work(b: &Bootstrap) -> symmcomm::Result<()> {
 
 /// A communicator (host backend) on the bootstrap, then a last exchange that rank 0 finishes
 /// first: rank 0 writes its part and drops its communicator at once, while the other ranks
-/// sleep, read rank 0's part, and do a last all-gather among themselves, all through the store
-/// that rank 0's process serves. In `one-dies` the last rank instead exits without a word
-/// (its process is gone, as if killed) and the others only read rank 0's part; in `one-hangs`
-/// it sleeps past everyone's deadline.
+/// sleep, read rank 0's part, do a last all-gather among themselves (all through the store
+/// that rank 0's process serves), then `close` theirs. In `one-dies` the last rank instead
+/// exits without a word (its process is gone, as if killed) and the others only read rank 0's
+/// part; in `one-hangs` it sleeps past everyone's deadline.
 fn last_collective(boot: Bootstrap, timeout: Duration, scenario: &str) -> symmcomm::Result<()> {
     let (me, world) = (boot.rank, boot.world_size);
     let config = CommConfig {
@@ -189,7 +189,12 @@ fn last_collective(boot: Bootstrap, timeout: Duration, scenario: &str) -> symmco
         }
     }
     let t = Instant::now();
-    drop(comm);
+    if me != 0 && scenario == "last-collective" {
+        // The explicit way out, which returns the closing barrier's error.
+        comm.close()?;
+    } else {
+        drop(comm);
+    }
     println!("LEFT {}", t.elapsed().as_millis());
     Ok(())
 }
