@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::abort::AbortFlag;
 use crate::backend::{BackendKind, Exec, GraphExec, RankBackend, StreamSel};
@@ -171,6 +171,23 @@ static NEXT_COMM_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Communicator {
     shared: Arc<CommShared>,
     world: Group,
+    /// Whether this rank has passed the closing barrier ([`Communicator::close`]).
+    closed: bool,
+}
+
+impl Drop for Communicator {
+    /// The closing barrier, unless [`Communicator::close`] passed it; a failure is a warning.
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        if let Err(e) = self.farewell() {
+            tracing::warn!(
+                "rank {}: leaving without every rank's farewell: {e}",
+                self.rank()
+            );
+        }
+    }
 }
 
 /// A captured graph of collectives (of any groups of one communicator).
@@ -249,7 +266,31 @@ impl Communicator {
             backend,
             control,
         ));
-        Ok(Communicator { shared, world })
+        Ok(Communicator {
+            shared,
+            world,
+            closed: false,
+        })
+    }
+
+    /// Leave the job: the closing barrier that dropping the communicator passes too, with its
+    /// error returned instead of logged. When one of the ranks serves the job's store (rank 0,
+    /// for ranks that are processes), every rank waits here, the communicator's deadline at
+    /// most, until every rank has said farewell or is gone (a rank that died is not waited
+    /// for), so rank 0 never takes the store down under another rank's last collective. Thread
+    /// ranks share an in-memory store and pass at once. Skipped after an abort and while the
+    /// thread panics: the other ranks no longer count on this one's collectives.
+    pub fn close(mut self) -> Result<()> {
+        self.closed = true;
+        self.farewell()
+    }
+
+    fn farewell(&self) -> Result<()> {
+        if self.shared.abort.reason().is_some() || std::thread::panicking() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.shared.config.timeout;
+        self.shared.boot.store().farewell(deadline)
     }
 
     /// Abort this communicator: every pending and later call on it (and on its groups and

@@ -3,7 +3,8 @@
 //! Ranks are this test binary run again (`current_exe() --exact child_… --nocapture`) with
 //! `SYMMCOMM_TEST_CHILD` naming the role; without it the `child_…` tests return at once. A
 //! rank prints `ELAPSED <ms>` (time spent in the rendezvous) and `RESULT <variant> <message>`,
-//! which the parent test checks for every rank.
+//! which the parent test checks for every rank. A rank that builds a communicator (host
+//! backend) also prints `LEFT <ms>`: how long dropping it took.
 
 // The crate's one error enum is larger than clippy's threshold; boxing it is error.rs's call.
 
@@ -17,6 +18,7 @@ mod common;
 use common::procs::{self, Proc, ROLE, after, env_u64, role_is};
 use symmcomm::bootstrap::{Bootstrap, free_port};
 use symmcomm::error::Error;
+use symmcomm::{BackendChoice, CommConfig, Communicator, TableSource};
 use symmcomm_lab::launch::{LaunchSpec, RankStatus, launch};
 
 const SCENARIO: &str = "SYMMCOMM_TEST_SCENARIO";
@@ -24,6 +26,8 @@ const TIMEOUT_MS: &str = "SYMMCOMM_TEST_TIMEOUT_MS";
 const FAIL_RANK: &str = "SYMMCOMM_TEST_FAIL_RANK";
 const FAIL_CODE: &str = "SYMMCOMM_TEST_FAIL_CODE";
 const LAUNCH_CASE: &str = "SYMMCOMM_TEST_LAUNCH";
+/// How much later than rank 0 the other ranks do their last collective.
+const SLOW: Duration = Duration::from_millis(500);
 
 // ---------------------------------------------------------------------------------------------
 // Children
@@ -66,6 +70,14 @@ fn child_rank() {
     let outcome = match scenario.as_str() {
         "rendezvous" => finish(&boot),
         "store" => store_work(&boot).and_then(|()| finish(&boot)),
+        "last-collective" | "one-dies" | "one-hangs" => {
+            let outcome = last_collective(boot, timeout, &scenario);
+            match outcome {
+                Ok(()) => println!("RESULT Ok"),
+                Err(e) => println!("RESULT {} {e}", variant(&e)),
+            }
+            std::process::exit(0);
+        }
         "idle" => {
             println!("READY");
             thread::sleep(Duration::from_secs(60));
@@ -130,6 +142,60 @@ fn store_work(b: &Bootstrap) -> symmcomm::Result<()> {
     }
     let v = plane.broadcast("from the last", w - 1, b"last word")?;
     assert_eq!(v, b"last word");
+    Ok(())
+}
+
+/// A communicator (host backend) on the bootstrap, then a last exchange that rank 0 finishes
+/// first: rank 0 writes its part and drops its communicator at once, while the other ranks
+/// sleep, read rank 0's part, do a last all-gather among themselves (all through the store
+/// that rank 0's process serves), then `close` theirs. In `one-dies` the last rank instead
+/// exits without a word (its process is gone, as if killed) and the others only read rank 0's
+/// part; in `one-hangs` it sleeps past everyone's deadline.
+fn last_collective(boot: Bootstrap, timeout: Duration, scenario: &str) -> symmcomm::Result<()> {
+    let (me, world) = (boot.rank, boot.world_size);
+    let config = CommConfig {
+        backend: BackendChoice::Host,
+        timeout,
+        table: TableSource::None,
+        ..CommConfig::default()
+    };
+    let comm = Communicator::new(boot, config)?;
+    let odd_one = me == world - 1 && scenario != "last-collective";
+    if odd_one && scenario == "one-dies" {
+        std::process::exit(0);
+    }
+    if odd_one {
+        thread::sleep(timeout * 3);
+        std::process::exit(0);
+    }
+    let store = comm.control().store();
+    store.set(
+        &format!("last/{me}"),
+        format!("rank {me}'s part").as_bytes(),
+    )?;
+    if me != 0 {
+        thread::sleep(SLOW);
+        let v = store.get("last/0", Instant::now() + timeout)?;
+        assert_eq!(
+            v.as_deref(),
+            Some(&b"rank 0's part"[..]),
+            "rank {me}: last/0"
+        );
+        if scenario == "last-collective" {
+            let others = comm.control().subgroup("late", (1..world).collect());
+            let all = others.all_gather("last", &[me as u8])?;
+            let want: Vec<Vec<u8>> = (1..world).map(|r| vec![r as u8]).collect();
+            assert_eq!(all, want, "rank {me}: the last all-gather");
+        }
+    }
+    let t = Instant::now();
+    if me != 0 && scenario == "last-collective" {
+        // The explicit way out, which returns the closing barrier's error.
+        comm.close()?;
+    } else {
+        drop(comm);
+    }
+    println!("LEFT {}", t.elapsed().as_millis());
     Ok(())
 }
 
@@ -451,6 +517,74 @@ fn assert_closed_by_master(mut s: TcpStream, what: &str) {
     }
 }
 
+/// How long each rank took to drop its communicator (`LEFT <ms>`).
+fn left_ms(o: &Outcome) -> u64 {
+    o.output
+        .iter()
+        .find_map(|l| after(l, "LEFT "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no LEFT line; output:\n{}", o.output.join("\n")))
+}
+
+/// Issue 21: rank 0 finished its part and left while the others were still in their last
+/// collective, whose reads then met a closed store. Rank 0's way out now waits for them.
+#[test]
+fn rank0_leaving_first_does_not_close_the_store_under_the_others() {
+    let p = port();
+    let procs = (0..3)
+        .map(|r| spawn_rank(r, 3, p, 5000, "last-collective"))
+        .collect();
+    let outs = outcomes(procs, 5000);
+    expect_all(&outs, "Ok", &[]);
+    // Shown with --nocapture: rank 0 waited about SLOW for the others.
+    println!("rank 0 left in {} ms", left_ms(&outs[0]));
+}
+
+/// A rank that died is not waited for: the others leave without waiting out their deadline.
+#[test]
+fn a_dead_rank_does_not_hold_the_others_on_their_way_out() {
+    let p = port();
+    let procs: Vec<Proc> = (0..3)
+        .map(|r| spawn_rank(r, 3, p, 20_000, "one-dies"))
+        .collect();
+    let outs = procs
+        .into_iter()
+        .take(2)
+        .map(|p| p.outcome(Instant::now() + Duration::from_secs(30)))
+        .collect::<Vec<_>>();
+    expect_all(&outs, "Ok", &[]);
+    for (r, o) in outs.iter().enumerate() {
+        let ms = left_ms(o);
+        assert!(ms < 10_000, "rank {r} took {ms} ms to leave, deadline 20 s");
+    }
+}
+
+/// A rank that hangs holds the others on their way out for one deadline, not longer.
+#[test]
+fn a_hung_rank_holds_the_others_only_until_the_deadline() {
+    let timeout_ms = 1500;
+    let p = port();
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|r| spawn_rank(r, 3, p, timeout_ms, "one-hangs"))
+        .collect();
+    let hung = procs.pop().expect("rank 2");
+    let outs: Vec<Outcome> = procs
+        .into_iter()
+        .map(|p| p.outcome(Instant::now() + Duration::from_secs(30)))
+        .collect();
+    expect_all(&outs, "Ok", &[]);
+    for (r, o) in outs.iter().enumerate() {
+        let ms = left_ms(o);
+        // Rank 0 waits out its own deadline, then for rank 1, which started SLOW later.
+        let bound = timeout_ms + SLOW.as_millis() as u64 + 1000;
+        assert!(
+            ms <= bound,
+            "rank {r} took {ms} ms to leave, deadline {timeout_ms} ms"
+        );
+    }
+    drop(hung);
+}
+
 #[test]
 fn malformed_connections_do_not_stop_the_real_ranks() {
     let p = port();
@@ -677,11 +811,11 @@ fn launch_timeout_kills_every_rank() {
 // Only the expected world, only where told
 // ---------------------------------------------------------------------------------------------
 
-/// A well-formed hello (protocol version 1) from a stranger claiming rank 7 of a world of 3.
+/// A well-formed hello (protocol version 2) from a stranger claiming rank 7 of a world of 3.
 fn hello_frame(rank: u32, world: u32) -> Vec<u8> {
     let mut p = vec![0x01];
     p.extend_from_slice(b"SYMMCOMM");
-    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&2u16.to_le_bytes());
     p.extend_from_slice(&rank.to_le_bytes());
     p.extend_from_slice(&world.to_le_bytes());
     p.extend_from_slice(&5000u64.to_le_bytes());

@@ -32,6 +32,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn add(&self, key: &str, delta: i64) -> Result<i64>;
     /// Remove `key` if present.
     fn delete(&self, key: &str) -> Result<()>;
+    /// This rank is done with the job's collectives: wait until every rank has said farewell
+    /// or is gone, or until `deadline` (then an error naming the ranks still missing). A store
+    /// that one of the ranks serves must not go away while another rank is still reading its
+    /// last exchange; a store that outlives every rank (in memory, shared by threads) needs no
+    /// farewell, and the default returns at once.
+    fn farewell(&self, deadline: Instant) -> Result<()> {
+        let _ = deadline;
+        Ok(())
+    }
 }
 
 /// This process's place in the job and the store it talks through.

@@ -7,8 +7,9 @@
 //! per-version struct layouts (2.29 changed them), and works the same on NCCL 2.27–2.30.
 
 use std::ffi::c_void;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::Arc;
@@ -16,6 +17,10 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::CudaContext;
 use cudarc::driver::sys;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
+};
 
 use super::driver::check;
 use crate::bootstrap::ControlPlane;
@@ -74,87 +79,50 @@ fn io_err(ctx: &OpCtx, what: String) -> impl FnOnce(std::io::Error) -> Error + '
     }
 }
 
-/// The buffers of a one-byte message that carries one file descriptor (SCM_RIGHTS).
-struct FdMessage {
-    byte: [u8; 1],
-    iov: libc::iovec,
-    control: Vec<u8>,
-}
-
-impl FdMessage {
-    fn new(byte: u8) -> Box<Self> {
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-        let mut m = Box::new(FdMessage {
-            byte: [byte],
-            iov: libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 1,
-            },
-            control: vec![0u8; space],
-        });
-        // The box does not move, so the iovec may point into it.
-        m.iov.iov_base = m.byte.as_mut_ptr() as *mut c_void;
-        m
+/// Send `fd` with one byte over `s` (SCM_RIGHTS).
+fn send_fd(s: &UnixStream, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let fds = [fd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other(
+            "no room for a descriptor in the message",
+        ));
     }
-
-    /// A message header over these buffers (valid while `self` lives and is not moved).
-    fn header(&mut self) -> libc::msghdr {
-        // SAFETY: a zeroed msghdr is a valid empty message header.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut self.iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = self.control.as_mut_ptr() as *mut c_void;
-        msg.msg_controllen = self.control.len() as _;
-        msg
-    }
-}
-
-/// Send `fd` with one byte over `s`.
-fn send_fd(s: &UnixStream, fd: RawFd) -> std::io::Result<()> {
-    let mut m = FdMessage::new(b'F');
-    let msg = m.header();
-    // SAFETY: `msg` has a control buffer of CMSG_SPACE(size_of fd) bytes, so the first header
-    // exists and its data holds one fd; `sendmsg` reads only what the header describes.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
-        if libc::sendmsg(s.as_raw_fd(), &msg, 0) != 1 {
-            return Err(std::io::Error::last_os_error());
-        }
+    let sent = sendmsg(s, &[IoSlice::new(b"F")], &mut control, SendFlags::empty())?;
+    if sent != 1 {
+        return Err(std::io::Error::other(format!(
+            "sent {sent} bytes instead of the one that carries the descriptor"
+        )));
     }
     Ok(())
 }
 
-/// Receive one fd sent by `send_fd`.
+/// Receive one fd sent by `send_fd` (close-on-exec in this process).
 fn recv_fd(s: &UnixStream) -> std::io::Result<OwnedFd> {
-    let mut m = FdMessage::new(0);
-    let mut msg = m.header();
-    // SAFETY: `msg` points to live buffers of the sizes it states.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n != 1 {
+    let mut byte = [0u8];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = recvmsg(
+        s,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if msg.bytes != 1 {
         return Err(std::io::Error::other(format!(
-            "expected one byte with a descriptor, got {n}"
+            "expected one byte with a descriptor, got {}",
+            msg.bytes
         )));
     }
-    // SAFETY: the kernel filled the control buffer; the first header, if any, is checked for
-    // type and length before its data is read.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-            || ((*cmsg).cmsg_len as usize)
-                < libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize
-        {
-            return Err(std::io::Error::other("no descriptor in the message"));
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const RawFd);
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+    // Descriptors left in the drained messages (there should be none) are closed on drop.
+    control
+        .drain()
+        .find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .ok_or_else(|| std::io::Error::other("no descriptor in the message"))
 }
 
 /// The allocation `ptr` lies in: its base and full size.
@@ -318,7 +286,7 @@ pub(crate) fn exchange(
                     match listener.accept() {
                         Ok((conn, _)) => {
                             conn.set_nonblocking(false).ok();
-                            send_fd(&conn, fd.as_raw_fd()).map_err(io_err(ctx, "sending a memory descriptor".into()))?;
+                            send_fd(&conn, fd.as_fd()).map_err(io_err(ctx, "sending a memory descriptor".into()))?;
                             let mut ack = [0u8];
                             conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
                             let _ = (&conn).read(&mut ack);
@@ -380,4 +348,45 @@ pub(crate) fn exchange(
         .into_iter()
         .map(|v| v.expect("every view set"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    /// A pipe's write end crosses a socket pair; what is written through the received
+    /// descriptor comes out of the read end, and the read end sees the end of the stream once
+    /// the received descriptor closes (so it is the pipe's write end, not a copy of another
+    /// file). The received descriptor is close-on-exec.
+    #[test]
+    fn a_descriptor_crosses_a_socket_pair() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut read_end, write_end) = std::io::pipe().unwrap();
+        send_fd(&a, write_end.as_fd()).unwrap();
+        let received = recv_fd(&b).unwrap();
+        assert_ne!(received.as_raw_fd(), write_end.as_raw_fd());
+        let flags = rustix::io::fcntl_getfd(&received).unwrap();
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "{flags:?}");
+        drop(write_end);
+        let words: Vec<u8> = (0..64).map(|_| rand::random::<u8>()).collect();
+        let mut w = File::from(received);
+        w.write_all(&words).unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        read_end.read_to_end(&mut got).unwrap();
+        assert_eq!(got, words);
+    }
+
+    /// A byte without a descriptor, or a closed peer, is an error naming what was missing.
+    #[test]
+    fn a_message_without_a_descriptor_is_refused() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"F").unwrap();
+        let e = recv_fd(&b).unwrap_err();
+        assert!(e.to_string().contains("no descriptor"), "{e}");
+        drop(a);
+        let e = recv_fd(&b).unwrap_err();
+        assert!(e.to_string().contains("got 0"), "{e}");
+    }
 }
