@@ -359,7 +359,7 @@ fn cuda_capture_and_memory_errors() {
         );
 
         // Wrong memory: host memory, a misaligned address, a range past the allocation.
-        let host = vec![0f32; 16];
+        let host = [0f32; 16];
         // SAFETY: refused before use.
         let bad_host = unsafe { g.wrap_raw(host.as_ptr() as u64, DType::F32, &[16]) };
         assert!(bad_host.is_err(), "host memory accepted as device memory");
