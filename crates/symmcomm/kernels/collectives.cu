@@ -11,72 +11,15 @@
 // No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
 
 #include "symm_common.cuh"
+#include "symm_abi.cuh"
 
-#define SYMM_MAX_WORLD 8
-#define SYMM_MAX_BLOCKS 128
-#define SYMM_BLOCK_THREADS 512
-#define SYMM_PHASES 2
-#define SYMM_AREAS 2
-#define SYMM_PARITIES 2
-#define SYMM_DEFAULT_TIMEOUT_NS 10000000000ULL
+// A spinning thread checks its deadline and this rank's error every this many polls.
 #define SYMM_SPIN_CHECK_EVERY 256
 
-// Values of SymmState::error.
-#define SYMM_ERR_NONE 0u
-#define SYMM_ERR_TIMEOUT 1u
-#define SYMM_ERR_PEER 2u
-#define SYMM_ERR_ARGS 3u
-
-// Signal pad of one rank: flags[phase][block][src] (u64 epochs), then peer_error[src] (u32).
-#define SYMM_PAD_FLAGS_OFFSET 0ULL
-#define SYMM_PAD_PEER_ERROR_OFFSET \
-    (8ULL * SYMM_PHASES * SYMM_MAX_BLOCKS * SYMM_MAX_WORLD) /* 16384 */
-#define SYMM_PAD_BYTES (SYMM_PAD_PEER_ERROR_OFFSET + 4ULL * SYMM_MAX_WORLD) /* 16416 */
-
-// Low-latency (LL) area, after the pad: ll[parity][src] slots of SYMM_LL_SLOT_BYTES. Each
+// The LL (low-latency) area follows the pad: ll[parity][src] slots of SYMM_LL_SLOT_BYTES. Each
 // 16-byte line carries 8 data bytes and the 32-bit launch flag twice ({d0, flag, d1, flag}), so
 // a reader knows the data arrived from the line alone: no barrier, no fence. Only the LL kernels
-// touch this area, so a line can only ever hold an older launch's flag (see KERNELS.md §4).
-// SYMM_LL_OFFSET: SYMM_PAD_BYTES rounded up to 256. SYMM_LL_MAX_BYTES: payload of one slot
-// (512 KiB). SYMM_LL_SLOT_BYTES: twice that (16 bytes of line per 8 of payload).
-// SYMM_LL_PHASE: the error_phase an LL wait records.
-#define SYMM_LL_OFFSET 16640ULL
-#define SYMM_LL_MAX_BYTES 524288ULL
-#define SYMM_LL_SLOT_BYTES 1048576ULL
-#define SYMM_LL_PHASE 2u
-
-// Kernel argument, passed by value. Plain C layout, mirrored by `#[repr(C)] SymmArgs` in
-// src/kernels.rs; offsets in KERNELS.md.
-struct SymmArgs {
-    unsigned long long ws[SYMM_MAX_WORLD];  // rank p's workspace base, in this rank's space
-    unsigned long long pad[SYMM_MAX_WORLD]; // rank p's signal pad base, in this rank's space
-    unsigned long long in;                  // this rank's input
-    unsigned long long out;                 // this rank's output
-    unsigned long long count;               // elements (bytes for symm_allgather), see KERNELS.md
-    unsigned long long slot_bytes;          // bytes of one workspace slot, multiple of 16
-    unsigned long long state;               // this rank's SymmState (local memory)
-    unsigned long long timeout_ns;          // flag-wait deadline; 0 = 10 s
-    unsigned int rank;                      // this rank, < world
-    unsigned int world;                     // 2..8
-};
-
-// NVRTC has no offsetof; the fields are all naturally aligned and in order, so the sizes pin the
-// offsets given in KERNELS.md (and by offset_of! on the Rust mirror).
-static_assert(sizeof(SymmArgs) == 184, "SymmArgs size");
-
-// Per-rank local state, zeroed once by the host before the first launch on a group.
-struct SymmState {
-    unsigned long long epoch;       // launches completed on this group (and on every rank)
-    unsigned long long error_epoch; // epoch of the launch that recorded `error`
-    unsigned int blocks_done;       // blocks of the running launch that started; 0 between
-    unsigned int error;             // SYMM_ERR_*; sticky until the host clears it
-    unsigned int error_src;         // peer rank waited on (TIMEOUT) or that reported (PEER)
-    unsigned int error_block;       // block that recorded the error
-    unsigned int error_phase;       // barrier phase that recorded the error
-    unsigned int reserved[7];
-};
-
-static_assert(sizeof(SymmState) == 64, "SymmState size");
+// touch this area, so a line can only ever hold an older launch's flag (KERNELS.md §5a).
 
 // ---------------------------------------------------------------------------------------------
 // Plumbing.

@@ -14,25 +14,6 @@
 #define SYMM_PROTOCOL_ONLY
 #include "collectives.cu"
 
-#define DCP_BLOCK_THREADS 512
-
-// The second by-value argument of every DCP kernel; mirrored by `#[repr(C)] DcpArgs` in
-// src/kernels.rs (56 bytes, no padding).
-struct DcpArgs {
-    unsigned long long partial;    // [B, H, D] partial output of this rank (TIn)
-    unsigned long long lse;        // correct: [N, B, H] f32 of every rank; fused: [B, H] f32, this rank's
-    unsigned long long out;        // correct: [H, B, D] (TOut); fused: [H/N, B, D] (TOut)
-    unsigned long long merged_lse; // [B, H/N] f32, or 0 for none
-    unsigned int world;            // N
-    unsigned int rank;             // this rank, < N
-    unsigned int batch;            // B
-    unsigned int heads;            // H, a multiple of N
-    unsigned int dim;              // D, a multiple of 8
-    unsigned int base2;            // 1: LSEs are log2, 0: natural log
-};
-
-static_assert(sizeof(DcpArgs) == 56, "DcpArgs size");
-
 SYMM_DEVICE float dcp_neg_inf() { return __int_as_float(0xff800000); }
 
 SYMM_DEVICE float dcp_exp(float x, bool base2) { return base2 ? exp2f(x) : expf(x); }
