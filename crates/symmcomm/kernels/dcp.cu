@@ -11,8 +11,7 @@
 //
 // No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
 
-#define SYMM_PROTOCOL_ONLY
-#include "collectives.cu"
+#include "symm_protocol.cuh"
 
 SYMM_DEVICE float dcp_neg_inf() { return __int_as_float(0xff800000); }
 

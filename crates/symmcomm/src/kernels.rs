@@ -57,7 +57,7 @@ pub const COLLECTIVES: KernelModule = KernelModule {
 };
 
 /// `kernels/dcp.cu`: the DCP combine's correction step and its fused one-kernel combine (which
-/// includes `collectives.cu` for the synchronisation protocol).
+/// speaks the synchronisation protocol of `symm_protocol.cuh`).
 pub const DCP: KernelModule = KernelModule {
     name: "dcp",
     source: include_str!("../kernels/dcp.cu"),
@@ -76,9 +76,9 @@ pub struct KernelHeader {
 }
 
 /// Every header the modules may include: `symm_common.cuh` (device plumbing), `symm_abi.cuh`
-/// (generated from [`abi`] by [`abi_header`]) and `collectives.cu`, whose protocol `dcp.cu`
-/// compiles (with `SYMM_PROTOCOL_ONLY` defined, which leaves its entry points out). They are
-/// part of every module's compile-cache key.
+/// (generated from [`abi`] by [`abi_header`]) and `symm_protocol.cuh` (the synchronisation
+/// protocol that `collectives.cu` and `dcp.cu` speak). They are part of every module's
+/// compile-cache key.
 pub fn headers() -> &'static [KernelHeader] {
     static HEADERS: LazyLock<Vec<KernelHeader>> = LazyLock::new(|| {
         vec![
@@ -91,8 +91,8 @@ pub fn headers() -> &'static [KernelHeader] {
                 source: abi_header(),
             },
             KernelHeader {
-                name: "collectives.cu",
-                source: include_str!("../kernels/collectives.cu").to_string(),
+                name: "symm_protocol.cuh",
+                source: include_str!("../kernels/symm_protocol.cuh").to_string(),
             },
         ]
     });

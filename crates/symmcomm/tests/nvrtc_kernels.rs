@@ -178,7 +178,7 @@ fn nvrtc_compiles_every_module_and_caches() {
         }
     }
     // Every name dcp_function hands out is in the dcp CUBIN, which holds none of the
-    // collectives' entry points (it compiles collectives.cu for its protocol only).
+    // collectives' entry points (it shares their protocol through symm_protocol.cuh only).
     let cubin = compiler.compile(&DCP, "sm_90a").expect("in memory");
     for fused in [false, true] {
         for p in DType::ALL {
@@ -342,8 +342,8 @@ fn abi_checks_are_enforced_by_nvrtc(compiler: &NvrtcCompiler) {
 }
 
 /// The ABI is written once, in `kernels::abi`: no kernel source defines a name of the generated
-/// header again or declares one of its structs, and the sources that use the structs include
-/// the header.
+/// header again or declares one of its structs; the protocol header includes the generated one,
+/// and the modules that speak the protocol include that (no module includes another `.cu`).
 #[test]
 fn kernel_sources_take_the_abi_from_the_generated_header() {
     let abi = abi_header();
@@ -370,7 +370,25 @@ fn kernel_sources_take_the_abi_from_the_generated_header() {
             assert!(abi.contains(&format!("struct {} {{", s.name)));
         }
     }
-    assert!(COLLECTIVES.source.contains("#include \"symm_abi.cuh\""));
+    let protocol = kernels::headers()
+        .iter()
+        .find(|h| h.name == "symm_protocol.cuh")
+        .expect("the protocol header");
+    assert!(protocol.source.contains("#include \"symm_abi.cuh\""));
+    for module in [COLLECTIVES, DCP] {
+        assert!(
+            module.source.contains("#include \"symm_protocol.cuh\""),
+            "{} does not include the protocol",
+            module.name
+        );
+    }
+    for module in MODULES {
+        assert!(
+            !module.source.contains(".cu\"") && !module.source.contains("SYMM_PROTOCOL_ONLY"),
+            "{} includes another module",
+            module.name
+        );
+    }
 }
 
 #[test]
