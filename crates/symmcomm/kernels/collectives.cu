@@ -142,20 +142,18 @@ SYMM_DEVICE void symm_reduce(const SymmArgs& a, const unsigned char* own, bool o
 }
 
 // ---------------------------------------------------------------------------------------------
-// The collectives. Each: wait for the predecessor (PDL), take the epoch, check the arguments,
-// move data, finish. Invalid arguments move nothing, record SYMM_ERR_ARGS and still advance the
-// epoch, so the epochs of the ranks stay equal when every rank got the same arguments.
+// The collectives. Each: wait for the predecessor (PDL, symm_enter), check the arguments, then
+// symm_launch: take the epoch, move data (or record SYMM_ERR_ARGS), finish.
 
 // count = elements of the whole buffer; slot >= count * ES.
 template <class Ty>
 SYMM_DEVICE void symm_oneshot_allreduce(const SymmArgs& a) {
-    SymmLaunch l;
-    if (!symm_begin(a, &l)) {
-        return;
-    }
+    symm_enter();
     constexpr int ES = Ty::ES;
-    const bool ok = a.count <= (~0ULL >> 5) && symm_args_ok(a, a.count * ES, true);
-    if (ok) {
+    const auto check = [&] {
+        return a.count <= (~0ULL >> 5) && symm_args_ok(a, a.count * ES, true);
+    };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         unsigned long long lo, hi;
         symm_block_range(a.count, 16 / ES, &lo, &hi);
@@ -165,10 +163,7 @@ SYMM_DEVICE void symm_oneshot_allreduce(const SymmArgs& a) {
         symm_block_barrier(a, l, 0);
         symm_reduce<Ty>(a, in, symm_aligned16(a.in), parity, lo, hi, out, symm_aligned16(a.out),
                         false);
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // Elements per piece of two-shot: ceil(count / world), rounded up to whole 16-byte units so that
@@ -190,16 +185,16 @@ SYMM_DEVICE unsigned long long symm_piece_len(unsigned long long count, unsigned
 // count = elements of the whole buffer; slot >= twoshot chunk * ES; workspace holds both areas.
 template <class Ty>
 SYMM_DEVICE void symm_twoshot_allreduce(const SymmArgs& a) {
-    SymmLaunch l;
-    if (!symm_begin(a, &l)) {
-        return;
-    }
+    symm_enter();
     constexpr int ES = Ty::ES;
     constexpr unsigned long long n = 16 / ES;
-    const bool sane = a.count <= (~0ULL >> 5) && a.world >= 2 && a.world <= SYMM_MAX_WORLD;
-    const unsigned long long chunk = sane ? symm_twoshot_chunk<ES>(a) : 0;
-    const bool ok = sane && symm_args_ok(a, chunk * ES, true);
-    if (ok) {
+    unsigned long long chunk = 0; // elements per piece, set by check
+    const auto check = [&] {
+        const bool sane = a.count <= (~0ULL >> 5) && a.world >= 2 && a.world <= SYMM_MAX_WORLD;
+        chunk = sane ? symm_twoshot_chunk<ES>(a) : 0;
+        return sane && symm_args_ok(a, chunk * ES, true);
+    };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
         unsigned char* out = reinterpret_cast<unsigned char*>(a.out);
@@ -232,22 +227,18 @@ SYMM_DEVICE void symm_twoshot_allreduce(const SymmArgs& a) {
             symm_copy<ES>(out + base, symm_aligned16(a.out + base),
                           symm_ws_slot(a, a.rank, 1, parity, s), true, lo, hi);
         }
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // count = elements of each rank's piece (output has world * count); slot >= count * ES.
 template <class Ty>
 SYMM_DEVICE void symm_reducescatter(const SymmArgs& a) {
-    SymmLaunch l;
-    if (!symm_begin(a, &l)) {
-        return;
-    }
+    symm_enter();
     constexpr int ES = Ty::ES;
-    const bool ok = a.count <= (~0ULL >> 8) && symm_args_ok(a, a.count * ES, true);
-    if (ok) {
+    const auto check = [&] {
+        return a.count <= (~0ULL >> 8) && symm_args_ok(a, a.count * ES, true);
+    };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
         unsigned char* out = reinterpret_cast<unsigned char*>(a.out);
@@ -264,10 +255,7 @@ SYMM_DEVICE void symm_reducescatter(const SymmArgs& a) {
         const unsigned long long base = a.count * a.rank * ES;
         symm_reduce<Ty>(a, in + base, symm_aligned16(a.in + base), parity, lo, hi, out,
                         symm_aligned16(a.out), false);
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,22 +400,15 @@ SYMM_DEVICE void symm_ll_allreduce(const SymmArgs& a) {
     const unsigned long long bytes = sized ? a.count * ES : 0;
     const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
     const unsigned long long first = symm_ll_prefetch<ES>(in, symm_aligned8(a.in), bytes);
-    SymmLaunch l;
-    if (!symm_take_epoch(a, &l)) {
-        return;
-    }
-    const bool ok = sized && symm_args_ok(a, 0, false);
-    if (ok) {
+    const auto check = [&] { return sized && symm_args_ok(a, 0, false); };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned int flag = (unsigned int)l.e;
         symm_ll_send<ES>(a, in, symm_aligned8(a.in), bytes, parity, flag, -1, first);
         symm_ll_reduce<Ty>(a, l, in, symm_aligned8(a.in), first,
                            reinterpret_cast<unsigned char*>(a.out), symm_aligned8(a.out), bytes,
                            parity, flag);
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // count = elements of each rank's piece (the input holds world pieces); count * ES <=
@@ -455,12 +436,8 @@ SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
         a.world == 2 ? (a.rank == 0 ? firsts[0] : firsts[1])
                      : symm_ll_prefetch<ES>(reinterpret_cast<const unsigned char*>(own),
                                             symm_aligned8(own), bytes);
-    SymmLaunch l;
-    if (!symm_take_epoch(a, &l)) {
-        return;
-    }
-    const bool ok = sized && symm_args_ok(a, 0, false);
-    if (ok) {
+    const auto check = [&] { return sized && symm_args_ok(a, 0, false); };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned int flag = (unsigned int)l.e;
 #pragma unroll
@@ -474,10 +451,7 @@ SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
         symm_ll_reduce<Ty>(a, l, reinterpret_cast<const unsigned char*>(own), symm_aligned8(own),
                            own_first, reinterpret_cast<unsigned char*>(a.out),
                            symm_aligned8(a.out), bytes, parity, flag);
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,12 +491,8 @@ SYMM_KERNEL symm_ll_allgather(const SymmArgs a) {
     const unsigned long long bytes = sized ? a.count : 0;
     const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
     const unsigned long long first = symm_ll_prefetch<1>(in, symm_aligned8(a.in), bytes);
-    SymmLaunch l;
-    if (!symm_take_epoch(a, &l)) {
-        return;
-    }
-    const bool ok = sized && symm_args_ok(a, 0, false);
-    if (ok) {
+    const auto check = [&] { return sized && symm_args_ok(a, 0, false); };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned int flag = (unsigned int)l.e;
         symm_ll_send<1>(a, in, symm_aligned8(a.in), bytes, parity, flag, -1, first);
@@ -580,20 +550,14 @@ SYMM_KERNEL symm_ll_allgather(const SymmArgs a) {
                 }
             }
         }
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // count = BYTES of each rank's piece (output has world * count bytes); slot >= count. Any dtype.
 SYMM_KERNEL symm_allgather(const SymmArgs a) {
-    SymmLaunch l;
-    if (!symm_begin(a, &l)) {
-        return;
-    }
-    const bool ok = a.count <= (~0ULL >> 8) && symm_args_ok(a, a.count, true);
-    if (ok) {
+    symm_enter();
+    const auto check = [&] { return a.count <= (~0ULL >> 8) && symm_args_ok(a, a.count, true); };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned char* in = reinterpret_cast<const unsigned char*>(a.in);
         unsigned char* out = reinterpret_cast<unsigned char*>(a.out);
@@ -613,25 +577,16 @@ SYMM_KERNEL symm_allgather(const SymmArgs a) {
                              symm_ws_slot(a, a.rank, 0, parity, s), true, lo, hi);
             }
         }
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // The epoch + flag barrier alone (phase 0), no data: for tests and copy-engine algorithms.
 // Needs pad and state; ws, in, out, count, slot_bytes are ignored.
 SYMM_KERNEL symm_barrier(const SymmArgs a) {
-    SymmLaunch l;
-    if (!symm_begin(a, &l)) {
-        return;
-    }
-    const bool ok = symm_args_ok(a, 0, false);
-    if (ok) {
+    symm_enter();
+    const auto check = [&] { return symm_args_ok(a, 0, false); };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         symm_block_barrier(a, l, 0);
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 

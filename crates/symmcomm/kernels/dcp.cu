@@ -248,10 +248,7 @@ SYMM_DEVICE void dcp_merge_tile(const DcpTile& t, const float (*tile_w)[SYMM_MAX
 template <class TIn, class TOut>
 SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
     __shared__ float tile_w[DCP_TILE_ROWS][SYMM_MAX_WORLD];
-    SymmLaunch l;
-    if (!symm_begin(a, &l)) {
-        return;
-    }
+    symm_enter();
     // Indices below are 32-bit (64-bit division costs ~10x more): rows x (16-byte units per row)
     // must stay under 2^31, i.e. at most 32 GiB of partial rows per peer.
     const bool shape_ok = d.world == a.world && d.rank == a.rank && d.world >= 2 &&
@@ -264,8 +261,10 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
     const unsigned long long row_in = (unsigned long long)d.dim * TIn::ES;
     const unsigned long long row_out = (unsigned long long)d.dim * TOut::ES;
     const unsigned long long lse_off = ((unsigned long long)rows * row_in + 15) / 16 * 16;
-    const bool ok = shape_ok && symm_args_ok(a, lse_off + (unsigned long long)rows * 4, true);
-    if (ok) {
+    const auto check = [&] {
+        return shape_ok && symm_args_ok(a, lse_off + (unsigned long long)rows * 4, true);
+    };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const bool base2 = d.base2 != 0;
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned int units = (unsigned int)(row_in / 16); // 16-byte units per row
@@ -443,10 +442,7 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
                 __syncthreads();
             }
         }
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -169,12 +169,6 @@ SYMM_DEVICE bool symm_take_epoch(const SymmArgs& a, SymmLaunch* l) {
     return true;
 }
 
-// Start of a launch from a kernel's first statement: symm_enter, then symm_take_epoch.
-SYMM_DEVICE bool symm_begin(const SymmArgs& a, SymmLaunch* l) {
-    symm_enter();
-    return symm_take_epoch(a, l);
-}
-
 // Called by a spinning thread on iteration `it` of a wait for `src`: true when it must stop
 // waiting. Every SYMM_SPIN_CHECK_EVERY iterations it checks whether this rank already has an
 // error (then it stops at once, so a stuck peer costs one timeout, not one per launch) and the
@@ -246,6 +240,29 @@ SYMM_DEVICE void symm_finish(const SymmLaunch& l, bool ok) {
     }
     l.st->blocks_done = 0;
     *reinterpret_cast<volatile unsigned long long*>(&l.st->epoch) = l.e;
+}
+
+// The skeleton of every kernel of the protocol, after its first statement, symm_enter(), and
+// whatever it loads before the epoch (the LL kernels' first input chunks): take the epoch; ask
+// `check()` whether the arguments are good; run `work(l)` if so, else record SYMM_ERR_ARGS
+// (thread 0 of every block; the first error wins); finish. Invalid arguments thus move nothing
+// and still advance the epoch, so the epochs of the ranks stay equal when every rank got the
+// same arguments. Without a state (a.state == 0) nothing runs: nothing could be reported.
+// `check` (no arguments, returns bool) and `work` (takes const SymmLaunch&) are lambdas; both
+// are inlined, and `check` runs after the epoch is taken, where the kernels always checked.
+template <class Check, class Work>
+SYMM_DEVICE void symm_launch(const SymmArgs& a, const Check& check, const Work& work) {
+    SymmLaunch l;
+    if (!symm_take_epoch(a, &l)) {
+        return;
+    }
+    const bool ok = check();
+    if (ok) {
+        work(l);
+    } else if (threadIdx.x == 0) {
+        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
+    }
+    symm_finish(l, ok);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -107,7 +107,8 @@ impl DcpKernels {
         // SAFETY: `dcp_fused_*` takes a `SymmArgs` and a `DcpArgs` by value; the workspace, pads
         // and state belong to the group and the combine, which outlive the launch (graphs keep
         // the buffers), and the group validated the shapes of every buffer. The kernel waits on
-        // the grid dependency (symm_begin) before it touches memory, so PDL is safe.
+        // the grid dependency (symm_enter, its first statement) before it touches memory, so PDL
+        // is safe.
         unsafe { f.launch(grid, DCP_BLOCK_THREADS, 0, stream, &mut params, pdl, ctx) }
     }
 }
