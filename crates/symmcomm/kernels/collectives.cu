@@ -5,10 +5,13 @@
 // peers' workspaces (plain 16-byte stores over NVLink), signals every peer's flag for this block
 // with a system-scope release store, waits on its own flags with acquire loads, then reads only
 // its own workspace. One epoch per launch, the same on every rank; the workspace is
-// double-buffered on the epoch's parity, so one barrier per phase is enough. The argument, the
-// layouts and the launch rules are in crates/symmcomm/KERNELS.md; keep the two in step.
+// double-buffered on the epoch's parity, so one barrier per phase is enough. That protocol is in
+// symm_protocol.cuh, the ABI (SymmArgs, SymmState, the SYMM_* limits and layouts) in
+// symm_abi.cuh, generated from crates/symmcomm/src/kernels/abi.rs. The argument, the layouts
+// and the launch rules are in crates/symmcomm/KERNELS.md; keep the two in step.
 //
-// No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
+// No multimem / multicast instructions anywhere: the GPU machines this project runs on must never
+// run NVLink multicast (crates/symmcomm/KERNELS.md, introduction; a test greps for them).
 
 #include "symm_protocol.cuh"
 
@@ -456,8 +459,8 @@ SYMM_DEVICE void symm_ll_reducescatter(const SymmArgs& a) {
 
 // ---------------------------------------------------------------------------------------------
 // Entry points.
-// Launch: block (SYMM_BLOCK_THREADS, 1, 1), grid (g, 1, 1) with 1 <= g <= 64, the
-// same g on every rank; see KERNELS.md.
+// Launch: block (SYMM_BLOCK_THREADS, 1, 1), grid (g, 1, 1) with 1 <= g <= SYMM_MAX_BLOCKS (128),
+// the same g on every rank (KERNELS.md section 4).
 
 // One block per SM is all a launch needs (grids are at most 128 blocks): saying so lets ptxas
 // keep the LL kernels out of local memory instead of squeezing them into 32 registers.

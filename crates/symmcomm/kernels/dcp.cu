@@ -4,12 +4,14 @@
 // with one cross-GPU barrier. Maths in f32, no fast math; empty shards (NaN or +inf LSE, and
 // -inf) weigh 0 and their outputs are never read; all-empty rows give zeros and LSE -inf.
 //
-// The fused kernel speaks the protocol of collectives.cu (epoch per launch, signal pad, 64-bit
-// flags, deadlines, workspace double-buffered on the epoch's parity): it is compiled from that
-// source, entry points left out, and it runs on the same pad and state as the group's other
-// kernels. Layouts and launch rules: crates/symmcomm/KERNELS.md, section 9.
+// The fused kernel speaks the protocol of symm_protocol.cuh, as the collectives do (epoch per
+// launch, signal pad, 64-bit flags, deadlines, workspace double-buffered on the epoch's parity),
+// and it runs on the same pad and state as the group's other kernels. DcpArgs and
+// DCP_BLOCK_THREADS come from symm_abi.cuh, generated from crates/symmcomm/src/kernels/abi.rs.
+// Layouts and launch rules: crates/symmcomm/KERNELS.md, section 9.
 //
-// No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
+// No multimem / multicast instructions anywhere: the GPU machines this project runs on must never
+// run NVLink multicast (crates/symmcomm/KERNELS.md, introduction; a test greps for them).
 
 #include "symm_protocol.cuh"
 

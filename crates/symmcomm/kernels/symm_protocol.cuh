@@ -35,7 +35,7 @@ SYMM_DEVICE void symm_st_release_sys_u32(unsigned int* p, unsigned int v) {
 // Signal: make this block's earlier stores (ordered before by __syncthreads) visible to a peer,
 // then store the flag: one release store at system scope. Measured on 2 x H200 against a fence
 // plus a relaxed store and against __threadfence_system plus a volatile store: the release store
-// was the fastest of the three (KERNELS.md).
+// was the fastest of the three (KERNELS.md section 8).
 SYMM_DEVICE void symm_signal(unsigned long long* flag, unsigned long long v) {
     symm_st_release_sys_u64(flag, v);
 }

@@ -8,9 +8,6 @@
 //! `KERNELS.md` next to this crate's `Cargo.toml` describes all of it and the synchronisation
 //! protocol.
 
-// The crate's one `Error` enum is large by design (structured context in every variant); every
-// fallible function of the crate returns it, so boxing it here alone would change nothing.
-
 use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_int};
 use std::fmt;
@@ -49,8 +46,8 @@ pub const UTIL: KernelModule = KernelModule {
     source: include_str!("../kernels/util.cu"),
 };
 
-/// `kernels/collectives.cu`: one-shot and two-shot all-reduce, all-gather, reduce-scatter and
-/// the bare barrier over symmetric memory.
+/// `kernels/collectives.cu`: one-shot and two-shot all-reduce, all-gather, reduce-scatter, their
+/// low-latency (LL) variants and the bare barrier over symmetric memory.
 pub const COLLECTIVES: KernelModule = KernelModule {
     name: "collectives",
     source: include_str!("../kernels/collectives.cu"),
