@@ -4,34 +4,16 @@
 // with one cross-GPU barrier. Maths in f32, no fast math; empty shards (NaN or +inf LSE, and
 // -inf) weigh 0 and their outputs are never read; all-empty rows give zeros and LSE -inf.
 //
-// The fused kernel speaks the protocol of collectives.cu (epoch per launch, signal pad, 64-bit
-// flags, deadlines, workspace double-buffered on the epoch's parity): it is compiled from that
-// source, entry points left out, and it runs on the same pad and state as the group's other
-// kernels. Layouts and launch rules: crates/symmcomm/KERNELS.md, section 9.
+// The fused kernel speaks the protocol of symm_protocol.cuh, as the collectives do (epoch per
+// launch, signal pad, 64-bit flags, deadlines, workspace double-buffered on the epoch's parity),
+// and it runs on the same pad and state as the group's other kernels. DcpArgs and
+// DCP_BLOCK_THREADS come from symm_abi.cuh, generated from crates/symmcomm/src/kernels/abi.rs.
+// Layouts and launch rules: crates/symmcomm/KERNELS.md, section 9.
 //
-// No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
+// No multimem / multicast instructions anywhere: the GPU machines this project runs on must never
+// run NVLink multicast (crates/symmcomm/KERNELS.md, introduction; a test greps for them).
 
-#define SYMM_PROTOCOL_ONLY
-#include "collectives.cu"
-
-#define DCP_BLOCK_THREADS 512
-
-// The second by-value argument of every DCP kernel; mirrored by `#[repr(C)] DcpArgs` in
-// src/kernels.rs (56 bytes, no padding).
-struct DcpArgs {
-    unsigned long long partial;    // [B, H, D] partial output of this rank (TIn)
-    unsigned long long lse;        // correct: [N, B, H] f32 of every rank; fused: [B, H] f32, this rank's
-    unsigned long long out;        // correct: [H, B, D] (TOut); fused: [H/N, B, D] (TOut)
-    unsigned long long merged_lse; // [B, H/N] f32, or 0 for none
-    unsigned int world;            // N
-    unsigned int rank;             // this rank, < N
-    unsigned int batch;            // B
-    unsigned int heads;            // H, a multiple of N
-    unsigned int dim;              // D, a multiple of 8
-    unsigned int base2;            // 1: LSEs are log2, 0: natural log
-};
-
-static_assert(sizeof(DcpArgs) == 56, "DcpArgs size");
+#include "symm_protocol.cuh"
 
 SYMM_DEVICE float dcp_neg_inf() { return __int_as_float(0xff800000); }
 
@@ -268,10 +250,7 @@ SYMM_DEVICE void dcp_merge_tile(const DcpTile& t, const float (*tile_w)[SYMM_MAX
 template <class TIn, class TOut>
 SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
     __shared__ float tile_w[DCP_TILE_ROWS][SYMM_MAX_WORLD];
-    SymmLaunch l;
-    if (!symm_begin(a, &l)) {
-        return;
-    }
+    symm_enter();
     // Indices below are 32-bit (64-bit division costs ~10x more): rows x (16-byte units per row)
     // must stay under 2^31, i.e. at most 32 GiB of partial rows per peer.
     const bool shape_ok = d.world == a.world && d.rank == a.rank && d.world >= 2 &&
@@ -284,8 +263,10 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
     const unsigned long long row_in = (unsigned long long)d.dim * TIn::ES;
     const unsigned long long row_out = (unsigned long long)d.dim * TOut::ES;
     const unsigned long long lse_off = ((unsigned long long)rows * row_in + 15) / 16 * 16;
-    const bool ok = shape_ok && symm_args_ok(a, lse_off + (unsigned long long)rows * 4, true);
-    if (ok) {
+    const auto check = [&] {
+        return shape_ok && symm_args_ok(a, lse_off + (unsigned long long)rows * 4, true);
+    };
+    symm_launch(a, check, [&](const SymmLaunch& l) {
         const bool base2 = d.base2 != 0;
         const unsigned int parity = (unsigned int)(l.e & 1);
         const unsigned int units = (unsigned int)(row_in / 16); // 16-byte units per row
@@ -463,10 +444,7 @@ SYMM_DEVICE void dcp_fused(const SymmArgs& a, const DcpArgs& d) {
                 __syncthreads();
             }
         }
-    } else if (threadIdx.x == 0) {
-        symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
-    }
-    symm_finish(l, ok);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

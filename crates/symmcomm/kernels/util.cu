@@ -4,7 +4,9 @@
 //
 // Compiled at run time by NVRTC (crates/symmcomm/src/kernels.rs); ABI in
 // crates/symmcomm/KERNELS.md.
-// No multimem / multicast instructions anywhere (see /work/shared/gpu-machine.md).
+//
+// No multimem / multicast instructions anywhere: the GPU machines this project runs on must never
+// run NVLink multicast (crates/symmcomm/KERNELS.md, introduction; a test greps for them).
 
 #include "symm_common.cuh"
 

@@ -1,13 +1,12 @@
 //! Our CUDA kernels, as source, and the run-time compiler that turns them into a CUBIN for the
 //! GPU at hand: NVRTC (loaded by cudarc), with an in-process and an on-disk cache keyed by the
-//! source, the options, NVRTC's version and the architecture.
+//! source and headers, the options, NVRTC's version and the architecture.
 //!
-//! Also the kernels' ABI as seen from the host: the by-value argument [`SymmArgs`], the per-rank
-//! [`SymmState`], the signal-pad and workspace layouts, and the launch limits. `KERNELS.md` next
-//! to this crate's `Cargo.toml` describes all of it and the synchronisation protocol.
-
-// The crate's one `Error` enum is large by design (structured context in every variant); every
-// fallible function of the crate returns it, so boxing it here alone would change nothing.
+//! The kernels' ABI (the by-value arguments [`SymmArgs`] and [`DcpArgs`], the per-rank
+//! [`SymmState`], the signal-pad and workspace layouts, the launch limits) is written once, in
+//! [`abi`], and reaches the kernels as the generated header `symm_abi.cuh` ([`headers`]).
+//! `KERNELS.md` next to this crate's `Cargo.toml` describes all of it and the synchronisation
+//! protocol.
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_int};
@@ -15,12 +14,21 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use cudarc::nvrtc::sys as nvrtc;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+
+pub mod abi;
+
+pub use abi::{
+    AREAS, BLOCK_THREADS, DCP_BLOCK_THREADS, DEFAULT_TIMEOUT_NS, DcpArgs, ERR_ARGS, ERR_NONE,
+    ERR_PEER, ERR_TIMEOUT, LL_MAX_BYTES, LL_OFFSET, LL_PHASE, LL_SLOT_BYTES, MAX_BLOCKS, MAX_WORLD,
+    PAD_BYTES, PAD_FLAGS_OFFSET, PAD_PEER_ERROR_OFFSET, PARITIES, PHASES, SymmArgs, SymmState,
+    abi_header, ll_area_bytes, workspace_bytes,
+};
 
 /// One `.cu` file of `kernels/`, compiled by NVRTC as one program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,15 +46,15 @@ pub const UTIL: KernelModule = KernelModule {
     source: include_str!("../kernels/util.cu"),
 };
 
-/// `kernels/collectives.cu`: one-shot and two-shot all-reduce, all-gather, reduce-scatter and
-/// the bare barrier over symmetric memory.
+/// `kernels/collectives.cu`: one-shot and two-shot all-reduce, all-gather, reduce-scatter, their
+/// low-latency (LL) variants and the bare barrier over symmetric memory.
 pub const COLLECTIVES: KernelModule = KernelModule {
     name: "collectives",
     source: include_str!("../kernels/collectives.cu"),
 };
 
 /// `kernels/dcp.cu`: the DCP combine's correction step and its fused one-kernel combine (which
-/// includes `collectives.cu` for the synchronisation protocol).
+/// speaks the synchronisation protocol of `symm_protocol.cuh`).
 pub const DCP: KernelModule = KernelModule {
     name: "dcp",
     source: include_str!("../kernels/dcp.cu"),
@@ -55,168 +63,37 @@ pub const DCP: KernelModule = KernelModule {
 /// Every kernel module.
 pub const MODULES: &[KernelModule] = &[UTIL, COLLECTIVES, DCP];
 
-/// Headers every module may `#include "…"`, handed to NVRTC in memory: (name, source).
-/// `collectives.cu` is one too: `dcp.cu` compiles its protocol (with `SYMM_PROTOCOL_ONLY`
-/// defined, which leaves its entry points out).
-pub const HEADERS: &[(&str, &str)] = &[
-    (
-        "symm_common.cuh",
-        include_str!("../kernels/symm_common.cuh"),
-    ),
-    ("collectives.cu", include_str!("../kernels/collectives.cu")),
-];
-
-// ---------------------------------------------------------------------------------------------
-// ABI: keep in step with kernels/collectives.cu and KERNELS.md.
-
-/// Threads per block the collectives are built for (`__launch_bounds__`); launch with exactly this.
-pub const BLOCK_THREADS: u32 = 512;
-/// Most blocks a collective may be launched with (flag slots per phase in the signal pad).
-pub const MAX_BLOCKS: u32 = 128;
-/// Most ranks in a group the collectives handle.
-pub const MAX_WORLD: usize = 8;
-/// Barrier phases (two-shot uses both; everything else phase 0).
-pub const PHASES: usize = 2;
-/// Byte offset of `peer_error[MAX_WORLD]` (u32 each) in a rank's signal pad.
-pub const PAD_PEER_ERROR_OFFSET: usize = 8 * PHASES * MAX_BLOCKS as usize * MAX_WORLD;
-/// Bytes of one rank's signal pad: `flags[PHASES][MAX_BLOCKS][MAX_WORLD]` (u64), then
-/// `peer_error[MAX_WORLD]` (u32). Zero it before first use.
-pub const PAD_BYTES: usize = PAD_PEER_ERROR_OFFSET + 4 * MAX_WORLD;
-/// Offset of the low-latency (LL) area from a rank's signal-pad base: [`PAD_BYTES`] rounded up
-/// to 256 (`SYMM_LL_OFFSET`).
-pub const LL_OFFSET: usize = PAD_BYTES.div_ceil(256) * 256;
-/// Most payload bytes one LL slot carries: the largest piece an LL kernel moves
-/// (`SYMM_LL_MAX_BYTES`).
-pub const LL_MAX_BYTES: usize = 512 << 10;
-/// Bytes of one LL slot: 16-byte lines of 8 payload bytes and two flags (`SYMM_LL_SLOT_BYTES`).
-pub const LL_SLOT_BYTES: usize = 2 * LL_MAX_BYTES;
-
-/// Bytes of one rank's LL area: `[parity 0..2][src 0..world]` slots.
-pub fn ll_area_bytes(world: usize) -> usize {
-    2 * world * LL_SLOT_BYTES
+/// A header the modules may `#include "<name>"`, handed to NVRTC in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelHeader {
+    /// The name the modules include it by.
+    pub name: &'static str,
+    /// The CUDA C++ source.
+    pub source: String,
 }
 
-/// Flag-wait deadline the kernels use when [`SymmArgs::timeout_ns`] is 0.
-pub const DEFAULT_TIMEOUT_NS: u64 = 10_000_000_000;
-
-/// [`SymmState::error`]: no error.
-pub const ERR_NONE: u32 = 0;
-/// [`SymmState::error`]: a flag wait ran past its deadline.
-pub const ERR_TIMEOUT: u32 = 1;
-/// [`SymmState::error`]: a peer reported a timeout of its own through this rank's pad.
-pub const ERR_PEER: u32 = 2;
-/// [`SymmState::error`]: the arguments were rejected (nothing was moved).
-pub const ERR_ARGS: u32 = 3;
-
-/// The by-value argument of every collective kernel, `struct SymmArgs` of `collectives.cu`
-/// (184 bytes, no padding). Addresses are device pointers as seen by *this* rank.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct SymmArgs {
-    /// Rank `p`'s workspace base in this rank's address space (symmetric memory), `p < world`.
-    pub ws: [u64; MAX_WORLD],
-    /// Rank `p`'s signal pad base in this rank's address space (symmetric memory).
-    pub pad: [u64; MAX_WORLD],
-    /// This rank's input (`in` in C). Elements naturally aligned; 16 B alignment is not required.
-    pub input: u64,
-    /// This rank's output (`out` in C). Same alignment rule as `input`.
-    pub output: u64,
-    /// Elements: the whole buffer for all-reduce, each rank's piece for reduce-scatter; bytes
-    /// of each rank's piece for `symm_allgather`.
-    pub count: u64,
-    /// Bytes of one workspace slot; a multiple of 16 and at least
-    /// [`CollectiveKernel::slot_bytes_needed`].
-    pub slot_bytes: u64,
-    /// This rank's [`SymmState`] (plain device memory, zeroed once).
-    pub state: u64,
-    /// Flag-wait deadline in ns; 0 means [`DEFAULT_TIMEOUT_NS`].
-    pub timeout_ns: u64,
-    /// This rank, `< world`.
-    pub rank: u32,
-    /// Ranks in the group, `2..=MAX_WORLD`.
-    pub world: u32,
-}
-
-const _: () = {
-    assert!(std::mem::size_of::<SymmArgs>() == 184);
-    assert!(std::mem::offset_of!(SymmArgs, ws) == 0);
-    assert!(std::mem::offset_of!(SymmArgs, pad) == 64);
-    assert!(std::mem::offset_of!(SymmArgs, input) == 128);
-    assert!(std::mem::offset_of!(SymmArgs, output) == 136);
-    assert!(std::mem::offset_of!(SymmArgs, count) == 144);
-    assert!(std::mem::offset_of!(SymmArgs, slot_bytes) == 152);
-    assert!(std::mem::offset_of!(SymmArgs, state) == 160);
-    assert!(std::mem::offset_of!(SymmArgs, timeout_ns) == 168);
-    assert!(std::mem::offset_of!(SymmArgs, rank) == 176);
-    assert!(std::mem::offset_of!(SymmArgs, world) == 180);
-};
-
-// SAFETY: `SymmArgs` is `#[repr(C)]`, `Copy`, made only of integers with no padding, and its
-// layout is that of `struct SymmArgs` in collectives.cu (asserted above and in the tests), so its
-// bytes are a valid by-value kernel parameter.
-unsafe impl cudarc::driver::DeviceRepr for SymmArgs {}
-
-/// One rank's local state for a group's collectives, `struct SymmState` of `collectives.cu`
-/// (64 bytes). Zero it once before the first launch; read it back to check `error`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct SymmState {
-    /// Launches completed on this group; equal on every rank between launches.
-    pub epoch: u64,
-    /// Epoch of the launch that recorded `error`.
-    pub error_epoch: u64,
-    /// Blocks of the running launch that have started; 0 between launches.
-    pub blocks_done: u32,
-    /// One of [`ERR_NONE`], [`ERR_TIMEOUT`], [`ERR_PEER`], [`ERR_ARGS`]; sticky.
-    pub error: u32,
-    /// The peer waited on ([`ERR_TIMEOUT`]) or that reported ([`ERR_PEER`]).
-    pub error_src: u32,
-    /// The block that recorded the error.
-    pub error_block: u32,
-    /// The barrier phase that recorded the error.
-    pub error_phase: u32,
-    /// Unused; keeps the size at 64 bytes.
-    pub reserved: [u32; 7],
-}
-
-const _: () = {
-    assert!(std::mem::size_of::<SymmState>() == 64);
-    assert!(std::mem::offset_of!(SymmState, epoch) == 0);
-    assert!(std::mem::offset_of!(SymmState, error_epoch) == 8);
-    assert!(std::mem::offset_of!(SymmState, blocks_done) == 16);
-    assert!(std::mem::offset_of!(SymmState, error) == 20);
-    assert!(std::mem::offset_of!(SymmState, error_src) == 24);
-    assert!(std::mem::offset_of!(SymmState, error_block) == 28);
-    assert!(std::mem::offset_of!(SymmState, error_phase) == 32);
-};
-
-impl SymmState {
-    /// A sentence describing `error`, or `None` when there is none.
-    pub fn error_message(&self) -> Option<String> {
-        let at = format!(
-            "block {}, phase {}, epoch {}",
-            self.error_block, self.error_phase, self.error_epoch
-        );
-        match self.error {
-            ERR_NONE => None,
-            ERR_TIMEOUT => Some(format!(
-                "timed out waiting for rank {}'s flag ({at})",
-                self.error_src
-            )),
-            ERR_PEER => Some(format!(
-                "rank {} timed out and reported it; results since are void ({at})",
-                self.error_src
-            )),
-            ERR_ARGS => Some(format!("kernel rejected its arguments ({at})")),
-            other => Some(format!("unknown kernel error code {other} ({at})")),
-        }
-    }
-}
-
-/// Bytes of one rank's workspace: `[area 0..2][parity 0..2][src 0..world][slot_bytes]`. Area 1
-/// is used only by two-shot all-reduce; the others need the first half only.
-pub fn workspace_bytes(world: usize, slot_bytes: usize) -> usize {
-    2 * 2 * world * slot_bytes
+/// Every header the modules may include: `symm_common.cuh` (device plumbing), `symm_abi.cuh`
+/// (generated from [`abi`] by [`abi_header`]) and `symm_protocol.cuh` (the synchronisation
+/// protocol that `collectives.cu` and `dcp.cu` speak). They are part of every module's
+/// compile-cache key.
+pub fn headers() -> &'static [KernelHeader] {
+    static HEADERS: LazyLock<Vec<KernelHeader>> = LazyLock::new(|| {
+        vec![
+            KernelHeader {
+                name: "symm_common.cuh",
+                source: include_str!("../kernels/symm_common.cuh").to_string(),
+            },
+            KernelHeader {
+                name: "symm_abi.cuh",
+                source: abi_header(),
+            },
+            KernelHeader {
+                name: "symm_protocol.cuh",
+                source: include_str!("../kernels/symm_protocol.cuh").to_string(),
+            },
+        ]
+    });
+    &HEADERS
 }
 
 /// The collective kernels of `collectives.cu`.
@@ -323,44 +200,6 @@ impl CollectiveKernel {
         }
     }
 }
-
-/// The second by-value argument of the kernels of `dcp.cu`, `struct DcpArgs` there (56 bytes,
-/// no padding). Addresses are this rank's device pointers.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct DcpArgs {
-    /// `[B, H, D]` partial output of this rank.
-    pub partial: u64,
-    /// Correction: `[N, B, H]` f32, every rank's LSE. Fused: `[B, H]` f32, this rank's.
-    pub lse: u64,
-    /// Correction: `[H, B, D]`. Fused: `[H/N, B, D]`.
-    pub out: u64,
-    /// `[B, H/N]` f32, or 0 for none.
-    pub merged_lse: u64,
-    /// Ranks N.
-    pub world: u32,
-    /// This rank.
-    pub rank: u32,
-    /// Tokens B.
-    pub batch: u32,
-    /// Gathered heads H (a multiple of N).
-    pub heads: u32,
-    /// Values per head D (a multiple of 8).
-    pub dim: u32,
-    /// 1: LSEs in base 2, 0: natural log.
-    pub base2: u32,
-}
-
-const _: () = {
-    assert!(std::mem::size_of::<DcpArgs>() == 56);
-    assert!(std::mem::offset_of!(DcpArgs, merged_lse) == 24);
-    assert!(std::mem::offset_of!(DcpArgs, world) == 32);
-    assert!(std::mem::offset_of!(DcpArgs, base2) == 52);
-};
-
-/// Threads per block of the fused DCP kernel (`__launch_bounds__` of `dcp.cu`).
-pub const DCP_BLOCK_THREADS: u32 = 512;
-
 /// The DCP kernel of `dcp.cu` for a partial-output and an output type: `fused` or the
 /// correction step (`dcp_fused_bf16_bf16`, `dcp_correct_f32_bf16`, ...); `None` for types it
 /// does not take (bf16 and f32 only).
@@ -648,8 +487,9 @@ impl NvrtcCompiler {
         ]
     }
 
-    /// The cache key: xxh3-128 over the module, the options, NVRTC's version and the arch, each
-    /// length-prefixed so that no two different inputs hash the same bytes.
+    /// The cache key: xxh3-128 over the module, every header of [`headers`] (so the generated
+    /// ABI header too), the options, NVRTC's version and the arch, each length-prefixed so that
+    /// no two different inputs hash the same bytes.
     fn key(&self, module: &KernelModule, arch: &str, options: &[String]) -> u128 {
         let mut bytes = Vec::with_capacity(module.source.len() + 512);
         let mut field = |b: &[u8]| {
@@ -659,9 +499,9 @@ impl NvrtcCompiler {
         field(b"symmcomm-kernel-cache-v1");
         field(module.name.as_bytes());
         field(module.source.as_bytes());
-        for (name, source) in HEADERS {
-            field(name.as_bytes());
-            field(source.as_bytes());
+        for header in headers() {
+            field(header.name.as_bytes());
+            field(header.source.as_bytes());
         }
         for option in options {
             field(option.as_bytes());
@@ -793,14 +633,15 @@ impl NvrtcCompiler {
         let num_options =
             c_int::try_from(option_ptrs.len()).map_err(|_| fail("too many options".to_string()))?;
 
-        let header_sources: Vec<CString> = HEADERS
+        let headers = headers();
+        let header_sources: Vec<CString> = headers
             .iter()
-            .map(|(_, s)| CString::new(*s))
+            .map(|h| CString::new(h.source.as_str()))
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| fail("a header contains a NUL byte".to_string()))?;
-        let header_names: Vec<CString> = HEADERS
+        let header_names: Vec<CString> = headers
             .iter()
-            .map(|(n, _)| CString::new(*n))
+            .map(|h| CString::new(h.name))
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| fail("a header name contains a NUL byte".to_string()))?;
         let header_source_ptrs: Vec<*const c_char> =
@@ -808,7 +649,7 @@ impl NvrtcCompiler {
         let header_name_ptrs: Vec<*const c_char> =
             header_names.iter().map(|s| s.as_ptr()).collect();
         let num_headers =
-            c_int::try_from(HEADERS.len()).map_err(|_| fail("too many headers".to_string()))?;
+            c_int::try_from(headers.len()).map_err(|_| fail("too many headers".to_string()))?;
         let mut raw: nvrtc::nvrtcProgram = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer; source, name and the `num_headers` header
         // sources and names are NUL-terminated strings that outlive the program (all dropped at

@@ -1,6 +1,7 @@
 //! Every kernel module compiles with NVRTC to a CUBIN that holds the expected kernels, the
-//! compiler's caches work, and the kernels' source stays in step with the host (fill constants,
-//! struct layouts, no multicast).
+//! compiler's caches work, the generated ABI header's layout checks reject a layout that differs
+//! from Rust's, and the kernels' source stays in step with the host (the ABI written once, fill
+//! constants, no multicast).
 //!
 //! NVRTC tests skip with a message when NVRTC or the CUDA headers are missing, and fail instead
 //! when `SYMMCOMM_REQUIRE_NVRTC=1` (CI sets it after `source scripts/nvrtc-env.sh`).
@@ -9,9 +10,10 @@ use std::sync::Arc;
 
 use symmcomm::Error;
 use symmcomm::dtype::DType;
+use symmcomm::kernels::abi::{ABI_DEFINES, abi_structs, render_abi_header};
 use symmcomm::kernels::{
-    self, COLLECTIVES, CollectiveKernel, DCP, DcpArgs, KernelModule, MODULES, NvrtcCompiler,
-    SymmArgs, SymmState, UTIL, arch_for,
+    self, COLLECTIVES, CollectiveKernel, DCP, KernelModule, MODULES, NvrtcCompiler, SymmState,
+    UTIL, abi_header, arch_for,
 };
 
 /// The kernels each module must define.
@@ -176,7 +178,7 @@ fn nvrtc_compiles_every_module_and_caches() {
         }
     }
     // Every name dcp_function hands out is in the dcp CUBIN, which holds none of the
-    // collectives' entry points (it compiles collectives.cu for its protocol only).
+    // collectives' entry points (it shares their protocol through symm_protocol.cuh only).
     let cubin = compiler.compile(&DCP, "sm_90a").expect("in memory");
     for fused in [false, true] {
         for p in DType::ALL {
@@ -256,6 +258,8 @@ fn nvrtc_compiles_every_module_and_caches() {
         other => panic!("expected Error::Nvrtc, got {other:?}"),
     }
 
+    abi_checks_are_enforced_by_nvrtc(&compiler);
+
     // A target NVRTC does not know: Error::Nvrtc too.
     match compiler.compile(&UTIL, "sm_1") {
         Err(Error::Nvrtc { arch, .. }) => assert_eq!(arch, "sm_1"),
@@ -276,6 +280,114 @@ fn nvrtc_compiles_every_module_and_caches() {
                 module.name
             );
         }
+    }
+}
+
+/// The `static_assert`s of `symm_abi.cuh` are checks NVRTC enforces, not text: the header as
+/// generated compiles, and one whose asserted layout differs from the structs it declares (a
+/// wrong offset, or a C type that is not the Rust field's) is rejected with the assertion's
+/// message.
+fn abi_checks_are_enforced_by_nvrtc(compiler: &NvrtcCompiler) {
+    // The header inline (not #included), with a kernel that takes the structs by value.
+    let module = |name: &'static str, header: String| KernelModule {
+        name,
+        source: Box::leak(
+            format!(
+                "{header}\nextern \"C\" __global__ void symm_abi_probe(const SymmArgs a, \
+                 const DcpArgs d, SymmState* st) {{ st->epoch = a.count + d.dim; }}\n"
+            )
+            .into_boxed_str(),
+        ),
+    };
+    let compiled = compiler.compile(&module("abi_as_generated", abi_header()), "sm_90a");
+    assert!(compiled.is_ok(), "the generated header: {compiled:?}");
+
+    let mut structs = abi_structs();
+    let rank = structs[0]
+        .fields
+        .iter_mut()
+        .find(|f| f.name == "rank")
+        .expect("SymmArgs::rank");
+    rank.offset += 4;
+    let wrong_offset = render_abi_header(ABI_DEFINES, &structs);
+    match compiler.compile(&module("abi_wrong_offset", wrong_offset), "sm_90a") {
+        Err(Error::Nvrtc { log, .. }) => {
+            assert!(log.contains("static assertion failed"), "log: {log}");
+            assert!(
+                log.contains("SymmArgs::rank: offset differs from Rust's 180"),
+                "log: {log}"
+            );
+        }
+        other => panic!("a wrong offset compiled: {other:?}"),
+    }
+
+    let mut structs = abi_structs();
+    let world = structs[2]
+        .fields
+        .iter_mut()
+        .find(|f| f.name == "world")
+        .expect("DcpArgs::world");
+    world.c_type = "unsigned long long";
+    let wrong_type = render_abi_header(ABI_DEFINES, &structs);
+    match compiler.compile(&module("abi_wrong_type", wrong_type), "sm_90a") {
+        Err(Error::Nvrtc { log, .. }) => {
+            assert!(log.contains("static assertion failed"), "log: {log}");
+            assert!(
+                log.contains("DcpArgs: size differs from Rust's 56"),
+                "log: {log}"
+            );
+        }
+        other => panic!("a wrong C type compiled: {other:?}"),
+    }
+}
+
+/// The ABI is written once, in `kernels::abi`: no kernel source defines a name of the generated
+/// header again or declares one of its structs; the protocol header includes the generated one,
+/// and the modules that speak the protocol include that (no module includes another `.cu`).
+#[test]
+fn kernel_sources_take_the_abi_from_the_generated_header() {
+    let abi = abi_header();
+    let sources = MODULES.iter().map(|m| (m.name, m.source)).chain(
+        kernels::headers()
+            .iter()
+            .filter(|h| h.name != "symm_abi.cuh")
+            .map(|h| (h.name, h.source.as_str())),
+    );
+    for (name, source) in sources {
+        for define in ABI_DEFINES {
+            assert!(
+                !source.contains(&format!("#define {} ", define.name)),
+                "{name} defines {} again; it comes from symm_abi.cuh",
+                define.name
+            );
+        }
+        for s in abi_structs() {
+            assert!(
+                !source.contains(&format!("struct {} {{", s.name)),
+                "{name} declares struct {} again; it comes from symm_abi.cuh",
+                s.name
+            );
+            assert!(abi.contains(&format!("struct {} {{", s.name)));
+        }
+    }
+    let protocol = kernels::headers()
+        .iter()
+        .find(|h| h.name == "symm_protocol.cuh")
+        .expect("the protocol header");
+    assert!(protocol.source.contains("#include \"symm_abi.cuh\""));
+    for module in [COLLECTIVES, DCP] {
+        assert!(
+            module.source.contains("#include \"symm_protocol.cuh\""),
+            "{} does not include the protocol",
+            module.name
+        );
+    }
+    for module in MODULES {
+        assert!(
+            !module.source.contains(".cu\"") && !module.source.contains("SYMM_PROTOCOL_ONLY"),
+            "{} includes another module",
+            module.name
+        );
     }
 }
 
@@ -342,164 +454,16 @@ fn fill_kernel_uses_the_constants_of_fill_rs() {
 /// NVLink multicast must never be used on the shared GPU machine.
 #[test]
 fn kernels_use_no_multicast() {
-    let sources = MODULES
-        .iter()
-        .map(|m| (m.name, m.source))
-        .chain(symmcomm::kernels::HEADERS.iter().copied());
+    let sources = MODULES.iter().map(|m| (m.name, m.source)).chain(
+        kernels::headers()
+            .iter()
+            .map(|h| (h.name, h.source.as_str())),
+    );
     for (name, source) in sources {
         for banned in ["multimem.", ".multicast", "cuMulticast", "multimem_"] {
             assert!(!source.contains(banned), "{name} contains {banned}");
         }
     }
-}
-
-/// `(type, name)` of each field of `struct <name>` in a .cu source, in order.
-fn c_struct_fields(source: &str, name: &str) -> Vec<(String, String)> {
-    let start = source
-        .find(&format!("struct {name} {{"))
-        .unwrap_or_else(|| panic!("no struct {name}"));
-    let body = &source[start..];
-    let body = &body[body.find('{').unwrap_or(0) + 1..body.find("};").unwrap_or(body.len())];
-    body.lines()
-        .map(|l| l.split("//").next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let decl = l.trim_end_matches(';');
-            let split = decl.rfind(' ').expect("type and name");
-            (
-                decl[..split].trim().to_string(),
-                decl[split + 1..].to_string(),
-            )
-        })
-        .collect()
-}
-
-/// C offsets of naturally aligned fields declared in order.
-fn c_offsets(fields: &[(String, String)]) -> Vec<(String, usize)> {
-    let mut offset: usize = 0;
-    fields
-        .iter()
-        .map(|(ty, name)| {
-            let size = match ty.as_str() {
-                "unsigned long long" => 8,
-                "unsigned int" => 4,
-                other => panic!("unexpected C type {other}"),
-            };
-            let (base, count) = match name.split_once('[') {
-                Some((base, rest)) => {
-                    let n = rest.trim_end_matches(']');
-                    let n = match n {
-                        "SYMM_MAX_WORLD" => kernels::MAX_WORLD,
-                        other => other.parse().expect("array length"),
-                    };
-                    (base.to_string(), n)
-                }
-                None => (name.clone(), 1),
-            };
-            offset = offset.div_ceil(size) * size;
-            let at = offset;
-            offset += size * count;
-            (base, at)
-        })
-        .collect()
-}
-
-#[test]
-fn symm_args_mirror_matches_the_cu_struct() {
-    let fields = c_struct_fields(COLLECTIVES.source, "SymmArgs");
-    let offsets = c_offsets(&fields);
-    let rust = [
-        ("ws", std::mem::offset_of!(SymmArgs, ws)),
-        ("pad", std::mem::offset_of!(SymmArgs, pad)),
-        ("in", std::mem::offset_of!(SymmArgs, input)),
-        ("out", std::mem::offset_of!(SymmArgs, output)),
-        ("count", std::mem::offset_of!(SymmArgs, count)),
-        ("slot_bytes", std::mem::offset_of!(SymmArgs, slot_bytes)),
-        ("state", std::mem::offset_of!(SymmArgs, state)),
-        ("timeout_ns", std::mem::offset_of!(SymmArgs, timeout_ns)),
-        ("rank", std::mem::offset_of!(SymmArgs, rank)),
-        ("world", std::mem::offset_of!(SymmArgs, world)),
-    ];
-    let rust: Vec<(String, usize)> = rust.iter().map(|(n, o)| (n.to_string(), *o)).collect();
-    assert_eq!(offsets, rust);
-    assert!(COLLECTIVES.source.contains("sizeof(SymmArgs) == 184"));
-    assert_eq!(std::mem::size_of::<SymmArgs>(), 184);
-}
-
-#[test]
-fn dcp_args_mirror_matches_the_cu_struct() {
-    let fields = c_struct_fields(DCP.source, "DcpArgs");
-    let offsets = c_offsets(&fields);
-    let rust = [
-        ("partial", std::mem::offset_of!(DcpArgs, partial)),
-        ("lse", std::mem::offset_of!(DcpArgs, lse)),
-        ("out", std::mem::offset_of!(DcpArgs, out)),
-        ("merged_lse", std::mem::offset_of!(DcpArgs, merged_lse)),
-        ("world", std::mem::offset_of!(DcpArgs, world)),
-        ("rank", std::mem::offset_of!(DcpArgs, rank)),
-        ("batch", std::mem::offset_of!(DcpArgs, batch)),
-        ("heads", std::mem::offset_of!(DcpArgs, heads)),
-        ("dim", std::mem::offset_of!(DcpArgs, dim)),
-        ("base2", std::mem::offset_of!(DcpArgs, base2)),
-    ];
-    let rust: Vec<(String, usize)> = rust.iter().map(|(n, o)| (n.to_string(), *o)).collect();
-    assert_eq!(offsets, rust);
-    assert!(DCP.source.contains("sizeof(DcpArgs) == 56"));
-    assert!(DCP.source.contains(&format!(
-        "#define DCP_BLOCK_THREADS {}",
-        kernels::DCP_BLOCK_THREADS
-    )));
-    assert_eq!(std::mem::size_of::<DcpArgs>(), 56);
-}
-
-#[test]
-fn symm_state_mirror_matches_the_cu_struct() {
-    let fields = c_struct_fields(COLLECTIVES.source, "SymmState");
-    let offsets = c_offsets(&fields);
-    let rust = [
-        ("epoch", std::mem::offset_of!(SymmState, epoch)),
-        ("error_epoch", std::mem::offset_of!(SymmState, error_epoch)),
-        ("blocks_done", std::mem::offset_of!(SymmState, blocks_done)),
-        ("error", std::mem::offset_of!(SymmState, error)),
-        ("error_src", std::mem::offset_of!(SymmState, error_src)),
-        ("error_block", std::mem::offset_of!(SymmState, error_block)),
-        ("error_phase", std::mem::offset_of!(SymmState, error_phase)),
-        ("reserved", std::mem::offset_of!(SymmState, reserved)),
-    ];
-    let rust: Vec<(String, usize)> = rust.iter().map(|(n, o)| (n.to_string(), *o)).collect();
-    assert_eq!(offsets, rust);
-    assert!(COLLECTIVES.source.contains("sizeof(SymmState) == 64"));
-    assert_eq!(std::mem::size_of::<SymmState>(), 64);
-}
-
-#[test]
-fn abi_constants_match_the_cu_defines() {
-    let src = COLLECTIVES.source;
-    for (define, value) in [
-        ("SYMM_MAX_WORLD", kernels::MAX_WORLD as u64),
-        ("SYMM_MAX_BLOCKS", u64::from(kernels::MAX_BLOCKS)),
-        ("SYMM_BLOCK_THREADS", u64::from(kernels::BLOCK_THREADS)),
-        ("SYMM_PHASES", kernels::PHASES as u64),
-        ("SYMM_ERR_TIMEOUT", u64::from(kernels::ERR_TIMEOUT)),
-        ("SYMM_ERR_PEER", u64::from(kernels::ERR_PEER)),
-        ("SYMM_ERR_ARGS", u64::from(kernels::ERR_ARGS)),
-        ("SYMM_DEFAULT_TIMEOUT_NS", kernels::DEFAULT_TIMEOUT_NS),
-        ("SYMM_LL_OFFSET", kernels::LL_OFFSET as u64),
-        ("SYMM_LL_MAX_BYTES", kernels::LL_MAX_BYTES as u64),
-        ("SYMM_LL_SLOT_BYTES", kernels::LL_SLOT_BYTES as u64),
-    ] {
-        let line = src
-            .lines()
-            .find(|l| l.starts_with(&format!("#define {define} ")))
-            .unwrap_or_else(|| panic!("no #define {define}"));
-        let text = line[format!("#define {define} ").len()..]
-            .trim()
-            .trim_end_matches("ULL")
-            .trim_end_matches('u');
-        assert_eq!(text.parse::<u64>().ok(), Some(value), "{line}");
-    }
-    assert!(src.contains(&format!("/* {} */", kernels::PAD_PEER_ERROR_OFFSET)));
-    assert!(src.contains(&format!("/* {} */", kernels::PAD_BYTES)));
 }
 
 #[test]

@@ -69,7 +69,8 @@ impl DcpKernels {
         let warps = (DCP_BLOCK_THREADS / 32) as usize;
         let grid = rows.div_ceil(warps).clamp(1, 4096) as u32;
         let mut params = [&mut args as *mut DcpArgs as *mut c_void];
-        // SAFETY: `dcp_correct_*` takes one `DcpArgs` by value; the group validated that the
+        // SAFETY: `dcp_correct_*` takes one `DcpArgs` by value (its C struct is generated from
+        // ours); the group validated that the
         // partial output holds [B, H, D], the LSEs [N, B, H] f32, the corrected output [H, B, D]
         // and the merged LSE [B, H/N], and the caller keeps them alive until the work is done.
         unsafe {
@@ -104,10 +105,12 @@ impl DcpKernels {
             symm as *mut SymmArgs as *mut c_void,
             dcp as *mut DcpArgs as *mut c_void,
         ];
-        // SAFETY: `dcp_fused_*` takes a `SymmArgs` and a `DcpArgs` by value; the workspace, pads
+        // SAFETY: `dcp_fused_*` takes a `SymmArgs` and a `DcpArgs` by value (C structs generated
+        // from ours, layout checked at compile time); the workspace, pads
         // and state belong to the group and the combine, which outlive the launch (graphs keep
         // the buffers), and the group validated the shapes of every buffer. The kernel waits on
-        // the grid dependency (symm_begin) before it touches memory, so PDL is safe.
+        // the grid dependency (symm_enter, its first statement) before it touches memory, so PDL
+        // is safe.
         unsafe { f.launch(grid, DCP_BLOCK_THREADS, 0, stream, &mut params, pdl, ctx) }
     }
 }

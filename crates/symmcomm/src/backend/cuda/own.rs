@@ -148,7 +148,7 @@ impl OwnKernels {
             dev: dev.clone(),
         };
         let state = super::alloc(&dev.ctx, std::mem::size_of::<SymmState>(), ctx)?;
-        // Zero pads and states before any peer can signal (KERNELS.md rule 5); the exchange
+        // Zero pads and states before any peer can signal (KERNELS.md §4 rule 5); the exchange
         // below ends with a barrier.
         let r = {
             // SAFETY: both ranges are live device memory of this context.
@@ -271,11 +271,12 @@ impl OwnKernels {
             BLOCK_THREADS
         };
         let mut params = [&mut args as *mut SymmArgs as *mut c_void];
-        // SAFETY: every kernel of collectives.cu takes one `SymmArgs` by value, which `params`
-        // points to; the workspace, pads and state are alive as long as this group, and the
+        // SAFETY: every kernel of collectives.cu takes one `SymmArgs` by value (its C struct is
+        // generated from ours, layout checked at compile time), which `params` points to; the
+        // workspace, pads and state are alive as long as this group, and the
         // input and output ranges were validated by the caller.
         // Every kernel of collectives.cu waits on the grid dependency before it reads or writes
-        // memory, so it may be launched with PDL (KERNELS.md §2).
+        // memory, so it may be launched with PDL (KERNELS.md §2 and §4 rule 7).
         unsafe { f.launch(grid, block, 0, stream, &mut params, self.pdl, ctx) }
     }
 
