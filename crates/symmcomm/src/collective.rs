@@ -461,7 +461,10 @@ impl Group {
     fn alloc_staging_slot(&self, bytes: usize, exec: Exec, ctx: &OpCtx) -> Result<Arc<Buffer>> {
         let slot = self
             .pool()
-            .alloc(bytes, exec.capturing)
+            .alloc(
+                bytes,
+                crate::symm_pool::Growth::unless_capturing(exec.capturing),
+            )
             .map_err(|e| match e {
                 Error::DuringCapture { action, .. } => Error::DuringCapture {
                     ctx: ctx.clone(),

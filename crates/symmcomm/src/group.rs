@@ -17,7 +17,7 @@ use crate::memory::{Backing, Buffer, MemRef};
 use crate::policy::{GroupKind, Placement};
 use crate::pool::SegmentHit;
 use crate::stream::Stream;
-use crate::symm_pool::{PoolStats, SymmPool};
+use crate::symm_pool::{Growth, PoolStats, SymmPool};
 use crate::tensor::{Layout, Tensor};
 
 /// What ran for one collective call, and why.
@@ -417,7 +417,36 @@ impl Group {
         let layout = Layout::contiguous(shape);
         let bytes = layout.numel() * dtype.size();
         let exec = self.exec(&self.ctx(Op::PoolAlloc, bytes))?;
-        let slot = self.inner.pool.alloc(bytes, exec.capturing)?;
+        let slot = self
+            .inner
+            .pool
+            .alloc(bytes, Growth::unless_capturing(exec.capturing))?;
+        Ok(self.tensor_of(Backing::Symmetric(slot), bytes, dtype, layout))
+    }
+
+    /// Grow this group's pool (collectively, every rank with the same `bytes`) so that one
+    /// allocation of up to `bytes` fits without growing it: for allocators that may not run a
+    /// collective (a torch `MemPool`'s callback), which then use
+    /// [`Group::alloc_symmetric_reserved`].
+    pub fn reserve_symmetric(&self, bytes: usize) -> Result<()> {
+        let ctx = self.ctx(Op::PoolAlloc, bytes);
+        if self.exec(&ctx)?.capturing {
+            return Err(Error::DuringCapture {
+                ctx,
+                action: format!("reserving {bytes} B of symmetric memory"),
+            });
+        }
+        self.inner.pool.reserve(bytes)
+    }
+
+    /// A tensor in this group's symmetric pool that never grows it: a slot of the segments
+    /// registered already ([`Group::reserve_symmetric`]), or
+    /// [`crate::Error::CapacityExceeded`]. Not collective; the same sequence of calls on every
+    /// rank still gives every rank the same offsets.
+    pub fn alloc_symmetric_reserved(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let layout = Layout::contiguous(shape);
+        let bytes = layout.numel() * dtype.size();
+        let slot = self.inner.pool.alloc(bytes, Growth::Never)?;
         Ok(self.tensor_of(Backing::Symmetric(slot), bytes, dtype, layout))
     }
 

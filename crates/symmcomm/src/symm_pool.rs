@@ -34,6 +34,28 @@ pub struct PoolStats {
     pub in_use: usize,
 }
 
+/// Whether an allocation may grow the pool (a collective registration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Growth {
+    /// Grow when nothing fits (every rank makes the same requests).
+    Allowed,
+    /// The caller's stream is being captured: growing is an error.
+    Capturing,
+    /// Never (an allocator callback, where no collective may run): take a slot of the
+    /// segments reserved before, or fail.
+    Never,
+}
+
+impl Growth {
+    pub(crate) fn unless_capturing(capturing: bool) -> Growth {
+        if capturing {
+            Growth::Capturing
+        } else {
+            Growth::Allowed
+        }
+    }
+}
+
 /// One group's symmetric pool on one rank.
 pub(crate) struct SymmPool {
     label: String,
@@ -92,9 +114,9 @@ impl SymmPool {
         }
     }
 
-    /// A slot of `bytes`, growing the pool (collectively) when nothing fits; while the caller's
-    /// stream is `capturing`, growing is an error instead.
-    pub(crate) fn alloc(self: &Arc<Self>, bytes: usize, capturing: bool) -> Result<SymmSlot> {
+    /// A slot of `bytes`, growing the pool (collectively) when nothing fits and `growth`
+    /// allows it.
+    pub(crate) fn alloc(self: &Arc<Self>, bytes: usize, growth: Growth) -> Result<SymmSlot> {
         let mut st = self.lock();
         if let Some(e) = st.release_errors.first() {
             return Err(Error::InvalidArgument {
@@ -111,7 +133,7 @@ impl SymmPool {
         let slot = match st.layout.alloc(bytes) {
             Ok(slot) => slot,
             Err(need) => {
-                self.grow_locked(&mut st, need.bytes, bytes, capturing)?;
+                self.grow_locked(&mut st, need.bytes, bytes, growth)?;
                 st.layout.alloc(bytes).map_err(|n| Error::InvalidArgument {
                     ctx: self.ctx(Op::PoolAlloc, bytes),
                     detail: format!(
@@ -129,14 +151,35 @@ impl SymmPool {
         })
     }
 
+    /// Make sure one allocation of up to `bytes` will not grow the pool (collective when it
+    /// grows).
+    pub(crate) fn reserve(&self, bytes: usize) -> Result<()> {
+        let mut st = self.lock();
+        // A zero-byte slot still takes one alignment unit.
+        let bytes = bytes.max(1);
+        if st.layout.largest_free() >= bytes {
+            return Ok(());
+        }
+        let size = st.layout.segment_size_for(bytes);
+        self.grow_locked(&mut st, size, bytes, Growth::Allowed)
+    }
+
     fn grow_locked(
         &self,
         st: &mut PoolState,
         segment_bytes: usize,
         request: usize,
-        capturing: bool,
+        growth: Growth,
     ) -> Result<()> {
-        if capturing {
+        if growth == Growth::Never {
+            return Err(Error::CapacityExceeded {
+                ctx: self.ctx(Op::PoolAlloc, request),
+                what: "a slot of the segments reserved before (Group::reserve_symmetric)".into(),
+                needed: request,
+                capacity: st.layout.largest_free(),
+            });
+        }
+        if growth == Growth::Capturing {
             return Err(Error::DuringCapture {
                 ctx: self.ctx(Op::PoolAlloc, request),
                 action: format!("growing the symmetric pool by a {segment_bytes} B segment"),

@@ -136,6 +136,28 @@ fn host_refuses_cuda_streams_and_null_memory() {
     }));
 }
 
+/// An allocator callback may not run a collective: it takes slots of segments reserved before,
+/// at the same offsets on every rank, and fails clearly when they are full.
+#[test]
+fn host_reserved_allocations_never_grow() {
+    let config = common::small_pool(TestBackend::Host.config());
+    let hits = all_ok(run_rank_threads(2, &config, |comm| {
+        let g = comm.world();
+        let e = g.alloc_symmetric_reserved(DType::U8, &[4096]).unwrap_err();
+        assert!(matches!(e, Error::CapacityExceeded { .. }), "{e}");
+        g.reserve_symmetric(256 << 10)?;
+        let a = g.alloc_symmetric_reserved(DType::F32, &[1000])?;
+        let b = g.alloc_symmetric_reserved(DType::BF16, &[3, 7])?;
+        let big = g
+            .alloc_symmetric_reserved(DType::U8, &[64 << 20])
+            .unwrap_err();
+        assert!(matches!(big, Error::CapacityExceeded { .. }), "{big}");
+        assert_eq!(g.pool_stats().segments, 1, "nothing grew");
+        Ok([g.lookup(a.addr()).unwrap(), g.lookup(b.addr()).unwrap()])
+    }));
+    assert_eq!(hits[0], hits[1], "same offsets on every rank");
+}
+
 /// On GPUs: the engine's `CudaSlice`s as input and output, on the engine's stream, eager;
 /// and a pointer into one of the group's windows used zero-copy.
 #[test]
