@@ -21,11 +21,11 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
     println!("symmcomm {}", env!("CARGO_PKG_VERSION"));
     println!("backends:");
     println!("  host: available (ranks are threads of one process, memory is host memory)");
-    match symmcomm::cuda_devices() {
+    match symmcomm::info::cuda_devices() {
         Ok(n) => println!("  cuda: available, {n} device(s)"),
         Err(why) => println!("  cuda: unavailable: {why}"),
     }
-    match symmcomm::gpus() {
+    match symmcomm::info::gpus() {
         Ok(gpus) => {
             for g in gpus {
                 println!(
@@ -40,13 +40,13 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
         }
         Err(why) => println!("  GPUs: none ({why})"),
     }
-    if let Some(d) = symmcomm::backend::cuda::driver_version() {
+    if let Some(d) = symmcomm::info::driver_version() {
         println!("  driver: {d}");
     }
-    match symmcomm::backend::cuda::nccl() {
+    match symmcomm::info::nccl() {
         Ok(n) => {
             println!("NCCL: {} at {}", n.version(), n.path().display());
-            if symmcomm::backend::cuda::pdl_hazard(n.version()) {
+            if symmcomm::info::pdl_hazard(n.version()) {
                 println!(
                     "  PDL hazard: NCCL {} (2.28.0–2.30.6) launches its symmetric kernels with programmatic dependent launch\n  but without cudaGridDependencySynchronize, so they can read an input before its producer finished.\n  symmcomm launches an empty guard kernel before every nccl_symm collective (cost in BENCHMARKS.md);\n  --no-pdl-guard turns it off.",
                     n.version()
@@ -89,7 +89,7 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
     }
     let table = match &args.table {
         Some(p) => Some(symmcomm::dispatch::DispatchTable::load(p)?),
-        None => symmcomm::gpus()
+        None => symmcomm::info::gpus()
             .ok()
             .and_then(|g| g.first().map(|d| (d.name.clone(), g.len())))
             .and_then(|(name, n)| {

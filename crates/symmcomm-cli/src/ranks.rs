@@ -101,7 +101,7 @@ impl RankArgs {
         let backend = match choice {
             BackendChoice::Host => BackendKind::Host,
             BackendChoice::Cuda => BackendKind::Cuda,
-            BackendChoice::Auto => match symmcomm::cuda_devices() {
+            BackendChoice::Auto => match symmcomm::info::cuda_devices() {
                 Ok(_) => BackendKind::Cuda,
                 Err(why) => {
                     if !launched {
@@ -128,7 +128,7 @@ impl RankArgs {
                 config: self.config(fixed),
             }),
             BackendKind::Cuda => {
-                let gpus = symmcomm::cuda_devices()
+                let gpus = symmcomm::info::cuda_devices()
                     .map_err(|why| anyhow::anyhow!("the CUDA backend cannot start: {why}"))?;
                 let world = self.world.unwrap_or(gpus);
                 if world > gpus {

@@ -10,11 +10,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::verify::{self, Case};
-use symmcomm::backend::{BackendKind, Collective, Impl};
-use symmcomm::comm::Communicator;
-use symmcomm::dtype::{DType, ReduceOp};
-use symmcomm::error::{Error, Result};
-use symmcomm::group::Group;
+use symmcomm::Communicator;
+use symmcomm::Group;
+use symmcomm::{BackendKind, Collective, Impl};
+use symmcomm::{DType, ReduceOp};
+use symmcomm::{Error, Result};
 
 pub use symmcomm::dispatch::Mode;
 
@@ -302,7 +302,7 @@ struct Prepared {
     variant: Variant,
     case: Case,
     bufs: verify::CaseBuffers,
-    graph: Option<symmcomm::comm::Graph>,
+    graph: Option<symmcomm::Graph>,
     ran: Option<String>,
     samples: Vec<f64>,
 }
@@ -324,8 +324,8 @@ pub fn measure_point(
 ) -> Result<Vec<Row>> {
     let world = group.size();
     let shape = case_shape(coll, dtype, bytes, world).ok_or_else(|| Error::InvalidArgument {
-        ctx: symmcomm::error::OpCtx {
-            op: symmcomm::error::Op::Init,
+        ctx: symmcomm::OpCtx {
+            op: symmcomm::Op::Init,
             group: group.label().into(),
             rank: group.rank(),
             world,
@@ -439,11 +439,7 @@ pub fn measure_point(
 }
 
 /// Time `replays` back-to-back replays of `graph` between two device events; µs per replay.
-pub fn replay_us(
-    comm: &Communicator,
-    graph: &symmcomm::comm::Graph,
-    replays: usize,
-) -> Result<f64> {
+pub fn replay_us(comm: &Communicator, graph: &symmcomm::Graph, replays: usize) -> Result<f64> {
     let t = comm.time(&mut || {
         for _ in 0..replays {
             graph.replay()?;

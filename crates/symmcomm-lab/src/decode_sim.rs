@@ -27,15 +27,15 @@ use std::fmt::Write as _;
 
 use crate::bench::{self, Mode, Results, Row, Variant};
 use crate::verify::{self, Case};
-use symmcomm::backend::{BackendKind, Collective, Impl};
-use symmcomm::comm::{Communicator, Graph};
+use symmcomm::Group;
+use symmcomm::Tensor;
 use symmcomm::dcp::{CombineImpl, CombineRun, CombineSpec, DcpCombine, merge_reference};
 use symmcomm::dp_attention::{DpBufferSpec, DpGatheredBuffer, DpPaddingMode, DpStep, TokenCounts};
-use symmcomm::dtype::{DType, ReduceOp};
-use symmcomm::error::{Error, Op, OpCtx, Result};
-use symmcomm::group::Group;
 use symmcomm::lab::fill::splitmix64;
-use symmcomm::tensor::Tensor;
+use symmcomm::{BackendKind, Collective, Impl};
+use symmcomm::{Communicator, Graph};
+use symmcomm::{DType, ReduceOp};
+use symmcomm::{Error, Op, OpCtx, Result};
 
 /// The op name of decode-step rows in the results file.
 pub const DECODE_STEP_OP: &str = "decode_step";
@@ -1046,7 +1046,7 @@ mod tests {
     /// value changed after a right replay is caught by the merge reference.
     #[test]
     fn dcp_checks_catch_unwritten_and_wrong_combine_outputs() {
-        use symmcomm::comm::{BackendChoice, CommConfig, TableSource};
+        use symmcomm::{BackendChoice, CommConfig, TableSource};
         let cfg = CommConfig {
             backend: BackendChoice::Host,
             timeout: std::time::Duration::from_secs(30),

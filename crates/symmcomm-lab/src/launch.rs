@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use symmcomm::bootstrap::{LaunchEnv, free_port};
-use symmcomm::error::{Error, Op, OpCtx, Result};
+use symmcomm::{Error, Op, OpCtx, Result};
 
 /// How often the launcher looks at its children.
 const POLL: Duration = Duration::from_millis(10);

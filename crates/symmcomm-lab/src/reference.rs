@@ -3,9 +3,9 @@
 //! follows the dtype (exact for gathers, max and min; rounding of the type plus f32
 //! accumulation for sums and averages). NaN never passes.
 
-use symmcomm::backend::{Collective, Impl};
-use symmcomm::dtype::DType;
-use symmcomm::tensor::DimSplit;
+use symmcomm::DType;
+use symmcomm::lab::DimSplit;
+use symmcomm::{Collective, Impl};
 
 /// The expected output of `rank` for per-rank inputs `inputs[r]`, flat (dimension 0) or along
 /// `dim` of the per-rank `shape` (the input shape for all-gather and all-reduce, the output
@@ -107,7 +107,7 @@ pub fn tolerance(
     abs_sum: f64,
     acc: Accumulation,
 ) -> f64 {
-    use symmcomm::dtype::ReduceOp;
+    use symmcomm::ReduceOp;
     match coll.reduce() {
         None | Some(ReduceOp::Max) | Some(ReduceOp::Min) => 0.0,
         Some(op) => {
@@ -174,7 +174,7 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use symmcomm::dtype::ReduceOp;
+    use symmcomm::ReduceOp;
 
     #[test]
     fn flat_references() {

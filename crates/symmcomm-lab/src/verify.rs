@@ -3,12 +3,12 @@
 //! `symmcomm check` and every benchmark row use it, on any backend.
 
 use crate::reference::{self, Mismatch};
-use symmcomm::backend::{Collective, Impl};
-use symmcomm::dtype::{DType, ReduceOp};
-use symmcomm::error::{Error, Op, OpCtx, Result};
-use symmcomm::group::{Dispatched, Group};
+use symmcomm::Tensor;
 use symmcomm::lab::fill;
-use symmcomm::tensor::Tensor;
+use symmcomm::{Collective, Impl};
+use symmcomm::{DType, ReduceOp};
+use symmcomm::{Dispatched, Group};
+use symmcomm::{Error, Op, OpCtx, Result};
 
 /// One case: which collective, on what, with which implementation.
 #[derive(Clone, Debug, PartialEq)]

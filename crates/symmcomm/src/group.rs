@@ -312,7 +312,7 @@ impl Group {
     /// inside one of its windows.
     pub(crate) fn symm_location(&self, t: &Tensor) -> Option<SymmLoc> {
         if t.buf.is_foreign() {
-            let hit = self.inner.pool.lookup(t.addr())?;
+            let hit = self.inner.pool.lookup_range(t.addr(), t.bytes())?;
             return Some(SymmLoc {
                 segment: hit.segment,
                 offset: hit.offset,

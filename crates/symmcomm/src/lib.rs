@@ -14,27 +14,31 @@
 pub struct ReadmeExample;
 
 mod abort;
-pub mod backend;
+mod backend;
 pub mod bootstrap;
 mod collective;
-pub mod comm;
+mod comm;
 pub mod dcp;
 pub mod dispatch;
 pub mod dp_attention;
-pub mod dtype;
-pub mod error;
-pub mod group;
+mod dtype;
+mod error;
+mod group;
+pub mod info;
 mod interop;
+#[cfg(feature = "lab")]
 pub mod kernels;
+#[cfg(not(feature = "lab"))]
+mod kernels;
 #[cfg(feature = "lab")]
 pub mod lab;
-pub mod memory;
+mod memory;
 pub mod policy;
-pub mod pool;
-pub mod rank_threads;
+mod pool;
+mod rank_threads;
 mod stream;
-pub mod symm_pool;
-pub mod tensor;
+mod symm_pool;
+mod tensor;
 
 pub use abort::abort_all;
 pub use backend::{Algo, BackendKind, Collective, Impl};
@@ -43,23 +47,14 @@ pub use comm::{BackendChoice, CommConfig, Communicator, Graph, TableSource};
 /// The cudarc this library is built with: an engine's cudarc types must come from this version.
 pub use cudarc;
 pub use dtype::{DType, Element, ReduceOp};
-pub use error::{Error, Op, OpCtx, Result};
+pub use error::{Arg, Error, Op, OpCtx, Result};
 pub use group::{Dispatched, Group, SymmScope};
 pub use interop::{Borrowed, DeviceView};
 #[cfg(feature = "lab")]
 pub use lab::EpochCounter;
 pub use policy::{GroupKind, Placement, SymmPolicy};
+pub use pool::{CheckMode, PoolConfig, SegmentHit};
 pub use rank_threads::run_rank_threads;
 pub use stream::Stream;
+pub use symm_pool::PoolStats;
 pub use tensor::{Layout, Tensor};
-
-/// The visible GPUs, or why none.
-pub fn gpus() -> std::result::Result<Vec<backend::cuda::GpuInfo>, String> {
-    backend::cuda::gpus()
-}
-
-/// How many CUDA devices this process can use with the CUDA backend (driver and NCCL present),
-/// or why none.
-pub fn cuda_devices() -> std::result::Result<usize, String> {
-    backend::cuda::device_count()
-}

@@ -60,7 +60,7 @@ pub(crate) enum Backing {
 }
 
 /// Memory a tensor views.
-pub struct Buffer {
+pub(crate) struct Buffer {
     pub(crate) backing: Backing,
     /// Id of the communicator (one per rank and backend instance) that allocated it.
     pub(crate) comm_id: u64,

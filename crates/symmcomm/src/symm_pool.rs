@@ -277,6 +277,11 @@ impl SymmPool {
         self.lock().map.lookup(addr)
     }
 
+    /// Whether all of `[addr, addr + len)` lies in one segment, and where it starts.
+    pub(crate) fn lookup_range(&self, addr: u64, len: usize) -> Option<SegmentHit> {
+        self.lock().map.lookup_range(addr, len)
+    }
+
     /// The largest single slot that fits without growing.
     pub(crate) fn largest_free(&self) -> usize {
         self.lock().layout.largest_free()

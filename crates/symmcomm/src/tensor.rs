@@ -135,6 +135,7 @@ impl Layout {
 /// the tensor is `[outer, dim_len, inner]` with `outer` the product of the dimensions before
 /// `dim` and `inner` the product of those after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "lab"), allow(unreachable_pub))]
 pub struct DimSplit {
     /// Product of the dimensions before `dim`.
     pub outer: usize,
@@ -144,6 +145,7 @@ pub struct DimSplit {
     pub inner: usize,
 }
 
+#[cfg_attr(not(feature = "lab"), allow(unreachable_pub))]
 impl DimSplit {
     /// Decompose `shape` (the per-rank piece) around `dim`.
     pub fn of(shape: &[usize], dim: usize) -> Option<DimSplit> {

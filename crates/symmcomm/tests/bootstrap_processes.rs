@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::procs::{self, Proc, ROLE, after, env_u64, role_is};
+use symmcomm::Error;
 use symmcomm::bootstrap::{Bootstrap, free_port};
-use symmcomm::error::Error;
 use symmcomm::{BackendChoice, CommConfig, Communicator, TableSource};
 use symmcomm_lab::launch::{LaunchSpec, RankStatus, launch};
 

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{TestBackend, all_ok, small_pool};
+use symmcomm::CheckMode;
 use symmcomm::dispatch::{DispatchRow, DispatchTable};
-use symmcomm::pool::CheckMode;
 use symmcomm::{
     Algo, Collective, DType, Error, GroupKind, Impl, Placement, ReduceOp, SymmPolicy, TableSource,
     run_rank_threads,

@@ -20,7 +20,7 @@ fn cuda_world() -> Option<usize> {
     if !TestBackend::Cuda.can_run(1) {
         return None;
     }
-    Some(symmcomm::cuda_devices().map_or(1, |n| n.min(2)))
+    Some(symmcomm::info::cuda_devices().map_or(1, |n| n.min(2)))
 }
 
 /// An engine's rank: its context (the device's primary one) and its own stream.

@@ -55,7 +55,7 @@ fn start_with(env: &[(&str, String)]) -> (String, String) {
 
 /// Whether the CUDA driver sees a GPU here (no NCCL needed to know).
 fn driver_sees_gpus() -> bool {
-    symmcomm::gpus().is_ok_and(|g| !g.is_empty())
+    symmcomm::info::gpus().is_ok_and(|g| !g.is_empty())
 }
 
 #[test]

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use symmcomm::DType;
 use symmcomm::Error;
-use symmcomm::dtype::DType;
 use symmcomm::kernels::abi::{ABI_DEFINES, abi_structs, render_abi_header};
 use symmcomm::kernels::{
     self, COLLECTIVES, CollectiveKernel, DCP, KernelModule, MODULES, NvrtcCompiler, SymmState,

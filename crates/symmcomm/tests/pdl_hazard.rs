@@ -89,7 +89,7 @@ fn wrong_replays(guard: bool, graph: bool) -> u64 {
 }
 
 fn affected() -> bool {
-    symmcomm::backend::cuda::nccl().is_ok_and(|n| symmcomm::backend::cuda::pdl_hazard(n.version()))
+    symmcomm::info::nccl().is_ok_and(|n| symmcomm::info::pdl_hazard(n.version()))
 }
 
 #[test]

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::TestBackend;
 use common::procs::{self, Proc, ROLE, after, env_u64, epoch_ms, role_is};
-use symmcomm::backend::cuda::test_hooks::{NcclCreation, skip_next_nccl_creation};
 use symmcomm::bootstrap::{Bootstrap, free_port};
+use symmcomm::lab::test_hooks::{NcclCreation, skip_next_nccl_creation};
 use symmcomm::{
     BackendChoice, CommConfig, Communicator, DType, Error, GroupKind, ReduceOp, TableSource,
 };

@@ -14,7 +14,7 @@
 mod common;
 
 use common::TestBackend;
-use symmcomm::pool::PoolConfig;
+use symmcomm::PoolConfig;
 use symmcomm::{Collective, DType, GroupKind, Impl, ReduceOp, run_rank_threads};
 use symmcomm_lab::verify::{self, Case};
 

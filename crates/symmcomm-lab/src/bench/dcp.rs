@@ -7,12 +7,12 @@
 use std::fmt::Write as _;
 
 use super::{Mode, Row, Timing, median, to_f64};
-use symmcomm::backend::{BackendKind, Impl};
-use symmcomm::comm::Communicator;
+use symmcomm::Communicator;
+use symmcomm::DType;
+use symmcomm::Group;
+use symmcomm::Result;
 use symmcomm::dcp::{CombineImpl, CombineSpec, DcpCombine, LseBase, merge_reference};
-use symmcomm::dtype::DType;
-use symmcomm::error::Result;
-use symmcomm::group::Group;
+use symmcomm::{BackendKind, Impl};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -70,7 +70,7 @@ impl DcpBenchSpec {
 struct Prepared {
     imp: CombineImpl,
     combine: DcpCombine,
-    graph: Option<symmcomm::comm::Graph>,
+    graph: Option<symmcomm::Graph>,
     samples: Vec<f64>,
 }
 

@@ -1,7 +1,7 @@
 //! The backend seam: what the host reference and the CUDA backend each implement. The library
 //! above it validates arguments, decides dispatch and manages pools; a backend moves bytes.
 
-pub mod cuda;
+pub(crate) mod cuda;
 pub(crate) mod host;
 
 use std::fmt;

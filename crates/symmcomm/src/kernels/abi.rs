@@ -10,6 +10,13 @@
 //! and on every GPU at load time, that it lays the structs out as Rust does. The meaning of each
 //! value is in `KERNELS.md` next to this crate's `Cargo.toml`.
 
+// Public only with the `lab` feature (the lab's NVRTC tests and GPU failure tests reach in);
+// without it these items serve the library alone.
+#![cfg_attr(
+    not(feature = "lab"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
+
 /// Threads per block the collectives are built for (`__launch_bounds__`); launch with exactly this.
 pub const BLOCK_THREADS: u32 = 512;
 /// Most blocks a collective may be launched with (flag slots per phase in the signal pad).

@@ -9,6 +9,8 @@ use crate::group::Group;
 use crate::tensor::Tensor;
 
 pub use crate::backend::cuda::limits::{Limits, measure as measure_limits};
+pub use crate::backend::cuda::test_hooks;
+pub use crate::tensor::DimSplit;
 pub mod fill;
 
 /// A device counter that producers read as their epoch; bumping it inside a captured graph

@@ -48,7 +48,7 @@ impl PoolConfig {
 
 /// A sub-allocation: which segment, where in it, how many bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Slot {
+pub(crate) struct Slot {
     /// Segment index (order of creation).
     pub segment: usize,
     /// Byte offset inside the segment.
@@ -59,7 +59,7 @@ pub struct Slot {
 
 /// The request does not fit: add a segment of at least `bytes` and try again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NeedSegment {
+pub(crate) struct NeedSegment {
     /// Size of the segment to add.
     pub bytes: usize,
 }
@@ -78,7 +78,7 @@ struct Segment {
 /// Every decision is a pure function of the sequence of calls: segments are searched in order
 /// of creation and free blocks in order of offset, and all maps iterate in key order.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolLayout {
+pub(crate) struct PoolLayout {
     config: PoolConfig,
     segments: Vec<Segment>,
     /// Live slots, (segment, offset) -> bytes.
@@ -99,7 +99,7 @@ impl PoolLayout {
     ///
     /// If `config` fails [`PoolConfig::validate`]; use [`PoolLayout::try_new`] to get the
     /// error as a value.
-    pub fn new(config: PoolConfig) -> Self {
+    pub(crate) fn new(config: PoolConfig) -> Self {
         match Self::try_new(config) {
             Ok(layout) => layout,
             Err(e) => panic!("invalid PoolConfig {config:?}: {e}"),
@@ -107,7 +107,7 @@ impl PoolLayout {
     }
 
     /// An empty pool, or `Err` if `config` fails [`PoolConfig::validate`].
-    pub fn try_new(config: PoolConfig) -> Result<Self, String> {
+    pub(crate) fn try_new(config: PoolConfig) -> Result<Self, String> {
         config.validate()?;
         Ok(PoolLayout {
             config,
@@ -120,11 +120,6 @@ impl PoolLayout {
 }
 
 impl PoolLayout {
-    /// The configuration.
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
-    }
-
     /// What a request of `bytes` reserves: rounded up to the alignment, at least one
     /// alignment unit (so every slot is distinct); `None` if that overflows.
     fn reserved_for(&self, bytes: usize) -> Option<usize> {
@@ -135,7 +130,7 @@ impl PoolLayout {
     ///
     /// A zero-byte request still reserves one alignment unit. A request too large to round
     /// up asks for a segment of `usize::MAX` bytes, which no backend can allocate.
-    pub fn alloc(&mut self, bytes: usize) -> Result<Slot, NeedSegment> {
+    pub(crate) fn alloc(&mut self, bytes: usize) -> Result<Slot, NeedSegment> {
         let Some(need) = self.reserved_for(bytes) else {
             return Err(NeedSegment { bytes: usize::MAX });
         };
@@ -165,7 +160,7 @@ impl PoolLayout {
     }
 
     /// Append a segment of `bytes` (already a multiple of the granularity); returns its index.
-    pub fn add_segment(&mut self, bytes: usize) -> usize {
+    pub(crate) fn add_segment(&mut self, bytes: usize) -> usize {
         let mut free = BTreeMap::new();
         if bytes > 0 {
             free.insert(0, bytes);
@@ -176,7 +171,7 @@ impl PoolLayout {
     }
 
     /// Return a slot; `Err` describes a double or foreign free (and the state is unchanged).
-    pub fn free(&mut self, slot: Slot) -> Result<(), String> {
+    pub(crate) fn free(&mut self, slot: Slot) -> Result<(), String> {
         self.check_free(&slot)?;
         self.live.remove(&(slot.segment, slot.offset));
         self.in_use -= slot.bytes;
@@ -246,7 +241,7 @@ impl PoolLayout {
     }
 
     /// The largest single allocation that fits without growing.
-    pub fn largest_free(&self) -> usize {
+    pub(crate) fn largest_free(&self) -> usize {
         let align = self.config.alignment;
         self.segments
             .iter()
@@ -261,7 +256,7 @@ impl PoolLayout {
     /// The size of the segment the pool adds to fit a request of `bytes`: the larger of
     /// `segment_bytes` and the reserved size, rounded up to the granularity (`usize::MAX` if
     /// that overflows).
-    pub fn segment_size_for(&self, bytes: usize) -> usize {
+    pub(crate) fn segment_size_for(&self, bytes: usize) -> usize {
         self.reserved_for(bytes)
             .map(|need| need.max(self.config.segment_bytes))
             .and_then(|size| round_up(size, self.config.granularity))
@@ -269,22 +264,23 @@ impl PoolLayout {
     }
 
     /// Bytes in all segments.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// Bytes in live slots.
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         self.in_use
     }
 
     /// Number of segments.
-    pub fn segment_count(&self) -> usize {
+    pub(crate) fn segment_count(&self) -> usize {
         self.segments.len()
     }
 
     /// Size of segment `index`, if it exists.
-    pub fn segment_bytes(&self, index: usize) -> Option<usize> {
+    #[cfg(test)]
+    pub(crate) fn segment_bytes(&self, index: usize) -> Option<usize> {
         self.segments.get(index).map(|s| s.bytes)
     }
 }

@@ -6,6 +6,9 @@ mod layout;
 mod segment_map;
 mod spmd;
 
-pub use layout::{NeedSegment, PoolConfig, PoolLayout, Slot};
-pub use segment_map::{SegmentHit, SegmentMap};
-pub use spmd::{CheckMode, Divergence, PoolRequest, RequestDigest, RequestLog, find_divergence};
+pub use layout::PoolConfig;
+pub(crate) use layout::{PoolLayout, Slot};
+pub use segment_map::SegmentHit;
+pub(crate) use segment_map::SegmentMap;
+pub use spmd::CheckMode;
+pub(crate) use spmd::{Divergence, PoolRequest, RequestDigest, RequestLog, find_divergence};

@@ -24,7 +24,7 @@ struct Range {
 /// Ranges never overlap and are never empty, so the only range that can hold an address is
 /// the one with the greatest base not above it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SegmentMap {
+pub(crate) struct SegmentMap {
     /// Base address -> range starting there.
     ranges: BTreeMap<u64, Range>,
 }
@@ -37,7 +37,8 @@ impl SegmentMap {
     /// If [`SegmentMap::try_insert`] fails: the range is empty, wraps past the end of the
     /// address space, or overlaps a recorded one. Live allocations never do, so any of these
     /// means the backend handed out bad memory.
-    pub fn insert(&mut self, base: u64, len: usize, segment: usize) {
+    #[cfg(test)]
+    pub(crate) fn insert(&mut self, base: u64, len: usize, segment: usize) {
         if let Err(e) = self.try_insert(base, len, segment) {
             panic!("symmetric segment map: {e}");
         }
@@ -45,7 +46,12 @@ impl SegmentMap {
 
     /// Record segment `segment` at `[base, base + len)`; `Err` (and the map unchanged) if the
     /// range is empty, wraps past the end of the address space, or overlaps a recorded one.
-    pub fn try_insert(&mut self, base: u64, len: usize, segment: usize) -> Result<(), String> {
+    pub(crate) fn try_insert(
+        &mut self,
+        base: u64,
+        len: usize,
+        segment: usize,
+    ) -> Result<(), String> {
         if len == 0 {
             return Err(format!(
                 "segment {segment} at {base:#x} is empty (zero-length segments are rejected)"
@@ -74,14 +80,14 @@ impl SegmentMap {
     }
 
     /// Which segment holds `addr`, and where.
-    pub fn lookup(&self, addr: u64) -> Option<SegmentHit> {
+    pub(crate) fn lookup(&self, addr: u64) -> Option<SegmentHit> {
         self.find(addr).map(|(hit, _)| hit)
     }
 
     /// Which segment holds the whole of `[addr, addr + len)`, and where it starts; `None` if
     /// any byte of it lies outside that segment. A zero-length range needs `addr` itself to
     /// lie in a segment.
-    pub fn lookup_range(&self, addr: u64, len: usize) -> Option<SegmentHit> {
+    pub(crate) fn lookup_range(&self, addr: u64, len: usize) -> Option<SegmentHit> {
         let (hit, seg_len) = self.find(addr)?;
         let end = hit.offset.checked_add(len)?;
         (end <= seg_len).then_some(hit)
@@ -102,17 +108,20 @@ impl SegmentMap {
 
     /// Forget the segment based at `base`; returns its index, or `None` if no segment
     /// starts exactly there.
-    pub fn remove(&mut self, base: u64) -> Option<usize> {
+    #[cfg(test)]
+    pub(crate) fn remove(&mut self, base: u64) -> Option<usize> {
         self.ranges.remove(&base).map(|r| r.segment)
     }
 
     /// Number of segments recorded.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.ranges.len()
     }
 
     /// Whether no segment is recorded.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
 }

@@ -20,7 +20,7 @@ pub enum CheckMode {
 
 /// One pool request as the check sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum PoolRequest {
+pub(crate) enum PoolRequest {
     /// An allocation of `bytes`.
     Alloc {
         /// Requested size.
@@ -68,7 +68,7 @@ impl fmt::Display for PoolRequest {
 
 /// Count and running hash of a log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestDigest {
+pub(crate) struct RequestDigest {
     /// Requests logged since the pool was made.
     pub count: u64,
     /// Running hash over all of them.
@@ -82,7 +82,7 @@ pub struct RequestDigest {
 /// `hash = xxh3_64(hash as 8 little-endian bytes ++ request's canonical bytes)`, so it is the
 /// same on every process and machine and depends only on the sequence of requests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RequestLog {
+pub(crate) struct RequestLog {
     count: u64,
     hash: u64,
     /// Requests `count - tail.len()` onwards.
@@ -91,7 +91,7 @@ pub struct RequestLog {
 
 /// The first difference between ranks' logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Divergence {
+pub(crate) struct Divergence {
     /// Index of the first differing request.
     pub index: u64,
     /// A rank and its request there (or "nothing" when its log is shorter).
@@ -111,7 +111,7 @@ pub struct Divergence {
 /// differs from it, naming rank 0 and the lowest rank that differs there. A log that ends
 /// early shows `nothing` at that index. Tails that start at different indices (the ranks
 /// verified different numbers of requests) diverge at the smaller start.
-pub fn find_divergence(tails: &[(u64, Vec<PoolRequest>)]) -> Option<Divergence> {
+pub(crate) fn find_divergence(tails: &[(u64, Vec<PoolRequest>)]) -> Option<Divergence> {
     let (start0, log0) = tails.first()?;
     let mut first: Option<Divergence> = None;
     for (rank, (start, log)) in tails.iter().enumerate().skip(1) {
@@ -163,7 +163,7 @@ fn at_verified_edge(start: u64, log: &[PoolRequest], index: u64) -> String {
 
 impl RequestLog {
     /// Log a request.
-    pub fn push(&mut self, request: PoolRequest) {
+    pub(crate) fn push(&mut self, request: PoolRequest) {
         let mut bytes = Vec::with_capacity(25);
         bytes.extend_from_slice(&self.hash.to_le_bytes());
         request.encode(&mut bytes);
@@ -173,7 +173,7 @@ impl RequestLog {
     }
 
     /// Count and running hash of everything logged.
-    pub fn digest(&self) -> RequestDigest {
+    pub(crate) fn digest(&self) -> RequestDigest {
         RequestDigest {
             count: self.count,
             hash: self.hash,
@@ -181,13 +181,13 @@ impl RequestLog {
     }
 
     /// Index of the first unverified request and the requests from there on.
-    pub fn unverified(&self) -> (u64, &[PoolRequest]) {
+    pub(crate) fn unverified(&self) -> (u64, &[PoolRequest]) {
         // The tail holds at most `count` requests, so this does not underflow.
         (self.count - self.tail.len() as u64, &self.tail)
     }
 
     /// Everything logged so far agreed across ranks: forget it (the digest stays).
-    pub fn mark_verified(&mut self) {
+    pub(crate) fn mark_verified(&mut self) {
         self.tail.clear();
     }
 }

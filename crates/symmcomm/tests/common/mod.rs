@@ -38,7 +38,7 @@ impl TestBackend {
             TestBackend::Host => true,
             TestBackend::Cuda => {
                 let require = std::env::var("SYMMCOMM_REQUIRE_GPU").is_ok_and(|v| v == "1");
-                match symmcomm::cuda_devices() {
+                match symmcomm::info::cuda_devices() {
                     Ok(n) if n >= world => true,
                     Ok(n) => {
                         // Too few GPUs for this world size is a skip even when GPUs are required.
@@ -63,7 +63,7 @@ impl TestBackend {
 
 /// `c` with a small pool (1 MiB segments), so tests grow pools often.
 pub fn small_pool(mut c: CommConfig) -> CommConfig {
-    c.pool = symmcomm::pool::PoolConfig {
+    c.pool = symmcomm::PoolConfig {
         segment_bytes: 1 << 20,
         alignment: 256,
         granularity: 1 << 16,

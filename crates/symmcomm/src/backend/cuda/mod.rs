@@ -8,7 +8,7 @@ mod driver;
 mod group;
 mod handoff;
 #[cfg(feature = "lab")]
-pub mod limits;
+pub(crate) mod limits;
 mod memory;
 mod modules;
 mod nccl;
@@ -16,6 +16,7 @@ mod own;
 mod peers;
 mod retain;
 mod teardown;
+#[cfg_attr(not(feature = "lab"), allow(unreachable_pub))]
 #[doc(hidden)]
 pub mod test_hooks;
 

@@ -1,6 +1,13 @@
 //! Test hooks, hidden from the docs and not part of the API: ways for the GPU failure tests to
 //! reach a state a correct program never does. Each is per thread and fires once.
 
+// Public only with the `lab` feature (the lab's NVRTC tests and GPU failure tests reach in);
+// without it these items serve the library alone.
+#![cfg_attr(
+    not(feature = "lab"),
+    allow(unreachable_pub, dead_code, unused_imports)
+)]
+
 use std::cell::Cell;
 
 /// An NCCL call that creates a communicator (blocking and collective: every peer must call it).
