@@ -2,167 +2,20 @@
 //! groups, graph capture across groups, and the configuration everything reads.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::abort::AbortFlag;
-use crate::backend::{BackendKind, Exec, GraphExec, RankBackend, StreamSel};
+use crate::backend::{BackendKind, GraphExec, StreamSel};
 use crate::bootstrap::{Bootstrap, ControlPlane};
+use crate::buffer::KeepAlive;
+use crate::config::{CommConfig, TableSource};
+use crate::context::CommShared;
 use crate::dispatch::DispatchTable;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::group::{Group, GroupShared};
-use crate::memory::Buffer;
-use crate::policy::{GroupKind, SymmPolicy};
-use crate::pool::{CheckMode, PoolConfig};
-
-/// Which backend to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendChoice {
-    /// CUDA when a GPU, the driver and NCCL are present; the host backend otherwise.
-    Auto,
-    /// The host reference backend.
-    Host,
-    /// The CUDA backend; an error when it cannot start.
-    Cuda,
-}
-
-/// Where `auto`'s dispatch table comes from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TableSource {
-    /// The table shipped for this device, if any; NCCL's rule otherwise.
-    Builtin,
-    /// No table: NCCL's rule everywhere.
-    None,
-    /// A table file written by `symmcomm tune`.
-    File(PathBuf),
-    /// A table given in code.
-    Given(DispatchTable),
-}
-
-/// Everything a communicator is configured with.
-#[derive(Clone, Debug)]
-pub struct CommConfig {
-    /// Backend.
-    pub backend: BackendChoice,
-    /// Which groups use symmetric memory.
-    pub policy: SymmPolicy,
-    /// Segment size and alignment of every group's pool.
-    pub pool: PoolConfig,
-    /// When ranks compare their pool requests.
-    pub check: CheckMode,
-    /// The per-operation deadline: no wait of any call (a collective's host exchange, a
-    /// barrier, a synchronisation with the GPU, our kernels' flag spins, NCCL progress, the
-    /// creation of an NCCL communicator in [`Communicator::new`] and every split) lasts longer. When one passes, every communicator of the process is aborted and each pending
-    /// call returns an error naming its rank, group, operation and size. Default 60 s.
-    pub timeout: Duration,
-    /// `auto`'s table.
-    pub table: TableSource,
-    /// CUDA device ordinal; `None` = the engine's context's device when `cuda_context` is
-    /// given, else the bootstrap's local rank.
-    pub device: Option<usize>,
-    /// The engine's CUDA context (cudarc's, the device's primary context): the communicator
-    /// runs on it, and leaves its settings (cudarc's event tracking among them) as they are.
-    pub cuda_context: Option<Arc<cudarc::driver::CudaContext>>,
-    /// On NCCL 2.28.0–2.30.6, put a guard kernel before each NCCL symmetric kernel so it
-    /// cannot read its input before the producer finished. Turn off only to measure the hazard.
-    pub pdl_guard: bool,
-    /// Bytes of one workspace slot of our own kernels per group (the largest piece they move;
-    /// each group's workspace is 4 × world × this). 0 turns our kernels off.
-    pub kernel_slot_bytes: usize,
-    /// Launch our own kernels with programmatic dependent launch (Hopper and later), so that one
-    /// launches while its predecessor on the stream is still running; each waits on the grid
-    /// dependency before touching memory (KERNELS.md §2). Off only to measure what it saves.
-    pub own_kernels_pdl: bool,
-}
-
-impl Default for CommConfig {
-    fn default() -> Self {
-        CommConfig {
-            backend: BackendChoice::Auto,
-            policy: SymmPolicy::default(),
-            pool: PoolConfig::default(),
-            check: CheckMode::default(),
-            timeout: Duration::from_secs(60),
-            table: TableSource::Builtin,
-            device: None,
-            cuda_context: None,
-            pdl_guard: true,
-            kernel_slot_bytes: 4 << 20,
-            own_kernels_pdl: true,
-        }
-    }
-}
-
-/// Buffers captured work refers to; a graph keeps them alive.
-#[derive(Default)]
-pub(crate) struct KeepAlive {
-    pub(crate) buffers: Vec<Arc<Buffer>>,
-}
-
-impl KeepAlive {
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buffers.is_empty()
-    }
-}
-
-pub(crate) struct CommShared {
-    pub(crate) id: u64,
-    pub(crate) boot: Bootstrap,
-    pub(crate) device: Arc<dyn RankBackend>,
-    pub(crate) config: CommConfig,
-    /// Tripped when this communicator (or any of the process) is aborted.
-    pub(crate) abort: Arc<AbortFlag>,
-    table: std::sync::RwLock<Option<Arc<DispatchTable>>>,
-    capture: Mutex<Option<KeepAlive>>,
-}
-
-impl fmt::Debug for CommShared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Comm#{}(rank {} on {})",
-            self.id,
-            self.boot.rank,
-            self.device.describe()
-        )
-    }
-}
-
-impl CommShared {
-    /// The dispatch table `auto` uses now.
-    pub(crate) fn table(&self) -> Option<Arc<DispatchTable>> {
-        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn capture_lock(&self) -> MutexGuard<'_, Option<KeepAlive>> {
-        self.capture.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Keep `buffers` alive as long as the graph being captured on `exec`'s stream, if one is:
-    /// a capture of this communicator's own (`Communicator::begin_capture`) holds them in the
-    /// graph it returns; the engine's capture holds them through the backend.
-    pub(crate) fn keep_alive(
-        &self,
-        exec: Exec,
-        buffers: &[&Arc<Buffer>],
-        ctx: &OpCtx,
-    ) -> Result<()> {
-        if !exec.capturing {
-            return Ok(());
-        }
-        let buffers = buffers.iter().map(|b| Arc::clone(b)).collect();
-        if exec.stream == StreamSel::Own
-            && let Some(k) = self.capture_lock().as_mut()
-        {
-            k.buffers.extend::<Vec<_>>(buffers);
-            return Ok(());
-        }
-        self.device
-            .retain_for_capture(exec, KeepAlive { buffers }, ctx)
-    }
-}
+use crate::policy::GroupKind;
 
 static NEXT_COMM_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -235,7 +88,7 @@ impl Communicator {
                 detail: format!("pool configuration: {detail}"),
             })?;
         let abort = AbortFlag::registered();
-        let device = crate::backend::start(&boot, &config, &abort)?;
+        let device = crate::backend::start(&config.device_config(&boot), &abort)?;
         let table = match &config.table {
             TableSource::None => None,
             TableSource::Given(t) => Some(t.clone()),

@@ -16,13 +16,17 @@ pub struct ReadmeExample;
 mod abort;
 mod backend;
 pub mod bootstrap;
-mod collective;
+mod buffer;
 mod comm;
+mod config;
+mod context;
 pub mod dcp;
 pub mod dispatch;
 pub mod dp_attention;
 mod dtype;
 mod error;
+#[cfg(feature = "lab")]
+mod fill;
 mod group;
 pub mod info;
 mod interop;
@@ -32,6 +36,7 @@ pub mod kernels;
 mod kernels;
 #[cfg(feature = "lab")]
 pub mod lab;
+mod lse;
 mod memory;
 pub mod policy;
 mod pool;
@@ -41,9 +46,10 @@ mod symm_pool;
 mod tensor;
 
 pub use abort::abort_all;
-pub use backend::{Algo, BackendKind, Collective, Impl};
+pub use backend::{Algo, BackendChoice, BackendKind, Collective, Impl};
 pub use bootstrap::Bootstrap;
-pub use comm::{BackendChoice, CommConfig, Communicator, Graph, TableSource};
+pub use comm::{Communicator, Graph};
+pub use config::{CommConfig, TableSource};
 /// The cudarc this library is built with: an engine's cudarc types must come from this version.
 pub use cudarc;
 pub use dtype::{DType, Element, ReduceOp};

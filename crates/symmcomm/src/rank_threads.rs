@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::bootstrap::Bootstrap;
-use crate::comm::{CommConfig, Communicator};
+use crate::comm::Communicator;
+use crate::config::CommConfig;
 use crate::error::Result;
 
 /// Start `world` ranks as threads, give each its communicator, run `body` on each, and return

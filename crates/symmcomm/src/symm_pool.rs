@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::backend::GroupBackend;
 use crate::bootstrap::ControlPlane;
 use crate::error::{Error, Op, OpCtx, Result};
-use crate::memory::{Memory, SymmSlot};
+use crate::memory::Memory;
 use crate::pool::{
     CheckMode, PoolConfig, PoolLayout, PoolRequest, RequestDigest, RequestLog, SegmentHit,
     SegmentMap, Slot, find_divergence,
@@ -295,5 +295,18 @@ impl SymmPool {
             capacity: st.layout.capacity(),
             in_use: st.layout.in_use(),
         }
+    }
+}
+
+/// A slot of a symmetric pool; returned to the pool when dropped.
+pub(crate) struct SymmSlot {
+    pub(crate) pool: Arc<SymmPool>,
+    pub(crate) slot: Slot,
+    pub(crate) segment: Arc<dyn Memory>,
+}
+
+impl Drop for SymmSlot {
+    fn drop(&mut self) {
+        self.pool.release(self.slot);
     }
 }

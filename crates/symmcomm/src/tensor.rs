@@ -4,8 +4,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::buffer::Buffer;
 use crate::dtype::DType;
-use crate::memory::Buffer;
 
 /// Shape, strides (in elements) and starting offset (in elements) of a view.
 #[derive(Clone, PartialEq, Eq)]

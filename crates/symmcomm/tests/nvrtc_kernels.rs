@@ -404,7 +404,7 @@ fn arch_for_targets_arch_specific_hopper_and_blackwell() {
 /// `fill.rs` appears in `util.cu`, and the composition is spelled the same way.
 #[test]
 fn fill_kernel_uses_the_constants_of_fill_rs() {
-    let fill_rs = include_str!("../src/lab/fill.rs");
+    let fill_rs = include_str!("../src/fill.rs");
     let code = fill_rs.split("#[cfg(test)]").next().unwrap_or(fill_rs);
     let cu = UTIL.source.to_ascii_uppercase();
 

@@ -12,11 +12,38 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::abort::AbortFlag;
-use crate::bootstrap::{Bootstrap, ControlPlane};
-use crate::comm::{BackendChoice, CommConfig};
+use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{OpCtx, Result};
 use crate::memory::{MemRef, Memory};
+
+/// Which backend to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// CUDA when a GPU, the driver and NCCL are present; the host backend otherwise.
+    Auto,
+    /// The host reference backend.
+    Host,
+    /// The CUDA backend; an error when it cannot start.
+    Cuda,
+}
+
+/// What a rank's device starts with (the part of `CommConfig` the backends read).
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceConfig {
+    pub(crate) choice: BackendChoice,
+    /// Global rank and world size, for errors.
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+    /// CUDA device ordinal.
+    pub(crate) ordinal: usize,
+    /// The engine's context, when it gave one (the device's primary context).
+    pub(crate) cuda_context: Option<Arc<cudarc::driver::CudaContext>>,
+    pub(crate) timeout: Duration,
+    pub(crate) pdl_guard: bool,
+    pub(crate) kernel_slot_bytes: usize,
+    pub(crate) own_kernels_pdl: bool,
+}
 
 /// Which backend runs a communicator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -250,7 +277,7 @@ impl Call {
 
 #[cfg(feature = "lab")]
 /// How a producer writes fresh values: element `i` of rank `rank` at epoch `e` is
-/// [`crate::lab::fill::value`]`(dtype, seed, rank, e, i)`, with `e` read from `epoch` when given
+/// [`crate::fill::value`]`(dtype, seed, rank, e, i)`, with `e` read from `epoch` when given
 /// (a device counter that [`RankBackend::bump`] advances, so graph replays see fresh data).
 #[derive(Clone, Debug)]
 pub(crate) struct FillSpec {
@@ -273,7 +300,7 @@ pub(crate) struct Copy2d {
     pub(crate) rows: usize,
 }
 
-/// The shape of one DCP combine (`crate::dcp`): `world` ranks, `batch` tokens, `heads` gathered
+/// The shape of one DCP combine (the `dcp` module): `world` ranks, `batch` tokens, `heads` gathered
 /// heads (rank r owns `[r·heads/world, (r+1)·heads/world)`), `dim` values per head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DcpShape {
@@ -286,7 +313,7 @@ pub(crate) struct DcpShape {
     pub(crate) partial: DType,
     /// Element type of the corrected and merged outputs.
     pub(crate) out: DType,
-    pub(crate) base: crate::dcp::LseBase,
+    pub(crate) base: crate::lse::LseBase,
 }
 
 impl DcpShape {
@@ -408,12 +435,13 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn check_stream(&self, s: StreamSel, ctx: &OpCtx) -> Result<()>;
     /// The stream `s` as a call sees it now: is it being captured?
     fn exec(&self, s: StreamSel, ctx: &OpCtx) -> Result<Exec>;
-    /// While `exec` is a capture that symmcomm did not begin (the engine's), keep `keep` alive
-    /// as long as the graph being captured (and every graph instantiated from it).
+    /// While `exec` is a capture that symmcomm did not begin (the engine's), keep `keep` (what
+    /// the captured work uses) alive as long as the graph being captured (and every graph
+    /// instantiated from it).
     fn retain_for_capture(
         &self,
         exec: Exec,
-        keep: crate::comm::KeepAlive,
+        keep: Box<dyn std::any::Any + Send>,
         ctx: &OpCtx,
     ) -> Result<()>;
     /// Copy host bytes into memory (synchronous: waits for the work queued on `s` first).
@@ -451,20 +479,16 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn time(&self, s: StreamSel, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<Duration>;
 }
 
-/// Start this rank's device for `config.backend`.
-pub(crate) fn start(
-    boot: &Bootstrap,
-    config: &CommConfig,
-    abort: &Arc<AbortFlag>,
-) -> Result<Arc<dyn RankBackend>> {
-    match config.backend {
-        BackendChoice::Host => Ok(Arc::new(host::HostDevice::new(boot.rank))),
-        BackendChoice::Cuda => cuda::start(boot, config, abort),
+/// Start this rank's device for `config.choice`.
+pub(crate) fn start(config: &DeviceConfig, abort: &Arc<AbortFlag>) -> Result<Arc<dyn RankBackend>> {
+    match config.choice {
+        BackendChoice::Host => Ok(Arc::new(host::HostDevice::new(config.rank))),
+        BackendChoice::Cuda => cuda::start(config, abort),
         BackendChoice::Auto => match cuda::probe() {
-            Ok(_) => cuda::start(boot, config, abort),
+            Ok(_) => cuda::start(config, abort),
             Err(why) => {
                 tracing::info!("CUDA backend unavailable ({why}); using the host backend");
-                Ok(Arc::new(host::HostDevice::new(boot.rank)))
+                Ok(Arc::new(host::HostDevice::new(config.rank)))
             }
         },
     }

@@ -7,14 +7,13 @@
 //! Layouts are head-major wherever a collective runs, so that every collective is a contiguous
 //! dim-0 operation and its results are views: q is gathered as `[H, B, rope + nope]`, the
 //! merged output is `[H/N, B, D]` (rank r owns heads `[r·H/N, (r+1)·H/N)`). The maths, the LSE
-//! bases and the empty-shard rules are in [`merge`].
+//! bases and the empty-shard rules are with [`merge_reference`] and [`LseBase`].
 
 mod combine;
-pub mod merge;
 mod q_gather;
 mod shard;
 
+pub use crate::lse::{LseBase, MergedHeads, merge_reference, merge_weights, sanitize_lse};
 pub use combine::{CombineImpl, CombineRun, CombineSpec, DcpCombine, fused_slot_bytes};
-pub use merge::{LseBase, MergedHeads, merge_reference, merge_weights, sanitize_lse};
 pub use q_gather::{DcpQGather, GatheredQ, QGatherSpec};
 pub use shard::KvSharding;

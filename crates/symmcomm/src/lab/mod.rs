@@ -11,7 +11,11 @@ use crate::tensor::Tensor;
 pub use crate::backend::cuda::limits::{Limits, measure as measure_limits};
 pub use crate::backend::cuda::test_hooks;
 pub use crate::tensor::DimSplit;
-pub mod fill;
+/// The reference generator: element `i` of rank `rank` at epoch `e` for a seed, the same bits
+/// on the host and in the fill kernels.
+pub mod fill {
+    pub use crate::fill::*;
+}
 
 /// A device counter that producers read as their epoch; bumping it inside a captured graph
 /// gives every replay fresh inputs.

@@ -36,10 +36,10 @@ use self::modules::UtilKernels;
 use self::nccl::{Creation, OwnedComm};
 use crate::abort::{self, AbortFlag};
 use crate::backend::{
-    BackendKind, Copy2d, DcpCorrect, Exec, GraphExec, GroupBackend, RankBackend, StreamSel,
+    BackendKind, Copy2d, DcpCorrect, DeviceConfig, Exec, GraphExec, GroupBackend, RankBackend,
+    StreamSel,
 };
-use crate::bootstrap::{Bootstrap, ControlPlane};
-use crate::comm::CommConfig;
+use crate::bootstrap::ControlPlane;
 #[cfg(feature = "lab")]
 use crate::dtype::DType;
 use crate::error::{Error, Op, OpCtx, Result};
@@ -156,32 +156,25 @@ pub fn driver_version() -> Option<String> {
 }
 
 /// Start the CUDA device of this rank.
-pub(crate) fn start(
-    boot: &Bootstrap,
-    config: &CommConfig,
-    abort: &Arc<AbortFlag>,
-) -> Result<Arc<dyn RankBackend>> {
+pub(crate) fn start(config: &DeviceConfig, abort: &Arc<AbortFlag>) -> Result<Arc<dyn RankBackend>> {
     // A missing or unusable NCCL is its own error (the library path and why), not "no GPU".
     if probe_driver().is_ok() {
         Nccl::load()?;
     }
     let count = probe().map_err(|reason| Error::NoGpu { reason })?;
-    let ordinal = config
-        .device
-        .or(config.cuda_context.as_ref().map(|c| c.ordinal()))
-        .unwrap_or(boot.local_rank);
+    let ordinal = config.ordinal;
     let op = OpCtx {
         op: Op::Init,
         group: format!("cuda:{ordinal}"),
-        rank: boot.rank,
-        world: boot.world_size,
+        rank: config.rank,
+        world: config.world,
         bytes: 0,
     };
     if ordinal >= count {
         return Err(Error::NoGpu {
             reason: format!(
                 "rank {} wants device {ordinal}, but only {count} are visible",
-                boot.rank
+                config.rank
             ),
         });
     }
@@ -218,7 +211,7 @@ pub(crate) fn start(
         .map_err(|e| cu(e, "cuDeviceGetAttribute"))?;
     let nccl = Nccl::load()?;
     let dev = Arc::new(DeviceShared {
-        rank: boot.rank,
+        rank: config.rank,
         ordinal,
         ctx,
         stream,
@@ -754,7 +747,7 @@ impl RankBackend for CudaDevice {
     fn retain_for_capture(
         &self,
         exec: Exec,
-        keep: crate::comm::KeepAlive,
+        keep: Box<dyn std::any::Any + Send>,
         ctx: &OpCtx,
     ) -> Result<()> {
         retain::for_capture(self.dev.raw(exec.stream), keep, ctx)

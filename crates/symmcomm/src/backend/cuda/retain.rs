@@ -12,17 +12,19 @@ use std::sync::Mutex;
 use cudarc::driver::sys;
 
 use super::driver::check;
-use crate::comm::KeepAlive;
 use crate::error::{Error, OpCtx, Result};
 
 /// What graphs released, waiting to be dropped off the driver's thread.
-static DEFERRED: Mutex<Vec<KeepAlive>> = Mutex::new(Vec::new());
+static DEFERRED: Mutex<Vec<Keep>> = Mutex::new(Vec::new());
+
+/// What one captured call keeps (opaque here: the buffers it used).
+type Keep = Box<dyn std::any::Any + Send>;
 
 /// The user object's destructor: runs on a driver thread once no graph holds `p`.
 extern "C" fn release(p: *mut c_void) {
-    // SAFETY: `p` is the `Box<KeepAlive>` leaked by `for_capture` for this user object, whose
+    // SAFETY: `p` is the `Box<Keep>` leaked by `for_capture` for this user object, whose
     // destructor the driver calls exactly once.
-    let keep = unsafe { Box::from_raw(p as *mut KeepAlive) };
+    let keep = unsafe { Box::from_raw(p as *mut Keep) };
     DEFERRED
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -36,10 +38,7 @@ pub(crate) fn release_deferred() {
 }
 
 /// Keep `keep` alive as long as the graph being captured on `stream`.
-pub(crate) fn for_capture(stream: sys::CUstream, keep: KeepAlive, ctx: &OpCtx) -> Result<()> {
-    if keep.is_empty() {
-        return Ok(());
-    }
+pub(crate) fn for_capture(stream: sys::CUstream, keep: Keep, ctx: &OpCtx) -> Result<()> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     let mut id = 0u64;
     let mut graph: sys::CUgraph = std::ptr::null_mut();
@@ -80,7 +79,7 @@ pub(crate) fn for_capture(stream: sys::CUstream, keep: KeepAlive, ctx: &OpCtx) -
     };
     if let Err(e) = check(r, "cuUserObjectCreate", ctx) {
         // SAFETY: the user object was not made, so the box is still ours.
-        drop(unsafe { Box::from_raw(boxed as *mut KeepAlive) });
+        drop(unsafe { Box::from_raw(boxed as *mut Keep) });
         return Err(e);
     }
     // SAFETY: `graph` is the graph under capture; MOVE hands it our one reference.

@@ -3,8 +3,8 @@
 //! does after its exchange.
 
 use crate::backend::DcpShape;
-use crate::dcp::merge::merge_weights_f32;
 use crate::dtype::DType;
+use crate::lse::merge_weights_f32;
 
 fn lse_at(bytes: &[u8], i: usize) -> f32 {
     f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))

@@ -201,7 +201,7 @@ impl RankBackend for HostDevice {
     fn retain_for_capture(
         &self,
         _exec: Exec,
-        _keep: crate::comm::KeepAlive,
+        _keep: Box<dyn std::any::Any + Send>,
         _ctx: &OpCtx,
     ) -> Result<()> {
         // The host backend is only captured by `Communicator::begin_capture`, whose graph
@@ -254,7 +254,7 @@ impl RankBackend for HostDevice {
                 None => 0,
             };
             let mut bytes = vec![0u8; elems * dtype.size()];
-            crate::lab::fill::fill_bytes(dtype, spec.seed, spec.rank, epoch, 0, &mut bytes);
+            crate::fill::fill_bytes(dtype, spec.seed, spec.rank, epoch, 0, &mut bytes);
             host_mem(&dst).write(dst.offset, &bytes);
             Ok(())
         }))

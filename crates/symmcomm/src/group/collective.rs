@@ -7,10 +7,11 @@
 use std::sync::Arc;
 
 use crate::backend::{Call, CallShape, Collective, Copy2d, Exec, Impl, SymmLoc};
+use crate::buffer::Buffer;
 use crate::dispatch::{self, DispatchRequest, Why};
 use crate::error::{Arg, Error, Op, OpCtx, Result};
 use crate::group::{Dispatched, Group};
-use crate::memory::{Buffer, MemRef};
+use crate::memory::MemRef;
 use crate::tensor::{DimSplit, Tensor};
 
 /// What the caller asked for.
@@ -476,7 +477,7 @@ impl Group {
                 other => other,
             })?;
         Ok(Arc::new(Buffer {
-            backing: crate::memory::Backing::Symmetric(slot),
+            backing: crate::buffer::Backing::Symmetric(slot),
             comm_id: self.comm().id,
             backend: self.device().kind(),
             bytes,
@@ -507,7 +508,7 @@ impl Group {
         }
         let mem = self.device().alloc_plain(bytes.max(256))?;
         let b = Arc::new(Buffer {
-            backing: crate::memory::Backing::Plain(mem),
+            backing: crate::buffer::Backing::Plain(mem),
             comm_id: self.comm().id,
             backend: self.device().kind(),
             bytes: bytes.max(256),

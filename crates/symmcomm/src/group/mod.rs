@@ -1,7 +1,9 @@
 //! A group: a typed set of ranks with its communicator, its symmetric pool, its policy and the
-//! stream its work goes to. Collectives enter here ([`crate::collective`] carries one call
+//! stream its work goes to. Collectives enter here ([`collective`] carries one call
 //! through its steps); so do the group's memory (symmetric and plain tensors, the engine's own
 //! memory wrapped in place) and the `prepare` step that makes captures safe.
+
+mod collective;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,11 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{BackendKind, Collective, Copy2d, Exec, GroupBackend, Impl, SymmLoc};
 use crate::bootstrap::ControlPlane;
-use crate::comm::CommShared;
+use crate::buffer::{Backing, Buffer};
+use crate::context::CommShared;
 use crate::dispatch::Why;
 use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Arg, Error, Op, OpCtx, Result};
-use crate::memory::{Backing, Buffer, MemRef};
+use crate::memory::MemRef;
 use crate::policy::{GroupKind, Placement};
 use crate::pool::SegmentHit;
 use crate::stream::Stream;
@@ -546,10 +549,7 @@ impl Group {
         }
         self.device().prepare(&ctx)?;
         if self.placement(false).is_symmetric() {
-            for side in [
-                crate::collective::Side::Input,
-                crate::collective::Side::Output,
-            ] {
+            for side in [collective::Side::Input, collective::Side::Output] {
                 self.staging_window(side, bytes, exec, &ctx)?;
             }
         }
@@ -778,9 +778,9 @@ impl Group {
         dim: Option<usize>,
         imp: Impl,
     ) -> Result<Dispatched> {
-        crate::collective::run(
+        collective::run(
             self,
-            &crate::collective::Request {
+            &collective::Request {
                 coll,
                 input,
                 output,
