@@ -84,7 +84,7 @@ impl Accumulation {
     /// What `imp` may do; `Auto` may run NCCL's regular kernels.
     pub fn of(imp: Impl) -> Self {
         match imp {
-            Impl::Regular | Impl::Auto => Accumulation::ElementType,
+            Impl::Regular | Impl::Auto | Impl::Local => Accumulation::ElementType,
             Impl::Symmetric | Impl::Kernel(_) => Accumulation::F32,
         }
     }

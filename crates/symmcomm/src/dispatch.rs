@@ -91,6 +91,8 @@ pub struct Decision {
 pub enum Why {
     /// The caller named the implementation.
     Explicit,
+    /// A group of one rank: the result is the input (a copy, or nothing in place).
+    OneRank,
     /// No table row: NCCL's own rule (symmetric kernels when both buffers are in windows).
     NoRow {
         /// Both buffers lie in windows.
@@ -138,6 +140,10 @@ impl std::fmt::Display for Why {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             Why::Explicit => write!(f, "requested explicitly"),
+            Why::OneRank => write!(
+                f,
+                "one rank: the result is the input (a device copy, or nothing in place)"
+            ),
             Why::NoRow {
                 both_in_windows: true,
                 ran: Impl::Symmetric,

@@ -159,6 +159,66 @@ fn dim_collectives(b: TestBackend) {
 }
 
 /// Every bad input gets its own error and leaves the poisoned output untouched.
+/// A group of one rank: every collective's result is its input. `auto` copies it (or does
+/// nothing in place) without a communicator; `local` names that; NCCL's paths agree.
+fn one_rank_is_a_copy(b: TestBackend) {
+    if !b.can_run(1) {
+        return;
+    }
+    let s = common::seed();
+    all_ok(run_rank_threads(1, &small_pool(b.config()), |comm| {
+        let g = comm.world();
+        let x = g.alloc_symmetric(DType::BF16, &[6, 40])?;
+        g.fill_random(&x, s, None)?;
+        let want = g.download_bytes(&x)?;
+        let cases = [
+            (Collective::AllReduce(ReduceOp::Sum), None),
+            (Collective::AllReduce(ReduceOp::Max), None),
+            (Collective::AllGather, None),
+            (Collective::AllGather, Some(1)),
+            (Collective::ReduceScatter(ReduceOp::Sum), None),
+            (Collective::ReduceScatter(ReduceOp::Avg), Some(1)),
+        ];
+        for (coll, dim) in cases {
+            for imp in [Impl::Auto, Impl::Local, Impl::Regular] {
+                let y = g.alloc_plain(DType::BF16, &[6, 40])?;
+                g.poison(&y)?;
+                let ran = g.collective(coll, &x, &y, dim, imp)?;
+                let want_imp = if imp == Impl::Regular {
+                    Impl::Regular
+                } else {
+                    Impl::Local
+                };
+                assert_eq!(ran.imp, want_imp, "{coll:?} {imp:?}: {}", ran.reason());
+                assert_eq!(g.download_bytes(&y)?, want, "{coll:?} dim {dim:?} {imp:?}");
+            }
+            // In place: nothing to do, the input stays.
+            let ran = g.collective(coll, &x, &x, dim, Impl::Auto)?;
+            assert_eq!(ran.imp, Impl::Local);
+            assert_eq!(g.download_bytes(&x)?, want);
+        }
+        Ok(())
+    }));
+    // `local` on a group of two ranks is refused before anything runs.
+    if b.can_run(2) {
+        all_ok(run_rank_threads(2, &b.config(), |comm| {
+            let g = comm.world();
+            let x = g.alloc_symmetric(DType::F32, &[8])?;
+            let e = g
+                .collective(
+                    Collective::AllReduce(ReduceOp::Sum),
+                    &x,
+                    &x,
+                    None,
+                    Impl::Local,
+                )
+                .unwrap_err();
+            assert!(matches!(e, Error::ImplUnavailable { .. }), "{e}");
+            Ok(())
+        }));
+    }
+}
+
 fn bad_inputs(b: TestBackend) {
     if !b.can_run(2) {
         return;
@@ -806,6 +866,7 @@ fn auto_follows_the_mode(b: TestBackend) {
 }
 
 backend_tests!(
+    one_rank_is_a_copy,
     auto_follows_the_mode,
     flat_collectives,
     dim_collectives,

@@ -114,6 +114,9 @@ pub enum Impl {
     Symmetric,
     /// One of our own kernels over symmetric memory.
     Kernel(Algo),
+    /// A group of one rank: the result is the input, so a device copy into the output, or
+    /// nothing when the call is in place. No communicator is involved.
+    Local,
 }
 
 impl Impl {
@@ -139,6 +142,7 @@ impl Impl {
             (Impl::Symmetric, BackendKind::Host) => "host_symm".into(),
             (Impl::Kernel(a), BackendKind::Cuda) => a.name().into(),
             (Impl::Kernel(a), BackendKind::Host) => format!("host_{}", a.name()),
+            (Impl::Local, _) => "local".into(),
         }
     }
 }
@@ -150,13 +154,14 @@ impl FromStr for Impl {
             "auto" => Impl::Auto,
             "nccl" | "host" | "regular" => Impl::Regular,
             "nccl_symm" | "host_symm" | "symmetric" => Impl::Symmetric,
+            "local" => Impl::Local,
             _ => {
                 let bare = s.strip_prefix("host_").unwrap_or(s);
                 match Algo::ALL.into_iter().find(|a| a.name() == bare) {
                     Some(a) => Impl::Kernel(a),
                     None => {
                         return Err(format!(
-                            "unknown implementation {s:?} (auto, nccl, nccl_symm, host, host_symm, oneshot, twoshot, ce, ll)"
+                            "unknown implementation {s:?} (auto, nccl, nccl_symm, host, host_symm, oneshot, twoshot, ce, ll, local)"
                         ));
                     }
                 }

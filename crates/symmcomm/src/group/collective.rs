@@ -39,9 +39,14 @@ pub(crate) fn run(g: &Group, req: &Request<'_>) -> Result<Dispatched> {
     let exec = g.exec(&ctx)?;
     let checked = check(g, req, &ctx)?;
     let choice = choose(g, req, &checked, exec, &ctx)?;
-    let sides = stage_in(g, &checked, &choice, exec, &ctx)?;
-    launch(g, &checked, &choice, &sides, exec, &ctx)?;
-    stage_out(g, &checked, &sides, exec)?;
+    let sides = if choice.imp == Impl::Local {
+        run_local(g, &checked, exec)?
+    } else {
+        let sides = stage_in(g, &checked, &choice, exec, &ctx)?;
+        launch(g, &checked, &choice, &sides, exec, &ctx)?;
+        stage_out(g, &checked, &sides, exec)?;
+        sides
+    };
     let mut used = vec![&req.input.buf, &req.output.buf];
     used.extend(sides.scratch.iter());
     g.keep_alive(exec, &used, &ctx)?;
@@ -155,7 +160,7 @@ pub(crate) fn validate(
         None => plan_flat(coll, input, output, world, ctx)?,
         Some(d) => plan_along(coll, input, output, d, world, ctx)?,
     };
-    check_overlap(coll, input, output, &plan, rank, ctx)?;
+    check_overlap(coll, input, output, &plan, (rank, world), ctx)?;
     Ok(plan)
 }
 
@@ -293,7 +298,7 @@ fn check_overlap(
     input: &Tensor,
     output: &Tensor,
     plan: &Plan,
-    rank: usize,
+    (rank, world): (usize, usize),
     ctx: &OpCtx,
 ) -> Result<()> {
     let (ia, oa) = (input.addr(), output.addr());
@@ -302,7 +307,8 @@ fn check_overlap(
         return Ok(());
     }
     let rank = rank as u64;
-    let exact = plan.reorder.is_none()
+    // One rank's output along a dimension is its input, so in place is exact there too.
+    let exact = (plan.reorder.is_none() || world == 1)
         && match coll {
             Collective::AllReduce(_) => ia == oa,
             Collective::AllGather => ia == oa + rank * il,
@@ -327,6 +333,26 @@ struct Choice {
 
 fn choose(g: &Group, req: &Request<'_>, c: &Checked, exec: Exec, ctx: &OpCtx) -> Result<Choice> {
     let imp = req.imp;
+    let one_rank = g.size() == 1;
+    if imp == Impl::Local || (imp == Impl::Auto && one_rank) {
+        if !one_rank {
+            return Err(Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: imp.name(g.device().kind()),
+                why: format!("local runs groups of one rank; this one has {}", g.size()),
+            });
+        }
+        return Ok(Choice {
+            imp: Impl::Local,
+            stage_in: false,
+            stage_out: false,
+            why: if imp == Impl::Auto {
+                Why::OneRank
+            } else {
+                Why::Explicit
+            },
+        });
+    }
     if imp == Impl::Auto {
         return Ok(choose_auto(g, c, exec, ctx));
     }
@@ -597,6 +623,23 @@ fn stage_in(g: &Group, c: &Checked, ch: &Choice, exec: Exec, ctx: &OpCtx) -> Res
         dst_loc,
         copy_out,
         scratch,
+    })
+}
+
+/// One rank: the output is the input (along any dimension too), so copy it there unless the
+/// call is in place.
+fn run_local(g: &Group, c: &Checked, exec: Exec) -> Result<Sides> {
+    if c.input.addr() != c.output.addr() && c.out_bytes > 0 {
+        g.device()
+            .copy_2d(exec.stream, &flat_copy(&c.input, &c.output, c.out_bytes))?;
+    }
+    Ok(Sides {
+        src: c.input.clone(),
+        src_loc: c.in_loc,
+        dst: c.output.clone(),
+        dst_loc: c.out_loc,
+        copy_out: false,
+        scratch: Vec::new(),
     })
 }
 

@@ -357,6 +357,7 @@ impl GroupBackend for CudaGroup {
                 }
             }
             Impl::Auto => Some("auto is resolved before dispatch".into()),
+            Impl::Local => Some("local runs in the group layer, never here".into()),
         }
     }
 

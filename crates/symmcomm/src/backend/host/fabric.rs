@@ -468,6 +468,7 @@ impl GroupBackend for HostGroup {
             Impl::Regular | Impl::Symmetric => None,
             Impl::Kernel(_) => Some("our NVLink kernels run on the CUDA backend only".into()),
             Impl::Auto => Some("auto is resolved before dispatch".into()),
+            Impl::Local => Some("local runs in the group layer, never here".into()),
         }
     }
 
