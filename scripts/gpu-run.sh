@@ -107,8 +107,8 @@ if has decode-sim; then
 fi
 
 if has bench-nccl2289; then
-  # NCCL's own paths again with PyTorch's NCCL 2.28.9, the library the baselines in
-  # gpu-machine.md were measured with.
+  # NCCL's own paths again with PyTorch's NCCL 2.28.9, the library the NCCL baselines in
+  # BENCHMARKS.md ("Against the NCCL baselines") were measured with.
   lib=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2
   log "bench with $lib"
   SYMMCOMM_NCCL_LIBRARY=$lib timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench --impls nccl,nccl_symm --no-limits --json "$OUT/$MACHINE-nccl2.28.9.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1

@@ -23,7 +23,7 @@ pub(crate) struct RankArgs {
     /// Deadline of every wait, in seconds.
     #[arg(long, default_value_t = 120)]
     pub(crate) timeout: u64,
-    /// Turn symmetric memory off (the seeds' `--enable-symm-mem` not given).
+    /// Turn symmetric memory off (SGLang's `--enable-symm-mem` not given).
     #[arg(long)]
     pub(crate) no_symm: bool,
     /// Decode-context-parallel size of the deployment (only the DCP group uses symmetric

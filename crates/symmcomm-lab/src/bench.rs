@@ -1,7 +1,8 @@
 //! The benchmark: per (op, dtype, size, implementation, mode) the median time per operation,
 //! measured with device events (eager: back-to-back launches; graph: a graph of several
 //! operations, replayed), every row's output checked against the reference, and the results
-//! in nccl-tests' columns and in the results-file format of `design.md`.
+//! in nccl-tests' columns and in the results file of `benchmarks/results/` (schema: [`Results`];
+//! BENCHMARKS.md explains it).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -238,7 +239,8 @@ pub struct Meta {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// The results file of `design.md`.
+/// A results file of `benchmarks/results/`: where it ran (`meta`), the limits measured, and one
+/// row per (op, dtype, bytes, world, implementation, mode).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Results {
     /// Provenance.

@@ -1,6 +1,6 @@
 //! `symmcomm decode-sim`: the communication of one decode step of a DeepSeek-V3-shaped model,
 //! replayed in one CUDA graph, under three parallel configurations over the `N` ranks of a
-//! group (`research/dcp-dpattn.md` §6):
+//! group:
 //!
 //! - `tp` (TP = N): per layer the attention `o_proj` all-reduce and the MoE/MLP all-reduce of
 //!   `[B, hidden]`.

@@ -1,5 +1,5 @@
 //! The two policies decided in one place: which groups put their buffers in symmetric memory
-//! (seed 003's flowchart), and which NCCL environment variables symmcomm sets, and why.
+//! (SGLang's DCP symmetric-memory flowchart), and which NCCL environment variables symmcomm sets, and why.
 
 use std::fmt;
 
@@ -44,7 +44,7 @@ impl fmt::Display for GroupKind {
 /// The deployment-wide switches the symmetric-memory policy reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct SymmPolicy {
-    /// The feature switch (the seeds' `--enable-symm-mem`).
+    /// The feature switch (SGLang's `--enable-symm-mem`).
     pub enabled: bool,
     /// Decode-context-parallel size of the deployment (1 when DCP is off).
     pub dcp_size: usize,
@@ -103,7 +103,7 @@ impl Placement {
 
 impl SymmPolicy {
     /// Whether a group of `kind` may use symmetric memory at all (the group-construction half
-    /// of seed 003's flowchart).
+    /// of SGLang's DCP symmetric-memory flowchart).
     pub fn group_allows(&self, kind: GroupKind) -> Result<(), PlainReason> {
         if !self.enabled {
             return Err(PlainReason::FeatureOff);
@@ -115,7 +115,7 @@ impl SymmPolicy {
     }
 
     /// Where a scope opened on a group goes (the allocation half of the flowchart: the
-    /// seeds' `use_symmetric_memory(group, disabled)`).
+    /// SGLang's `use_symmetric_memory(group, disabled)`).
     pub fn placement(&self, kind: GroupKind, group_size: usize, scope_disabled: bool) -> Placement {
         if scope_disabled {
             return Placement::Plain(PlainReason::ScopeDisabled);
@@ -167,7 +167,7 @@ pub struct EnvDecision {
 
 /// The NCCL environment symmcomm wants for a deployment: `NCCL_CUMEM_ENABLE=1` whenever
 /// symmetric memory is on (windows need cuMem memory), `NCCL_GRAPH_MIXING_SUPPORT=0` for DCP > 1
-/// with symmetric memory (seed 003), `NCCL_RUNTIME_CONNECT=0` (peers connected before any
+/// with symmetric memory (as SGLang's DCP symmetric-memory change does), `NCCL_RUNTIME_CONNECT=0` (peers connected before any
 /// capture), and `NCCL_NVLS_ENABLE` never touched (NVLink multicast
 /// stays the user's or the machine's choice; it is never forced on). A user's value always wins.
 pub fn nccl_env_plan(
@@ -264,7 +264,7 @@ mod tests {
         &plan.iter().find(|d| d.name == name).unwrap().action
     }
 
-    // Every branch of seed 003's flowchart.
+    // Every branch of SGLang's DCP symmetric-memory flowchart.
     #[test]
     fn flowchart_branches() {
         let off = SymmPolicy {

@@ -790,7 +790,7 @@ fn tensor_after_its_communicator_is_dropped(b: TestBackend) {
     }));
 }
 
-/// Scopes follow seed 003's policy; raw addresses are found in the segment map.
+/// Scopes follow the policy (with DCP, only the DCP group uses windows); raw addresses are found in the segment map.
 fn scopes_and_lookup(b: TestBackend) {
     if !b.can_run(2) {
         return;

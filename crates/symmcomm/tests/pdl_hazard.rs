@@ -8,7 +8,7 @@
 //! hazard at all). Also run eagerly, since PDL applies to plain stream launches too.
 //!
 //! NCCL launches straight onto the caller's stream, so that the programmatic edge to the
-//! producer exists, only with `NCCL_GRAPH_MIXING_SUPPORT=0` (what seed 003 sets for DCP);
+//! producer exists, only with `NCCL_GRAPH_MIXING_SUPPORT=0` (what SGLang sets for DCP with symmetric memory);
 //! otherwise its graph-mixing events sit between producer and kernel. The tests set it.
 
 mod common;

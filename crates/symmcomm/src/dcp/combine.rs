@@ -20,7 +20,7 @@ use crate::tensor::{Layout, Tensor};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CombineImpl {
     /// All-gather the LSEs, correct locally, reduce-scatter along heads; both collectives with
-    /// this implementation (`Impl::Regular` is the seeds' `nccl` path, `Impl::Symmetric`
+    /// this implementation (`Impl::Regular` is SGLang's `nccl` path, `Impl::Symmetric`
     /// their `nccl_symm` path on windows).
     Sequence(Impl),
     /// One kernel per rank: push the partial rows of each peer's heads and the LSEs into the

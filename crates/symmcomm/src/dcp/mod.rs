@@ -1,7 +1,7 @@
 //! Decode context parallelism (DCP): every rank of a DCP group holds a shard of each request's
 //! KV cache ([`KvSharding`]), gathers the queries of all the group's heads ([`DcpQGather`]),
 //! attends over its shard, and the partial results are merged exactly ([`DcpCombine`]): by the
-//! seeds' all-gather / correct / reduce-scatter sequence (`cp_lse_ag_out_rs`) on NCCL or our
+//! all-gather / correct / reduce-scatter sequence of SGLang's DCP (`cp_lse_ag_out_rs`) on NCCL or our
 //! kernels, or by one fused kernel per rank that exchanges the partials over NVLink.
 //!
 //! Layouts are head-major wherever a collective runs, so that every collective is a contiguous

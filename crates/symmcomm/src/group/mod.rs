@@ -123,8 +123,8 @@ impl fmt::Debug for Group {
     }
 }
 
-/// An allocator handle bound to a group and a placement: the seeds'
-/// `use_symmetric_memory(group, disabled)`. Plain memory when the feature is off, the scope
+/// An allocator handle bound to a group and a placement: SGLang's
+/// `use_symmetric_memory(group, disabled)` (its PR 8934). Plain memory when the feature is off, the scope
 /// is disabled, the group has one rank, or the policy reserves symmetric memory for another
 /// group.
 ///
@@ -396,7 +396,7 @@ impl Group {
 
     // ---- memory ---------------------------------------------------------------------------
 
-    /// Where a scope opened on this group puts its buffers (seed 003's policy).
+    /// Where a scope opened on this group puts its buffers (the policy: with DCP only the DCP group).
     pub fn placement(&self, scope_disabled: bool) -> Placement {
         self.inner
             .comm
@@ -405,7 +405,7 @@ impl Group {
             .placement(self.inner.kind, self.size(), scope_disabled)
     }
 
-    /// An allocator that follows the policy: the seeds' `use_symmetric_memory(group, disabled)`.
+    /// An allocator that follows the policy: SGLang's `use_symmetric_memory(group, disabled)`.
     pub fn scope(&self, disabled: bool) -> SymmScope<'_> {
         SymmScope {
             group: self,
