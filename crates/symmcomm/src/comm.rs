@@ -72,6 +72,35 @@ impl Graph {
 
 impl Communicator {
     /// Start this rank's communicator. Collective: every rank of the bootstrap calls it.
+    ///
+    /// One process per GPU, from torchrun's variables (`no_run`: it needs the job):
+    ///
+    /// ```no_run
+    /// use symmcomm::{Bootstrap, CommConfig, Communicator};
+    /// let boot = Bootstrap::from_env(std::time::Duration::from_secs(60))?;
+    /// let comm = Communicator::new(boot, CommConfig::default())?; // device = LOCAL_RANK
+    /// println!("rank {} of {} on {}", comm.rank(), comm.world_size(), comm.describe());
+    /// # Ok::<(), symmcomm::Error>(())
+    /// ```
+    ///
+    /// Ranks as threads of one process, on the host backend:
+    ///
+    /// ```
+    /// use symmcomm::{BackendChoice, Bootstrap, CommConfig, Communicator};
+    /// let config = CommConfig { backend: BackendChoice::Host, ..CommConfig::default() };
+    /// let boots = Bootstrap::threads(2, std::time::Duration::from_secs(30));
+    /// let ranks: Vec<usize> = std::thread::scope(|s| {
+    ///     let handles: Vec<_> = boots
+    ///         .into_iter()
+    ///         .map(|b| {
+    ///             let config = config.clone();
+    ///             s.spawn(move || Communicator::new(b, config).map(|c| c.rank()))
+    ///         })
+    ///         .collect();
+    ///     handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    /// });
+    /// assert_eq!(ranks, vec![0, 1]);
+    /// ```
     pub fn new(boot: Bootstrap, config: CommConfig) -> Result<Self> {
         let id = NEXT_COMM_ID.fetch_add(1, Ordering::Relaxed);
         config

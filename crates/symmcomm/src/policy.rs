@@ -170,6 +170,20 @@ pub struct EnvDecision {
 /// with symmetric memory (as SGLang's DCP symmetric-memory change does), `NCCL_RUNTIME_CONNECT=0` (peers connected before any
 /// capture), and `NCCL_NVLS_ENABLE` never touched (NVLink multicast
 /// stays the user's or the machine's choice; it is never forced on). A user's value always wins.
+/// Nothing is applied: an engine reads the plan, and applies it ([`apply_env_plan`]) before
+/// NCCL starts only if it wants to.
+///
+/// ```
+/// use symmcomm::SymmPolicy;
+/// use symmcomm::policy::nccl_env_plan;
+/// let plan = nccl_env_plan(&SymmPolicy { enabled: true, dcp_size: 8 }, |name| {
+///     (name == "NCCL_NVLS_ENABLE").then(|| "0".to_string())
+/// });
+/// for d in &plan {
+///     println!("{}: {:?} ({})", d.name, d.action, d.why);
+/// }
+/// assert!(plan.iter().any(|d| d.name == "NCCL_GRAPH_MIXING_SUPPORT"));
+/// ```
 pub fn nccl_env_plan(
     policy: &SymmPolicy,
     get: impl Fn(&str) -> Option<String>,

@@ -480,6 +480,21 @@ impl Group {
     ///
     /// `addr` holds `shape`'s elements of `dtype` and stays valid while work enqueued with the
     /// tensor can run, including every replay of a graph captured with it.
+    ///
+    /// ```
+    /// use symmcomm::{BackendChoice, CommConfig, DType, ReduceOp, run_rank_threads};
+    /// let config = CommConfig { backend: BackendChoice::Host, ..CommConfig::default() };
+    /// for r in run_rank_threads(2, &config, |comm| {
+    ///     let g = comm.world();
+    ///     let mut mine = vec![1.0f32 + g.rank() as f32; 3]; // the engine's own memory
+    ///     // SAFETY: `mine` outlives the call, which the host backend runs at once.
+    ///     let t = unsafe { g.wrap_raw(mine.as_mut_ptr() as u64, DType::F32, &[3])? };
+    ///     g.all_reduce(&t, &t, ReduceOp::Sum)?;
+    ///     Ok(mine)
+    /// }) {
+    ///     assert_eq!(r.unwrap(), vec![3.0; 3]);
+    /// }
+    /// ```
     pub unsafe fn wrap_raw(&self, addr: u64, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let strides = Layout::contiguous(shape).strides().to_vec();
         // SAFETY: the caller's contract, passed on.
@@ -538,6 +553,20 @@ impl Group {
     /// they need, so that nothing compiles, allocates or registers memory inside a capture.
     /// Collective when the pool grows (every rank calls it with the same `bytes`). Call it
     /// before capturing, once per largest size.
+    ///
+    /// ```
+    /// use symmcomm::{BackendChoice, CommConfig, DType, ReduceOp, run_rank_threads};
+    /// let config = CommConfig { backend: BackendChoice::Host, ..CommConfig::default() };
+    /// for r in run_rank_threads(2, &config, |comm| {
+    ///     let tp = comm.world();
+    ///     tp.prepare(64 * 4096 * 2)?; // up to batch 64 × hidden 4096 in bf16
+    ///     let x = tp.alloc_symmetric(DType::BF16, &[64, 4096])?;
+    ///     let g = comm.capture(|| tp.all_reduce(&x, &x, ReduceOp::Sum))?.0;
+    ///     g.replay()
+    /// }) {
+    ///     r.unwrap();
+    /// }
+    /// ```
     pub fn prepare(&self, bytes: usize) -> Result<()> {
         let ctx = self.ctx(Op::PoolAlloc, bytes);
         let exec = self.exec(&ctx)?;
@@ -726,6 +755,26 @@ impl Group {
     }
 
     /// Concatenate along dimension `dim`: `output.shape[dim] = world * input.shape[dim]`.
+    ///
+    /// ```
+    /// use symmcomm::{BackendChoice, CommConfig, DType, ReduceOp, run_rank_threads};
+    /// let config = CommConfig { backend: BackendChoice::Host, ..CommConfig::default() };
+    /// for r in run_rank_threads(2, &config, |comm| {
+    ///     let g = comm.world();
+    ///     let r = g.rank() as f32;
+    ///     let x = g.alloc_symmetric(DType::F32, &[2, 1])?; // [tokens, heads of this rank]
+    ///     g.upload(&x, &[r, 10.0 + r])?;
+    ///     let all = g.alloc_symmetric(DType::F32, &[2, 2])?;
+    ///     g.all_gather_dim(&x, &all, 1)?; // heads of every rank, in rank order
+    ///     let back = g.alloc_symmetric(DType::F32, &[2, 1])?;
+    ///     g.reduce_scatter_dim(&all, &back, ReduceOp::Sum, 1)?; // rank r's head, summed
+    ///     Ok((g.download::<f32>(&all)?, g.download::<f32>(&back)?))
+    /// }) {
+    ///     let (all, back) = r.unwrap();
+    ///     assert_eq!(all, vec![0.0, 1.0, 10.0, 11.0]);
+    ///     assert!(back == vec![0.0, 20.0] || back == vec![2.0, 22.0]);
+    /// }
+    /// ```
     pub fn all_gather_dim(
         &self,
         input: &Tensor,
