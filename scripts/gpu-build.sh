@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on a machine with the Rust toolchain, everything scripts/gpu-run.sh runs on the GPU
-# machine: the release `symmcomm` binary, the GPU test executables (stripped) and the run script,
+# machine: the release `symmcomm` and `tp-decode` (examples/tp-decode) binaries, the GPU test
+# executables (stripped) and the run script,
 # into $GPU_DIR (default .gpu/; a path outside this checkout works too, e.g. another worktree's).
 # GPU_TESTS names the test targets to take (space-separated).
 set -euo pipefail
@@ -8,8 +9,8 @@ cd "$(dirname "$0")/.."
 DEST="${GPU_DIR:-.gpu}"
 GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels dp_attention dcp rank_failure resources environment}"
 rm -rf "$DEST" && mkdir -p "$DEST/tests"
-cargo build --release --locked --bin symmcomm
-cp target/release/symmcomm "$DEST/"
+cargo build --release --locked --bin symmcomm --bin tp-decode
+cp target/release/symmcomm target/release/tp-decode "$DEST/"
 cp scripts/gpu-run.sh "$DEST/run.sh"
 for t in $(cargo test --release --locked -p symmcomm --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
@@ -19,5 +20,5 @@ for l in sys.stdin:
         print(m["executable"])' "$GPU_TESTS"); do
   cp "$t" "$DEST/tests/$(basename "$t" | sed 's/-[0-9a-f]*$//')"
 done
-strip "$DEST/symmcomm" "$DEST"/tests/* 2>/dev/null || true
+strip "$DEST/symmcomm" "$DEST/tp-decode" "$DEST"/tests/* 2>/dev/null || true
 du -sh "$DEST"

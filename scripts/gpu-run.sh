@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no Rust there): the GPU tests with SYMMCOMM_REQUIRE_GPU=1, then
-# `symmcomm tune` and `symmcomm bench`, with a timeout on every step and unbuffered logs
+# `symmcomm tune` and `symmcomm bench`, decode-sim and the tp-decode example, with a timeout on
+# every step and unbuffered logs
 # (every line of a launched rank is prefixed with its rank). Binaries come prebuilt in $BIN
 # (default .gpu/; scripts/gpu-build.sh, which also copies this script there as run.sh, so
 # `bash .gpu-x/run.sh` runs .gpu-x's binaries). Results and logs go to $OUT.
@@ -28,19 +29,17 @@ if [[ -x "$HERE/symmcomm" ]]; then BIN="${BIN:-$HERE}"; else BIN="${BIN:-.gpu}";
 # Results are named after the machine: h200x<GPUs this run sees> unless MACHINE says otherwise
 # (e.g. MACHINE=h200x2 with CUDA_VISIBLE_DEVICES=0,1 on a 4-GPU machine). SYMMCOMM_MACHINE, if
 # set, is written into the results' meta (which lent machine ran them).
-if [[ -z "${MACHINE:-}" ]]; then
-  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-    gpus=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES")
-  else
-    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-  fi
-  [[ "${gpus:-0}" -gt 0 ]] || gpus=2
-  MACHINE="h200x${gpus}"
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  gpus=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES")
+else
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 fi
-STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,bench-nccl2289}"
+[[ "${gpus:-0}" -gt 0 ]] || gpus=2
+MACHINE="${MACHINE:-h200x${gpus}}"
+STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,bench-nccl2289}"
 # At most 8 files come back from the machine: logs are grouped.
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
-# decode-sim), and the JSON results.
+# decode-sim, tp-decode), and the JSON results.
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -104,6 +103,32 @@ if has decode-sim; then
   timeout "${DECODE_SIM_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" decode-sim "${table[@]}" --json "$OUT/$MACHINE.json" ${DECODE_SIM_ARGS:-} >> "$OUT/bench.log" 2>&1
   log "decode-sim rc=$?"
   grep -A40 "communication of one decode step" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+fi
+
+if has tp-decode; then
+  # The example engine (examples/tp-decode): one Llama-3.1-8B-shaped decode step per batch size
+  # (cuBLAS GEMMs, NVRTC kernels, the two all-reduces of every layer) in one CUDA graph each,
+  # auto against nccl, checked against the unsharded model; first the tiny preset as a smoke
+  # test (2 GPUs: its 2 KV heads split no further), then the real one on every GPU, whose
+  # engine_step rows replace those of $MACHINE.json. cuBLAS comes from the CUDA toolkit, else
+  # from PyTorch's wheels.
+  cublas=""
+  for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
+      /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib \
+      /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cublas/lib; do
+    if compgen -G "$d/libcublas.so*" > /dev/null; then cublas="$d"; break; fi
+  done
+  table=()
+  [[ -f "$OUT/dispatch-$MACHINE.json" ]] && table=(--table "$OUT/dispatch-$MACHINE.json")
+  log "tp-decode (cuBLAS from ${cublas:-the default library path}) ${table[*]}"
+  LD_LIBRARY_PATH="${cublas:+$cublas:}${LD_LIBRARY_PATH:-}" timeout "${TP_DECODE_TIMEOUT:-120}" \
+    stdbuf -oL -eL "$BIN/tp-decode" --preset tiny --world $((gpus < 2 ? 1 : 2)) --batch 1,3 --replays 5 \
+    "${table[@]}" >> "$OUT/bench.log" 2>&1
+  log "tp-decode tiny rc=$?"
+  LD_LIBRARY_PATH="${cublas:+$cublas:}${LD_LIBRARY_PATH:-}" timeout "${TP_DECODE_TIMEOUT:-300}" \
+    stdbuf -oL -eL "$BIN/tp-decode" "${table[@]}" --json "$OUT/$MACHINE.json" ${TP_DECODE_ARGS:-} >> "$OUT/bench.log" 2>&1
+  log "tp-decode rc=$?"
+  grep -A14 "engine step (tp-decode)" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 fi
 
 if has bench-nccl2289; then
