@@ -7,10 +7,11 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use symmcomm::{Collective, Communicator, DType, Impl, ReduceOp};
+use symmcomm::{Collective, DType, Impl, ReduceOp};
 use symmcomm_lab::verify::{self, Case};
 
-use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
+use crate::args::count;
+use crate::ranks::{Ran, Rank, RankArgs};
 
 /// Options of `symmcomm soak`.
 #[derive(Debug, clap::Args)]
@@ -18,14 +19,11 @@ pub(crate) struct SoakArgs {
     #[command(flatten)]
     ranks: RankArgs,
     /// Graph replays in all.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = count::<u64>())]
     replays: u64,
     /// Check every output after this many replays.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = count::<u64>())]
     check_every: u64,
-    /// Seed of the inputs (default: fresh).
-    #[arg(long)]
-    seed: Option<u64>,
 }
 
 /// What one rank saw.
@@ -37,6 +35,8 @@ struct Outcome {
     failures: u64,
     first_failure: Option<String>,
     seconds: f64,
+    /// Every rank's (replays, checks, failures), in rank order.
+    job: Vec<[u64; 3]>,
 }
 
 /// The graph's collectives: (collective, per-rank piece in elements, implementation).
@@ -57,7 +57,8 @@ fn collectives() -> Vec<(Collective, usize, Impl)> {
     ]
 }
 
-fn soak_rank(comm: &Communicator, args: &SoakArgs, seed: u64) -> anyhow::Result<Outcome> {
+fn soak_rank(rank: &Rank<'_>, args: &SoakArgs) -> anyhow::Result<Outcome> {
+    let (comm, seed) = (rank.comm, rank.seed);
     let g = comm.world();
     let world = g.size();
     let backend = comm.backend();
@@ -137,7 +138,7 @@ fn soak_rank(comm: &Communicator, args: &SoakArgs, seed: u64) -> anyhow::Result<
         checks += 1;
     }
     let seconds = t0.elapsed().as_secs_f64();
-    g.barrier()?;
+    let job = rank.gather_counts("soak counts", [done, checks, failures])?;
     Ok(Outcome {
         rank: g.rank(),
         cases: names,
@@ -146,9 +147,12 @@ fn soak_rank(comm: &Communicator, args: &SoakArgs, seed: u64) -> anyhow::Result<
         failures,
         first_failure,
         seconds,
+        job,
     })
 }
 
+/// Print what rank `o.rank` saw (rank 0 also the graph and the job's totals); returns whether
+/// the job had no failure.
 fn report(o: &Outcome, seed: u64) -> bool {
     if o.rank == 0 {
         println!(
@@ -171,35 +175,46 @@ fn report(o: &Outcome, seed: u64) -> bool {
     if let Some(f) = &o.first_failure {
         println!("rank {} FIRST FAILURE {f}", o.rank);
     }
-    o.failures == 0
+    let failures: u64 = o.job.iter().map(|c| c[2]).sum();
+    if o.rank == 0 {
+        let who: Vec<String> = o
+            .job
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c[2] > 0)
+            .map(|(r, c)| format!("rank {r}: {}", c[2]))
+            .collect();
+        println!(
+            "symmcomm soak: {} ranks, {} replays and {} checks each, {failures} failures{}",
+            o.job.len(),
+            o.replays,
+            o.checks,
+            if who.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", who.join(", "))
+            }
+        );
+    }
+    failures == 0
 }
 
 pub(crate) fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.check_every > 0, "--check-every must be at least 1");
-    let seed = args.seed.unwrap_or_else(crate::check_cmd::rand_seed);
-    let code = |ok: bool| {
-        if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }
+    let plan = args.ranks.plan()?;
+    let outcomes = match plan.run(&args.ranks, Vec::new(), |rank| {
+        Ok((soak_rank(rank, &args)?, rank.seed))
+    })? {
+        Ran::Launched(code) => return Ok(code),
+        Ran::Here(outcomes) => outcomes,
     };
-    match args.ranks.plan()? {
-        Plan::Parent { nproc } => {
-            launch_self(nproc, vec![("SYMMCOMM_SOAK_SEED".into(), seed.to_string())])
-        }
-        Plan::Threads { world, config } => {
-            let all = on_threads(world, &config, |comm| soak_rank(comm, &args, seed))?;
-            Ok(code(all.iter().all(|o| report(o, seed))))
-        }
-        Plan::Child { config } => {
-            let seed = std::env::var("SYMMCOMM_SOAK_SEED")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(seed);
-            let comm = child_comm(config)?;
-            let o = soak_rank(&comm, &args, seed)?;
-            Ok(code(report(&o, seed)))
-        }
+    // Every rank exits as the job does (report says the job's verdict on every rank).
+    let mut ok = true;
+    for (o, seed) in &outcomes {
+        ok &= report(o, *seed);
     }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
