@@ -37,22 +37,13 @@ fn colls() -> Vec<Collective> {
     v
 }
 
-/// What one rank saw, and the job's counts.
-#[derive(Debug)]
-struct Outcome {
-    rank: usize,
-    /// This rank's failures, described.
-    failed: Vec<String>,
-    /// Every rank's (cases run, not supported, failed), in rank order.
-    job: Vec<[u64; 3]>,
-}
-
-/// Run every case on this rank, then gather every rank's counts.
-fn check_rank(rank: &Rank<'_>, args: &CheckArgs) -> anyhow::Result<Outcome> {
+/// Run every case on this rank, printing each failure as it happens (before any rank can stop
+/// the job), then gather every rank's (cases run, not supported, failed), in rank order.
+fn check_rank(rank: &Rank<'_>, args: &CheckArgs) -> anyhow::Result<Vec<[u64; 3]>> {
     let seed = rank.seed;
     let g = rank.comm.world();
     let world = g.size();
-    let (mut run, mut skipped, mut failed) = (0, 0, Vec::new());
+    let (mut run, mut skipped, mut failed) = (0u64, 0u64, 0u64);
     let mut n = 0u64;
     let impls = [
         (Impl::Regular, false),
@@ -123,21 +114,17 @@ fn check_rank(rank: &Rank<'_>, args: &CheckArgs) -> anyhow::Result<Outcome> {
             seed: seed ^ n.wrapping_mul(0x9E37_79B9),
         };
         run += 1;
-        if let Err(e) = verify::run_checked(g, &case) {
-            failed.push(format!("{case:?}: {e}"));
-        } else if args.fail_on_rank == Some(g.rank()) {
-            failed.push(format!("{case:?}: failed on purpose (--fail-on-rank)"));
-        }
+        let why = match verify::run_checked(g, &case) {
+            Err(e) => e.to_string(),
+            Ok(_) if args.fail_on_rank == Some(g.rank()) => {
+                "failed on purpose (--fail-on-rank)".into()
+            }
+            Ok(_) => continue,
+        };
+        failed += 1;
+        println!("rank {} FAILED {case:?}: {why}", g.rank());
     }
-    let job = rank.gather_counts(
-        "check counts",
-        [run as u64, skipped as u64, failed.len() as u64],
-    )?;
-    Ok(Outcome {
-        rank: g.rank(),
-        failed,
-        job,
-    })
+    rank.gather_counts("check counts", [run, skipped, failed])
 }
 
 /// The job's summary line from every rank's (run, not supported, failed).
@@ -178,24 +165,18 @@ fn summary(seed: u64, job: &[[u64; 3]]) -> String {
 
 pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let plan = args.ranks.plan()?;
-    let outcomes = match plan.run(&args.ranks, Vec::new(), |rank| {
-        let o = check_rank(rank, &args)?;
-        if o.rank == 0 {
-            println!("{}", summary(rank.seed, &o.job));
+    let jobs = match plan.run(&args.ranks, Vec::new(), |rank| {
+        let job = check_rank(rank, &args)?;
+        if rank.comm.rank() == 0 {
+            println!("{}", summary(rank.seed, &job));
         }
-        Ok(o)
+        Ok(job)
     })? {
         Ran::Launched(code) => return Ok(code),
-        Ran::Here(outcomes) => outcomes,
+        Ran::Here(jobs) => jobs,
     };
-    let mut job_ok = true;
-    for o in &outcomes {
-        for f in &o.failed {
-            println!("rank {} FAILED {f}", o.rank);
-        }
-        job_ok &= o.job.iter().all(|c| c[2] == 0);
-    }
     // Every rank exits as the job does, so that rank 0's status is the job's.
+    let job_ok = jobs.iter().flatten().all(|c| c[2] == 0);
     Ok(if job_ok {
         ExitCode::SUCCESS
     } else {

@@ -26,19 +26,6 @@ pub(crate) struct SoakArgs {
     check_every: u64,
 }
 
-/// What one rank saw.
-struct Outcome {
-    rank: usize,
-    cases: Vec<String>,
-    replays: u64,
-    checks: u64,
-    failures: u64,
-    first_failure: Option<String>,
-    seconds: f64,
-    /// Every rank's (replays, checks, failures), in rank order.
-    job: Vec<[u64; 3]>,
-}
-
 /// The graph's collectives: (collective, per-rank piece in elements, implementation).
 fn collectives() -> Vec<(Collective, usize, Impl)> {
     use symmcomm::Algo::{LowLatency, OneShot, TwoShot};
@@ -57,7 +44,10 @@ fn collectives() -> Vec<(Collective, usize, Impl)> {
     ]
 }
 
-fn soak_rank(rank: &Rank<'_>, args: &SoakArgs) -> anyhow::Result<Outcome> {
+/// Soak on this rank and print what it saw (rank 0 first the graph, and last the job's totals:
+/// each rank prints before the job's counts are gathered, so nothing is lost when a rank that
+/// failed ends the job). Returns whether the job had no failure.
+fn soak_rank(rank: &Rank<'_>, args: &SoakArgs) -> anyhow::Result<bool> {
     let (comm, seed) = (rank.comm, rank.seed);
     let g = comm.world();
     let world = g.size();
@@ -90,6 +80,15 @@ fn soak_rank(rank: &Rank<'_>, args: &SoakArgs) -> anyhow::Result<Outcome> {
             imp.name(backend)
         ));
         cases.push(case);
+    }
+    if g.rank() == 0 {
+        println!(
+            "symmcomm soak (seed {seed}): one graph of {} collectives:",
+            names.len()
+        );
+        for c in &names {
+            println!("  {c}");
+        }
     }
     let bufs: Vec<verify::CaseBuffers> = cases
         .iter()
@@ -138,57 +137,26 @@ fn soak_rank(rank: &Rank<'_>, args: &SoakArgs) -> anyhow::Result<Outcome> {
         checks += 1;
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let job = rank.gather_counts("soak counts", [done, checks, failures])?;
-    Ok(Outcome {
-        rank: g.rank(),
-        cases: names,
-        replays: done,
-        checks,
-        failures,
-        first_failure,
-        seconds,
-        job,
-    })
-}
-
-/// Print what rank `o.rank` saw (rank 0 also the graph and the job's totals); returns whether
-/// the job had no failure.
-fn report(o: &Outcome, seed: u64) -> bool {
-    if o.rank == 0 {
-        println!(
-            "symmcomm soak (seed {seed}): one graph of {} collectives:",
-            o.cases.len()
-        );
-        for c in &o.cases {
-            println!("  {c}");
-        }
-    }
     println!(
-        "rank {}: {} replays in {:.1} s ({:.2} us per replay), {} checks of every output, {} failures",
-        o.rank,
-        o.replays,
-        o.seconds,
-        o.seconds * 1e6 / o.replays.max(1) as f64,
-        o.checks,
-        o.failures
+        "rank {}: {done} replays in {seconds:.1} s ({:.2} us per replay), {checks} checks of every output, {failures} failures",
+        g.rank(),
+        seconds * 1e6 / done.max(1) as f64,
     );
-    if let Some(f) = &o.first_failure {
-        println!("rank {} FIRST FAILURE {f}", o.rank);
+    if let Some(f) = &first_failure {
+        println!("rank {} FIRST FAILURE {f}", g.rank());
     }
-    let failures: u64 = o.job.iter().map(|c| c[2]).sum();
-    if o.rank == 0 {
-        let who: Vec<String> = o
-            .job
+    let job = rank.gather_counts("soak counts", [done, checks, failures])?;
+    let failures: u64 = job.iter().map(|c| c[2]).sum();
+    if g.rank() == 0 {
+        let who: Vec<String> = job
             .iter()
             .enumerate()
             .filter(|(_, c)| c[2] > 0)
             .map(|(r, c)| format!("rank {r}: {}", c[2]))
             .collect();
         println!(
-            "symmcomm soak: {} ranks, {} replays and {} checks each, {failures} failures{}",
-            o.job.len(),
-            o.replays,
-            o.checks,
+            "symmcomm soak: {} ranks, {done} replays and {checks} checks each, {failures} failures{}",
+            job.len(),
             if who.is_empty() {
                 String::new()
             } else {
@@ -196,25 +164,17 @@ fn report(o: &Outcome, seed: u64) -> bool {
             }
         );
     }
-    failures == 0
+    Ok(failures == 0)
 }
 
 pub(crate) fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
     let plan = args.ranks.plan()?;
-    let outcomes = match plan.run(&args.ranks, Vec::new(), |rank| {
-        Ok((soak_rank(rank, &args)?, rank.seed))
-    })? {
-        Ran::Launched(code) => return Ok(code),
-        Ran::Here(outcomes) => outcomes,
-    };
-    // Every rank exits as the job does (report says the job's verdict on every rank).
-    let mut ok = true;
-    for (o, seed) in &outcomes {
-        ok &= report(o, *seed);
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    // Every rank exits as the job does.
+    Ok(
+        match plan.run(&args.ranks, Vec::new(), |rank| soak_rank(rank, &args))? {
+            Ran::Launched(code) => code,
+            Ran::Here(oks) if oks.iter().all(|&ok| ok) => ExitCode::SUCCESS,
+            Ran::Here(_) => ExitCode::FAILURE,
+        },
+    )
 }
