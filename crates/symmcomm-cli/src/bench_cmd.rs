@@ -6,59 +6,64 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
-use symmcomm::dcp::CombineImpl;
-use symmcomm::{BackendKind, Collective, Communicator, DType, ReduceOp};
+use anyhow::Context;
+use symmcomm::{Algo, BackendKind, Communicator, Impl};
 use symmcomm_lab::bench::{
-    self, BenchSpec, DcpBenchSpec, Limits, Meta, Mode, Results, Row, Timing, Variant,
+    self, BenchSpec, DcpBenchSpec, Limits, Meta, Results, Row, Timing, Variant,
 };
 
-use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
+use crate::args::{CombineArg, DTypeArg, ImplArg, MAX_BATCH, ModeArg, OpArg, count, whole};
+use crate::ranks::{Plan, Ran, Rank, RankArgs};
 
 /// Options of `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     pub(crate) ranks: RankArgs,
-    /// Operations: all_reduce, all_gather, reduce_scatter, and dcp_combine (the DCP combine at
-    /// DeepSeek-V3 MLA shapes; `bench` only), comma-separated.
+    /// Operations, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_values_t = [OpArg::AllGather, OpArg::ReduceScatter, OpArg::AllReduce, OpArg::DcpCombine]
+    )]
+    pub(crate) ops: Vec<OpArg>,
+    /// DCP combine: decode tokens per run (default 1,8,32,128 on GPUs, 1,8 on the host).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "all_gather,reduce_scatter,all_reduce,dcp_combine"
+        value_parser = whole::<usize>(1, MAX_BATCH as u64, "decode tokens per run")
     )]
-    pub(crate) ops: Vec<String>,
-    /// DCP combine: decode tokens per run (default 1,8,32,128 on GPUs, 1,8 on the host).
-    #[arg(long, value_delimiter = ',')]
     pub(crate) dcp_batches: Vec<usize>,
-    /// DCP combine implementations: nccl, nccl_symm, oneshot, fused (host: host, host_symm,
-    /// host_fused). Default: nccl, nccl_symm, fused.
-    #[arg(long, value_delimiter = ',')]
-    pub(crate) dcp_impls: Vec<String>,
-    /// Element types.
-    #[arg(long, value_delimiter = ',', default_value = "bf16")]
-    pub(crate) dtypes: Vec<String>,
+    /// DCP combine implementations (default: nccl, nccl_symm, fused; on the host backend they
+    /// are named host, host_symm, host_fused).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) dcp_impls: Vec<CombineArg>,
+    /// Element types, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [DTypeArg::Bf16])]
+    pub(crate) dtypes: Vec<DTypeArg>,
     /// Sizes of the larger buffer (2K, 64M, ...). Default: 2K..256M on GPUs, 2K..1M on the host.
-    #[arg(long, value_delimiter = ',')]
-    pub(crate) sizes: Vec<String>,
-    /// Implementations: nccl, nccl_symm, auto, auto_plain, ll, oneshot, twoshot, ce (host: host, host_symm).
-    #[arg(long, value_delimiter = ',')]
-    pub(crate) impls: Vec<String>,
-    /// Modes: eager, graph.
-    #[arg(long, value_delimiter = ',', default_value = "eager,graph")]
-    pub(crate) modes: Vec<String>,
-    /// Operations per timed region (eager).
-    #[arg(long, default_value_t = 20)]
-    pub(crate) iters: usize,
+    #[arg(long, value_delimiter = ',', value_parser = crate::args::bytes)]
+    pub(crate) sizes: Vec<usize>,
+    /// Implementations (default: nccl, nccl_symm, ll, oneshot, twoshot, ce, auto on GPUs;
+    /// host, host_symm, auto on the host backend).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) impls: Vec<ImplArg>,
+    /// Modes, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModeArg::Eager, ModeArg::Graph])]
+    pub(crate) modes: Vec<ModeArg>,
+    /// Operations per timed region, eager (default 20; 5 on the host backend, which is slow).
+    #[arg(long, value_parser = count::<usize>())]
+    pub(crate) iters: Option<usize>,
     /// Operations captured in one graph.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = count::<usize>())]
     pub(crate) graph_ops: usize,
-    /// Graph replays per timed region.
-    #[arg(long, default_value_t = 10)]
-    pub(crate) replays: usize,
-    /// Timed regions per row (the median is reported).
-    #[arg(long, default_value_t = 7)]
-    pub(crate) repeats: usize,
+    /// Graph replays per timed region (default 10; 2 on the host backend).
+    #[arg(long, value_parser = count::<usize>())]
+    pub(crate) replays: Option<usize>,
+    /// Timed regions per row, the median is reported (default 7; 3 on the host backend).
+    #[arg(long, value_parser = count::<usize>())]
+    pub(crate) repeats: Option<usize>,
     /// Write the results file here.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
@@ -77,118 +82,136 @@ pub(crate) struct TuneArgs {
     pub(crate) out: PathBuf,
 }
 
-/// The `--ops` name of the DCP combine rows.
-const DCP_OP: &str = "dcp_combine";
-
-fn parse_op(s: &str) -> anyhow::Result<Collective> {
-    Ok(match s {
-        "all_reduce" => Collective::AllReduce(ReduceOp::Sum),
-        "all_gather" => Collective::AllGather,
-        "reduce_scatter" => Collective::ReduceScatter(ReduceOp::Sum),
-        other => {
-            bail!("unknown op {other:?} (all_reduce, all_gather, reduce_scatter, dcp_combine)")
-        }
-    })
-}
-
 impl BenchArgs {
-    fn spec(&self, backend: BackendKind) -> anyhow::Result<BenchSpec> {
-        let impls = if self.impls.is_empty() {
+    fn spec(&self, backend: BackendKind, seed: u64) -> BenchSpec {
+        let host = backend == BackendKind::Host;
+        let impls: Vec<Variant> = if self.impls.is_empty() {
             match backend {
                 BackendKind::Cuda => vec![
-                    "nccl",
-                    "nccl_symm",
-                    "ll",
-                    "oneshot",
-                    "twoshot",
-                    "ce",
-                    "auto",
+                    Variant::of(Impl::Regular),
+                    Variant::of(Impl::Symmetric),
+                    Variant::of(Impl::Kernel(Algo::LowLatency)),
+                    Variant::of(Impl::Kernel(Algo::OneShot)),
+                    Variant::of(Impl::Kernel(Algo::TwoShot)),
+                    Variant::of(Impl::Kernel(Algo::CopyEngine)),
+                    Variant::of(Impl::Auto),
                 ],
-                BackendKind::Host => vec!["host", "host_symm", "auto"],
+                BackendKind::Host => vec![
+                    Variant::of(Impl::Regular),
+                    Variant::of(Impl::Symmetric),
+                    Variant::of(Impl::Auto),
+                ],
             }
-            .into_iter()
-            .map(String::from)
-            .collect()
         } else {
-            self.impls.clone()
+            self.impls.iter().map(|i| i.variant()).collect()
         };
-        let mut spec = BenchSpec::standard(
-            impls
-                .iter()
-                .map(|s| Variant::parse(s).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()?,
-        );
-        spec.ops = self
-            .ops
-            .iter()
-            .filter(|s| s.as_str() != DCP_OP)
-            .map(|s| parse_op(s))
-            .collect::<anyhow::Result<_>>()?;
-        spec.dtypes = self
-            .dtypes
-            .iter()
-            .map(|s| s.parse::<DType>().map_err(anyhow::Error::msg))
-            .collect::<anyhow::Result<_>>()?;
+        let mut spec = BenchSpec::standard(impls);
+        spec.ops = self.ops.iter().filter_map(|o| o.collective()).collect();
+        spec.dtypes = self.dtypes.iter().map(|&d| d.into()).collect();
         if !self.sizes.is_empty() {
-            spec.sizes = self
-                .sizes
-                .iter()
-                .map(|s| bench::parse_bytes(s).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()?;
-        } else if backend == BackendKind::Host {
+            spec.sizes = self.sizes.clone();
+        } else if host {
             spec.sizes.retain(|&b| b <= 1 << 20);
         }
-        spec.timing.modes = self
-            .modes
-            .iter()
-            .map(|m| match m.as_str() {
-                "eager" => Ok(Mode::Eager),
-                "graph" => Ok(Mode::Graph),
-                other => bail!("unknown mode {other:?} (eager, graph)"),
-            })
-            .collect::<anyhow::Result<_>>()?;
-        spec.timing.iters = self.iters.max(1);
-        spec.timing.graph_ops = self.graph_ops.max(1);
-        spec.timing.replays = self.replays.max(1);
-        spec.timing.repeats = self.repeats.max(1);
-        if backend == BackendKind::Host {
-            // The host reference is slow; fewer repetitions keep a sweep to seconds.
-            spec.timing.iters = spec.timing.iters.min(5);
-            spec.timing.replays = spec.timing.replays.min(2);
-            spec.timing.repeats = spec.timing.repeats.min(3);
+        spec.timing.modes = self.modes.iter().map(|&m| m.into()).collect();
+        // The host reference is slow; fewer repetitions by default keep a sweep to seconds.
+        spec.timing.iters = self.iters.unwrap_or(if host { 5 } else { 20 });
+        spec.timing.graph_ops = self.graph_ops;
+        spec.timing.replays = self.replays.unwrap_or(if host { 2 } else { 10 });
+        spec.timing.repeats = self.repeats.unwrap_or(if host { 3 } else { 7 });
+        if host {
             spec.timing.warmup = 1;
         }
-        Ok(spec)
+        spec.timing.seed = seed;
+        spec
     }
-}
 
-impl BenchArgs {
-    /// The DCP rows to measure, if `--ops` asks for them.
+    /// The DCP rows to measure, if `--ops` asks for them and the world can split the heads.
     fn dcp_spec(
         &self,
         timing: &Timing,
         backend: BackendKind,
-    ) -> anyhow::Result<Option<DcpBenchSpec>> {
-        if !self.ops.iter().any(|o| o == DCP_OP) {
-            return Ok(None);
+        world: usize,
+    ) -> Option<DcpBenchSpec> {
+        if !self.ops.contains(&OpArg::DcpCombine) {
+            return None;
         }
         let impls = if self.dcp_impls.is_empty() {
             DcpBenchSpec::default_impls()
         } else {
-            self.dcp_impls
-                .iter()
-                .map(|s| s.parse::<CombineImpl>().map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()?
+            self.dcp_impls.iter().map(|&c| c.into()).collect()
         };
         let mut spec = DcpBenchSpec::deepseek_v3(impls, timing);
+        if !spec.heads.is_multiple_of(world) {
+            return None;
+        }
         if !self.dcp_batches.is_empty() {
             spec.batches = self.dcp_batches.clone();
         } else if backend == BackendKind::Host {
             // The host reference merges 128 x 512 values per token in software.
             spec.batches.retain(|&b| b <= 8);
         }
-        Ok(Some(spec))
+        Some(spec)
     }
+}
+
+/// Why some rows that `spec` names will not run, or not at the size asked: one line per
+/// dtype and reason.
+fn size_warnings(spec: &BenchSpec, world: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let list = |sizes: Vec<usize>| {
+        sizes
+            .into_iter()
+            .map(bench::human_bytes)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for &dtype in &spec.dtypes {
+        let (tiny, ragged): (Vec<usize>, Vec<usize>) = (
+            spec.sizes
+                .iter()
+                .copied()
+                .filter(|&b| b < dtype.size())
+                .collect(),
+            spec.sizes
+                .iter()
+                .copied()
+                .filter(|&b| b >= dtype.size() && !b.is_multiple_of(dtype.size()))
+                .collect(),
+        );
+        if !tiny.is_empty() {
+            out.push(format!(
+                "no {} rows at {}: less than one element",
+                dtype.name(),
+                list(tiny)
+            ));
+        }
+        if !ragged.is_empty() {
+            out.push(format!(
+                "the {} rows at {} move the whole elements only (not a multiple of {} B)",
+                dtype.name(),
+                list(ragged),
+                dtype.size()
+            ));
+        }
+        for &op in &spec.ops {
+            let unsplit: Vec<usize> = spec
+                .sizes
+                .iter()
+                .copied()
+                .filter(|&b| b >= dtype.size() && bench::case_shape(op, dtype, b, world).is_none())
+                .collect();
+            if !unsplit.is_empty() {
+                out.push(format!(
+                    "no {} {} rows at {}: their elements do not split over {world} ranks",
+                    op.name(),
+                    dtype.name(),
+                    list(unsplit)
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The rows of a sweep on this rank, with a progress display on rank 0.
@@ -247,10 +270,13 @@ fn dcp_sweep(comm: &Communicator, spec: &DcpBenchSpec) -> anyhow::Result<Vec<Row
     Ok(rows)
 }
 
-pub(crate) fn meta(comm: &Communicator, command: String) -> Meta {
+/// The results file's provenance; `seed` is the job's seed of the inputs.
+pub(crate) fn meta(comm: &Communicator, command: String, seed: u64) -> Meta {
     let facts = comm.facts();
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("backend".into(), serde_json::json!(comm.backend()));
+    // A string: JSON readers that hold numbers as doubles would round a 64-bit seed.
+    extra.insert("seed".into(), serde_json::json!(seed.to_string()));
     if let Some(g) = facts.pdl_guard {
         extra.insert("pdl_guard".into(), serde_json::json!(g));
     }
@@ -325,34 +351,45 @@ fn limits_from_env() -> Limits {
         .unwrap_or_default()
 }
 
-/// What one rank does for `bench`; rank 0 reports. Returns whether every row was right.
-fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow::Result<bool> {
-    let spec = args.spec(comm.backend())?;
+/// What one rank does for `bench`; rank 0 reports. Returns whether every row was right (on
+/// every rank: a row's check counts every rank's wrong elements).
+fn bench_rank(rank: &Rank<'_>, args: &BenchArgs, limits: &Limits) -> anyhow::Result<bool> {
+    let comm = rank.comm;
+    let (backend, world) = (comm.backend(), comm.world_size());
+    let spec = args.spec(backend, rank.seed);
+    let dcp = args.dcp_spec(&spec.timing, backend, world);
     if comm.rank() == 0 {
         eprintln!(
-            "symmcomm bench: {} ranks on {} ({} backend), {} rows",
-            comm.world_size(),
+            "symmcomm bench (seed {}): {world} ranks on {} ({backend} backend), {} rows",
+            rank.seed,
             comm.describe(),
-            comm.backend(),
             spec.rows()
         );
+        for w in size_warnings(&spec, world) {
+            eprintln!("warning: {w}");
+        }
+        if args.ops.contains(&OpArg::DcpCombine) && dcp.is_none() {
+            eprintln!(
+                "warning: no dcp_combine rows: its {} heads do not split over {world} ranks",
+                DcpBenchSpec::deepseek_v3(Vec::new(), &spec.timing).heads
+            );
+        }
     }
     let mut rows = sweep(comm, &spec)?;
     let collective_rows = rows.len();
-    let dcp = args.dcp_spec(&spec.timing, comm.backend())?;
     if let Some(d) = &dcp {
         rows.extend(dcp_sweep(comm, d)?);
     }
     let ok = rows.iter().all(|r| r.ok);
     if comm.rank() == 0 {
-        println!("{}", bench::nccl_tests_tables(&rows, comm.backend()));
+        println!("{}", bench::nccl_tests_tables(&rows, backend));
         println!("{}", bench::comparison_table(&rows[..collective_rows]));
         if let Some(d) = &dcp {
             println!(
                 "{}",
                 bench::dcp_table(
                     &rows[collective_rows..],
-                    comm.backend(),
+                    backend,
                     d.heads * d.dim * d.dtype.size()
                 )
             );
@@ -374,7 +411,7 @@ fn bench_rank(comm: &Communicator, args: &BenchArgs, limits: &Limits) -> anyhow:
         }
         if let Some(path) = &args.json {
             let results = Results {
-                meta: meta(comm, command_line()),
+                meta: meta(comm, command_line(), rank.seed),
                 limits: limits.clone(),
                 rows,
             };
@@ -395,49 +432,58 @@ pub(crate) fn exit(all_ok: bool) -> ExitCode {
     }
 }
 
+/// Every rank's verdict, or the launched ranks' exit code.
+pub(crate) fn exit_of(ran: Ran<bool>) -> ExitCode {
+    match ran {
+        Ran::Launched(code) => code,
+        Ran::Here(oks) => exit(oks.into_iter().all(|x| x)),
+    }
+}
+
 pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    match args.ranks.plan()? {
-        Plan::Parent { nproc } => {
-            let limits = measure_limits(&args, BackendKind::Cuda, nproc);
-            launch_self(
-                nproc,
-                vec![(LIMITS_ENV.into(), serde_json::to_string(&limits)?)],
-            )
-        }
+    let plan = args.ranks.plan()?;
+    // The limits are measured before any rank starts (on GPUs 0 and 1), by this process.
+    let limits = match &plan {
+        Plan::Parent { nproc } => measure_limits(&args, BackendKind::Cuda, *nproc),
         Plan::Threads { world, config } => {
             let backend = match config.backend {
                 symmcomm::BackendChoice::Host => BackendKind::Host,
                 _ => BackendKind::Cuda,
             };
-            let limits = measure_limits(&args, backend, world);
-            let oks = on_threads(world, &config, |comm| bench_rank(comm, &args, &limits))?;
-            Ok(exit(oks.into_iter().all(|x| x)))
+            measure_limits(&args, backend, *world)
         }
-        Plan::Child { config } => {
-            let comm = child_comm(config)?;
-            let ok = bench_rank(&comm, &args, &limits_from_env())?;
-            Ok(exit(ok))
-        }
-    }
+        Plan::Child { .. } => limits_from_env(),
+    };
+    let env = vec![(LIMITS_ENV.into(), serde_json::to_string(&limits)?)];
+    let ran = plan.run(&args.ranks, env, |rank| bench_rank(rank, &args, &limits))?;
+    Ok(exit_of(ran))
 }
 
 /// What one rank does for `tune`; rank 0 writes the table.
-fn tune_rank(comm: &Communicator, args: &TuneArgs) -> anyhow::Result<bool> {
+fn tune_rank(rank: &Rank<'_>, args: &TuneArgs) -> anyhow::Result<bool> {
+    let comm = rank.comm;
     let backend = comm.backend();
-    let mut spec = args.bench.spec(backend)?;
-    spec.impls.retain(|v| v.imp != symmcomm::Impl::Auto);
+    let mut spec = args.bench.spec(backend, rank.seed);
+    spec.impls.retain(|v| v.imp != Impl::Auto);
     if comm.rank() == 0 {
-        eprintln!("symmcomm tune: pass 1 of 2, {} rows", spec.rows());
+        eprintln!(
+            "symmcomm tune (seed {}): pass 1 of 2, {} rows",
+            rank.seed,
+            spec.rows()
+        );
+        for w in size_warnings(&spec, comm.world_size()) {
+            eprintln!("warning: {w}");
+        }
     }
     let mut rows = sweep(comm, &spec)?;
     let device = comm.facts().name;
     let mut first = bench::tune_table(&rows, backend, &device, "tune pass 1");
     for r in &mut first.rows {
-        r.stage = r.best != symmcomm::Impl::Regular;
+        r.stage = r.best != Impl::Regular;
     }
     comm.set_table(Some(first));
     spec.impls = vec![Variant {
-        imp: symmcomm::Impl::Auto,
+        imp: Impl::Auto,
         windows: false,
     }];
     if comm.rank() == 0 {
@@ -472,17 +518,9 @@ fn tune_rank(comm: &Communicator, args: &TuneArgs) -> anyhow::Result<bool> {
 }
 
 pub(crate) fn run_tune(args: TuneArgs) -> anyhow::Result<ExitCode> {
-    match args.bench.ranks.plan()? {
-        Plan::Parent { nproc } => launch_self(nproc, Vec::new()),
-        Plan::Threads { world, config } => {
-            let oks = on_threads(world, &config, |comm| tune_rank(comm, &args))?;
-            Ok(exit(oks.into_iter().all(|x| x)))
-        }
-        Plan::Child { config } => {
-            let comm = child_comm(config)?;
-            Ok(exit(tune_rank(&comm, &args)?))
-        }
-    }
+    let plan = args.bench.ranks.plan()?;
+    let ran = plan.run(&args.bench.ranks, Vec::new(), |rank| tune_rank(rank, &args))?;
+    Ok(exit_of(ran))
 }
 
 #[cfg(test)]

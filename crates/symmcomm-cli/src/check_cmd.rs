@@ -3,26 +3,29 @@
 
 use std::process::ExitCode;
 
-use symmcomm::{Algo, Collective, Communicator, DType, Impl, ReduceOp};
+use symmcomm::{Algo, Collective, DType, Impl, ReduceOp};
 use symmcomm_lab::verify::{self, Case};
 
-use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
+use crate::args::{MAX_CHECK_ELEMS, whole};
+use crate::ranks::{Ran, Rank, RankArgs};
 
 /// Options of `check`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct CheckArgs {
     #[command(flatten)]
     pub(crate) ranks: RankArgs,
-    /// Element counts per rank piece (odd ones on purpose).
+    /// Element counts per rank piece (odd ones on purpose); fewer and smaller for a quick
+    /// sweep (e.g. 1,7,127).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1,3,7,127,1000,4099,65537"
+        default_value = "1,3,7,127,1000,4099,65537",
+        value_parser = whole::<usize>(1, MAX_CHECK_ELEMS as u64, "elements of one rank's piece")
     )]
     pub(crate) elems: Vec<usize>,
-    /// Seed of the inputs (default: random, printed).
-    #[arg(long)]
-    pub(crate) seed: Option<u64>,
+    /// Internal, for tests of the job's summary: this rank counts every case it runs as failed.
+    #[arg(long, hide = true)]
+    pub(crate) fail_on_rank: Option<usize>,
 }
 
 fn colls() -> Vec<Collective> {
@@ -34,15 +37,13 @@ fn colls() -> Vec<Collective> {
     v
 }
 
-/// Run every case on this rank; returns (cases run, failures described).
-fn check_rank(
-    comm: &Communicator,
-    args: &CheckArgs,
-    seed: u64,
-) -> symmcomm::Result<(usize, usize, Vec<String>)> {
-    let g = comm.world();
+/// Run every case on this rank, printing each failure as it happens (before any rank can stop
+/// the job), then gather every rank's (cases run, not supported, failed), in rank order.
+fn check_rank(rank: &Rank<'_>, args: &CheckArgs) -> anyhow::Result<Vec<[u64; 3]>> {
+    let seed = rank.seed;
+    let g = rank.comm.world();
     let world = g.size();
-    let (mut run, mut skipped, mut failed) = (0, 0, Vec::new());
+    let (mut run, mut skipped, mut failed) = (0u64, 0u64, 0u64);
     let mut n = 0u64;
     let impls = [
         (Impl::Regular, false),
@@ -113,63 +114,91 @@ fn check_rank(
             seed: seed ^ n.wrapping_mul(0x9E37_79B9),
         };
         run += 1;
-        if let Err(e) = verify::run_checked(g, &case) {
-            failed.push(format!("{case:?}: {e}"));
-        }
+        let why = match verify::run_checked(g, &case) {
+            Err(e) => e.to_string(),
+            Ok(_) if args.fail_on_rank == Some(g.rank()) => {
+                "failed on purpose (--fail-on-rank)".into()
+            }
+            Ok(_) => continue,
+        };
+        failed += 1;
+        println!("rank {} FAILED {case:?}: {why}", g.rank());
     }
-    Ok((run, skipped, failed))
+    rank.gather_counts("check counts", [run, skipped, failed])
+}
+
+/// The job's summary line from every rank's (run, not supported, failed).
+fn summary(seed: u64, job: &[[u64; 3]]) -> String {
+    let (run, skipped) = (job[0][0], job[0][1]);
+    let counts = if job.iter().all(|c| c[0] == run && c[1] == skipped) {
+        format!("{run} cases run on each rank, {skipped} not supported by the backend")
+    } else {
+        let by_rank = |i: usize| {
+            job.iter()
+                .map(|c| c[i].to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        format!(
+            "cases run by rank {}, not supported by rank {}",
+            by_rank(0),
+            by_rank(1)
+        )
+    };
+    let failed: u64 = job.iter().map(|c| c[2]).sum();
+    let who: Vec<String> = job
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c[2] > 0)
+        .map(|(r, c)| format!("rank {r}: {}", c[2]))
+        .collect();
+    let who = if who.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", who.join(", "))
+    };
+    format!(
+        "symmcomm check (seed {seed}, {} ranks): {counts}, {failed} failed{who}",
+        job.len()
+    )
 }
 
 pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let seed = args.seed.unwrap_or_else(rand_seed);
-    let report = |r: usize, (run, skipped, failed): (usize, usize, Vec<String>)| {
-        if r == 0 {
-            println!(
-                "symmcomm check (seed {seed}): {run} cases run, {skipped} not supported by the backend, {} failed",
-                failed.len()
-            );
+    let plan = args.ranks.plan()?;
+    let jobs = match plan.run(&args.ranks, Vec::new(), |rank| {
+        let job = check_rank(rank, &args)?;
+        if rank.comm.rank() == 0 {
+            println!("{}", summary(rank.seed, &job));
         }
-        for f in &failed {
-            println!("rank {r} FAILED {f}");
-        }
-        failed.is_empty()
+        Ok(job)
+    })? {
+        Ran::Launched(code) => return Ok(code),
+        Ran::Here(jobs) => jobs,
     };
-    match args.ranks.plan()? {
-        Plan::Parent { nproc } => launch_self(
-            nproc,
-            vec![("SYMMCOMM_CHECK_SEED".into(), seed.to_string())],
-        ),
-        Plan::Threads { world, config } => {
-            let mut ok = true;
-            let all = on_threads(world, &config, |comm| Ok(check_rank(comm, &args, seed)?))?;
-            for (r, x) in all.into_iter().enumerate() {
-                ok &= report(r, x);
-            }
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Plan::Child { config } => {
-            let seed = std::env::var("SYMMCOMM_CHECK_SEED")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(seed);
-            let comm = child_comm(config)?;
-            let ok = report(comm.rank(), check_rank(&comm, &args, seed)?);
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-    }
+    // Every rank exits as the job does, so that rank 0's status is the job's.
+    let job_ok = jobs.iter().flatten().all(|c| c[2] == 0);
+    Ok(if job_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-pub(crate) fn rand_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    symmcomm::lab::fill::splitmix64(t ^ u64::from(std::process::id()))
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    #[test]
+    fn the_summary_counts_every_rank() {
+        let s = summary(7, &[[10, 2, 0], [10, 2, 0], [10, 2, 3]]);
+        assert_eq!(
+            s,
+            "symmcomm check (seed 7, 3 ranks): 10 cases run on each rank, 2 not supported by the backend, 3 failed (rank 2: 3)"
+        );
+        let s = summary(7, &[[10, 2, 0], [9, 3, 0]]);
+        assert!(
+            s.ends_with("cases run by rank 10/9, not supported by rank 2/3, 0 failed"),
+            "{s}"
+        );
+    }
 }

@@ -8,64 +8,80 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use symmcomm::{BackendKind, Communicator};
+use symmcomm::{BackendKind, Communicator, Impl};
 use symmcomm_lab::bench::{Results, Row, Variant};
-use symmcomm_lab::decode_sim::{self, ModelDims, SimSpec, StepConfig};
+use symmcomm_lab::decode_sim::{self, ModelDims, SimSpec};
 
-use crate::bench_cmd::{command_line, exit, meta};
-use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
+use crate::args::{ConfigArg, ImplArg, MAX_BATCH, ModelArg, count, whole};
+use crate::bench_cmd::{command_line, exit_of, meta};
+use crate::ranks::{Rank, RankArgs};
 
 /// Options of `decode-sim`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct DecodeSimArgs {
     #[command(flatten)]
     pub(crate) ranks: RankArgs,
-    /// Model preset: deepseek-v3, or tiny (small, for tests).
-    #[arg(long, default_value = "deepseek-v3")]
-    pub(crate) model: String,
+    /// Model preset.
+    #[arg(long, value_enum, default_value_t = ModelArg::DeepseekV3)]
+    pub(crate) model: ModelArg,
     /// Override the preset's hidden size.
-    #[arg(long)]
+    #[arg(long, value_parser = dimension())]
     pub(crate) hidden: Option<usize>,
     /// Override the preset's number of attention heads.
-    #[arg(long)]
+    #[arg(long, value_parser = dimension())]
     pub(crate) heads: Option<usize>,
-    /// Override the preset's kv_lora_rank.
-    #[arg(long)]
+    /// Override the preset's kv_lora_rank (the dcp rows need a multiple of 8).
+    #[arg(long, value_parser = dimension())]
     pub(crate) kv_lora_rank: Option<usize>,
     /// Override the preset's RoPE dimension.
-    #[arg(long)]
+    #[arg(long, value_parser = dimension())]
     pub(crate) rope_dim: Option<usize>,
     /// Override the preset's number of layers.
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>(1, 1000, "layers of a model"))]
     pub(crate) layers: Option<usize>,
     /// Batch sizes: decode tokens of each rank's attention.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,8,32,64",
+        value_parser = whole::<usize>(1, MAX_BATCH as u64, "decode tokens per rank")
+    )]
     pub(crate) batch: Vec<usize>,
-    /// Configurations: tp, dp_attn, dcp.
-    #[arg(long, value_delimiter = ',', default_value = "tp,dp_attn,dcp")]
-    pub(crate) configs: Vec<String>,
-    /// Implementations (default nccl,nccl_symm,auto; on the host backend host,host_symm,auto).
-    #[arg(long, value_delimiter = ',')]
-    pub(crate) impls: Vec<String>,
+    /// Configurations, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_values_t = [ConfigArg::Tp, ConfigArg::DpAttn, ConfigArg::Dcp]
+    )]
+    pub(crate) configs: Vec<ConfigArg>,
+    /// Implementations (default nccl, nccl_symm, auto; on the host backend host, host_symm,
+    /// auto).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) impls: Vec<ImplArg>,
     /// A stand-in compute kernel spinning this many µs before each collective.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::args::micros)]
     pub(crate) compute_us: Option<f64>,
-    /// Graph replays per timed region.
-    #[arg(long, default_value_t = 10)]
-    pub(crate) replays: usize,
-    /// Timed regions (the median is reported).
-    #[arg(long, default_value_t = 7)]
-    pub(crate) repeats: usize,
+    /// Graph replays per timed region (default 10; 2 on the host backend, which is slow).
+    #[arg(long, value_parser = count::<usize>())]
+    pub(crate) replays: Option<usize>,
+    /// Timed regions, the median is reported (default 7; 3 on the host backend).
+    #[arg(long, value_parser = count::<usize>())]
+    pub(crate) repeats: Option<usize>,
     /// Results file: its decode_step rows are replaced and every other row is kept (a new file
     /// is created when none exists).
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
 }
 
+/// A model dimension: 1 to 2^20.
+fn dimension() -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync {
+    whole(1, 1 << 20, "a model dimension")
+}
+
 impl DecodeSimArgs {
-    fn model(&self) -> anyhow::Result<ModelDims> {
-        let mut m = ModelDims::preset(&self.model)
-            .with_context(|| format!("unknown model {:?} (deepseek-v3, tiny)", self.model))?;
+    fn model(&self) -> ModelDims {
+        let mut m = self.model.dims();
         let before = m.clone();
         for (field, value) in [
             (&mut m.hidden, self.hidden),
@@ -75,61 +91,37 @@ impl DecodeSimArgs {
             (&mut m.layers, self.layers),
         ] {
             if let Some(v) = value {
-                if v == 0 {
-                    bail!("model dimensions must be at least 1");
-                }
                 *field = v;
             }
         }
         if m != before {
             m.name = format!("{}-custom", before.name);
         }
-        Ok(m)
+        m
     }
 
-    fn spec(&self, backend: BackendKind) -> anyhow::Result<SimSpec> {
-        let impls: Vec<String> = if self.impls.is_empty() {
-            match backend {
-                BackendKind::Cuda => vec!["nccl", "nccl_symm", "auto"],
-                BackendKind::Host => vec!["host", "host_symm", "auto"],
-            }
-            .into_iter()
-            .map(String::from)
-            .collect()
+    fn spec(&self, backend: BackendKind, seed: u64) -> SimSpec {
+        let host = backend == BackendKind::Host;
+        let impls: Vec<Variant> = if self.impls.is_empty() {
+            [Impl::Regular, Impl::Symmetric, Impl::Auto]
+                .into_iter()
+                .map(Variant::of)
+                .collect()
         } else {
-            self.impls.clone()
+            self.impls.iter().map(|i| i.variant()).collect()
         };
-        let mut spec = SimSpec::new(
-            self.model()?,
-            impls
-                .iter()
-                .map(|s| Variant::parse(s).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()?,
-        );
-        spec.configs = self
-            .configs
-            .iter()
-            .map(|c| StepConfig::parse(c).map_err(anyhow::Error::msg))
-            .collect::<anyhow::Result<_>>()?;
-        if self.batch.contains(&0) {
-            bail!("batch sizes start at 1");
-        }
+        let mut spec = SimSpec::new(self.model(), impls);
+        spec.configs = self.configs.iter().map(|&c| c.into()).collect();
         spec.batches = self.batch.clone();
-        spec.replays = self.replays.max(1);
-        spec.repeats = self.repeats.max(1);
-        if let Some(us) = self.compute_us
-            && !(us.is_finite() && us >= 0.0)
-        {
-            bail!("--compute-us must be a non-negative number of microseconds");
-        }
-        spec.compute_us = self.compute_us;
-        if backend == BackendKind::Host {
-            // The host reference is slow; fewer repetitions keep a run to seconds.
-            spec.replays = spec.replays.min(2);
-            spec.repeats = spec.repeats.min(3);
+        // The host reference is slow; fewer repetitions by default keep a run to seconds.
+        spec.replays = self.replays.unwrap_or(if host { 2 } else { 10 });
+        spec.repeats = self.repeats.unwrap_or(if host { 3 } else { 7 });
+        if host {
             spec.warmup = 1;
         }
-        Ok(spec)
+        spec.compute_us = self.compute_us;
+        spec.seed = seed;
+        spec
     }
 }
 
@@ -140,6 +132,7 @@ fn write_results(
     comm: &Communicator,
     rows: Vec<Row>,
     command: String,
+    seed: u64,
 ) -> anyhow::Result<()> {
     let mut results = if path.exists() {
         let text =
@@ -149,10 +142,14 @@ fn write_results(
         r.meta
             .extra
             .insert("decode_sim_command".into(), serde_json::json!(command));
+        r.meta.extra.insert(
+            "decode_sim_seed".into(),
+            serde_json::json!(seed.to_string()),
+        );
         r
     } else {
         Results {
-            meta: meta(comm, command),
+            meta: meta(comm, command, seed),
             ..Results::default()
         }
     };
@@ -165,12 +162,14 @@ fn write_results(
 }
 
 /// What one rank does; rank 0 reports. Returns whether every row was right.
-fn sim_rank(comm: &Communicator, args: &DecodeSimArgs) -> anyhow::Result<bool> {
-    let spec = args.spec(comm.backend())?;
+fn sim_rank(rank: &Rank<'_>, args: &DecodeSimArgs) -> anyhow::Result<bool> {
+    let comm = rank.comm;
+    let spec = args.spec(comm.backend(), rank.seed);
     let rank0 = comm.rank() == 0;
     if rank0 {
         eprintln!(
-            "symmcomm decode-sim: {} on {} ranks ({} backend, {}), configs {}, batches {:?}, one CUDA graph per step{}",
+            "symmcomm decode-sim (seed {}): {} on {} ranks ({} backend, {}), configs {}, batches {:?}, one CUDA graph per step{}",
+            rank.seed,
             spec.model.describe(),
             comm.world_size(),
             comm.backend(),
@@ -225,7 +224,7 @@ fn sim_rank(comm: &Communicator, args: &DecodeSimArgs) -> anyhow::Result<bool> {
             );
         }
         if let Some(path) = &args.json {
-            write_results(path, comm, rows, command_line())?;
+            write_results(path, comm, rows, command_line(), rank.seed)?;
             eprintln!("decode_step rows written to {}", path.display());
         }
     }
@@ -233,15 +232,12 @@ fn sim_rank(comm: &Communicator, args: &DecodeSimArgs) -> anyhow::Result<bool> {
 }
 
 pub(crate) fn run(args: DecodeSimArgs) -> anyhow::Result<ExitCode> {
-    match args.ranks.plan()? {
-        Plan::Parent { nproc } => launch_self(nproc, Vec::new()),
-        Plan::Threads { world, config } => {
-            let oks = on_threads(world, &config, |comm| sim_rank(comm, &args))?;
-            Ok(exit(oks.into_iter().all(|x| x)))
-        }
-        Plan::Child { config } => {
-            let comm = child_comm(config)?;
-            Ok(exit(sim_rank(&comm, &args)?))
-        }
+    let plan = args.ranks.plan()?;
+    if plan.world() == Some(1) {
+        bail!(
+            "--world 1: decode-sim needs at least 2 ranks (one rank has no communication to replay)"
+        );
     }
+    let ran = plan.run(&args.ranks, Vec::new(), |rank| sim_rank(rank, &args))?;
+    Ok(exit_of(ran))
 }

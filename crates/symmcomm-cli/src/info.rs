@@ -10,7 +10,11 @@ pub(crate) struct InfoArgs {
     #[arg(long)]
     no_symm: bool,
     /// Decode-context-parallel size to plan the environment for.
-    #[arg(long, default_value_t = 1)]
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = crate::args::whole::<usize>(1, crate::args::MAX_RANKS as u64, "ranks of the DCP group")
+    )]
     dcp_size: usize,
     /// A dispatch table file to show instead of the built-in one.
     #[arg(long)]

@@ -3,6 +3,7 @@
 //! a long run of a graph of collectives (`soak`), and `decode-sim`, which replays the
 //! communication of one decode step. The work is in the library; this binary is glue.
 
+mod args;
 mod bench_cmd;
 mod check_cmd;
 mod decode_sim_cmd;
@@ -44,16 +45,16 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct LaunchArgs {
     /// Number of ranks.
-    #[arg(long)]
+    #[arg(long, value_parser = args::whole::<usize>(1, args::MAX_RANKS as u64, "ranks on one host"))]
     nproc: usize,
     /// Rendezvous address (rank 0 listens there).
     #[arg(long, default_value = "127.0.0.1")]
     master_addr: String,
     /// Rendezvous port (default: a free one).
-    #[arg(long)]
+    #[arg(long, value_parser = args::whole::<u16>(1, 65_535, "a TCP port; 0 is not one"))]
     master_port: Option<u16>,
     /// Kill every rank after this many seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = args::whole::<u64>(1, args::MAX_LAUNCH_S, "seconds, at most a year"))]
     timeout: Option<u64>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]

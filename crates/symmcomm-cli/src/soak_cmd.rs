@@ -7,10 +7,11 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use symmcomm::{Collective, Communicator, DType, Impl, ReduceOp};
+use symmcomm::{Collective, DType, Impl, ReduceOp};
 use symmcomm_lab::verify::{self, Case};
 
-use crate::ranks::{Plan, RankArgs, child_comm, launch_self, on_threads};
+use crate::args::count;
+use crate::ranks::{Ran, Rank, RankArgs};
 
 /// Options of `symmcomm soak`.
 #[derive(Debug, clap::Args)]
@@ -18,25 +19,11 @@ pub(crate) struct SoakArgs {
     #[command(flatten)]
     ranks: RankArgs,
     /// Graph replays in all.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = count::<u64>())]
     replays: u64,
     /// Check every output after this many replays.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = count::<u64>())]
     check_every: u64,
-    /// Seed of the inputs (default: fresh).
-    #[arg(long)]
-    seed: Option<u64>,
-}
-
-/// What one rank saw.
-struct Outcome {
-    rank: usize,
-    cases: Vec<String>,
-    replays: u64,
-    checks: u64,
-    failures: u64,
-    first_failure: Option<String>,
-    seconds: f64,
 }
 
 /// The graph's collectives: (collective, per-rank piece in elements, implementation).
@@ -57,7 +44,11 @@ fn collectives() -> Vec<(Collective, usize, Impl)> {
     ]
 }
 
-fn soak_rank(comm: &Communicator, args: &SoakArgs, seed: u64) -> anyhow::Result<Outcome> {
+/// Soak on this rank and print what it saw (rank 0 first the graph, and last the job's totals:
+/// each rank prints before the job's counts are gathered, so nothing is lost when a rank that
+/// failed ends the job). Returns whether the job had no failure.
+fn soak_rank(rank: &Rank<'_>, args: &SoakArgs) -> anyhow::Result<bool> {
+    let (comm, seed) = (rank.comm, rank.seed);
     let g = comm.world();
     let world = g.size();
     let backend = comm.backend();
@@ -89,6 +80,15 @@ fn soak_rank(comm: &Communicator, args: &SoakArgs, seed: u64) -> anyhow::Result<
             imp.name(backend)
         ));
         cases.push(case);
+    }
+    if g.rank() == 0 {
+        println!(
+            "symmcomm soak (seed {seed}): one graph of {} collectives:",
+            names.len()
+        );
+        for c in &names {
+            println!("  {c}");
+        }
     }
     let bufs: Vec<verify::CaseBuffers> = cases
         .iter()
@@ -137,69 +137,44 @@ fn soak_rank(comm: &Communicator, args: &SoakArgs, seed: u64) -> anyhow::Result<
         checks += 1;
     }
     let seconds = t0.elapsed().as_secs_f64();
-    g.barrier()?;
-    Ok(Outcome {
-        rank: g.rank(),
-        cases: names,
-        replays: done,
-        checks,
-        failures,
-        first_failure,
-        seconds,
-    })
-}
-
-fn report(o: &Outcome, seed: u64) -> bool {
-    if o.rank == 0 {
-        println!(
-            "symmcomm soak (seed {seed}): one graph of {} collectives:",
-            o.cases.len()
-        );
-        for c in &o.cases {
-            println!("  {c}");
-        }
-    }
     println!(
-        "rank {}: {} replays in {:.1} s ({:.2} us per replay), {} checks of every output, {} failures",
-        o.rank,
-        o.replays,
-        o.seconds,
-        o.seconds * 1e6 / o.replays.max(1) as f64,
-        o.checks,
-        o.failures
+        "rank {}: {done} replays in {seconds:.1} s ({:.2} us per replay), {checks} checks of every output, {failures} failures",
+        g.rank(),
+        seconds * 1e6 / done.max(1) as f64,
     );
-    if let Some(f) = &o.first_failure {
-        println!("rank {} FIRST FAILURE {f}", o.rank);
+    if let Some(f) = &first_failure {
+        println!("rank {} FIRST FAILURE {f}", g.rank());
     }
-    o.failures == 0
+    let job = rank.gather_counts("soak counts", [done, checks, failures])?;
+    let failures: u64 = job.iter().map(|c| c[2]).sum();
+    if g.rank() == 0 {
+        let who: Vec<String> = job
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c[2] > 0)
+            .map(|(r, c)| format!("rank {r}: {}", c[2]))
+            .collect();
+        println!(
+            "symmcomm soak: {} ranks, {done} replays and {checks} checks each, {failures} failures{}",
+            job.len(),
+            if who.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", who.join(", "))
+            }
+        );
+    }
+    Ok(failures == 0)
 }
 
 pub(crate) fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.check_every > 0, "--check-every must be at least 1");
-    let seed = args.seed.unwrap_or_else(crate::check_cmd::rand_seed);
-    let code = |ok: bool| {
-        if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }
-    };
-    match args.ranks.plan()? {
-        Plan::Parent { nproc } => {
-            launch_self(nproc, vec![("SYMMCOMM_SOAK_SEED".into(), seed.to_string())])
-        }
-        Plan::Threads { world, config } => {
-            let all = on_threads(world, &config, |comm| soak_rank(comm, &args, seed))?;
-            Ok(code(all.iter().all(|o| report(o, seed))))
-        }
-        Plan::Child { config } => {
-            let seed = std::env::var("SYMMCOMM_SOAK_SEED")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(seed);
-            let comm = child_comm(config)?;
-            let o = soak_rank(&comm, &args, seed)?;
-            Ok(code(report(&o, seed)))
-        }
-    }
+    let plan = args.ranks.plan()?;
+    // Every rank exits as the job does.
+    Ok(
+        match plan.run(&args.ranks, Vec::new(), |rank| soak_rank(rank, &args))? {
+            Ran::Launched(code) => code,
+            Ran::Here(oks) if oks.iter().all(|&ok| ok) => ExitCode::SUCCESS,
+            Ran::Here(_) => ExitCode::FAILURE,
+        },
+    )
 }
