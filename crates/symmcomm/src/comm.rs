@@ -103,19 +103,16 @@ impl Communicator {
     /// ```
     pub fn new(boot: Bootstrap, config: CommConfig) -> Result<Self> {
         let id = NEXT_COMM_ID.fetch_add(1, Ordering::Relaxed);
-        config
-            .pool
-            .validate()
-            .map_err(|detail| Error::InvalidArgument {
-                ctx: OpCtx {
-                    op: Op::Init,
-                    group: "world".into(),
-                    rank: boot.rank,
-                    world: boot.world_size,
-                    bytes: 0,
-                },
-                detail: format!("pool configuration: {detail}"),
-            })?;
+        config.validate().map_err(|detail| Error::InvalidArgument {
+            ctx: OpCtx {
+                op: Op::Init,
+                group: "world".into(),
+                rank: boot.rank,
+                world: boot.world_size,
+                bytes: 0,
+            },
+            detail,
+        })?;
         let abort = AbortFlag::registered();
         let device = crate::backend::start(&config.device_config(&boot), &abort)?;
         let table = match &config.table {

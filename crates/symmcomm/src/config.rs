@@ -11,6 +11,10 @@ use crate::dispatch::DispatchTable;
 use crate::policy::SymmPolicy;
 use crate::pool::{CheckMode, PoolConfig};
 
+/// The longest deadline a communicator or a rendezvous accepts: every wait adds it to the
+/// clock, which must not overflow; a deadline of days would never end a hang anyone waits for.
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Where `auto`'s dispatch table comes from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TableSource {
@@ -79,6 +83,20 @@ impl Default for CommConfig {
 }
 
 impl CommConfig {
+    /// Why this configuration cannot start a communicator, if it cannot.
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        self.pool
+            .validate()
+            .map_err(|detail| format!("pool configuration: {detail}"))?;
+        if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
+            return Err(format!(
+                "timeout {:?} is outside (0, {MAX_TIMEOUT:?}]",
+                self.timeout
+            ));
+        }
+        Ok(())
+    }
+
     /// What the device of the rank `boot` describes starts with.
     pub(crate) fn device_config(&self, boot: &Bootstrap) -> DeviceConfig {
         DeviceConfig {

@@ -136,6 +136,20 @@ fn host_refuses_cuda_streams_and_null_memory() {
     }));
 }
 
+/// A deadline of zero, or so long that the clock would overflow, is refused at start.
+#[test]
+fn host_refuses_unusable_timeouts() {
+    for timeout in [std::time::Duration::ZERO, std::time::Duration::MAX] {
+        let boot = symmcomm::Bootstrap::threads(1, std::time::Duration::from_secs(5)).remove(0);
+        let config = CommConfig {
+            timeout,
+            ..TestBackend::Host.config()
+        };
+        let e = Communicator::new(boot, config).unwrap_err();
+        assert!(e.to_string().contains("timeout"), "{e}");
+    }
+}
+
 /// An allocator callback may not run a collective: it takes slots of segments reserved before,
 /// at the same offsets on every rank, and fails clearly when they are full.
 #[test]

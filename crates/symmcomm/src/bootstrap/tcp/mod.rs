@@ -133,6 +133,16 @@ fn check_config(cfg: &RendezvousConfig) -> Result<()> {
             world: cfg.world_size,
         });
     }
+    if cfg.timeout.is_zero() || cfg.timeout > crate::config::MAX_TIMEOUT {
+        return Err(Error::RendezvousFailed {
+            rank: cfg.rank,
+            reason: format!(
+                "timeout {:?} is outside (0, {:?}]",
+                cfg.timeout,
+                crate::config::MAX_TIMEOUT
+            ),
+        });
+    }
     if u32::try_from(cfg.world_size).is_err() {
         return Err(Error::RendezvousFailed {
             rank: cfg.rank,
