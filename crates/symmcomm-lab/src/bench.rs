@@ -309,6 +309,172 @@ struct Prepared {
     samples: Vec<f64>,
 }
 
+/// One (op, dtype, size, mode) of the sweep on one group: what each step of measuring it
+/// reads.
+struct Point<'a> {
+    comm: &'a Communicator,
+    group: &'a Group,
+    spec: &'a BenchSpec,
+    coll: Collective,
+    dtype: DType,
+    bytes: usize,
+    mode: Mode,
+}
+
+impl Point<'_> {
+    /// The per-rank input shape, or an error when the size does not split over the ranks.
+    fn shape(&self) -> Result<Vec<usize>> {
+        let (group, bytes, dtype) = (self.group, self.bytes, self.dtype);
+        let world = group.size();
+        case_shape(self.coll, dtype, bytes, world).ok_or_else(|| Error::InvalidArgument {
+            ctx: symmcomm::OpCtx {
+                op: symmcomm::Op::Init,
+                group: group.label().into(),
+                rank: group.rank(),
+                world,
+                bytes,
+            },
+            detail: format!("{bytes} B of {dtype} does not split over {world} ranks"),
+        })
+    }
+
+    /// `variant`'s buffers with a filled input, run `warmup` times (at least once) eagerly and,
+    /// in graph mode, captured as `graph_ops` operations and replayed twice.
+    fn prepare(&self, shape: &[usize], variant: Variant) -> Result<Prepared> {
+        let (group, timing) = (self.group, &self.spec.timing);
+        let case = Case {
+            coll: self.coll,
+            dtype: self.dtype,
+            shape: shape.to_vec(),
+            dim: None,
+            imp: variant.imp,
+            input_symm: variant.windows,
+            output_symm: variant.windows,
+            seed: timing.seed ^ self.bytes as u64,
+        };
+        let bufs = verify::alloc(group, &case)?;
+        group.fill_random(&bufs.input, case.seed, None)?;
+        let run = || group.collective(self.coll, &bufs.input, &bufs.output, None, variant.imp);
+        let mut ran = None;
+        for _ in 0..timing.warmup.max(1) {
+            ran = Some(run()?.name());
+        }
+        let graph = match self.mode {
+            Mode::Eager => None,
+            Mode::Graph => {
+                let (graph, ()) = self.comm.capture(|| {
+                    (0..timing.graph_ops).try_for_each(|_| -> Result<()> {
+                        ran = Some(run()?.name());
+                        Ok(())
+                    })
+                })?;
+                for _ in 0..2 {
+                    graph.replay()?;
+                }
+                Some(graph)
+            }
+        };
+        Ok(Prepared {
+            variant,
+            case,
+            bufs,
+            graph,
+            ran,
+            samples: Vec::with_capacity(timing.repeats),
+        })
+    }
+
+    /// The timed regions, interleaved over the variants repeat by repeat; each sample is µs
+    /// per operation.
+    fn time_interleaved(&self, prepared: &mut [Prepared]) -> Result<()> {
+        let (comm, timing) = (self.comm, &self.spec.timing);
+        for _ in 0..timing.repeats {
+            for p in prepared.iter_mut() {
+                let (bufs, imp) = (&p.bufs, p.variant.imp);
+                let t = match &p.graph {
+                    None => comm.time(&mut || {
+                        for _ in 0..timing.iters {
+                            self.group.collective(
+                                self.coll,
+                                &bufs.input,
+                                &bufs.output,
+                                None,
+                                imp,
+                            )?;
+                        }
+                        Ok(())
+                    })?,
+                    Some(g) => {
+                        p.samples
+                            .push(replay_us(comm, g, timing.replays)? / timing.graph_ops as f64);
+                        continue;
+                    }
+                };
+                p.samples.push(t.as_secs_f64() * 1e6 / timing.iters as f64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the output of exactly this configuration: poison, run once more, compare. Returns
+    /// the elements wrong on this rank.
+    fn count_wrong(&self, p: &Prepared) -> Result<usize> {
+        let (group, coll, bytes) = (self.group, self.coll, self.bytes);
+        group.poison(&p.bufs.output)?;
+        match &p.graph {
+            Some(g) => g.replay()?,
+            None => {
+                group.collective(coll, &p.bufs.input, &p.bufs.output, None, p.variant.imp)?;
+            }
+        }
+        let got = group.download_bytes(&p.bufs.output)?;
+        let wrong = match verify::compare(&p.case, group.size(), group.rank(), 0, &got) {
+            Ok(()) => 0usize,
+            Err(m) => {
+                tracing::warn!(
+                    op = coll.name(),
+                    bytes,
+                    implementation = %p.variant.name(self.comm.backend()),
+                    rank = group.rank(),
+                    "wrong result: {} of {} elements, first at {} (got {}, want {})",
+                    m.wrong,
+                    m.total,
+                    m.first_index,
+                    m.got,
+                    m.want
+                );
+                m.wrong
+            }
+        };
+        Ok(wrong)
+    }
+
+    /// `p`'s row: checked once more, then the slowest rank's median and the wrong elements of
+    /// every rank (collective).
+    fn row(&self, p: Prepared) -> Result<Row> {
+        let (coll, bytes) = (self.coll, self.bytes);
+        let world = self.group.size();
+        let wrong = self.count_wrong(&p)?;
+        let (us, wrong_total) = slowest_rank(self.group, "bench row", median(p.samples), wrong)?;
+        let algbw = bytes as f64 / (us * 1e-6) / 1e9;
+        Ok(Row {
+            op: coll.name().into(),
+            dtype: self.dtype,
+            bytes,
+            world,
+            implementation: p.variant.name(self.comm.backend()),
+            mode: self.mode,
+            us,
+            algbw_gbps: algbw,
+            busbw_gbps: algbw * coll.busbw_factor(world),
+            ok: wrong_total == 0,
+            ran: (p.variant.imp == Impl::Auto).then(|| p.ran.unwrap_or_default()),
+            wrong: wrong_total,
+            config: None,
+        })
+    }
+}
+
 /// Measure every variant at one (op, dtype, size, mode) on every rank of `group`
 /// (collective). The variants' timed regions are interleaved, repeat by repeat, so clock or
 /// thermal drift during the sweep does not favour whichever ran first. Returns one row per
@@ -324,120 +490,24 @@ pub fn measure_point(
     variants: &[Variant],
     mode: Mode,
 ) -> Result<Vec<Row>> {
-    let world = group.size();
-    let shape = case_shape(coll, dtype, bytes, world).ok_or_else(|| Error::InvalidArgument {
-        ctx: symmcomm::OpCtx {
-            op: symmcomm::Op::Init,
-            group: group.label().into(),
-            rank: group.rank(),
-            world,
-            bytes,
-        },
-        detail: format!("{bytes} B of {dtype} does not split over {world} ranks"),
-    })?;
+    let point = Point {
+        comm,
+        group,
+        spec,
+        coll,
+        dtype,
+        bytes,
+        mode,
+    };
+    let shape = point.shape()?;
     let mut prepared = Vec::with_capacity(variants.len());
     for &variant in variants {
-        let case = Case {
-            coll,
-            dtype,
-            shape: shape.clone(),
-            dim: None,
-            imp: variant.imp,
-            input_symm: variant.windows,
-            output_symm: variant.windows,
-            seed: spec.timing.seed ^ bytes as u64,
-        };
-        let bufs = verify::alloc(group, &case)?;
-        group.fill_random(&bufs.input, case.seed, None)?;
-        let run = || group.collective(coll, &bufs.input, &bufs.output, None, variant.imp);
-        let mut ran = None;
-        for _ in 0..spec.timing.warmup.max(1) {
-            ran = Some(run()?.name());
-        }
-        let graph = match mode {
-            Mode::Eager => None,
-            Mode::Graph => {
-                let (graph, ()) = comm.capture(|| {
-                    (0..spec.timing.graph_ops).try_for_each(|_| -> Result<()> {
-                        ran = Some(run()?.name());
-                        Ok(())
-                    })
-                })?;
-                for _ in 0..2 {
-                    graph.replay()?;
-                }
-                Some(graph)
-            }
-        };
-        prepared.push(Prepared {
-            variant,
-            case,
-            bufs,
-            graph,
-            ran,
-            samples: Vec::with_capacity(spec.timing.repeats),
-        });
+        prepared.push(point.prepare(&shape, variant)?);
     }
     comm.synchronize()?;
     group.barrier()?;
-    for _ in 0..spec.timing.repeats {
-        for p in &mut prepared {
-            let (bufs, imp) = (&p.bufs, p.variant.imp);
-            let t = match &p.graph {
-                None => comm.time(&mut || {
-                    for _ in 0..spec.timing.iters {
-                        group.collective(coll, &bufs.input, &bufs.output, None, imp)?;
-                    }
-                    Ok(())
-                })?,
-                Some(g) => {
-                    p.samples.push(
-                        replay_us(comm, g, spec.timing.replays)? / spec.timing.graph_ops as f64,
-                    );
-                    continue;
-                }
-            };
-            p.samples
-                .push(t.as_secs_f64() * 1e6 / spec.timing.iters as f64);
-        }
-    }
-    let mut rows = Vec::with_capacity(prepared.len());
-    for p in prepared {
-        // Check the output of exactly this configuration: poison, run once more, compare.
-        group.poison(&p.bufs.output)?;
-        match &p.graph {
-            Some(g) => g.replay()?,
-            None => {
-                group.collective(coll, &p.bufs.input, &p.bufs.output, None, p.variant.imp)?;
-            }
-        }
-        let got = group.download_bytes(&p.bufs.output)?;
-        let wrong = match verify::compare(&p.case, world, group.rank(), 0, &got) {
-            Ok(()) => 0usize,
-            Err(m) => {
-                tracing::warn!(op = coll.name(), bytes, implementation = %p.variant.name(comm.backend()), rank = group.rank(), "wrong result: {} of {} elements, first at {} (got {}, want {})", m.wrong, m.total, m.first_index, m.got, m.want);
-                m.wrong
-            }
-        };
-        let (us, wrong_total) = slowest_rank(group, "bench row", median(p.samples), wrong)?;
-        let algbw = bytes as f64 / (us * 1e-6) / 1e9;
-        rows.push(Row {
-            op: coll.name().into(),
-            dtype,
-            bytes,
-            world,
-            implementation: p.variant.name(comm.backend()),
-            mode,
-            us,
-            algbw_gbps: algbw,
-            busbw_gbps: algbw * coll.busbw_factor(world),
-            ok: wrong_total == 0,
-            ran: (p.variant.imp == Impl::Auto).then(|| p.ran.unwrap_or_default()),
-            wrong: wrong_total,
-            config: None,
-        });
-    }
-    Ok(rows)
+    point.time_interleaved(&mut prepared)?;
+    prepared.into_iter().map(|p| point.row(p)).collect()
 }
 
 /// Time `replays` back-to-back replays of `graph` between two device events; µs per replay.
@@ -704,7 +774,6 @@ pub fn tune_table(
     source: &str,
 ) -> symmcomm::dispatch::DispatchTable {
     use symmcomm::dispatch::{DispatchRow, DispatchTable};
-    let regular = Impl::Regular.name(backend);
     let mut keys: Vec<(String, DType, usize, Mode)> = rows
         .iter()
         .map(|r| (r.op.clone(), r.dtype, r.world, r.mode))
@@ -724,53 +793,19 @@ pub fn tune_table(
         sizes.dedup();
         let last = sizes.last().copied();
         for b in sizes {
-            let at: Vec<&&Row> = mine.iter().filter(|r| r.bytes == b).collect();
-            let candidates = at.iter().filter_map(|r| {
-                let v = Variant::parse(&r.implementation).ok()?;
-                (v.imp != Impl::Auto
-                    && (v.windows || v.imp == Impl::Regular)
-                    && !r.implementation.ends_with("_on_windows"))
-                .then_some((v.imp, r.us))
-            });
-            let Some((fastest, fastest_us)) = candidates.clone().min_by(|a, b| a.1.total_cmp(&b.1))
-            else {
+            let at: Vec<&Row> = mine.iter().copied().filter(|r| r.bytes == b).collect();
+            let Some(bucket) = Bucket::choose(&at, backend) else {
                 continue;
             };
-            // Our kernels replace NCCL only where they win by more than the noise of a
-            // measurement (3%); otherwise NCCL's faster path stays.
-            let nccl_best = candidates
-                .clone()
-                .filter(|(i, _)| matches!(i, Impl::Regular | Impl::Symmetric))
-                .min_by(|a, b| a.1.total_cmp(&b.1));
-            let (best, best_us) = match (fastest, nccl_best) {
-                (Impl::Kernel(_), Some((ni, nus))) if fastest_us >= 0.97 * nus => (ni, nus),
-                _ => (fastest, fastest_us),
-            };
-            let regular_us = at
-                .iter()
-                .find(|r| r.implementation == regular)
-                .map(|r| r.us);
-            let staged_us = at
-                .iter()
-                .find(|r| r.implementation == "auto_plain")
-                .map(|r| r.us);
-            let stage = best != Impl::Regular
-                && matches!((staged_us, regular_us), (Some(s), Some(r)) if s < 0.98 * r);
-            let mut measured_us: BTreeMap<String, f64> =
-                candidates.map(|(i, t)| (i.name(backend), t)).collect();
-            if let Some(s) = staged_us {
-                measured_us.insert("auto_plain".into(), s);
-            }
-            let _ = best_us;
             out.push(DispatchRow {
                 op: op.clone(),
                 dtype,
                 world,
                 max_bytes: if Some(b) == last { usize::MAX } else { b },
                 mode: Some(mode),
-                best,
-                stage,
-                measured_us,
+                best: bucket.best,
+                stage: bucket.stage,
+                measured_us: bucket.measured_us,
             });
         }
     }
@@ -779,6 +814,81 @@ pub fn tune_table(
         device: device.into(),
         backend,
         rows: out,
+    }
+}
+
+/// What one size bucket of [`tune_table`] chose from the rows measured at its size.
+struct Bucket {
+    best: Impl,
+    stage: bool,
+    measured_us: BTreeMap<String, f64>,
+}
+
+impl Bucket {
+    /// The choice at one size from its rows `at`; `None` when no candidate was measured there.
+    fn choose(at: &[&Row], backend: BackendKind) -> Option<Self> {
+        let candidates = Self::candidates(at);
+        let (fastest, fastest_us) = candidates
+            .iter()
+            .copied()
+            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+        let best = Self::unless_within_noise_of_nccl(fastest, fastest_us, &candidates);
+        let regular = Impl::Regular.name(backend);
+        let regular_us = at
+            .iter()
+            .find(|r| r.implementation == regular)
+            .map(|r| r.us);
+        let staged_us = at
+            .iter()
+            .find(|r| r.implementation == "auto_plain")
+            .map(|r| r.us);
+        let stage = best != Impl::Regular
+            && matches!((staged_us, regular_us), (Some(s), Some(r)) if s < 0.98 * r);
+        let mut measured_us: BTreeMap<String, f64> = candidates
+            .into_iter()
+            .map(|(i, t)| (i.name(backend), t))
+            .collect();
+        if let Some(s) = staged_us {
+            measured_us.insert("auto_plain".into(), s);
+        }
+        Some(Bucket {
+            best,
+            stage,
+            measured_us,
+        })
+    }
+
+    /// The implementations a table row may choose, with their times: each concrete one in its
+    /// usual placement (the regular path on plain memory, the others on windows); neither
+    /// `auto` nor `*_on_windows`.
+    fn candidates(at: &[&Row]) -> Vec<(Impl, f64)> {
+        at.iter()
+            .filter_map(|r| {
+                let v = Variant::parse(&r.implementation).ok()?;
+                (v.imp != Impl::Auto
+                    && (v.windows || v.imp == Impl::Regular)
+                    && !r.implementation.ends_with("_on_windows"))
+                .then_some((v.imp, r.us))
+            })
+            .collect()
+    }
+
+    /// Our kernels replace NCCL only where they win by more than the noise of a measurement
+    /// (3%); otherwise NCCL's faster path stays.
+    fn unless_within_noise_of_nccl(
+        fastest: Impl,
+        fastest_us: f64,
+        candidates: &[(Impl, f64)],
+    ) -> Impl {
+        let nccl_best = candidates
+            .iter()
+            .copied()
+            .filter(|(i, _)| matches!(i, Impl::Regular | Impl::Symmetric))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        match (fastest, nccl_best) {
+            (Impl::Kernel(_), Some((ni, nus))) if fastest_us >= 0.97 * nus => ni,
+            _ => fastest,
+        }
     }
 }
 

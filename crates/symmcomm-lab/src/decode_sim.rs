@@ -357,6 +357,36 @@ pub fn dp_tokens(rank: usize, world: usize, batch: usize) -> usize {
     batch - rank * batch / (2 * world)
 }
 
+/// The buffers of one step that depend on the configuration, as [`prepare`] builds them.
+struct StepBuffers {
+    inputs: Vec<Tensor>,
+    outputs: Vec<Output>,
+    layers: Vec<Layer>,
+    dp_step: Option<DpStep>,
+    combine_imp: Option<CombineImpl>,
+}
+
+impl StepBuffers {
+    fn with_layers(layers: usize) -> Self {
+        StepBuffers {
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            layers: Vec::with_capacity(layers),
+            dp_step: None,
+            combine_imp: None,
+        }
+    }
+
+    /// Record that `tensor` is the output of `coll` over the `input`-th input.
+    fn output(&mut self, tensor: &Tensor, coll: Collective, input: usize) {
+        self.outputs.push(Output {
+            tensor: tensor.clone(),
+            coll,
+            input,
+        });
+    }
+}
+
 /// Allocate one implementation's buffers for `config` at `batch` (collective).
 fn prepare(
     backend: BackendKind,
@@ -367,127 +397,11 @@ fn prepare(
     variant: Variant,
 ) -> Result<Prepared> {
     let m = &spec.model;
-    let world = group.size();
-    let w = variant.windows;
-    let mut inputs = Vec::new();
-    let mut outputs = Vec::new();
-    let mut layers = Vec::with_capacity(m.layers);
-    let mut dp_step = None;
-    let mut combine_imp = None;
-    let ar = Collective::AllReduce(ReduceOp::Sum);
-    match config {
-        StepConfig::Tp => {
-            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
-            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
-            for _ in 0..m.layers {
-                let attn_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
-                let moe_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
-                outputs.push(Output {
-                    tensor: attn_out.clone(),
-                    coll: ar,
-                    input: 0,
-                });
-                outputs.push(Output {
-                    tensor: moe_out.clone(),
-                    coll: ar,
-                    input: 1,
-                });
-                layers.push(Layer::Tp { attn_out, moe_out });
-            }
-        }
-        StepConfig::DpAttn => {
-            let counts = TokenCounts::exchange(group, dp_tokens(group.rank(), world, batch))?;
-            let step = DpStep::new(counts, true);
-            // The MoE's partial sums over the gathered rows, the same for every layer.
-            inputs.push(alloc(
-                group,
-                w,
-                DType::BF16,
-                &[step.global_rows(), m.hidden],
-            )?);
-            let dp_spec = DpBufferSpec {
-                hidden: m.hidden,
-                dtype: DType::BF16,
-                max_tokens_per_rank: batch,
-                symmetric: w,
-            };
-            for _ in 0..m.layers {
-                let buf = DpGatheredBuffer::new(group, dp_spec)?;
-                if w && !buf.is_symmetric() {
-                    return Err(Error::InvalidArgument {
-                        ctx: ctx(group, 0),
-                        detail: format!(
-                            "{} needs windows, but the policy put the DP buffer in plain memory ({:?})",
-                            variant.name(backend),
-                            group.placement(false)
-                        ),
-                    });
-                }
-                // Every row of the padded send buffer is filled, so the whole gathered buffer
-                // and the whole padded receive buffer are defined.
-                inputs.push(buf.padded_input(&step)?);
-                outputs.push(Output {
-                    tensor: buf.gathered(&step)?,
-                    coll: Collective::AllGather,
-                    input: inputs.len() - 1,
-                });
-                outputs.push(Output {
-                    tensor: buf.padded_output(&step)?,
-                    coll: Collective::ReduceScatter(ReduceOp::Sum),
-                    input: 0,
-                });
-                layers.push(Layer::DpAttn { buf });
-            }
-            dp_step = Some(step);
-        }
-        StepConfig::Dcp => {
-            let (h, hl) = (m.heads, m.heads / world);
-            inputs.push(alloc(group, w, DType::BF16, &[hl, batch, m.q_dim()])?);
-            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
-            inputs.push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
-            // One combine per layer, so that each layer's merged heads can be checked: 2·B·H·D
-            // bf16 (partial and corrected outputs) plus the merged heads, and with `auto` the
-            // fused kernel's workspace (about B·H·D bf16 more, in windows). DeepSeek-V3 at
-            // B = 64, N = 8: 17 MiB per layer on each rank (33 MiB with the workspace), 1 GiB
-            // per step (2 GiB).
-            let cspec = combine_spec(m, batch, variant.imp == Impl::Auto);
-            for _ in 0..m.layers {
-                let q_all = alloc(group, w, DType::BF16, &[h, batch, m.q_dim()])?;
-                let combine = Box::new(DcpCombine::new(group, cspec, !w)?);
-                let imp = *combine_imp.get_or_insert_with(|| combine_impl(variant.imp, &combine));
-                if let Some(why) = combine.unavailable(imp) {
-                    return Err(Error::ImplUnavailable {
-                        ctx: group.ctx(Op::DcpCombine, combine.partial_bytes(batch)),
-                        implementation: format!(
-                            "{} (dcp_combine {})",
-                            variant.name(backend),
-                            imp.name(backend)
-                        ),
-                        why,
-                    });
-                }
-                let attn_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
-                let moe_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
-                for (t, coll, input) in [
-                    (&q_all, Collective::AllGather, 0),
-                    (&attn_out, ar, 1),
-                    (&moe_out, ar, 2),
-                ] {
-                    outputs.push(Output {
-                        tensor: t.clone(),
-                        coll,
-                        input,
-                    });
-                }
-                layers.push(Layer::Dcp {
-                    q_all,
-                    combine,
-                    attn_out,
-                    moe_out,
-                });
-            }
-        }
-    }
+    let bufs = match config {
+        StepConfig::Tp => tp_buffers(group, m, batch, variant.windows)?,
+        StepConfig::DpAttn => dp_attn_buffers(backend, group, m, batch, variant)?,
+        StepConfig::Dcp => dcp_buffers(backend, group, m, batch, variant)?,
+    };
     let spin = match spec.compute_us {
         Some(_) => Some(group.alloc_plain(DType::BF16, &[256])?),
         None => None,
@@ -495,17 +409,161 @@ fn prepare(
     Ok(Prepared {
         variant,
         batch,
-        combine_imp,
-        inputs,
-        outputs,
-        layers,
-        dp_step,
+        combine_imp: bufs.combine_imp,
+        inputs: bufs.inputs,
+        outputs: bufs.outputs,
+        layers: bufs.layers,
+        dp_step: bufs.dp_step,
         spin,
         graph: None,
         ran: BTreeMap::new(),
         samples: Vec::with_capacity(spec.repeats),
         wrong: 0,
     })
+}
+
+/// `tp`: the attention and MoE partial sums (inputs 0 and 1), and per layer the outputs of
+/// their all-reduces.
+fn tp_buffers(group: &Group, m: &ModelDims, batch: usize, w: bool) -> Result<StepBuffers> {
+    let ar = Collective::AllReduce(ReduceOp::Sum);
+    let mut b = StepBuffers::with_layers(m.layers);
+    b.inputs
+        .push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+    b.inputs
+        .push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+    for _ in 0..m.layers {
+        let attn_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+        let moe_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+        b.output(&attn_out, ar, 0);
+        b.output(&moe_out, ar, 1);
+        b.layers.push(Layer::Tp { attn_out, moe_out });
+    }
+    Ok(b)
+}
+
+/// `dp_attn`: this rank's uneven token count exchanged, the MoE's partial sums over the
+/// gathered rows (input 0), and per layer a gathered buffer whose padded send rows are an input
+/// and whose gathered rows and padded receive rows are outputs.
+fn dp_attn_buffers(
+    backend: BackendKind,
+    group: &Group,
+    m: &ModelDims,
+    batch: usize,
+    variant: Variant,
+) -> Result<StepBuffers> {
+    let w = variant.windows;
+    let mut b = StepBuffers::with_layers(m.layers);
+    let counts = TokenCounts::exchange(group, dp_tokens(group.rank(), group.size(), batch))?;
+    let step = DpStep::new(counts, true);
+    // The MoE's partial sums over the gathered rows, the same for every layer.
+    b.inputs.push(alloc(
+        group,
+        w,
+        DType::BF16,
+        &[step.global_rows(), m.hidden],
+    )?);
+    let dp_spec = DpBufferSpec {
+        hidden: m.hidden,
+        dtype: DType::BF16,
+        max_tokens_per_rank: batch,
+        symmetric: w,
+    };
+    for _ in 0..m.layers {
+        let buf = DpGatheredBuffer::new(group, dp_spec)?;
+        if w && !buf.is_symmetric() {
+            return Err(Error::InvalidArgument {
+                ctx: ctx(group, 0),
+                detail: format!(
+                    "{} needs windows, but the policy put the DP buffer in plain memory ({:?})",
+                    variant.name(backend),
+                    group.placement(false)
+                ),
+            });
+        }
+        // Every row of the padded send buffer is filled, so the whole gathered buffer and the
+        // whole padded receive buffer are defined.
+        b.inputs.push(buf.padded_input(&step)?);
+        let gathered_from = b.inputs.len() - 1;
+        b.output(&buf.gathered(&step)?, Collective::AllGather, gathered_from);
+        b.output(
+            &buf.padded_output(&step)?,
+            Collective::ReduceScatter(ReduceOp::Sum),
+            0,
+        );
+        b.layers.push(Layer::DpAttn { buf });
+    }
+    b.dp_step = Some(step);
+    Ok(b)
+}
+
+/// `dcp`: this rank's q heads and the two partial sums (inputs 0 to 2), and per layer the
+/// gathered q, a combine of its own and the all-reduce outputs. Every layer's combine runs the
+/// way the first one's chose ([`combine_impl`]); one that cannot is an error.
+fn dcp_buffers(
+    backend: BackendKind,
+    group: &Group,
+    m: &ModelDims,
+    batch: usize,
+    variant: Variant,
+) -> Result<StepBuffers> {
+    let w = variant.windows;
+    let ar = Collective::AllReduce(ReduceOp::Sum);
+    let (h, hl) = (m.heads, m.heads / group.size());
+    let mut b = StepBuffers::with_layers(m.layers);
+    b.inputs
+        .push(alloc(group, w, DType::BF16, &[hl, batch, m.q_dim()])?);
+    b.inputs
+        .push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+    b.inputs
+        .push(alloc(group, w, DType::BF16, &[batch, m.hidden])?);
+    // One combine per layer, so that each layer's merged heads can be checked: 2·B·H·D bf16
+    // (partial and corrected outputs) plus the merged heads, and with `auto` the fused kernel's
+    // workspace (about B·H·D bf16 more, in windows). DeepSeek-V3 at B = 64, N = 8: 17 MiB per
+    // layer on each rank (33 MiB with the workspace), 1 GiB per step (2 GiB).
+    let cspec = combine_spec(m, batch, variant.imp == Impl::Auto);
+    for _ in 0..m.layers {
+        let q_all = alloc(group, w, DType::BF16, &[h, batch, m.q_dim()])?;
+        let combine = Box::new(DcpCombine::new(group, cspec, !w)?);
+        let imp = *b
+            .combine_imp
+            .get_or_insert_with(|| combine_impl(variant.imp, &combine));
+        require_combine_runs(backend, group, variant, &combine, imp, batch)?;
+        let attn_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+        let moe_out = alloc(group, w, DType::BF16, &[batch, m.hidden])?;
+        b.output(&q_all, Collective::AllGather, 0);
+        b.output(&attn_out, ar, 1);
+        b.output(&moe_out, ar, 2);
+        b.layers.push(Layer::Dcp {
+            q_all,
+            combine,
+            attn_out,
+            moe_out,
+        });
+    }
+    Ok(b)
+}
+
+/// An error when `combine` cannot run as `imp` (the step's combine implementation).
+fn require_combine_runs(
+    backend: BackendKind,
+    group: &Group,
+    variant: Variant,
+    combine: &DcpCombine,
+    imp: CombineImpl,
+    batch: usize,
+) -> Result<()> {
+    match combine.unavailable(imp) {
+        None => Ok(()),
+        Some(why) => Err(Error::ImplUnavailable {
+            ctx: group.ctx(Op::DcpCombine, combine.partial_bytes(batch)),
+            implementation: format!(
+                "{} (dcp_combine {})",
+                variant.name(backend),
+                imp.name(backend)
+            ),
+            why,
+        }),
+    }
 }
 
 /// Enqueue the collectives of one step (every layer) for `p`.
@@ -818,41 +876,47 @@ fn checked_replay(
     count_wrong(group, config, batch, p, &inputs)
 }
 
-/// Measure every implementation of `spec` at one (config, batch) on every rank of `group`
-/// (collective); one row per implementation that can run, as every rank agrees on it.
-pub fn measure_step(
-    comm: &Communicator,
-    group: &Group,
-    spec: &SimSpec,
+/// One (config, batch) of the simulation on one group: what each step of measuring it reads.
+struct StepPoint<'a> {
+    comm: &'a Communicator,
+    group: &'a Group,
+    spec: &'a SimSpec,
     config: StepConfig,
     batch: usize,
-) -> Result<Vec<Row>> {
-    let world = group.size();
-    let backend = comm.backend();
-    let traffic = layer_traffic(config, &spec.model, batch, world);
-    let mut prepared = Vec::new();
-    for &variant in &spec.impls {
-        let why = traffic.iter().find_map(|&(coll, dtype, i, o)| {
+    /// The collectives of one layer, as [`layer_traffic`] lists them.
+    traffic: Vec<(Collective, DType, usize, usize)>,
+}
+
+impl StepPoint<'_> {
+    /// Why `variant` cannot run one of the layer's collectives, if it cannot (the first that
+    /// it cannot run).
+    fn unsupported_by(&self, variant: Variant) -> Option<String> {
+        self.traffic.iter().find_map(|&(coll, dtype, i, o)| {
             let piece = match coll {
                 Collective::ReduceScatter(_) => o,
                 _ => i,
             };
-            group
+            self.group
                 .supports(coll, dtype, variant.imp, piece)
                 .err()
                 .map(|w| format!("{} of {dtype}: {w}", coll.name()))
-        });
-        if let Some(why) = why {
-            tracing::info!(
-                "skipping {} batch {batch} {}: {why}",
-                config.name(),
-                variant.name(backend)
-            );
-            continue;
-        }
-        let mut p = prepare(backend, group, spec, config, batch, variant)?;
+        })
+    }
+
+    /// `variant`'s buffers, and its step enqueued once eagerly and then captured in a graph.
+    fn prepare_captured(&self, variant: Variant) -> Result<Prepared> {
+        let (comm, group, spec) = (self.comm, self.group, self.spec);
+        let mut p = prepare(
+            comm.backend(),
+            group,
+            spec,
+            self.config,
+            self.batch,
+            variant,
+        )?;
         if variant.imp == Impl::Auto {
-            let largest = traffic
+            let largest = self
+                .traffic
                 .iter()
                 .map(|&(_, d, i, o)| i.max(o) * d.size())
                 .max()
@@ -866,58 +930,63 @@ pub fn measure_step(
         p.ran.clear();
         let (graph, ()) = comm.capture(|| enqueue_step(group, spec, &mut p))?;
         p.graph = Some(graph);
-        prepared.push(p);
+        Ok(p)
     }
-    comm.synchronize()?;
-    group.barrier()?;
-    for p in &mut prepared {
-        p.wrong += checked_replay(group, spec, config, batch, 0, p)?;
+
+    /// The first checked replay (fresh inputs, check 0), then the untimed warm-up replays.
+    fn check_and_warm_up(&self, p: &mut Prepared) -> Result<()> {
+        p.wrong += checked_replay(self.group, self.spec, self.config, self.batch, 0, p)?;
         let g = p.graph.as_ref().expect("captured");
-        for _ in 0..spec.warmup {
+        for _ in 0..self.spec.warmup {
             g.replay()?;
         }
+        Ok(())
     }
-    comm.synchronize()?;
-    group.barrier()?;
-    for _ in 0..spec.repeats {
-        for p in &mut prepared {
-            let g = p.graph.as_ref().expect("captured");
-            p.samples.push(bench::replay_us(comm, g, spec.replays)?);
+
+    /// The timed regions, interleaved over the implementations repeat by repeat, so that drift
+    /// during the point favours none of them.
+    fn time_interleaved(&self, prepared: &mut [Prepared]) -> Result<()> {
+        for _ in 0..self.spec.repeats {
+            for p in prepared.iter_mut() {
+                let g = p.graph.as_ref().expect("captured");
+                p.samples
+                    .push(bench::replay_us(self.comm, g, self.spec.replays)?);
+            }
         }
+        Ok(())
     }
-    let (mut alg, mut bus) = (0.0, 0.0);
-    for &(coll, dtype, i, o) in &traffic {
-        let b = (i.max(o) * dtype.size() * spec.model.layers) as f64;
-        alg += b;
-        bus += b * coll.busbw_factor(world);
+
+    /// Bytes one step moves, for the algorithm and the bus bandwidth: every layer's
+    /// collectives, each counted by its larger buffer.
+    fn step_bytes(&self) -> (f64, f64) {
+        let world = self.group.size();
+        let (mut alg, mut bus) = (0.0, 0.0);
+        for &(coll, dtype, i, o) in &self.traffic {
+            let b = (i.max(o) * dtype.size() * self.spec.model.layers) as f64;
+            alg += b;
+            bus += b * coll.busbw_factor(world);
+        }
+        (alg, bus)
     }
-    let mut rows = Vec::with_capacity(prepared.len());
-    for p in prepared {
-        let wrong = p.wrong + checked_replay(group, spec, config, batch, 1, &p)?;
+
+    /// `p`'s row: the last checked replay (fresh inputs, check 1), then the slowest rank's
+    /// median and the wrong elements of every rank (collective).
+    fn row(&self, p: Prepared, (alg, bus): (f64, f64)) -> Result<Row> {
+        let (group, batch) = (self.group, self.batch);
+        let wrong = p.wrong + checked_replay(group, self.spec, self.config, batch, 1, &p)?;
         let (us, wrong_total) = bench::slowest_rank(
             group,
             "decode step row",
             bench::median(p.samples.clone()),
             wrong,
         )?;
-        let ran = (p.variant.imp == Impl::Auto).then(|| {
-            p.ran
-                .iter()
-                .map(|(op, names)| {
-                    format!(
-                        "{op}:{}",
-                        names.iter().cloned().collect::<Vec<_>>().join("+")
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        });
-        rows.push(Row {
+        let ran = (p.variant.imp == Impl::Auto).then(|| ran_text(&p.ran));
+        Ok(Row {
             op: DECODE_STEP_OP.into(),
             dtype: DType::BF16,
             bytes: batch,
-            world,
-            implementation: p.variant.name(backend),
+            world: group.size(),
+            implementation: p.variant.name(self.comm.backend()),
             mode: Mode::Graph,
             us,
             algbw_gbps: alg / (us * 1e-6) / 1e9,
@@ -925,10 +994,64 @@ pub fn measure_step(
             ok: wrong_total == 0,
             ran,
             wrong: wrong_total,
-            config: Some(config.name().into()),
-        });
+            config: Some(self.config.name().into()),
+        })
     }
-    Ok(rows)
+}
+
+/// What `auto` ran, for the row's `ran` text: per op, every implementation seen
+/// (`all_reduce:oneshot+nccl dcp_combine:fused`).
+fn ran_text(ran: &BTreeMap<&'static str, BTreeSet<String>>) -> String {
+    ran.iter()
+        .map(|(op, names)| {
+            format!(
+                "{op}:{}",
+                names.iter().cloned().collect::<Vec<_>>().join("+")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Measure every implementation of `spec` at one (config, batch) on every rank of `group`
+/// (collective); one row per implementation that can run, as every rank agrees on it.
+pub fn measure_step(
+    comm: &Communicator,
+    group: &Group,
+    spec: &SimSpec,
+    config: StepConfig,
+    batch: usize,
+) -> Result<Vec<Row>> {
+    let point = StepPoint {
+        comm,
+        group,
+        spec,
+        config,
+        batch,
+        traffic: layer_traffic(config, &spec.model, batch, group.size()),
+    };
+    let mut prepared = Vec::new();
+    for &variant in &spec.impls {
+        if let Some(why) = point.unsupported_by(variant) {
+            tracing::info!(
+                "skipping {} batch {batch} {}: {why}",
+                config.name(),
+                variant.name(comm.backend())
+            );
+            continue;
+        }
+        prepared.push(point.prepare_captured(variant)?);
+    }
+    comm.synchronize()?;
+    group.barrier()?;
+    for p in &mut prepared {
+        point.check_and_warm_up(p)?;
+    }
+    comm.synchronize()?;
+    group.barrier()?;
+    point.time_interleaved(&mut prepared)?;
+    let bytes = point.step_bytes();
+    prepared.into_iter().map(|p| point.row(p, bytes)).collect()
 }
 
 /// Run every (config, batch) of `spec` on `group`; `progress(done, total, what)` after each.

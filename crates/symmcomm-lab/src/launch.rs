@@ -181,18 +181,26 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchReport> {
     let start = Instant::now();
     let deadline = spec.timeout.map(|t| start + t);
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    let (mut children, readers) = start_ranks(spec, port, done_tx)?;
+    let mut watch = RankWatch::new(n);
+    watch.until_all_exited(&mut children, deadline, spec.timeout);
+    drain_output(&done_rx, readers);
+    Ok(watch.into_report())
+}
+
+/// Start every rank with its output copied through a prefixer thread; each thread sends on
+/// `done` at its EOF. Returns the children in rank order and the number of prefixer threads.
+/// When a rank will not start, the ones started are killed.
+fn start_ranks(
+    spec: &LaunchSpec,
+    port: u16,
+    done: mpsc::Sender<()>,
+) -> Result<(Vec<Child>, usize)> {
+    let n = spec.nproc;
     let mut children: Vec<Child> = Vec::with_capacity(n);
     let mut readers = 0usize;
     for rank in 0..n {
-        let env = LaunchEnv::for_rank(rank, n, rank, n, &spec.master_addr, port);
-        let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args)
-            .envs(env.vars.iter().map(|(k, v)| (k, v)))
-            .envs(spec.extra_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        die_with_parent(&mut cmd);
+        let mut cmd = rank_command(spec, rank, port);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -208,91 +216,157 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchReport> {
         };
         debug!("launch: rank {rank} is pid {}", child.id());
         if let Some(out) = child.stdout.take() {
-            readers += spawn_prefixer(rank, out, false, done_tx.clone());
+            readers += spawn_prefixer(rank, out, false, done.clone());
         }
         if let Some(err) = child.stderr.take() {
-            readers += spawn_prefixer(rank, err, true, done_tx.clone());
+            readers += spawn_prefixer(rank, err, true, done.clone());
         }
         children.push(child);
     }
-    drop(done_tx);
+    Ok((children, readers))
+}
 
-    let mut status: Vec<Option<RankStatus>> = vec![None; n];
-    let mut killed = vec![false; n];
-    let mut first_failure: Option<usize> = None;
-    let mut timed_out = None;
-    let mut stopping = false;
-    loop {
+/// The command of `rank`: the program with the launcher's environment, the torchrun variables
+/// and `extra_env`, no stdin, piped output, killed if the launcher dies.
+fn rank_command(spec: &LaunchSpec, rank: usize, port: u16) -> Command {
+    let n = spec.nproc;
+    let env = LaunchEnv::for_rank(rank, n, rank, n, &spec.master_addr, port);
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(env.vars.iter().map(|(k, v)| (k, v)))
+        .envs(spec.extra_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
+    cmd
+}
+
+/// What the launcher knows of its ranks while it waits for them.
+struct RankWatch {
+    /// How each rank ended, once it has.
+    status: Vec<Option<RankStatus>>,
+    /// Ranks the launcher killed (or tried to).
+    killed: Vec<bool>,
+    /// The first rank that failed on its own (not killed by the launcher).
+    first_failure: Option<usize>,
+    /// Set when the timeout passed before any rank failed.
+    timed_out: Option<Duration>,
+    /// The launcher has started killing the ranks still running.
+    stopping: bool,
+}
+
+impl RankWatch {
+    fn new(n: usize) -> Self {
+        RankWatch {
+            status: vec![None; n],
+            killed: vec![false; n],
+            first_failure: None,
+            timed_out: None,
+            stopping: false,
+        }
+    }
+
+    /// Poll the children every [`POLL`] until all have exited; at the first failure or when
+    /// `deadline` passes, kill the ones still running.
+    fn until_all_exited(
+        &mut self,
+        children: &mut [Child],
+        deadline: Option<Instant>,
+        timeout: Option<Duration>,
+    ) {
+        loop {
+            self.collect_exits(children);
+            if self.status.iter().all(Option::is_some) {
+                break;
+            }
+            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            if (self.first_failure.is_some() || expired) && !self.stopping {
+                self.stop(children, expired, timeout);
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Record every child that has exited since the last look; a child that cannot be waited
+    /// for is killed.
+    fn collect_exits(&mut self, children: &mut [Child]) {
         for (rank, child) in children.iter_mut().enumerate() {
-            if status[rank].is_some() {
+            if self.status[rank].is_some() {
                 continue;
             }
             match child.try_wait() {
                 Ok(Some(st)) => {
-                    let s = rank_status(st, killed[rank]);
+                    let s = rank_status(st, self.killed[rank]);
                     debug!("launch: rank {rank} ended: {s}");
-                    if !s.is_success() && first_failure.is_none() && !killed[rank] {
-                        first_failure = Some(rank);
+                    if !s.is_success() && self.first_failure.is_none() && !self.killed[rank] {
+                        self.first_failure = Some(rank);
                     }
-                    status[rank] = Some(s);
+                    self.status[rank] = Some(s);
                 }
                 Ok(None) => {}
                 Err(e) => {
                     warn!("launch: waiting for rank {rank}: {e}; killing it");
                     let _ = child.kill();
-                    killed[rank] = true;
+                    self.killed[rank] = true;
                 }
             }
         }
-        if status.iter().all(Option::is_some) {
-            break;
-        }
-        let expired = deadline.is_some_and(|d| Instant::now() >= d);
-        if (first_failure.is_some() || expired) && !stopping {
-            stopping = true;
-            if expired && first_failure.is_none() {
-                timed_out = spec.timeout;
-                warn!(
-                    "launch: timeout of {:?} passed; killing every rank",
-                    spec.timeout
-                );
-            } else if let Some(f) = first_failure {
-                warn!("launch: rank {f} failed; killing the other ranks");
-            }
-            for (rank, child) in children.iter_mut().enumerate() {
-                if status[rank].is_none() && !killed[rank] {
-                    if let Err(e) = child.kill() {
-                        debug!("launch: killing rank {rank}: {e}");
-                    }
-                    killed[rank] = true;
-                }
-            }
-        }
-        thread::sleep(POLL);
     }
 
-    // Exited children close their pipes; a grandchild holding one open must not hang us.
+    /// Say why the launch stops (the timeout, when it `expired` before any failure, or the
+    /// first failure) and kill every rank still running.
+    fn stop(&mut self, children: &mut [Child], expired: bool, timeout: Option<Duration>) {
+        self.stopping = true;
+        if expired && self.first_failure.is_none() {
+            self.timed_out = timeout;
+            warn!("launch: timeout of {timeout:?} passed; killing every rank");
+        } else if let Some(f) = self.first_failure {
+            warn!("launch: rank {f} failed; killing the other ranks");
+        }
+        for (rank, child) in children.iter_mut().enumerate() {
+            if self.status[rank].is_none() && !self.killed[rank] {
+                if let Err(e) = child.kill() {
+                    debug!("launch: killing rank {rank}: {e}");
+                }
+                self.killed[rank] = true;
+            }
+        }
+    }
+
+    /// Every rank's end, in rank order (a rank never seen to exit counts as killed).
+    fn into_report(self) -> LaunchReport {
+        let first_failure = self.first_failure;
+        let ranks = self
+            .status
+            .into_iter()
+            .enumerate()
+            .map(|(rank, s)| RankExit {
+                rank,
+                status: s.unwrap_or(RankStatus::Killed),
+                first_failure: first_failure == Some(rank),
+            })
+            .collect();
+        LaunchReport {
+            ranks,
+            timed_out: self.timed_out,
+        }
+    }
+}
+
+/// Wait up to [`DRAIN`] for the `readers` prefixer threads to reach their EOF: exited children
+/// close their pipes, but a grandchild holding one open must not hang us.
+fn drain_output(done: &mpsc::Receiver<()>, readers: usize) {
     let drain_deadline = Instant::now() + DRAIN;
     for _ in 0..readers {
         let left = drain_deadline.saturating_duration_since(Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
+        if done.recv_timeout(left).is_err() {
             warn!(
                 "launch: some rank output is still open {DRAIN:?} after every rank exited (a process they started?); not waiting for it"
             );
             break;
         }
     }
-
-    let ranks = status
-        .into_iter()
-        .enumerate()
-        .map(|(rank, s)| RankExit {
-            rank,
-            status: s.unwrap_or(RankStatus::Killed),
-            first_failure: first_failure == Some(rank),
-        })
-        .collect();
-    Ok(LaunchReport { ranks, timed_out })
 }
 
 fn rank_status(st: ExitStatus, killed_by_us: bool) -> RankStatus {

@@ -164,67 +164,119 @@ fn compare_flat(
     epoch: u64,
     got: &[u8],
 ) -> std::result::Result<(), Mismatch> {
-    let n_in: usize = case.shape.iter().product();
-    let e = case.dtype.size();
-    let n_out = got.len() / e;
-    let expected_at = |k: usize| -> (f64, f64) {
-        let v = |r: usize, i: usize| fill::value(case.dtype, case.seed, r as u64, epoch, i as u64);
+    let reference = FlatReference {
+        case,
+        world,
+        rank,
+        epoch,
+        n_in: case.shape.iter().product(),
+        n_out: got.len() / case.dtype.size(),
+    };
+    let chunks = in_parallel_chunks(reference.n_out, |range| reference.check(got, range));
+    merge_mismatches(chunks)
+}
+
+/// The expected output of a flat operation on this rank, element by element.
+struct FlatReference<'a> {
+    case: &'a Case,
+    world: usize,
+    rank: usize,
+    epoch: u64,
+    /// Elements of one rank's input.
+    n_in: usize,
+    /// Elements of this rank's output.
+    n_out: usize,
+}
+
+impl FlatReference<'_> {
+    /// Element `i` of rank `r`'s input.
+    fn input(&self, r: usize, i: usize) -> f64 {
+        let case = self.case;
+        fill::value(case.dtype, case.seed, r as u64, self.epoch, i as u64)
+    }
+
+    /// The expected value of output element `k` and its tolerance.
+    fn expected_at(&self, k: usize) -> (f64, f64) {
+        let (case, world) = (self.case, self.world);
         match case.coll {
-            Collective::AllGather => (v(k / n_in, k % n_in), 0.0),
+            Collective::AllGather => (self.input(k / self.n_in, k % self.n_in), 0.0),
             Collective::AllReduce(op) => {
-                let want = op.reduce_f64((0..world).map(|r| v(r, k)));
-                let mag: f64 = (0..world).map(|r| v(r, k).abs()).sum();
+                let want = op.reduce_f64((0..world).map(|r| self.input(r, k)));
+                let mag: f64 = (0..world).map(|r| self.input(r, k).abs()).sum();
                 (want, tolerance_for(case, world, mag))
             }
             Collective::ReduceScatter(op) => {
-                let i = rank * n_out + k;
-                let want = op.reduce_f64((0..world).map(|r| v(r, i)));
-                let mag: f64 = (0..world).map(|r| v(r, i).abs()).sum();
+                let i = self.rank * self.n_out + k;
+                let want = op.reduce_f64((0..world).map(|r| self.input(r, i)));
+                let mag: f64 = (0..world).map(|r| self.input(r, i).abs()).sum();
                 (want, tolerance_for(case, world, mag))
             }
         }
-    };
+    }
+
+    /// Compare the output elements `range` of `got`: the wrong ones counted, the first kept.
+    fn check(
+        &self,
+        got: &[u8],
+        range: std::ops::Range<usize>,
+    ) -> std::result::Result<(), Mismatch> {
+        let mut wrong = 0;
+        let mut first = None;
+        for k in range {
+            let (want, tol) = self.expected_at(k);
+            let g = self.case.dtype.read_f64(got, k);
+            if !(g.is_finite() && (g - want).abs() <= tol) {
+                wrong += 1;
+                first.get_or_insert((k, g, want));
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some((first_index, got, want)) => Err(Mismatch {
+                wrong,
+                total: self.n_out,
+                first_index,
+                got,
+                want,
+            }),
+        }
+    }
+}
+
+/// `check` over `0..n` in chunks of at least 16 Ki elements, one thread per chunk (at most one
+/// chunk per core, 64 at most); the results in chunk order.
+fn in_parallel_chunks<R: Send>(
+    n: usize,
+    check: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(64);
-    let chunk = n_out.div_ceil(threads).max(1 << 14);
-    let results: Vec<std::result::Result<(), Mismatch>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n_out)
+    let chunk = n.div_ceil(threads).max(1 << 14);
+    let check = &check;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
             .step_by(chunk)
             .map(|start| {
-                let end = (start + chunk).min(n_out);
-                s.spawn(move || {
-                    let mut wrong = 0;
-                    let mut first = None;
-                    for k in start..end {
-                        let (want, tol) = expected_at(k);
-                        let g = case.dtype.read_f64(got, k);
-                        if !(g.is_finite() && (g - want).abs() <= tol) {
-                            wrong += 1;
-                            first.get_or_insert((k, g, want));
-                        }
-                    }
-                    match first {
-                        None => Ok(()),
-                        Some((first_index, got, want)) => Err(Mismatch {
-                            wrong,
-                            total: n_out,
-                            first_index,
-                            got,
-                            want,
-                        }),
-                    }
-                })
+                let end = (start + chunk).min(n);
+                s.spawn(move || check(start..end))
             })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("checker thread"))
             .collect()
-    });
+    })
+}
+
+/// One mismatch for the whole output: the first chunk's (its first wrong element is the
+/// output's first), with the wrong elements of every chunk.
+fn merge_mismatches(
+    chunks: Vec<std::result::Result<(), Mismatch>>,
+) -> std::result::Result<(), Mismatch> {
     let mut total_wrong = 0;
     let mut first: Option<Mismatch> = None;
-    for r in results {
+    for r in chunks {
         if let Err(m) = r {
             total_wrong += m.wrong;
             first.get_or_insert(m);

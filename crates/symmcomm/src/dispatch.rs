@@ -335,41 +335,68 @@ pub fn decide(
     req: &DispatchRequest,
     available: &dyn Fn(Impl) -> bool,
 ) -> Decision {
+    let Some((table, row)) = table.and_then(|t| {
+        t.lookup(req.coll, req.dtype, req.world, req.bytes, req.mode)
+            .map(|row| (t, row))
+    }) else {
+        return nccl_rule(req, available);
+    };
+    if let Some(decision) = interpolated(table, row, req, available) {
+        return decision;
+    }
+    let best = row_best_available(row, available);
+    staged_or_regular(row, req, best)
+}
+
+impl Decision {
+    /// Run `imp` on the buffers where they are.
+    fn unstaged(imp: Impl, why: Why) -> Self {
+        Decision {
+            imp,
+            stage_input: false,
+            stage_output: false,
+            why,
+        }
+    }
+}
+
+/// No table row: NCCL's rule, the symmetric path when both buffers are in windows and it can
+/// run, else the regular one.
+fn nccl_rule(req: &DispatchRequest, available: &dyn Fn(Impl) -> bool) -> Decision {
     let both = req.input_in_window && req.output_in_window;
-    let run = |imp: Impl, why: Why| Decision {
-        imp,
-        stage_input: false,
-        stage_output: false,
-        why,
+    let ran = if both && available(Impl::Symmetric) {
+        Impl::Symmetric
+    } else {
+        Impl::Regular
     };
-    let Some(row) =
-        table.and_then(|t| t.lookup(req.coll, req.dtype, req.world, req.bytes, req.mode))
-    else {
-        let ran = if both && available(Impl::Symmetric) {
-            Impl::Symmetric
-        } else {
-            Impl::Regular
-        };
-        return run(
+    Decision::unstaged(
+        ran,
+        Why::NoRow {
+            both_in_windows: both,
             ran,
-            Why::NoRow {
-                both_in_windows: both,
-                ran,
-            },
-        );
-    };
-    // Between two measured sizes, the times of each implementation are interpolated linearly
-    // and the fastest one at `bytes` runs: the bucket's own winner was measured at its top
-    // size only, and two kernels' lines can cross inside a 2x-4x bucket (2×H200: LL and
-    // one-shot reduce-scatter within 1 % at 1 MiB, LL 4 % faster at 896 KiB).
-    let interpolated = table
-        .and_then(|t| t.below(row))
+        },
+    )
+}
+
+/// Between two measured sizes, the times of each implementation are interpolated linearly and
+/// the fastest one at `bytes` runs: the bucket's own winner was measured at its top size only,
+/// and two kernels' lines can cross inside a 2x-4x bucket (2×H200: LL and one-shot
+/// reduce-scatter within 1 % at 1 MiB, LL 4 % faster at 896 KiB). Only with both buffers in
+/// windows, and only when the interpolated winner is not `row`'s own winner (or that one
+/// cannot run); otherwise `None`, and the row decides.
+fn interpolated(
+    table: &DispatchTable,
+    row: &DispatchRow,
+    req: &DispatchRequest,
+    available: &dyn Fn(Impl) -> bool,
+) -> Option<Decision> {
+    let both = req.input_in_window && req.output_in_window;
+    let (imp, us) = table
+        .below(row)
         .and_then(|lower| interpolated_best(lower, row, req.bytes, available))
-        .filter(|_| both);
-    if let Some((imp, us)) = interpolated
-        && (imp != row.best || !available(row.best))
-    {
-        return run(
+        .filter(|_| both)?;
+    (imp != row.best || !available(row.best)).then(|| {
+        Decision::unstaged(
             imp,
             Why::Interpolated {
                 imp,
@@ -378,26 +405,37 @@ pub fn decide(
                 best: row.best,
                 max_bytes: row.max_bytes,
             },
-        );
-    }
-    let best = if available(row.best) {
+        )
+    })
+}
+
+/// `row`'s fastest implementation when it can run, else NCCL's symmetric path when that can,
+/// else the regular path.
+fn row_best_available(row: &DispatchRow, available: &dyn Fn(Impl) -> bool) -> Impl {
+    if available(row.best) {
         row.best
     } else if available(Impl::Symmetric) {
         Impl::Symmetric
     } else {
         Impl::Regular
-    };
+    }
+}
+
+/// Run `best` where the buffers are when it needs no window they lack; else stage the plain
+/// ones into windows when the row says staging wins and scratch can be had now; else the
+/// regular path.
+fn staged_or_regular(row: &DispatchRow, req: &DispatchRequest, best: Impl) -> Decision {
     let fastest = Why::Fastest {
         imp: best,
         max_bytes: row.max_bytes,
     };
     if best == Impl::Regular {
-        return run(best, fastest);
+        return Decision::unstaged(best, fastest);
     }
     let stage_input = best.needs_input_window() && !req.input_in_window;
     let stage_output = best.needs_output_window() && !req.output_in_window;
     if !stage_input && !stage_output {
-        return run(best, fastest);
+        return Decision::unstaged(best, fastest);
     }
     if row.stage && req.can_stage {
         return Decision {
@@ -410,7 +448,7 @@ pub fn decide(
             },
         };
     }
-    run(
+    Decision::unstaged(
         Impl::Regular,
         if row.stage {
             Why::NoScratch

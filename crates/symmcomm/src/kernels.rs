@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_int};
 use std::fmt;
 use std::io::Write as _;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
@@ -374,10 +375,73 @@ fn nvrtc_error_string(code: nvrtc::nvrtcResult) -> String {
         .into_owned()
 }
 
-/// Destroys an NVRTC program on every path out of a compile.
-struct Program(nvrtc::nvrtcProgram);
+/// The NUL-terminated strings one NVRTC compile reads: the module's source and file name, the
+/// options and every header of [`headers`], with their counts as NVRTC takes them.
+struct ProgramInputs {
+    source: CString,
+    name: CString,
+    options: Vec<CString>,
+    num_options: c_int,
+    header_sources: Vec<CString>,
+    header_names: Vec<CString>,
+    num_headers: c_int,
+}
 
-impl Drop for Program {
+impl ProgramInputs {
+    /// `module` and `options` as C strings; a NUL byte inside any of them, or more than
+    /// `c_int::MAX` options or headers, is `fail`'s error.
+    fn new(
+        module: &KernelModule,
+        options: &[String],
+        fail: &dyn Fn(String) -> Error,
+    ) -> Result<Self> {
+        let source = CString::new(module.source)
+            .map_err(|_| fail("the source contains a NUL byte".to_string()))?;
+        let name = CString::new(format!("{}.cu", module.name))
+            .map_err(|_| fail("the module name contains a NUL byte".to_string()))?;
+        let options: Vec<CString> = options
+            .iter()
+            .map(|o| CString::new(o.as_str()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| fail("an option contains a NUL byte".to_string()))?;
+        let num_options =
+            c_int::try_from(options.len()).map_err(|_| fail("too many options".to_string()))?;
+
+        let headers = headers();
+        let header_sources: Vec<CString> = headers
+            .iter()
+            .map(|h| CString::new(h.source.as_str()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| fail("a header contains a NUL byte".to_string()))?;
+        let header_names: Vec<CString> = headers
+            .iter()
+            .map(|h| CString::new(h.name))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| fail("a header name contains a NUL byte".to_string()))?;
+        let num_headers =
+            c_int::try_from(headers.len()).map_err(|_| fail("too many headers".to_string()))?;
+        Ok(ProgramInputs {
+            source,
+            name,
+            options,
+            num_options,
+            header_sources,
+            header_names,
+            num_headers,
+        })
+    }
+}
+
+/// The pointers NVRTC takes for `strings`, valid while `strings` lives.
+fn pointers(strings: &[CString]) -> Vec<*const c_char> {
+    strings.iter().map(|s| s.as_ptr()).collect()
+}
+
+/// Destroys an NVRTC program on every path out of a compile. It borrows the strings it was
+/// created from, so that they outlive it.
+struct Program<'a>(nvrtc::nvrtcProgram, PhantomData<&'a ProgramInputs>);
+
+impl Drop for Program<'_> {
     fn drop(&mut self) {
         // SAFETY: self.0 came from nvrtcCreateProgram and is destroyed only here, once.
         let code = unsafe { nvrtc::nvrtcDestroyProgram(&mut self.0) };
@@ -387,7 +451,81 @@ impl Drop for Program {
     }
 }
 
-impl Program {
+impl<'a> Program<'a> {
+    /// A program of `inputs`' source, name and headers; `fail` makes the error of a call that
+    /// fails.
+    fn create(inputs: &'a ProgramInputs, fail: &dyn Fn(String) -> Error) -> Result<Self> {
+        let header_source_ptrs = pointers(&inputs.header_sources);
+        let header_name_ptrs = pointers(&inputs.header_names);
+        let mut raw: nvrtc::nvrtcProgram = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer; source, name and the `num_headers` header
+        // sources and names are NUL-terminated strings of `inputs`, which the program borrows,
+        // so they outlive it.
+        let code = unsafe {
+            nvrtc::nvrtcCreateProgram(
+                &mut raw,
+                inputs.source.as_ptr(),
+                inputs.name.as_ptr(),
+                inputs.num_headers,
+                header_source_ptrs.as_ptr(),
+                header_name_ptrs.as_ptr(),
+            )
+        };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(fail(format!(
+                "nvrtcCreateProgram: {}",
+                nvrtc_error_string(code)
+            )));
+        }
+        Ok(Program(raw, PhantomData))
+    }
+
+    /// Compile with `inputs`' options; NVRTC's log. A failure of NVRTC's builtins library is
+    /// [`Error::NoGpu`] (an installation problem), any other failure `fail`'s error with the
+    /// log.
+    fn compile(&self, inputs: &ProgramInputs, fail: &dyn Fn(String) -> Error) -> Result<String> {
+        let option_ptrs = pointers(&inputs.options);
+        // SAFETY: self.0 is live; option_ptrs holds num_options NUL-terminated strings that
+        // live in `inputs.options` until after this call.
+        let code =
+            unsafe { nvrtc::nvrtcCompileProgram(self.0, inputs.num_options, option_ptrs.as_ptr()) };
+        let log = self.log();
+        if code == nvrtc::nvrtcResult::NVRTC_ERROR_BUILTIN_OPERATION_FAILURE {
+            // libnvrtc-builtins missing or mismatched: an installation problem, not our source.
+            return Err(Error::NoGpu {
+                reason: format!(
+                    "cannot compile kernels: NVRTC's builtins library failed ({}): {log}",
+                    nvrtc_error_string(code)
+                ),
+            });
+        }
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(fail(format!("{}\n{log}", nvrtc_error_string(code))));
+        }
+        Ok(log)
+    }
+
+    /// The CUBIN of the compiled program; none (a virtual target gives PTX only) is `fail`'s
+    /// error.
+    fn cubin(&self, fail: &dyn Fn(String) -> Error) -> Result<Vec<u8>> {
+        let mut size: usize = 0;
+        // SAFETY: self.0 is live and compiled; `size` is a valid out-pointer.
+        let code = unsafe { nvrtc::nvrtcGetCUBINSize(self.0, &mut size) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+            return Err(fail(format!(
+                "no CUBIN ({}); a virtual target (compute_XX) gives PTX only, use sm_XX",
+                nvrtc_error_string(code)
+            )));
+        }
+        let mut cubin = vec![0u8; size];
+        // SAFETY: cubin holds exactly the `size` bytes NVRTC reported for this program.
+        let code = unsafe { nvrtc::nvrtcGetCUBIN(self.0, cubin.as_mut_ptr().cast::<c_char>()) };
+        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(fail(format!("nvrtcGetCUBIN: {}", nvrtc_error_string(code))));
+        }
+        Ok(cubin)
+    }
+
     /// NVRTC's log for this program (warnings and errors; ptxas output with `-v`).
     fn log(&self) -> String {
         let mut size: usize = 0;
@@ -627,91 +765,10 @@ impl NvrtcCompiler {
             arch: arch.to_string(),
             log,
         };
-        let source = CString::new(module.source)
-            .map_err(|_| fail("the source contains a NUL byte".to_string()))?;
-        let name = CString::new(format!("{}.cu", module.name))
-            .map_err(|_| fail("the module name contains a NUL byte".to_string()))?;
-        let options: Vec<CString> = options
-            .iter()
-            .map(|o| CString::new(o.as_str()))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| fail("an option contains a NUL byte".to_string()))?;
-        let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
-        let num_options =
-            c_int::try_from(option_ptrs.len()).map_err(|_| fail("too many options".to_string()))?;
-
-        let headers = headers();
-        let header_sources: Vec<CString> = headers
-            .iter()
-            .map(|h| CString::new(h.source.as_str()))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| fail("a header contains a NUL byte".to_string()))?;
-        let header_names: Vec<CString> = headers
-            .iter()
-            .map(|h| CString::new(h.name))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| fail("a header name contains a NUL byte".to_string()))?;
-        let header_source_ptrs: Vec<*const c_char> =
-            header_sources.iter().map(|s| s.as_ptr()).collect();
-        let header_name_ptrs: Vec<*const c_char> =
-            header_names.iter().map(|s| s.as_ptr()).collect();
-        let num_headers =
-            c_int::try_from(headers.len()).map_err(|_| fail("too many headers".to_string()))?;
-        let mut raw: nvrtc::nvrtcProgram = std::ptr::null_mut();
-        // SAFETY: `raw` is a valid out-pointer; source, name and the `num_headers` header
-        // sources and names are NUL-terminated strings that outlive the program (all dropped at
-        // the end of this function, after `program`).
-        let code = unsafe {
-            nvrtc::nvrtcCreateProgram(
-                &mut raw,
-                source.as_ptr(),
-                name.as_ptr(),
-                num_headers,
-                header_source_ptrs.as_ptr(),
-                header_name_ptrs.as_ptr(),
-            )
-        };
-        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
-            return Err(fail(format!(
-                "nvrtcCreateProgram: {}",
-                nvrtc_error_string(code)
-            )));
-        }
-        let program = Program(raw);
-
-        // SAFETY: program.0 is live; option_ptrs holds num_options NUL-terminated strings that
-        // live in `options` until after this call.
-        let code =
-            unsafe { nvrtc::nvrtcCompileProgram(program.0, num_options, option_ptrs.as_ptr()) };
-        let log = program.log();
-        if code == nvrtc::nvrtcResult::NVRTC_ERROR_BUILTIN_OPERATION_FAILURE {
-            // libnvrtc-builtins missing or mismatched: an installation problem, not our source.
-            return Err(Error::NoGpu {
-                reason: format!(
-                    "cannot compile kernels: NVRTC's builtins library failed ({}): {log}",
-                    nvrtc_error_string(code)
-                ),
-            });
-        }
-        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
-            return Err(fail(format!("{}\n{log}", nvrtc_error_string(code))));
-        }
-
-        let mut size: usize = 0;
-        // SAFETY: program.0 is live and compiled; `size` is a valid out-pointer.
-        let code = unsafe { nvrtc::nvrtcGetCUBINSize(program.0, &mut size) };
-        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-            return Err(fail(format!(
-                "no CUBIN ({}); a virtual target (compute_XX) gives PTX only, use sm_XX",
-                nvrtc_error_string(code)
-            )));
-        }
-        let mut cubin = vec![0u8; size];
-        // SAFETY: cubin holds exactly the `size` bytes NVRTC reported for this program.
-        let code = unsafe { nvrtc::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast::<c_char>()) };
-        if code != nvrtc::nvrtcResult::NVRTC_SUCCESS {
-            return Err(fail(format!("nvrtcGetCUBIN: {}", nvrtc_error_string(code))));
-        }
+        let inputs = ProgramInputs::new(module, options, &fail)?;
+        let program = Program::create(&inputs, &fail)?;
+        let log = program.compile(&inputs, &fail)?;
+        let cubin = program.cubin(&fail)?;
         drop(program);
         Ok((cubin, log))
     }

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Mode, Row, Timing, median, to_f64};
+use super::{Mode, Row, Timing, median, slowest_rank};
 use symmcomm::Communicator;
 use symmcomm::DType;
 use symmcomm::Group;
@@ -110,19 +110,21 @@ pub(crate) fn count_wrong(got: &[u8], want: &[f64], dtype: DType, world: usize) 
         .count()
 }
 
-/// Measure every implementation at one batch and mode on every rank of `group` (collective);
-/// implementations that cannot run are skipped with a log line. One row per implementation.
-pub fn measure_dcp_point(
-    comm: &Communicator,
-    group: &Group,
-    spec: &DcpBenchSpec,
+/// One (batch, mode) of the DCP sweep on one group: what each step of measuring it reads.
+struct DcpPoint<'a> {
+    comm: &'a Communicator,
+    group: &'a Group,
+    spec: &'a DcpBenchSpec,
     batch: usize,
     mode: Mode,
-) -> Result<Vec<Row>> {
-    let world = group.size();
-    let backend = comm.backend();
-    let mut prepared = Vec::new();
-    for &imp in &spec.impls {
+}
+
+impl DcpPoint<'_> {
+    /// `imp`'s combine with filled inputs, run `warmup` times (at least once) eagerly and, in
+    /// graph mode, captured as `graph_ops` runs and replayed twice; `None` (and a log line)
+    /// when `imp` cannot run it.
+    fn prepare(&self, imp: CombineImpl) -> Result<Option<Prepared>> {
+        let (group, spec, batch) = (self.group, self.spec, self.batch);
         let plain = imp == CombineImpl::Sequence(Impl::Regular);
         let cs = CombineSpec {
             fused: imp == CombineImpl::Fused,
@@ -132,19 +134,19 @@ pub fn measure_dcp_point(
         if let Some(why) = combine.unavailable(imp) {
             tracing::info!(
                 "skipping dcp_combine B={batch} {}: {why}",
-                imp.name(backend)
+                imp.name(self.comm.backend())
             );
-            continue;
+            return Ok(None);
         }
         group.fill_random(&combine.partial_out(batch)?, spec.timing.seed, None)?;
         group.fill_random(&combine.partial_lse(batch)?, !spec.timing.seed, None)?;
         for _ in 0..spec.timing.warmup.max(1) {
             combine.run(batch, imp)?;
         }
-        let graph = match mode {
+        let graph = match self.mode {
             Mode::Eager => None,
             Mode::Graph => {
-                let (graph, ()) = comm.capture(|| {
+                let (graph, ()) = self.comm.capture(|| {
                     (0..spec.timing.graph_ops).try_for_each(|_| combine.run(batch, imp).map(|_| ()))
                 })?;
                 for _ in 0..2 {
@@ -153,55 +155,65 @@ pub fn measure_dcp_point(
                 Some(graph)
             }
         };
-        prepared.push(Prepared {
+        Ok(Some(Prepared {
             imp,
             combine,
             graph,
             samples: Vec::with_capacity(spec.timing.repeats),
-        });
+        }))
     }
-    comm.synchronize()?;
-    group.barrier()?;
-    for _ in 0..spec.timing.repeats {
-        for p in &mut prepared {
-            let t = match &p.graph {
-                None => comm.time(&mut || {
-                    for _ in 0..spec.timing.iters {
-                        p.combine.run(batch, p.imp)?;
-                    }
-                    Ok(())
-                })?,
-                Some(g) => comm.time(&mut || {
-                    for _ in 0..spec.timing.replays {
-                        g.replay()?;
-                    }
-                    Ok(())
-                })?,
-            };
-            let ops = match &p.graph {
-                None => spec.timing.iters,
-                Some(_) => spec.timing.replays * spec.timing.graph_ops,
-            };
-            p.samples.push(t.as_secs_f64() * 1e6 / ops as f64);
+
+    /// The timed regions, interleaved over the implementations repeat by repeat; each sample
+    /// is µs per run of the combine.
+    fn time_interleaved(&self, prepared: &mut [Prepared]) -> Result<()> {
+        let (comm, timing, batch) = (self.comm, &self.spec.timing, self.batch);
+        for _ in 0..timing.repeats {
+            for p in prepared.iter_mut() {
+                let t = match &p.graph {
+                    None => comm.time(&mut || {
+                        for _ in 0..timing.iters {
+                            p.combine.run(batch, p.imp)?;
+                        }
+                        Ok(())
+                    })?,
+                    Some(g) => comm.time(&mut || {
+                        for _ in 0..timing.replays {
+                            g.replay()?;
+                        }
+                        Ok(())
+                    })?,
+                };
+                let ops = match &p.graph {
+                    None => timing.iters,
+                    Some(_) => timing.replays * timing.graph_ops,
+                };
+                p.samples.push(t.as_secs_f64() * 1e6 / ops as f64);
+            }
         }
+        Ok(())
     }
-    let want = if prepared.is_empty() {
-        None
-    } else {
-        let (os, ls) = inputs(spec, batch, world);
-        Some(merge_reference(
+
+    /// This rank's merged heads as the f64 merge of every rank's inputs computes them.
+    fn reference(&self) -> Vec<f64> {
+        let spec = self.spec;
+        let (os, ls) = inputs(spec, self.batch, self.group.size());
+        merge_reference(
             &os,
             &ls,
-            batch,
+            self.batch,
             spec.heads,
             spec.dim,
-            group.rank(),
+            self.group.rank(),
             spec.base,
-        ))
-    };
-    let bytes = batch * spec.heads * spec.dim * spec.dtype.size();
-    let mut rows = Vec::with_capacity(prepared.len());
-    for p in prepared {
+        )
+        .out
+    }
+
+    /// `p`'s row: its output poisoned, run once more and compared with `want`, then the
+    /// slowest rank's median and the wrong elements of every rank (collective).
+    fn row(&self, p: Prepared, want: &[f64]) -> Result<Row> {
+        let (group, spec, batch) = (self.group, self.spec, self.batch);
+        let (world, backend) = (group.size(), self.comm.backend());
         let out = p.combine.output(batch)?;
         group.poison(&out)?;
         match &p.graph {
@@ -211,27 +223,26 @@ pub fn measure_dcp_point(
             }
         }
         let got = group.download_bytes(&out)?;
-        let want = &want.as_ref().expect("computed when anything runs").out;
         let wrong = count_wrong(&got, want, spec.dtype, world);
         if wrong > 0 {
-            tracing::warn!(batch, implementation = %p.imp.name(backend), rank = group.rank(), "dcp_combine: {wrong} of {} elements wrong", want.len());
+            tracing::warn!(
+                batch,
+                implementation = %p.imp.name(backend),
+                rank = group.rank(),
+                "dcp_combine: {wrong} of {} elements wrong",
+                want.len()
+            );
         }
-        let mut msg = median(p.samples).to_le_bytes().to_vec();
-        msg.extend_from_slice(&(wrong as u64).to_le_bytes());
-        let all = group.control().all_gather("dcp bench row", &msg)?;
-        let us = all.iter().map(|m| to_f64(&m[..8])).fold(0.0, f64::max);
-        let wrong_total: usize = all
-            .iter()
-            .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap_or([0; 8])) as usize)
-            .sum();
+        let (us, wrong_total) = slowest_rank(group, "dcp bench row", median(p.samples), wrong)?;
+        let bytes = batch * spec.heads * spec.dim * spec.dtype.size();
         let algbw = bytes as f64 / (us * 1e-6) / 1e9;
-        rows.push(Row {
+        Ok(Row {
             op: "dcp_combine".into(),
             dtype: spec.dtype,
             bytes,
             world,
             implementation: p.imp.name(backend),
-            mode,
+            mode: self.mode,
             us,
             algbw_gbps: algbw,
             busbw_gbps: algbw * (world as f64 - 1.0) / world as f64,
@@ -239,9 +250,38 @@ pub fn measure_dcp_point(
             ran: None,
             wrong: wrong_total,
             config: None,
-        });
+        })
     }
-    Ok(rows)
+}
+
+/// Measure every implementation at one batch and mode on every rank of `group` (collective);
+/// implementations that cannot run are skipped with a log line. One row per implementation.
+pub fn measure_dcp_point(
+    comm: &Communicator,
+    group: &Group,
+    spec: &DcpBenchSpec,
+    batch: usize,
+    mode: Mode,
+) -> Result<Vec<Row>> {
+    let point = DcpPoint {
+        comm,
+        group,
+        spec,
+        batch,
+        mode,
+    };
+    let mut prepared = Vec::new();
+    for &imp in &spec.impls {
+        prepared.extend(point.prepare(imp)?);
+    }
+    comm.synchronize()?;
+    group.barrier()?;
+    point.time_interleaved(&mut prepared)?;
+    if prepared.is_empty() {
+        return Ok(Vec::new());
+    }
+    let want = point.reference();
+    prepared.into_iter().map(|p| point.row(p, &want)).collect()
 }
 
 /// The whole DCP sweep on `group`; `progress(done, total, what)` after each point.

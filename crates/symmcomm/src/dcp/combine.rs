@@ -8,10 +8,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::backend::{BackendKind, Collective, DcpCorrect, DcpFused, DcpShape, Impl};
+use crate::backend::{BackendKind, Collective, DcpCorrect, DcpFused, DcpShape, Exec, Impl};
 use crate::dcp::LseBase;
 use crate::dtype::{DType, ReduceOp};
-use crate::error::{Arg, Error, Op, Result};
+use crate::error::{Arg, Error, Op, OpCtx, Result};
 use crate::group::{Dispatched, Group};
 use crate::memory::MemRef;
 use crate::tensor::{Layout, Tensor};
@@ -382,53 +382,12 @@ impl DcpCombine {
         if batch == 0 {
             return Ok(run);
         }
-        let (world, h, d, hl) = (
-            self.group.size(),
-            self.spec.heads,
-            self.spec.dim,
-            self.heads_local(),
-        );
         let ctx = self.group.ctx(Op::DcpCombine, self.partial_bytes(batch));
         let exec = self.group.exec(&ctx)?;
-        let shape = self.shape(batch);
-        let partial = prefix(&self.partial, &[batch, h, d]);
-        let lse = prefix(&self.lse, &[batch, h]);
-        let out = prefix(&self.out, &[hl, batch, d]);
-        let merged = self.merged.as_ref().map(|m| prefix(m, &[batch, hl]));
+        let views = self.views(batch);
         match imp {
             CombineImpl::Sequence(i) => {
-                let lse_all = prefix(&self.lse_all, &[world, batch, h]);
-                let corrected = prefix(&self.corrected, &[h, batch, d]);
-                run.collectives.push(self.group.collective(
-                    Collective::AllGather,
-                    &lse,
-                    &lse_all,
-                    None,
-                    i,
-                )?);
-                self.group.device().dcp_correct(
-                    exec,
-                    &DcpCorrect {
-                        shape,
-                        partial: mem_ref(&partial),
-                        lse_all: mem_ref(&lse_all),
-                        corrected: mem_ref(&corrected),
-                        merged_lse: merged.as_ref().map(mem_ref),
-                        ctx: ctx.clone(),
-                    },
-                )?;
-                let mut keep = vec![&partial.buf, &lse_all.buf, &corrected.buf];
-                if let Some(m) = &merged {
-                    keep.push(&m.buf);
-                }
-                self.group.keep_alive(exec, &keep, &ctx)?;
-                run.collectives.push(self.group.collective(
-                    Collective::ReduceScatter(ReduceOp::Sum),
-                    &corrected,
-                    &out,
-                    None,
-                    i,
-                )?);
+                run.collectives = self.run_sequence(i, exec, &views, &ctx)?;
             }
             CombineImpl::Fused => {
                 if let Some(why) = self.unavailable(imp) {
@@ -438,30 +397,101 @@ impl DcpCombine {
                         why,
                     });
                 }
-                let ws = self.workspace.as_ref();
-                self.group.backend().dcp_fused(
-                    exec,
-                    &DcpFused {
-                        shape,
-                        partial: mem_ref(&partial),
-                        lse: mem_ref(&lse),
-                        out: mem_ref(&out),
-                        merged_lse: merged.as_ref().map(mem_ref),
-                        workspace_symm: ws.and_then(|w| self.group.symm_location(w)),
-                        slot_bytes: self.slot_bytes,
-                        ctx: ctx.clone(),
-                    },
-                )?;
-                let mut keep = vec![&partial.buf, &lse.buf, &out.buf];
-                if let Some(m) = &merged {
-                    keep.push(&m.buf);
-                }
-                if let Some(w) = ws {
-                    keep.push(&w.buf);
-                }
-                self.group.keep_alive(exec, &keep, &ctx)?;
+                self.run_fused(exec, &views, &ctx)?;
             }
         }
         Ok(run)
     }
+
+    /// The buffers both ways of running read and write, cut to `batch` tokens.
+    fn views(&self, batch: usize) -> RunViews {
+        let (h, d, hl) = (self.spec.heads, self.spec.dim, self.heads_local());
+        RunViews {
+            batch,
+            shape: self.shape(batch),
+            partial: prefix(&self.partial, &[batch, h, d]),
+            lse: prefix(&self.lse, &[batch, h]),
+            out: prefix(&self.out, &[hl, batch, d]),
+            merged: self.merged.as_ref().map(|m| prefix(m, &[batch, hl])),
+        }
+    }
+
+    /// The sequence with `imp`'s collectives: all-gather the LSEs, correct every rank's partial
+    /// rows on this device, reduce-scatter the corrected rows along heads. Returns what ran the
+    /// all-gather and the reduce-scatter.
+    fn run_sequence(
+        &self,
+        imp: Impl,
+        exec: Exec,
+        v: &RunViews,
+        ctx: &OpCtx,
+    ) -> Result<Vec<Dispatched>> {
+        let (world, h, d) = (self.group.size(), self.spec.heads, self.spec.dim);
+        let lse_all = prefix(&self.lse_all, &[world, v.batch, h]);
+        let corrected = prefix(&self.corrected, &[h, v.batch, d]);
+        let gathered = self
+            .group
+            .collective(Collective::AllGather, &v.lse, &lse_all, None, imp)?;
+        self.group.device().dcp_correct(
+            exec,
+            &DcpCorrect {
+                shape: v.shape,
+                partial: mem_ref(&v.partial),
+                lse_all: mem_ref(&lse_all),
+                corrected: mem_ref(&corrected),
+                merged_lse: v.merged.as_ref().map(mem_ref),
+                ctx: ctx.clone(),
+            },
+        )?;
+        let mut keep = vec![&v.partial.buf, &lse_all.buf, &corrected.buf];
+        if let Some(m) = &v.merged {
+            keep.push(&m.buf);
+        }
+        self.group.keep_alive(exec, &keep, ctx)?;
+        let scattered = self.group.collective(
+            Collective::ReduceScatter(ReduceOp::Sum),
+            &corrected,
+            &v.out,
+            None,
+            imp,
+        )?;
+        Ok(vec![gathered, scattered])
+    }
+
+    /// The fused kernel: one launch per rank over the workspace in this group's windows.
+    fn run_fused(&self, exec: Exec, v: &RunViews, ctx: &OpCtx) -> Result<()> {
+        let ws = self.workspace.as_ref();
+        self.group.backend().dcp_fused(
+            exec,
+            &DcpFused {
+                shape: v.shape,
+                partial: mem_ref(&v.partial),
+                lse: mem_ref(&v.lse),
+                out: mem_ref(&v.out),
+                merged_lse: v.merged.as_ref().map(mem_ref),
+                workspace_symm: ws.and_then(|w| self.group.symm_location(w)),
+                slot_bytes: self.slot_bytes,
+                ctx: ctx.clone(),
+            },
+        )?;
+        let mut keep = vec![&v.partial.buf, &v.lse.buf, &v.out.buf];
+        if let Some(m) = &v.merged {
+            keep.push(&m.buf);
+        }
+        if let Some(w) = ws {
+            keep.push(&w.buf);
+        }
+        self.group.keep_alive(exec, &keep, ctx)
+    }
+}
+
+/// One run's views of a combine's buffers: `partial` `[B, H, D]`, `lse` `[B, H]`, `out`
+/// `[H/N, B, D]` and `merged` `[B, H/N]`, for `batch` = B tokens.
+struct RunViews {
+    batch: usize,
+    shape: DcpShape,
+    partial: Tensor,
+    lse: Tensor,
+    out: Tensor,
+    merged: Option<Tensor>,
 }

@@ -6,7 +6,7 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use nccl_sys::{DataType, RedOp, UniqueId, WIN_COLL_SYMMETRIC};
+use nccl_sys::{DataType, NcclComm as RawComm, RedOp, UniqueId, WIN_COLL_SYMMETRIC};
 
 use super::DeviceShared;
 use super::memory::NcclSegment;
@@ -243,6 +243,116 @@ impl CudaGroup {
             _ => None,
         }
     }
+
+    /// Our kernel for `algo` on `exec`'s stream (the copy engine for its all-gather).
+    fn own_collective(&self, algo: Algo, exec: Exec, call: &Call) -> Result<()> {
+        let ctx = &call.ctx;
+        let own = self.own.as_ref().ok_or_else(|| Error::ImplUnavailable {
+            ctx: ctx.clone(),
+            implementation: algo.name().into(),
+            why: "our kernels are not set up on this group".into(),
+        })?;
+        self.dev.bind(ctx)?;
+        if algo == Algo::CopyEngine {
+            return self.ce_all_gather(own, exec.stream, call);
+        }
+        let k = kernel_for(algo, call.coll).ok_or_else(|| Error::ImplUnavailable {
+            ctx: ctx.clone(),
+            implementation: algo.name().into(),
+            why: format!("no {} kernel for {}", algo.name(), call.coll.name()),
+        })?;
+        own.launch(
+            k,
+            call.dtype,
+            call.input.addr(),
+            call.output.addr(),
+            call.piece,
+            self.dev.raw(exec.stream),
+            ctx,
+        )
+    }
+
+    /// NCCL's regular or symmetric path on `exec`'s stream, the symmetric one behind the guard
+    /// kernel where the NCCL version needs it.
+    fn nccl_collective(&self, exec: Exec, call: &Call) -> Result<()> {
+        let ctx = &call.ctx;
+        let Some(comm) = self.comm_for(call.imp) else {
+            return Err(Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: call.imp.name(crate::BackendKind::Cuda),
+                why: self
+                    .unavailable(
+                        call.imp,
+                        &CallShape {
+                            coll: call.coll,
+                            dtype: call.dtype,
+                            piece: call.piece,
+                            align: 256,
+                        },
+                    )
+                    .unwrap_or_default(),
+            });
+        };
+        let raw = comm.live(ctx)?;
+        self.dev.bind(ctx)?;
+        let stream = self.dev.raw(exec.stream) as *mut c_void;
+        debug_assert!(
+            call.imp != Impl::Symmetric
+                || (call.input_symm.is_some() && call.output_symm.is_some()),
+            "the symmetric path is dispatched with both buffers in windows"
+        );
+        if call.imp == Impl::Symmetric && self.dev.pdl_guard {
+            self.launch_pdl_guard(stream, ctx)?;
+        }
+        enqueue_nccl(comm, raw, stream, call)
+    }
+
+    /// NCCL 2.28.0–2.30.6 launch symmetric kernels with programmatic dependent launch but never
+    /// wait on the grid dependency: an empty kernel in between restores full ordering with
+    /// whatever produced the input.
+    fn launch_pdl_guard(&self, stream: *mut c_void, ctx: &OpCtx) -> Result<()> {
+        let util = self.dev.util()?;
+        // SAFETY: the guard kernel takes no parameters.
+        unsafe {
+            util.guard.launch(
+                1,
+                32,
+                0,
+                stream as cudarc::driver::sys::CUstream,
+                &mut [],
+                false,
+                ctx,
+            )
+        }
+    }
+}
+
+/// Enqueue `call`'s collective on NCCL communicator `comm` (live as `raw`) on `stream`.
+fn enqueue_nccl(comm: &OwnedComm, raw: RawComm, stream: *mut c_void, call: &Call) -> Result<()> {
+    let send = call.input.addr() as *const c_void;
+    let recv = call.output.addr() as *mut c_void;
+    let nccl = comm.nccl;
+    let dt = nccl_dtype(call.dtype);
+    // SAFETY: validation guaranteed both ranges hold the elements each call reads or writes on
+    // this rank's device, and the buffers stay alive (the caller holds them, and graph captures
+    // keep them); the stream belongs to the current context.
+    let (r, name) = unsafe {
+        match call.coll {
+            Collective::AllReduce(op) => (
+                nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), raw, stream),
+                "ncclAllReduce",
+            ),
+            Collective::AllGather => (
+                nccl.all_gather(send, recv, call.piece, dt, raw, stream),
+                "ncclAllGather",
+            ),
+            Collective::ReduceScatter(op) => (
+                nccl.reduce_scatter(send, recv, call.piece, dt, nccl_op(op), raw, stream),
+                "ncclReduceScatter",
+            ),
+        }
+    };
+    comm.check(r, name, &call.ctx)
 }
 
 impl GroupBackend for CudaGroup {
@@ -365,98 +475,10 @@ impl GroupBackend for CudaGroup {
         let ctx = &call.ctx;
         self.dev.check_abort(ctx)?;
         self.dev.note_pending(ctx);
-        if let Impl::Kernel(algo) = call.imp {
-            let own = self.own.as_ref().ok_or_else(|| Error::ImplUnavailable {
-                ctx: ctx.clone(),
-                implementation: algo.name().into(),
-                why: "our kernels are not set up on this group".into(),
-            })?;
-            self.dev.bind(ctx)?;
-            if algo == Algo::CopyEngine {
-                return self.ce_all_gather(own, exec.stream, call);
-            }
-            let k = kernel_for(algo, call.coll).ok_or_else(|| Error::ImplUnavailable {
-                ctx: ctx.clone(),
-                implementation: algo.name().into(),
-                why: format!("no {} kernel for {}", algo.name(), call.coll.name()),
-            })?;
-            return own.launch(
-                k,
-                call.dtype,
-                call.input.addr(),
-                call.output.addr(),
-                call.piece,
-                self.dev.raw(exec.stream),
-                ctx,
-            );
+        match call.imp {
+            Impl::Kernel(algo) => self.own_collective(algo, exec, call),
+            _ => self.nccl_collective(exec, call),
         }
-        let Some(comm) = self.comm_for(call.imp) else {
-            return Err(Error::ImplUnavailable {
-                ctx: ctx.clone(),
-                implementation: call.imp.name(crate::BackendKind::Cuda),
-                why: self
-                    .unavailable(
-                        call.imp,
-                        &CallShape {
-                            coll: call.coll,
-                            dtype: call.dtype,
-                            piece: call.piece,
-                            align: 256,
-                        },
-                    )
-                    .unwrap_or_default(),
-            });
-        };
-        let raw = comm.live(ctx)?;
-        self.dev.bind(ctx)?;
-        let stream = self.dev.raw(exec.stream) as *mut c_void;
-        debug_assert!(
-            call.imp != Impl::Symmetric
-                || (call.input_symm.is_some() && call.output_symm.is_some()),
-            "the symmetric path is dispatched with both buffers in windows"
-        );
-        if call.imp == Impl::Symmetric && self.dev.pdl_guard {
-            // NCCL 2.28.0–2.30.6 launch symmetric kernels with programmatic dependent launch
-            // but never wait on the grid dependency: an empty kernel in between restores full
-            // ordering with whatever produced the input.
-            let util = self.dev.util()?;
-            // SAFETY: the guard kernel takes no parameters.
-            unsafe {
-                util.guard.launch(
-                    1,
-                    32,
-                    0,
-                    stream as cudarc::driver::sys::CUstream,
-                    &mut [],
-                    false,
-                    ctx,
-                )?
-            };
-        }
-        let send = call.input.addr() as *const c_void;
-        let recv = call.output.addr() as *mut c_void;
-        let nccl = comm.nccl;
-        let dt = nccl_dtype(call.dtype);
-        // SAFETY: validation guaranteed both ranges hold the elements each call reads or writes
-        // on this rank's device, and the buffers stay alive (the caller holds them, and graph
-        // captures keep them); the stream belongs to the current context.
-        let (r, name) = unsafe {
-            match call.coll {
-                Collective::AllReduce(op) => (
-                    nccl.all_reduce(send, recv, call.piece, dt, nccl_op(op), raw, stream),
-                    "ncclAllReduce",
-                ),
-                Collective::AllGather => (
-                    nccl.all_gather(send, recv, call.piece, dt, raw, stream),
-                    "ncclAllGather",
-                ),
-                Collective::ReduceScatter(op) => (
-                    nccl.reduce_scatter(send, recv, call.piece, dt, nccl_op(op), raw, stream),
-                    "ncclReduceScatter",
-                ),
-            }
-        };
-        comm.check(r, name, ctx)
     }
 
     fn split(

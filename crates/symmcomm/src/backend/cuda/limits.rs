@@ -116,82 +116,136 @@ pub fn measure(a: usize, b: usize) -> Result<Limits> {
     let (oa, ob) = (op(a), op(b));
     enable_peer(&sa, &sb, &oa)?;
     enable_peer(&sb, &sa, &ob)?;
-    let deadline = || Instant::now() + Duration::from_secs(60);
-    // Warm the path once.
-    let (w0, w1) = copies(&sa, sb.buf.ptr, sa.buf.ptr, &oa)?;
-    w1.wait(deadline(), &oa, || Ok(()))?;
-    drop(w0);
-    // One direction.
-    let (e0, e1) = copies(&sa, sb.buf.ptr, sa.buf.ptr, &oa)?;
-    e1.wait(deadline(), &oa, || Ok(()))?;
-    let one_way = gbps(e0.elapsed_ms(&e1, &oa)?);
-    // Both directions at once.
-    let (f0, f1) = copies(&sa, sb.buf.ptr, sa.buf.ptr, &oa)?;
-    let (g0, g1) = copies(&sb, sa.buf.ptr, sb.buf.ptr, &ob)?;
-    sa.ctx.bind_to_thread().ok();
-    f1.wait(deadline(), &oa, || Ok(()))?;
-    sb.ctx.bind_to_thread().ok();
-    g1.wait(deadline(), &ob, || Ok(()))?;
-    sa.ctx.bind_to_thread().ok();
-    let fa = f0.elapsed_ms(&f1, &oa)?;
-    sb.ctx.bind_to_thread().ok();
-    let fb = g0.elapsed_ms(&g1, &ob)?;
-    let both = gbps(fa.max(fb));
-    // Flag round trip: one thread on each GPU bouncing a counter through the other's memory.
-    let ka = UtilKernels::load(&sa.ctx, sa.ctx.compute_capability().unwrap_or((9, 0)), &oa)?;
-    let kb = UtilKernels::load(&sb.ctx, sb.ctx.compute_capability().unwrap_or((9, 0)), &ob)?;
-    let out_ns = sa.flag.ptr + 64;
-    let launch =
-        |k: &UtilKernels, s: &Side, my: u64, peer: u64, initiator: u32, o: &OpCtx| -> Result<()> {
-            s.ctx.bind_to_thread().ok();
-            let (mut my, mut peer, mut iters, mut init, mut out) = (
-                my,
-                peer,
-                PINGS,
-                initiator,
-                if initiator == 1 { out_ns } else { 0u64 },
-            );
-            let mut args = [
-                &mut my as *mut u64 as *mut c_void,
-                &mut peer as *mut u64 as *mut c_void,
-                &mut iters as *mut u32 as *mut c_void,
-                &mut init as *mut u32 as *mut c_void,
-                &mut out as *mut u64 as *mut c_void,
-            ];
-            // SAFETY: the arguments match `symm_flag_pingpong(u32*, u32*, u32, u32, u64*)`;
-            // the flags are device memory reachable from both GPUs (peer access is on).
-            unsafe {
-                k.pingpong
-                    .launch(1, 1, 0, s.stream.cu_stream(), &mut args, false, o)
-            }
-        };
-    launch(&kb, &sb, sb.flag.ptr, sa.flag.ptr, 0, &ob)?;
-    launch(&ka, &sa, sa.flag.ptr, sb.flag.ptr, 1, &oa)?;
-    let ea = Event::new(false, &oa)?;
-    ea.record(sa.stream.cu_stream(), &oa)?;
-    ea.wait(deadline(), &oa, || Ok(()))?;
-    sb.ctx.bind_to_thread().ok();
-    let eb = Event::new(false, &ob)?;
-    eb.record(sb.stream.cu_stream(), &ob)?;
-    eb.wait(deadline(), &ob, || Ok(()))?;
-    sa.ctx.bind_to_thread().ok();
-    let mut ns = [0u8; 8];
-    let r = {
-        // SAFETY: `out_ns` is 8 bytes inside the flag allocation; the kernel has finished.
-        unsafe { sys::cuMemcpyDtoH_v2(ns.as_mut_ptr() as *mut c_void, out_ns, 8) }
+    let pair = Pair {
+        a: &sa,
+        b: &sb,
+        oa: &oa,
+        ob: &ob,
     };
-    check(r, "cuMemcpyDtoH", &oa)?;
-    let ns = u64::from_le_bytes(ns);
-    if ns == u64::MAX {
-        return Err(Error::Timeout {
-            ctx: oa,
-            waited: Duration::from_secs(10),
-            detail: "the flag ping-pong between the GPUs did not complete".into(),
-        });
-    }
+    pair.warm_up()?;
+    let one_way = pair.one_way_gbps()?;
+    let both = pair.both_ways_gbps()?;
+    let ns = pair.flag_pingpong_ns()?;
     Ok(Limits {
         p2p_copy_gbps: one_way,
         p2p_bidir_gbps: both,
         flag_roundtrip_us: ns as f64 / PINGS as f64 / 1e3,
     })
+}
+
+/// How long any one wait of the measurement may take.
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(60)
+}
+
+/// The two GPUs of a measurement, peer access on both ways.
+struct Pair<'a> {
+    a: &'a Side,
+    b: &'a Side,
+    oa: &'a OpCtx,
+    ob: &'a OpCtx,
+}
+
+impl Pair<'_> {
+    /// Warm the path once: one round of copies from `a` to `b`, untimed.
+    fn warm_up(&self) -> Result<()> {
+        let (sa, sb, oa) = (self.a, self.b, self.oa);
+        let (w0, w1) = copies(sa, sb.buf.ptr, sa.buf.ptr, oa)?;
+        w1.wait(deadline(), oa, || Ok(()))?;
+        drop(w0);
+        Ok(())
+    }
+
+    /// Copy-engine bandwidth from `a` to `b`, GB/s.
+    fn one_way_gbps(&self) -> Result<f64> {
+        let (sa, sb, oa) = (self.a, self.b, self.oa);
+        let (e0, e1) = copies(sa, sb.buf.ptr, sa.buf.ptr, oa)?;
+        e1.wait(deadline(), oa, || Ok(()))?;
+        Ok(gbps(e0.elapsed_ms(&e1, oa)?))
+    }
+
+    /// Copy-engine bandwidth each way with both directions at once (the slower one), GB/s.
+    fn both_ways_gbps(&self) -> Result<f64> {
+        let (sa, sb, oa, ob) = (self.a, self.b, self.oa, self.ob);
+        let (f0, f1) = copies(sa, sb.buf.ptr, sa.buf.ptr, oa)?;
+        let (g0, g1) = copies(sb, sa.buf.ptr, sb.buf.ptr, ob)?;
+        sa.ctx.bind_to_thread().ok();
+        f1.wait(deadline(), oa, || Ok(()))?;
+        sb.ctx.bind_to_thread().ok();
+        g1.wait(deadline(), ob, || Ok(()))?;
+        sa.ctx.bind_to_thread().ok();
+        let fa = f0.elapsed_ms(&f1, oa)?;
+        sb.ctx.bind_to_thread().ok();
+        let fb = g0.elapsed_ms(&g1, ob)?;
+        Ok(gbps(fa.max(fb)))
+    }
+
+    /// Flag round trip: one thread on each GPU bouncing a counter through the other's memory
+    /// [`PINGS`] times; the nanoseconds `a`'s thread measured for all of them.
+    fn flag_pingpong_ns(&self) -> Result<u64> {
+        let (sa, sb, oa, ob) = (self.a, self.b, self.oa, self.ob);
+        let ka = UtilKernels::load(&sa.ctx, sa.ctx.compute_capability().unwrap_or((9, 0)), oa)?;
+        let kb = UtilKernels::load(&sb.ctx, sb.ctx.compute_capability().unwrap_or((9, 0)), ob)?;
+        let out_ns = sa.flag.ptr + 64;
+        launch_pingpong(&kb, sb, sb.flag.ptr, sa.flag.ptr, 0, out_ns, ob)?;
+        launch_pingpong(&ka, sa, sa.flag.ptr, sb.flag.ptr, 1, out_ns, oa)?;
+        let ea = Event::new(false, oa)?;
+        ea.record(sa.stream.cu_stream(), oa)?;
+        ea.wait(deadline(), oa, || Ok(()))?;
+        sb.ctx.bind_to_thread().ok();
+        let eb = Event::new(false, ob)?;
+        eb.record(sb.stream.cu_stream(), ob)?;
+        eb.wait(deadline(), ob, || Ok(()))?;
+        sa.ctx.bind_to_thread().ok();
+        let mut ns = [0u8; 8];
+        let r = {
+            // SAFETY: `out_ns` is 8 bytes inside the flag allocation; the kernel has finished.
+            unsafe { sys::cuMemcpyDtoH_v2(ns.as_mut_ptr() as *mut c_void, out_ns, 8) }
+        };
+        check(r, "cuMemcpyDtoH", oa)?;
+        let ns = u64::from_le_bytes(ns);
+        if ns == u64::MAX {
+            return Err(Error::Timeout {
+                ctx: oa.clone(),
+                waited: Duration::from_secs(10),
+                detail: "the flag ping-pong between the GPUs did not complete".into(),
+            });
+        }
+        Ok(ns)
+    }
+}
+
+/// Launch the ping-pong kernel on `s`'s stream: one thread bouncing the counter between `my`
+/// flag and `peer`'s; the initiator (1) writes the time of all [`PINGS`] rounds to `out_ns`
+/// (all ones when a wait gave up).
+fn launch_pingpong(
+    k: &UtilKernels,
+    s: &Side,
+    my: u64,
+    peer: u64,
+    initiator: u32,
+    out_ns: u64,
+    o: &OpCtx,
+) -> Result<()> {
+    s.ctx.bind_to_thread().ok();
+    let (mut my, mut peer, mut iters, mut init, mut out) = (
+        my,
+        peer,
+        PINGS,
+        initiator,
+        if initiator == 1 { out_ns } else { 0u64 },
+    );
+    let mut args = [
+        &mut my as *mut u64 as *mut c_void,
+        &mut peer as *mut u64 as *mut c_void,
+        &mut iters as *mut u32 as *mut c_void,
+        &mut init as *mut u32 as *mut c_void,
+        &mut out as *mut u64 as *mut c_void,
+    ];
+    // SAFETY: the arguments match `symm_flag_pingpong(u32*, u32*, u32, u32, u64*)`;
+    // the flags are device memory reachable from both GPUs (peer access is on).
+    unsafe {
+        k.pingpong
+            .launch(1, 1, 0, s.stream.cu_stream(), &mut args, false, o)
+    }
 }

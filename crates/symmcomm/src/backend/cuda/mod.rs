@@ -157,6 +157,18 @@ pub fn driver_version() -> Option<String> {
 
 /// Start the CUDA device of this rank.
 pub(crate) fn start(config: &DeviceConfig, abort: &Arc<AbortFlag>) -> Result<Arc<dyn RankBackend>> {
+    let op = check_device_visible(config)?;
+    let ctx = primary_context(config, &op)?;
+    let dev = Arc::new(DeviceShared::new(config, abort, ctx, &op)?);
+    // The utility module (the guard kernel among others) loads now, never inside a capture; a
+    // failure is kept and reported where a kernel of it is needed.
+    let _ = dev.util();
+    Ok(Arc::new(CudaDevice { dev }))
+}
+
+/// Check that the driver, NCCL and this rank's device are there; returns the context that
+/// errors on the device carry.
+fn check_device_visible(config: &DeviceConfig) -> Result<OpCtx> {
     // A missing or unusable NCCL is its own error (the library path and why), not "no GPU".
     if probe_driver().is_ok() {
         Nccl::load()?;
@@ -178,19 +190,29 @@ pub(crate) fn start(config: &DeviceConfig, abort: &Arc<AbortFlag>) -> Result<Arc
             ),
         });
     }
-    let cu = |e: cudarc::driver::DriverError, call: &'static str| Error::Cuda {
+    Ok(op)
+}
+
+/// A cudarc error of driver call `call` as [`Error::Cuda`].
+fn cuda_error(op: &OpCtx, call: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda {
         ctx: op.clone(),
         call,
         message: e.to_string(),
-    };
-    // Our own handle on the device's primary context (an engine's `CudaContext` is that same
-    // context; its settings, event tracking included, stay the engine's).
-    let ctx = CudaContext::new(ordinal).map_err(|e| cu(e, "cuDevicePrimaryCtxRetain"))?;
+    }
+}
+
+/// Our own handle on the device's primary context (an engine's `CudaContext` is that same
+/// context; its settings, event tracking included, stay the engine's), with event tracking off
+/// in this handle.
+fn primary_context(config: &DeviceConfig, op: &OpCtx) -> Result<Arc<CudaContext>> {
+    let ordinal = config.ordinal;
+    let ctx = CudaContext::new(ordinal).map_err(cuda_error(op, "cuDevicePrimaryCtxRetain"))?;
     if let Some(engine) = &config.cuda_context
         && engine.cu_ctx() != ctx.cu_ctx()
     {
         return Err(Error::InvalidArgument {
-            ctx: op,
+            ctx: op.clone(),
             detail: format!(
                 "the engine's CUDA context (device {}) is not the primary context of device \
                  {ordinal}, which symmcomm runs on",
@@ -201,44 +223,7 @@ pub(crate) fn start(config: &DeviceConfig, abort: &Arc<AbortFlag>) -> Result<Arc
     // SAFETY: symmcomm never hands cudarc slices to this handle, so nothing relies on
     // cudarc's event tracking.
     unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().map_err(|e| cu(e, "cuStreamCreate"))?;
-    let side = ctx.new_stream().map_err(|e| cu(e, "cuStreamCreate"))?;
-    let fork = Event::new(false, &op)?;
-    let join = Event::new(false, &op)?;
-    let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-    let cc = ctx
-        .compute_capability()
-        .map_err(|e| cu(e, "cuDeviceGetAttribute"))?;
-    let nccl = Nccl::load()?;
-    let dev = Arc::new(DeviceShared {
-        rank: config.rank,
-        ordinal,
-        ctx,
-        stream,
-        side,
-        fork,
-        join,
-        nccl,
-        name,
-        cc,
-        util: OnceLock::new(),
-        dcp: OnceLock::new(),
-        collectives: OnceLock::new(),
-        scratch: OnceLock::new(),
-        graph: Mutex::new(()),
-        comms: Mutex::new(Vec::new()),
-        timeout: config.timeout,
-        abort: abort.clone(),
-        pending: Mutex::new(std::collections::VecDeque::new()),
-        pdl_guard: config.pdl_guard && pdl_hazard(nccl.version()),
-        kernel_slot_bytes: config.kernel_slot_bytes,
-        own_kernels_pdl: config.own_kernels_pdl && cc.0 >= 9,
-        own: Mutex::new(Vec::new()),
-    });
-    // The utility module (the guard kernel among others) loads now, never inside a capture; a
-    // failure is kept and reported where a kernel of it is needed.
-    let _ = dev.util();
-    Ok(Arc::new(CudaDevice { dev }))
+    Ok(ctx)
 }
 
 /// What a rank's device and its groups share.
@@ -303,6 +288,50 @@ impl Drop for DeviceShared {
 }
 
 impl DeviceShared {
+    /// The device on `ctx`: its two streams and the events that fork and join them, its name
+    /// and compute capability, and NCCL; each kernel module loads on its first use.
+    fn new(
+        config: &DeviceConfig,
+        abort: &Arc<AbortFlag>,
+        ctx: Arc<CudaContext>,
+        op: &OpCtx,
+    ) -> Result<Self> {
+        let stream = ctx.new_stream().map_err(cuda_error(op, "cuStreamCreate"))?;
+        let side = ctx.new_stream().map_err(cuda_error(op, "cuStreamCreate"))?;
+        let fork = Event::new(false, op)?;
+        let join = Event::new(false, op)?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let cc = ctx
+            .compute_capability()
+            .map_err(cuda_error(op, "cuDeviceGetAttribute"))?;
+        let nccl = Nccl::load()?;
+        Ok(DeviceShared {
+            rank: config.rank,
+            ordinal: config.ordinal,
+            ctx,
+            stream,
+            side,
+            fork,
+            join,
+            nccl,
+            name,
+            cc,
+            util: OnceLock::new(),
+            dcp: OnceLock::new(),
+            collectives: OnceLock::new(),
+            scratch: OnceLock::new(),
+            graph: Mutex::new(()),
+            comms: Mutex::new(Vec::new()),
+            timeout: config.timeout,
+            abort: abort.clone(),
+            pending: Mutex::new(std::collections::VecDeque::new()),
+            pdl_guard: config.pdl_guard && pdl_hazard(nccl.version()),
+            kernel_slot_bytes: config.kernel_slot_bytes,
+            own_kernels_pdl: config.own_kernels_pdl && cc.0 >= 9,
+            own: Mutex::new(Vec::new()),
+        })
+    }
+
     fn op(&self, op: Op, bytes: usize) -> OpCtx {
         OpCtx {
             op,

@@ -240,13 +240,8 @@ pub(crate) fn exchange(
         control.prefix(),
         control.rank()
     );
-    let offers_needed = |all: &[Offer]| all.iter().any(|o| o.pid != pid);
     // Listen before telling anyone where.
-    let listener = UnixListener::bind_addr(
-        &SocketAddr::from_abstract_name(socket.as_bytes())
-            .map_err(io_err(ctx, format!("naming socket {socket}")))?,
-    )
-    .map_err(io_err(ctx, format!("listening on @{socket}")))?;
+    let listener = listen(&socket, ctx)?;
     let mine = Offer {
         pid,
         ptr,
@@ -254,88 +249,18 @@ pub(crate) fn exchange(
         size,
         socket: socket.clone(),
     };
-    let all: Vec<Offer> = control
-        .all_gather(
-            &format!("peer memory {tag}"),
-            &serde_json::to_vec(&mine).expect("an offer serialises"),
-        )?
-        .iter()
-        .enumerate()
-        .map(|(r, b)| {
-            serde_json::from_slice(b).map_err(|e| Error::InvalidArgument {
-                ctx: ctx.clone(),
-                detail: format!("rank {r} sent an unreadable memory offer: {e}"),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let all = gather_offers(control, &mine, tag, ctx)?;
     let me = control.rank();
-    let deadline = Instant::now() + control.timeout();
+    let ex = Exchange {
+        control,
+        ordinal,
+        dev_ctx,
+        ctx,
+        deadline: Instant::now() + control.timeout(),
+    };
     let mut views: Vec<Option<PeerView>> = (0..all.len()).map(|_| None).collect();
-    if offers_needed(&all) {
-        let fd = export(base, ctx)?;
-        let remote: Vec<usize> = (0..all.len()).filter(|&p| all[p].pid != pid).collect();
-        let serve = remote.len();
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err(ctx, "making the socket non-blocking".into()))?;
-        std::thread::scope(|s| -> Result<()> {
-            // Hand our descriptor to each remote peer that asks.
-            let server = s.spawn(|| -> Result<()> {
-                let mut served = 0;
-                while served < serve {
-                    match listener.accept() {
-                        Ok((conn, _)) => {
-                            conn.set_nonblocking(false).ok();
-                            send_fd(&conn, fd.as_fd()).map_err(io_err(ctx, "sending a memory descriptor".into()))?;
-                            let mut ack = [0u8];
-                            conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
-                            let _ = (&conn).read(&mut ack);
-                            served += 1;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            if Instant::now() > deadline {
-                                return Err(Error::Timeout {
-                                    ctx: ctx.clone(),
-                                    waited: control.timeout(),
-                                    detail: format!("only {served} of {serve} peers fetched this rank's memory descriptor"),
-                                });
-                            }
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err(e) => return Err(io_err(ctx, "accepting a peer".into())(e)),
-                    }
-                }
-                Ok(())
-            });
-            for &p in &remote {
-                let addr = SocketAddr::from_abstract_name(all[p].socket.as_bytes())
-                    .map_err(io_err(ctx, format!("naming rank {p}'s socket")))?;
-                let conn = loop {
-                    match UnixStream::connect_addr(&addr) {
-                        Ok(c) => break c,
-                        Err(e) if Instant::now() < deadline => {
-                            let _ = e;
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err(e) => {
-                            return Err(io_err(
-                                ctx,
-                                format!("connecting to rank {p} for its memory"),
-                            )(e));
-                        }
-                    }
-                };
-                conn.set_read_timeout(Some(control.timeout())).ok();
-                let pfd = recv_fd(&conn).map_err(io_err(
-                    ctx,
-                    format!("receiving rank {p}'s memory descriptor"),
-                ))?;
-                let _ = (&conn).write_all(b"A");
-                let m = import(&pfd, all[p].size, ordinal, dev_ctx, ctx)?;
-                views[p] = Some(PeerView::Mapped(m, all[p].ptr - all[p].base));
-            }
-            server.join().expect("descriptor server thread")
-        })?;
+    if all.iter().any(|o| o.pid != pid) {
+        ex.map_other_processes(&listener, base, &all, pid, &mut views)?;
     }
     for (p, o) in all.iter().enumerate() {
         if views[p].is_none() {
@@ -348,6 +273,151 @@ pub(crate) fn exchange(
         .into_iter()
         .map(|v| v.expect("every view set"))
         .collect())
+}
+
+/// A listener on the abstract Unix socket `@socket`.
+fn listen(socket: &str, ctx: &OpCtx) -> Result<UnixListener> {
+    UnixListener::bind_addr(
+        &SocketAddr::from_abstract_name(socket.as_bytes())
+            .map_err(io_err(ctx, format!("naming socket {socket}")))?,
+    )
+    .map_err(io_err(ctx, format!("listening on @{socket}")))
+}
+
+/// Every rank's offer, in rank order (collective).
+fn gather_offers(
+    control: &ControlPlane,
+    mine: &Offer,
+    tag: &str,
+    ctx: &OpCtx,
+) -> Result<Vec<Offer>> {
+    control
+        .all_gather(
+            &format!("peer memory {tag}"),
+            &serde_json::to_vec(mine).expect("an offer serialises"),
+        )?
+        .iter()
+        .enumerate()
+        .map(|(r, b)| {
+            serde_json::from_slice(b).map_err(|e| Error::InvalidArgument {
+                ctx: ctx.clone(),
+                detail: format!("rank {r} sent an unreadable memory offer: {e}"),
+            })
+        })
+        .collect()
+}
+
+/// What the steps of one exchange share: where it runs, and until when it waits for peers.
+struct Exchange<'a> {
+    control: &'a ControlPlane,
+    ordinal: usize,
+    dev_ctx: &'a Arc<CudaContext>,
+    ctx: &'a OpCtx,
+    deadline: Instant,
+}
+
+impl Exchange<'_> {
+    /// The views of the ranks in other processes than `pid`: this rank's allocation at `base`
+    /// exported and handed to each of them on `listener` (a thread), while each of theirs is
+    /// fetched from its socket, imported and mapped into `views`.
+    fn map_other_processes(
+        &self,
+        listener: &UnixListener,
+        base: u64,
+        all: &[Offer],
+        pid: u32,
+        views: &mut [Option<PeerView>],
+    ) -> Result<()> {
+        let ctx = self.ctx;
+        let fd = export(base, ctx)?;
+        let remote: Vec<usize> = (0..all.len()).filter(|&p| all[p].pid != pid).collect();
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err(ctx, "making the socket non-blocking".into()))?;
+        std::thread::scope(|s| -> Result<()> {
+            // Hand our descriptor to each remote peer that asks.
+            let server = s.spawn(|| self.serve_descriptor(listener, fd.as_fd(), remote.len()));
+            for &p in &remote {
+                let m = self.fetch_and_map(p, &all[p])?;
+                views[p] = Some(PeerView::Mapped(m, all[p].ptr - all[p].base));
+            }
+            server.join().expect("descriptor server thread")
+        })
+    }
+
+    /// Accept `serve` connections on the non-blocking `listener` and send `fd` on each, waiting
+    /// (up to 5 s) for the peer's acknowledgement; a timeout once the deadline passes.
+    fn serve_descriptor(
+        &self,
+        listener: &UnixListener,
+        fd: BorrowedFd<'_>,
+        serve: usize,
+    ) -> Result<()> {
+        let ctx = self.ctx;
+        let mut served = 0;
+        while served < serve {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    conn.set_nonblocking(false).ok();
+                    send_fd(&conn, fd)
+                        .map_err(io_err(ctx, "sending a memory descriptor".into()))?;
+                    let mut ack = [0u8];
+                    conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    let _ = (&conn).read(&mut ack);
+                    served += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > self.deadline {
+                        return Err(Error::Timeout {
+                            ctx: ctx.clone(),
+                            waited: self.control.timeout(),
+                            detail: format!(
+                                "only {served} of {serve} peers fetched this rank's memory descriptor"
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(io_err(ctx, "accepting a peer".into())(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Rank `p`'s descriptor, fetched from its socket (acknowledged), imported and mapped with
+    /// read-write access for this rank's device.
+    fn fetch_and_map(&self, p: usize, offer: &Offer) -> Result<Mapping> {
+        let ctx = self.ctx;
+        let addr = SocketAddr::from_abstract_name(offer.socket.as_bytes())
+            .map_err(io_err(ctx, format!("naming rank {p}'s socket")))?;
+        let conn = self.connect(p, &addr)?;
+        conn.set_read_timeout(Some(self.control.timeout())).ok();
+        let pfd = recv_fd(&conn).map_err(io_err(
+            ctx,
+            format!("receiving rank {p}'s memory descriptor"),
+        ))?;
+        let _ = (&conn).write_all(b"A");
+        import(&pfd, offer.size, self.ordinal, self.dev_ctx, ctx)
+    }
+
+    /// A connection to rank `p`'s socket at `addr`, retried every millisecond until the
+    /// deadline passes.
+    fn connect(&self, p: usize, addr: &SocketAddr) -> Result<UnixStream> {
+        loop {
+            match UnixStream::connect_addr(addr) {
+                Ok(c) => return Ok(c),
+                Err(_) if Instant::now() < self.deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => {
+                    return Err(io_err(
+                        self.ctx,
+                        format!("connecting to rank {p} for its memory"),
+                    )(e));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
