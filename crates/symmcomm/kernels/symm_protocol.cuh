@@ -1,8 +1,10 @@
 // symm_protocol.cuh: the synchronisation protocol every kernel that runs on a group's signal
-// pads and state speaks (the collectives of collectives.cu, the fused combine of dcp.cu): one
-// epoch per launch, the same on every rank; a barrier of release stores and acquire polls on
-// 64-bit flags in the peers' pads; the workspace and the LL area double-buffered on the epoch's
-// parity; deadlines and errors recorded in the rank's SymmState and reported to the peers. The
+// pads and state speaks (the collectives of collectives.cu, the fused combine of dcp.cu, the
+// fused add-RMSNorm kernels of rmsnorm.cu): one epoch per launch, the same on every rank; a
+// barrier of release stores and acquire polls on 64-bit flags in the peers' pads; the workspace
+// (with the pushes and copies that move data through it) and the LL area double-buffered on the
+// epoch's parity; deadlines and errors recorded in the rank's SymmState and reported to the
+// peers. The
 // argument that it is correct, and the layouts, are in crates/symmcomm/KERNELS.md (sections 3,
 // 5 and 5a). NVRTC receives this header in memory (crates/symmcomm/src/kernels.rs, headers()).
 
@@ -263,6 +265,62 @@ SYMM_DEVICE void symm_launch(const SymmArgs& a, const Check& check, const Work& 
         symm_record_error(l.st, SYMM_ERR_ARGS, 0, 0, l.e);
     }
     symm_finish(l, ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data movement over the workspace (the collectives of collectives.cu, the fused add-RMSNorm
+// kernels of rmsnorm.cu). Offsets are element offsets within a "frame": the same element index
+// addresses the source, the workspace slot and the destination.
+
+// Elements [lo, hi) of src (this rank's memory) into slot (area, parity, rank) of each peer, or
+// of `only_peer` alone when it is >= 0. Loads once, stores to every peer.
+template <int ES>
+SYMM_DEVICE void symm_push(const SymmArgs& a, const unsigned char* src, bool src_aligned,
+                           unsigned long long lo, unsigned long long hi, unsigned int area,
+                           unsigned int parity, int only_peer) {
+    constexpr unsigned long long n = 16 / ES;
+    unsigned char* dst[SYMM_MAX_WORLD];
+#pragma unroll
+    for (int p = 0; p < SYMM_MAX_WORLD; ++p) {
+        const bool to_p = (unsigned int)p < a.world && (unsigned int)p != a.rank &&
+                          (only_peer < 0 || p == only_peer);
+        dst[p] = to_p ? symm_ws_slot(a, p, area, parity, a.rank) : nullptr;
+    }
+    const unsigned long long units = (hi - lo) / n;
+    for (unsigned long long k = threadIdx.x; k < units; k += blockDim.x) {
+        const unsigned long long off = (lo + k * n) * ES;
+        const uint4 v = symm_ld_unit<ES>(src + off, src_aligned);
+#pragma unroll
+        for (int p = 0; p < SYMM_MAX_WORLD; ++p) {
+            if (dst[p] != nullptr) {
+                *reinterpret_cast<uint4*>(dst[p] + off) = v;
+            }
+        }
+    }
+    for (unsigned long long i = lo + units * n + threadIdx.x; i < hi; i += blockDim.x) {
+        const unsigned int v = symm_ld_elem<ES>(src + i * ES);
+#pragma unroll
+        for (int p = 0; p < SYMM_MAX_WORLD; ++p) {
+            if (dst[p] != nullptr) {
+                symm_st_elem<ES>(dst[p] + i * ES, v);
+            }
+        }
+    }
+}
+
+// Elements [lo, hi): dst = src.
+template <int ES>
+SYMM_DEVICE void symm_copy(unsigned char* dst, bool dst_aligned, const unsigned char* src,
+                           bool src_aligned, unsigned long long lo, unsigned long long hi) {
+    constexpr unsigned long long n = 16 / ES;
+    const unsigned long long units = (hi - lo) / n;
+    for (unsigned long long k = threadIdx.x; k < units; k += blockDim.x) {
+        const unsigned long long off = (lo + k * n) * ES;
+        symm_st_unit<ES>(dst + off, symm_ld_unit<ES>(src + off, src_aligned), dst_aligned);
+    }
+    for (unsigned long long i = lo + units * n + threadIdx.x; i < hi; i += blockDim.x) {
+        symm_st_elem<ES>(dst + i * ES, symm_ld_elem<ES>(src + i * ES));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
