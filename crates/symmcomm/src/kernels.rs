@@ -2,7 +2,7 @@
 //! GPU at hand: NVRTC (loaded by cudarc), with an in-process and an on-disk cache keyed by the
 //! source and headers, the options, NVRTC's version and the architecture.
 //!
-//! The kernels' ABI (the by-value arguments [`SymmArgs`] and [`DcpArgs`], the per-rank
+//! The kernels' ABI (the by-value arguments [`SymmArgs`], [`DcpArgs`] and [`RmsNormArgs`], the per-rank
 //! [`SymmState`], the signal-pad and workspace layouts, the launch limits) is written once, in
 //! [`abi`], and reaches the kernels as the generated header `symm_abi.cuh` ([`headers`]).
 //! `KERNELS.md` next to this crate's `Cargo.toml` describes all of it and the synchronisation
@@ -34,8 +34,9 @@ pub mod abi;
 pub use abi::{
     AREAS, BLOCK_THREADS, DCP_BLOCK_THREADS, DEFAULT_TIMEOUT_NS, DcpArgs, ERR_ARGS, ERR_NONE,
     ERR_PEER, ERR_TIMEOUT, LL_MAX_BYTES, LL_OFFSET, LL_PHASE, LL_SLOT_BYTES, MAX_BLOCKS, MAX_WORLD,
-    PAD_BYTES, PAD_FLAGS_OFFSET, PAD_PEER_ERROR_OFFSET, PARITIES, PHASES, SymmArgs, SymmState,
-    abi_header, ll_area_bytes, workspace_bytes,
+    PAD_BYTES, PAD_FLAGS_OFFSET, PAD_PEER_ERROR_OFFSET, PARITIES, PHASES, RMSNORM_BLOCK_THREADS,
+    RMSNORM_MAX_UNITS, RmsNormArgs, SymmArgs, SymmState, abi_header, ll_area_bytes,
+    rmsnorm_max_hidden, workspace_bytes,
 };
 
 /// One `.cu` file of `kernels/`, compiled by NVRTC as one program.
@@ -68,8 +69,16 @@ pub const DCP: KernelModule = KernelModule {
     source: include_str!("../kernels/dcp.cu"),
 };
 
+/// `kernels/rmsnorm.cu`: the residual add and RMSNorm, alone (after a collective) and fused
+/// with the all-reduce or reduce-scatter before it (speaking the protocol of
+/// `symm_protocol.cuh`).
+pub const RMSNORM: KernelModule = KernelModule {
+    name: "rmsnorm",
+    source: include_str!("../kernels/rmsnorm.cu"),
+};
+
 /// Every kernel module.
-pub const MODULES: &[KernelModule] = &[UTIL, COLLECTIVES, DCP];
+pub const MODULES: &[KernelModule] = &[UTIL, COLLECTIVES, DCP, RMSNORM];
 
 /// A header the modules may `#include "<name>"`, handed to NVRTC in memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,8 +91,8 @@ pub struct KernelHeader {
 
 /// Every header the modules may include: `symm_common.cuh` (device plumbing), `symm_abi.cuh`
 /// (generated from [`abi`] by [`abi_header`]) and `symm_protocol.cuh` (the synchronisation
-/// protocol that `collectives.cu` and `dcp.cu` speak). They are part of every module's
-/// compile-cache key.
+/// protocol that `collectives.cu`, `dcp.cu` and `rmsnorm.cu` speak). They are part of every
+/// module's compile-cache key.
 pub fn headers() -> &'static [KernelHeader] {
     static HEADERS: LazyLock<Vec<KernelHeader>> = LazyLock::new(|| {
         vec![
@@ -224,6 +233,84 @@ pub fn dcp_function(fused: bool, partial: DType, out: DType) -> Option<&'static 
         (true, F32, F32) => "dcp_fused_f32_f32",
         _ => return None,
     })
+}
+
+/// The kernels of `rmsnorm.cu`: the add-RMSNorm step alone, and fused with the collective before
+/// it (KERNELS.md §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NormKernel {
+    /// `symm_add_rmsnorm_{bf16,f16}`: the residual add and RMSNorm of rows already reduced (no
+    /// communication).
+    AddRmsNorm,
+    /// `symm_ll_allreduce_rmsnorm_*`: LL all-reduce, add, RMSNorm of every row on every rank.
+    LlAllReduce,
+    /// `symm_oneshot_allreduce_rmsnorm_*`: one-shot all-reduce (one barrier), add, RMSNorm.
+    OneShotAllReduce,
+    /// `symm_twoshot_allreduce_rmsnorm_*`: reduce-scatter of rows, add and RMSNorm of the rank's
+    /// rows, all-gather of both outputs (two barriers).
+    TwoShotAllReduce,
+    /// `symm_ll_reducescatter_rmsnorm_*`: LL reduce-scatter of rows, add, RMSNorm.
+    LlReduceScatter,
+    /// `symm_reducescatter_rmsnorm_*`: reduce-scatter of rows (one barrier), add, RMSNorm.
+    ReduceScatter,
+}
+
+impl NormKernel {
+    /// Every kernel of `rmsnorm.cu`.
+    pub const ALL: [NormKernel; 6] = [
+        NormKernel::AddRmsNorm,
+        NormKernel::LlAllReduce,
+        NormKernel::OneShotAllReduce,
+        NormKernel::TwoShotAllReduce,
+        NormKernel::LlReduceScatter,
+        NormKernel::ReduceScatter,
+    ];
+
+    /// The kernel's function name for `dtype`, or `None` (bf16 and f16 only).
+    pub fn function(self, dtype: DType) -> Option<&'static str> {
+        use NormKernel as K;
+        Some(match (self, dtype) {
+            (K::AddRmsNorm, DType::BF16) => "symm_add_rmsnorm_bf16",
+            (K::AddRmsNorm, DType::F16) => "symm_add_rmsnorm_f16",
+            (K::LlAllReduce, DType::BF16) => "symm_ll_allreduce_rmsnorm_bf16",
+            (K::LlAllReduce, DType::F16) => "symm_ll_allreduce_rmsnorm_f16",
+            (K::OneShotAllReduce, DType::BF16) => "symm_oneshot_allreduce_rmsnorm_bf16",
+            (K::OneShotAllReduce, DType::F16) => "symm_oneshot_allreduce_rmsnorm_f16",
+            (K::TwoShotAllReduce, DType::BF16) => "symm_twoshot_allreduce_rmsnorm_bf16",
+            (K::TwoShotAllReduce, DType::F16) => "symm_twoshot_allreduce_rmsnorm_f16",
+            (K::LlReduceScatter, DType::BF16) => "symm_ll_reducescatter_rmsnorm_bf16",
+            (K::LlReduceScatter, DType::F16) => "symm_ll_reducescatter_rmsnorm_f16",
+            (K::ReduceScatter, DType::BF16) => "symm_reducescatter_rmsnorm_bf16",
+            (K::ReduceScatter, DType::F16) => "symm_reducescatter_rmsnorm_f16",
+            _ => return None,
+        })
+    }
+
+    /// The least [`SymmArgs::slot_bytes`] the kernel accepts for `tokens` rows of `hidden`
+    /// elements of `es` bytes on `world` ranks: the whole input (one-shot), one rank's rows
+    /// (reduce-scatter), or one rank's rows of both outputs (two-shot's second area); 0 for the
+    /// kernels that use no workspace. Rows per rank: `ceil(tokens / world)`.
+    pub fn slot_bytes_needed(self, tokens: u64, hidden: u64, es: u64, world: u64) -> u64 {
+        let row = hidden * es;
+        let slice = tokens.div_ceil(world.max(1));
+        match self {
+            NormKernel::OneShotAllReduce => tokens * row,
+            NormKernel::TwoShotAllReduce => 2 * slice * row,
+            NormKernel::ReduceScatter => slice * row,
+            NormKernel::AddRmsNorm | NormKernel::LlAllReduce | NormKernel::LlReduceScatter => 0,
+        }
+    }
+
+    /// LL payload bytes per piece for `tokens` rows of `row_bytes` on `world` ranks (the whole
+    /// input for the all-reduce, one rank's rows for the reduce-scatter); `None` for the other
+    /// kernels.
+    pub fn ll_payload_bytes(self, tokens: u64, row_bytes: u64, world: u64) -> Option<u64> {
+        match self {
+            NormKernel::LlAllReduce => Some(tokens * row_bytes),
+            NormKernel::LlReduceScatter => Some(tokens / world.max(1) * row_bytes),
+            _ => None,
+        }
+    }
 }
 
 /// The fill kernel of `util.cu` for `dtype` (`symm_fill_bf16`, ...).

@@ -12,8 +12,8 @@ use symmcomm::DType;
 use symmcomm::Error;
 use symmcomm::kernels::abi::{ABI_DEFINES, abi_structs, render_abi_header};
 use symmcomm::kernels::{
-    self, COLLECTIVES, CollectiveKernel, DCP, KernelModule, MODULES, NvrtcCompiler, SymmState,
-    UTIL, abi_header, arch_for,
+    self, COLLECTIVES, CollectiveKernel, DCP, KernelModule, MODULES, NormKernel, NvrtcCompiler,
+    RMSNORM, SymmState, UTIL, abi_header, arch_for,
 };
 
 /// The kernels each module must define.
@@ -66,6 +66,23 @@ const EXPECTED: &[(&str, &[&str])] = &[
             "dcp_fused_bf16_f32",
             "dcp_fused_f32_bf16",
             "dcp_fused_f32_f32",
+        ],
+    ),
+    (
+        "rmsnorm",
+        &[
+            "symm_add_rmsnorm_bf16",
+            "symm_add_rmsnorm_f16",
+            "symm_ll_allreduce_rmsnorm_bf16",
+            "symm_ll_allreduce_rmsnorm_f16",
+            "symm_oneshot_allreduce_rmsnorm_bf16",
+            "symm_oneshot_allreduce_rmsnorm_f16",
+            "symm_twoshot_allreduce_rmsnorm_bf16",
+            "symm_twoshot_allreduce_rmsnorm_f16",
+            "symm_ll_reducescatter_rmsnorm_bf16",
+            "symm_ll_reducescatter_rmsnorm_f16",
+            "symm_reducescatter_rmsnorm_bf16",
+            "symm_reducescatter_rmsnorm_f16",
         ],
     ),
 ];
@@ -190,6 +207,24 @@ fn nvrtc_compiles_every_module_and_caches() {
         }
     }
     assert!(!has_symbol(&cubin, "symm_allgather"));
+    // Every name NormKernel hands out is in the rmsnorm CUBIN (bf16 and f16 only), which, like
+    // dcp, shares the collectives' protocol through symm_protocol.cuh, not their entry points.
+    let cubin = compiler.compile(&RMSNORM, "sm_90a").expect("in memory");
+    let mut norm_names = 0;
+    for kernel in NormKernel::ALL {
+        for dtype in DType::ALL {
+            if let Some(name) = kernel.function(dtype) {
+                assert!(has_symbol(&cubin, name), "no kernel {name}");
+                norm_names += 1;
+            }
+        }
+    }
+    assert_eq!(
+        norm_names,
+        2 * NormKernel::ALL.len(),
+        "bf16 and f16 for every kernel"
+    );
+    assert!(!has_symbol(&cubin, "symm_ll_allreduce_bf16"));
     let cubin = compiler.compile(&UTIL, "sm_90a").expect("in memory");
     for dtype in DType::ALL {
         assert!(has_symbol(&cubin, kernels::fill_function(dtype)));
@@ -267,7 +302,7 @@ fn nvrtc_compiles_every_module_and_caches() {
     }
 
     // Registers and spills, for the record (visible with --nocapture).
-    for module in [&COLLECTIVES, &DCP] {
+    for module in [&COLLECTIVES, &DCP, &RMSNORM] {
         let report = compiler
             .ptxas_report(module, "sm_90a")
             .expect("ptxas report");
@@ -294,7 +329,8 @@ fn abi_checks_are_enforced_by_nvrtc(compiler: &NvrtcCompiler) {
         source: Box::leak(
             format!(
                 "{header}\nextern \"C\" __global__ void symm_abi_probe(const SymmArgs a, \
-                 const DcpArgs d, SymmState* st) {{ st->epoch = a.count + d.dim; }}\n"
+                 const DcpArgs d, const RmsNormArgs r, SymmState* st) {{ st->epoch = a.count + \
+                 d.dim + r.hidden + (unsigned long long)r.eps; }}\n"
             )
             .into_boxed_str(),
         ),
@@ -375,7 +411,7 @@ fn kernel_sources_take_the_abi_from_the_generated_header() {
         .find(|h| h.name == "symm_protocol.cuh")
         .expect("the protocol header");
     assert!(protocol.source.contains("#include \"symm_abi.cuh\""));
-    for module in [COLLECTIVES, DCP] {
+    for module in [COLLECTIVES, DCP, RMSNORM] {
         assert!(
             module.source.contains("#include \"symm_protocol.cuh\""),
             "{} does not include the protocol",

@@ -80,6 +80,21 @@ pub const ERR_ARGS: u32 = 3;
 /// Threads per block of the DCP kernels (`__launch_bounds__` of `dcp.cu`).
 pub const DCP_BLOCK_THREADS: u32 = 512;
 
+/// Threads per block of the add-RMSNorm kernels of `rmsnorm.cu` (`__launch_bounds__`): one block
+/// normalises one row at a time.
+pub const RMSNORM_BLOCK_THREADS: u32 = 512;
+/// 16-byte units of a row one thread of `rmsnorm.cu` holds in registers between the residual
+/// add and the normalisation: a row has at most `RMSNORM_BLOCK_THREADS × RMSNORM_MAX_UNITS`
+/// units ([`rmsnorm_max_hidden`]).
+pub const RMSNORM_MAX_UNITS: u32 = 4;
+
+/// The largest hidden size the add-RMSNorm kernels take for elements of `elem_bytes` bytes: a
+/// row of whole 16-byte units, each thread of the block holding at most [`RMSNORM_MAX_UNITS`]
+/// (16384 for bf16 and f16).
+pub const fn rmsnorm_max_hidden(elem_bytes: usize) -> usize {
+    RMSNORM_BLOCK_THREADS as usize * RMSNORM_MAX_UNITS as usize * 16 / elem_bytes
+}
+
 /// The by-value argument of every collective kernel, `struct SymmArgs` of `symm_abi.cuh`
 /// (184 bytes, no padding). Addresses are device pointers as seen by *this* rank.
 #[repr(C)]
@@ -223,6 +238,46 @@ const _: () = {
     assert!(std::mem::offset_of!(DcpArgs, base2) == 52);
 };
 
+/// The second by-value argument of the kernels of `rmsnorm.cu`, `struct RmsNormArgs` of
+/// `symm_abi.cuh` (56 bytes, no padding). Addresses are this rank's device pointers, 16-byte
+/// aligned; rows are `hidden` elements of the kernel's type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RmsNormArgs {
+    /// `[tokens, hidden]`: this rank's partial sums (fused kernels), or the reduced rows (the
+    /// separate add-RMSNorm kernel).
+    pub input: u64,
+    /// The residual: `[tokens, hidden]`, or `[tokens / world, hidden]` for the reduce-scatter form.
+    pub residual: u64,
+    /// `[hidden]`: the RMSNorm weight.
+    pub weight: u64,
+    /// The normalised output, shaped like the residual.
+    pub normed: u64,
+    /// The new residual, shaped like the residual; may be `residual` itself (in place).
+    pub residual_out: u64,
+    /// Rows of `input` (all ranks' rows in the reduce-scatter form).
+    pub tokens: u32,
+    /// Elements per row.
+    pub hidden: u32,
+    /// The RMSNorm epsilon.
+    pub eps: f32,
+    /// Unused; keeps the struct free of padding.
+    pub reserved: u32,
+}
+
+// The documented layout (KERNELS.md §10).
+const _: () = {
+    assert!(std::mem::size_of::<RmsNormArgs>() == 56);
+    assert!(std::mem::offset_of!(RmsNormArgs, residual_out) == 32);
+    assert!(std::mem::offset_of!(RmsNormArgs, tokens) == 40);
+    assert!(std::mem::offset_of!(RmsNormArgs, eps) == 48);
+};
+
+// SAFETY: `RmsNormArgs` is `#[repr(C)]`, `Copy`, made of integers and one f32 with no padding
+// (`Pod`), and the kernels' `struct RmsNormArgs` is generated from it (`abi_header`) with its
+// size and offsets checked by `static_assert`, so its bytes are a valid by-value parameter.
+unsafe impl cudarc::driver::DeviceRepr for RmsNormArgs {}
+
 // ---------------------------------------------------------------------------------------------
 // symm_abi.cuh
 
@@ -310,6 +365,10 @@ pub const ABI_DEFINES: &[AbiDefine] = abi_defines! {
         "bytes of one LL slot: 16-byte lines of 8 payload bytes";
     SYMM_LL_PHASE = LL_PHASE, Unsigned, "SymmState::error_phase of an LL wait";
     DCP_BLOCK_THREADS = DCP_BLOCK_THREADS, Int, "threads per block of the DCP kernels";
+    RMSNORM_BLOCK_THREADS = RMSNORM_BLOCK_THREADS, Int,
+        "threads per block of the add-RMSNorm kernels";
+    RMSNORM_MAX_UNITS = RMSNORM_MAX_UNITS, Int,
+        "16-byte units of a row one add-RMSNorm thread holds";
 };
 
 /// The C spelling of a Rust field type: an element type and, for arrays, a length.
@@ -333,6 +392,7 @@ macro_rules! c_scalar {
 
 c_scalar!(u64, "unsigned long long");
 c_scalar!(u32, "unsigned int");
+c_scalar!(f32, "float");
 
 /// One field of a struct of `symm_abi.cuh`, read off its Rust mirror.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -462,6 +522,23 @@ pub fn abi_structs() -> Vec<AbiStruct> {
                 base2 => "base2", "1: LSEs are log2, 0: natural log";
             },
         },
+        AbiStruct {
+            name: "RmsNormArgs",
+            doc: "The second by-value argument of the add-RMSNorm kernels (rmsnorm.cu).",
+            size: std::mem::size_of::<RmsNormArgs>(),
+            align: std::mem::align_of::<RmsNormArgs>(),
+            fields: abi_fields! { RmsNormArgs;
+                input => "input", "[tokens, hidden]: partial sums (fused) or reduced rows";
+                residual => "residual", "[tokens, hidden], or [tokens / world, hidden]";
+                weight => "weight", "[hidden]";
+                normed => "normed", "normalised output, shaped like the residual";
+                residual_out => "residual_out", "new residual; may equal residual";
+                tokens => "tokens", "rows of input";
+                hidden => "hidden", "elements per row, whole 16-byte units";
+                eps => "eps", "RMSNorm epsilon";
+                reserved => "reserved", "unused";
+            },
+        },
     ]
 }
 
@@ -588,6 +665,8 @@ mod tests {
             ("SYMM_LL_SLOT_BYTES", format!("{LL_SLOT_BYTES}ULL")),
             ("SYMM_LL_PHASE", format!("{LL_PHASE}u")),
             ("DCP_BLOCK_THREADS", format!("{DCP_BLOCK_THREADS}")),
+            ("RMSNORM_BLOCK_THREADS", format!("{RMSNORM_BLOCK_THREADS}")),
+            ("RMSNORM_MAX_UNITS", format!("{RMSNORM_MAX_UNITS}")),
         ];
         for (name, value) in &expected {
             let found: Vec<&(String, String)> = defines.iter().filter(|(n, _)| n == name).collect();
@@ -628,7 +707,7 @@ mod tests {
     fn structs_cover_every_byte_of_their_rust_mirror() {
         let structs = abi_structs();
         let names: Vec<&str> = structs.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["SymmArgs", "SymmState", "DcpArgs"]);
+        assert_eq!(names, ["SymmArgs", "SymmState", "DcpArgs", "RmsNormArgs"]);
         for s in &structs {
             // Fields in order, back to back, up to the size: no field of the Rust struct can be
             // missing from the table (it would leave a gap), and there is no padding.
@@ -637,7 +716,7 @@ mod tests {
                 assert_eq!(f.offset, end, "{}::{} does not follow on", s.name, f.name);
                 let elem = match f.c_type {
                     "unsigned long long" => 8,
-                    "unsigned int" => 4,
+                    "unsigned int" | "float" => 4,
                     other => panic!("{}::{}: C type {other}", s.name, f.name),
                 };
                 assert_eq!(
@@ -654,6 +733,8 @@ mod tests {
         assert_eq!(structs[0].size, 184);
         assert_eq!(structs[1].size, 64);
         assert_eq!(structs[2].size, 56);
+        assert_eq!(structs[3].size, 56);
+        assert_eq!(rmsnorm_max_hidden(2), 16384);
     }
 
     #[test]
@@ -686,5 +767,7 @@ mod tests {
         assert!(header.contains("    unsigned int reserved[7];"));
         assert!(header.contains("static_assert(SYMM_ABI_OFFSETOF(SymmArgs, world) == 180,"));
         assert!(header.contains("static_assert(SYMM_ABI_OFFSETOF(DcpArgs, base2) == 52,"));
+        assert!(header.contains("    float eps;"));
+        assert!(header.contains("static_assert(SYMM_ABI_OFFSETOF(RmsNormArgs, eps) == 48,"));
     }
 }
