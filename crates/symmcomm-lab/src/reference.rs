@@ -171,10 +171,124 @@ pub fn compare(
     }
 }
 
+/// The largest relative error of one rounding to `dtype` (half an ulp).
+fn rounding(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 2f64.powi(-8),
+        DType::F16 => 2f64.powi(-11),
+        _ => f64::from(f32::EPSILON),
+    }
+}
+
+/// The f64 reference of an add-RMSNorm on one rank, with the tolerance of every element.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AddRmsNormRef {
+    /// `residual + Σ_r input_r`, exactly, for the rank's rows.
+    pub residual_out: Vec<f64>,
+    /// `residual_out / sqrt(mean(residual_out²) + eps) · weight`, exactly.
+    pub normed: Vec<f64>,
+    /// Absolute tolerance of each element of `residual_out`.
+    pub residual_tol: Vec<f64>,
+    /// Absolute tolerance of each element of `normed`.
+    pub normed_tol: Vec<f64>,
+}
+
+/// What an add-RMSNorm computes, independently of how: the rows of every rank's `inputs[r]`
+/// (`[T, H]`, values exact in `dtype`) from `first_row` on (0 for the all-reduce form, `rank ·
+/// T / N` for the reduce-scatter form), summed in f64, plus `residual` (`rows` rows of this
+/// rank), normalised with `weight` and `eps`, all in f64. The tolerances allow for the
+/// collective's roundings (`acc`), one rounding of the new residual, and for the normalised
+/// value the error of the residual it normalises (through the row's rms too), f32 arithmetic and
+/// one rounding.
+pub fn add_rmsnorm(
+    dtype: DType,
+    inputs: &[Vec<f64>],
+    residual: &[f64],
+    weight: &[f64],
+    eps: f64,
+    first_row: usize,
+    acc: Accumulation,
+) -> AddRmsNormRef {
+    let hidden = weight.len();
+    let rows = residual.len() / hidden.max(1);
+    let world = inputs.len();
+    let sum_tol = tolerance(
+        Collective::AllReduce(symmcomm::ReduceOp::Sum),
+        dtype,
+        world,
+        1.0,
+        acc,
+    );
+    let round = rounding(dtype);
+    let mut out = AddRmsNormRef {
+        residual_out: Vec::with_capacity(rows * hidden),
+        normed: Vec::with_capacity(rows * hidden),
+        residual_tol: Vec::with_capacity(rows * hidden),
+        normed_tol: Vec::with_capacity(rows * hidden),
+    };
+    for t in 0..rows {
+        let at = |j: usize| (first_row + t) * hidden + j;
+        let r: Vec<f64> = (0..hidden)
+            .map(|j| residual[t * hidden + j] + inputs.iter().map(|x| x[at(j)]).sum::<f64>())
+            .collect();
+        let r_tol: Vec<f64> = (0..hidden)
+            .map(|j| {
+                let abs: f64 = inputs.iter().map(|x| x[at(j)].abs()).sum();
+                sum_tol * abs + round * (r[j].abs() + sum_tol * abs) + f64::MIN_POSITIVE
+            })
+            .collect();
+        let rms = (r.iter().map(|x| x * x).sum::<f64>() / hidden as f64 + eps).sqrt();
+        // The error of rms from the residuals' errors: at most the largest error.
+        let rms_err = r_tol.iter().copied().fold(0.0, f64::max);
+        // f32 sums of squares, in any order: a few ulps per doubling of the row.
+        let arith = f64::from(f32::EPSILON) * (4.0 + (hidden as f64).log2());
+        for j in 0..hidden {
+            let n = r[j] / rms * weight[j];
+            out.residual_out.push(r[j]);
+            out.residual_tol.push(r_tol[j]);
+            out.normed.push(n);
+            out.normed_tol.push(
+                weight[j].abs() * (r_tol[j] + r[j].abs() * rms_err / rms) / rms
+                    + (round + arith) * n.abs()
+                    + 1e-7,
+            );
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use symmcomm::ReduceOp;
+
+    #[test]
+    fn add_rmsnorm_of_a_known_row() {
+        // Two ranks' rows sum to [1, 1, 1, 1]; plus the residual [0, 1, 1, 2] is [1, 2, 2, 3]:
+        // mean of squares 18 / 4, rms sqrt(4.5).
+        let inputs = vec![vec![0.5; 4], vec![0.5; 4]];
+        let r = add_rmsnorm(
+            DType::BF16,
+            &inputs,
+            &[0.0, 1.0, 1.0, 2.0],
+            &[1.0, 1.0, 1.0, 2.0],
+            0.0,
+            0,
+            Accumulation::F32,
+        );
+        assert_eq!(r.residual_out, vec![1.0, 2.0, 2.0, 3.0]);
+        let rms = 4.5f64.sqrt();
+        assert_eq!(r.normed, vec![1.0 / rms, 2.0 / rms, 2.0 / rms, 6.0 / rms]);
+        // One bf16 rounding of 3 is within tolerance, two ulps are not.
+        assert!(r.residual_tol[3] >= 3.0 * 2f64.powi(-8));
+        assert!(r.residual_tol[3] < 3.0 * 2f64.powi(-6));
+        assert!(
+            r.normed_tol
+                .iter()
+                .zip(&r.normed)
+                .all(|(t, n)| *t < n.abs() * 0.02)
+        );
+    }
 
     #[test]
     fn flat_references() {

@@ -56,6 +56,8 @@ pub enum Op {
     DcpCombine,
     DpGather,
     DpScatter,
+    AllReduceAddRmsNorm,
+    ReduceScatterAddRmsNorm,
 }
 
 impl Op {
@@ -82,6 +84,8 @@ impl Op {
             Op::DcpCombine => "dcp_combine",
             Op::DpGather => "dp_gather",
             Op::DpScatter => "dp_scatter",
+            Op::AllReduceAddRmsNorm => "all_reduce_add_rmsnorm",
+            Op::ReduceScatterAddRmsNorm => "reduce_scatter_add_rmsnorm",
         }
     }
 }
@@ -92,12 +96,20 @@ impl fmt::Display for Op {
     }
 }
 
-/// Which argument of a collective an error is about.
+/// Which argument of a collective (or of a fused add-RMSNorm) an error is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub enum Arg {
     Input,
     Output,
+    /// The residual of an add-RMSNorm.
+    Residual,
+    /// The RMSNorm weight.
+    Weight,
+    /// The normalised output of an add-RMSNorm.
+    NormedOut,
+    /// The new residual of an add-RMSNorm.
+    ResidualOut,
 }
 
 impl fmt::Display for Arg {
@@ -105,6 +117,10 @@ impl fmt::Display for Arg {
         f.write_str(match self {
             Arg::Input => "input",
             Arg::Output => "output",
+            Arg::Residual => "residual",
+            Arg::Weight => "weight",
+            Arg::NormedOut => "normed_out",
+            Arg::ResidualOut => "residual_out",
         })
     }
 }
@@ -123,6 +139,25 @@ pub enum Error {
         ctx: OpCtx,
         input: DType,
         output: DType,
+    },
+
+    /// One argument of an operation on several tensors (a fused add-RMSNorm) has another element
+    /// type than the input.
+    #[error("{ctx}: dtype mismatch: {arg} is {got}, the input is {expected}")]
+    ArgDTypeMismatch {
+        ctx: OpCtx,
+        arg: Arg,
+        expected: DType,
+        got: DType,
+    },
+
+    /// One argument of an operation on several tensors has the wrong shape.
+    #[error("{ctx}: {arg} has shape {got:?}, expected {expected:?}")]
+    ArgShapeMismatch {
+        ctx: OpCtx,
+        arg: Arg,
+        expected: Vec<usize>,
+        got: Vec<usize>,
     },
 
     /// A length that must split evenly over the ranks does not.
@@ -384,6 +419,8 @@ impl Error {
     pub fn ctx(&self) -> Option<&OpCtx> {
         match self {
             Error::DTypeMismatch { ctx, .. }
+            | Error::ArgDTypeMismatch { ctx, .. }
+            | Error::ArgShapeMismatch { ctx, .. }
             | Error::NotDivisible { ctx, .. }
             | Error::NotContiguous { ctx, .. }
             | Error::ShapeMismatch { ctx, .. }

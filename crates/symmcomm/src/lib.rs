@@ -38,6 +38,7 @@ mod kernels;
 pub mod lab;
 mod lse;
 mod memory;
+pub mod norm;
 pub mod policy;
 mod pool;
 mod rank_threads;

@@ -3,6 +3,10 @@
 
 pub(crate) mod cuda;
 pub(crate) mod host;
+mod norm;
+
+pub use norm::NormForm;
+pub(crate) use norm::{AddRmsNormStep, NormBuffers, NormFused, NormShape};
 
 use std::fmt;
 use std::str::FromStr;
@@ -398,6 +402,11 @@ pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
     /// Enqueue the fused DCP combine on `exec`'s stream (every rank of the group calls it with the same
     /// shape).
     fn dcp_fused(&self, exec: Exec, call: &DcpFused) -> Result<()>;
+    /// Why the fused add-RMSNorm cannot run `shape` with `algo` here, if it cannot.
+    fn norm_fused_unavailable(&self, shape: &NormShape, algo: Algo) -> Option<String>;
+    /// Enqueue the fused add-RMSNorm on `exec`'s stream (every rank of the group calls it with
+    /// the same shape and algorithm).
+    fn norm_fused(&self, exec: Exec, call: &NormFused) -> Result<()>;
 }
 
 /// Facts about a rank's device, for reports and results files.
@@ -472,6 +481,8 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn bump(&self, s: StreamSel, counter: &MemRef) -> Result<()>;
     /// Enqueue the DCP correction step (local: no communication).
     fn dcp_correct(&self, exec: Exec, call: &DcpCorrect) -> Result<()>;
+    /// Enqueue the residual add and RMSNorm of rows already reduced (local: no communication).
+    fn add_rmsnorm(&self, exec: Exec, step: &AddRmsNormStep) -> Result<()>;
     /// Start capturing the work enqueued on the device's own stream into a graph.
     fn begin_capture(&self) -> Result<()>;
     /// Stop capturing and instantiate the graph.

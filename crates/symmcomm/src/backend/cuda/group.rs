@@ -14,7 +14,8 @@ use super::nccl::OwnedComm;
 use super::own::OwnKernels;
 use super::peers::{self, PeerView};
 use crate::backend::{
-    Algo, Call, CallShape, Collective, DcpFused, DcpShape, Exec, GroupBackend, Impl, StreamSel,
+    Algo, Call, CallShape, Collective, DcpFused, DcpShape, Exec, GroupBackend, Impl, NormFused,
+    NormShape, StreamSel,
 };
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
@@ -564,6 +565,38 @@ impl GroupBackend for CudaGroup {
             self.dev.raw(exec.stream),
             self.dev.own_kernels_pdl,
             ctx,
+        )
+    }
+
+    fn norm_fused_unavailable(&self, shape: &NormShape, algo: Algo) -> Option<String> {
+        let Some(own) = &self.own else {
+            return Some("our kernels are not set up on this group (world outside 2..8, kernel_slot_bytes 0, or a rank could not load them)".into());
+        };
+        super::norm::fused_unavailable(shape, algo, own.slot_bytes)
+    }
+
+    fn norm_fused(&self, exec: Exec, call: &NormFused) -> Result<()> {
+        let ctx = &call.ctx;
+        self.dev.check_abort(ctx)?;
+        if let Some(why) = self.norm_fused_unavailable(&call.shape, call.algo) {
+            return Err(Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: format!("fused_{}", call.algo.name()),
+                why,
+            });
+        }
+        let own = self.own.as_ref().expect("checked above");
+        self.dev.bind(ctx)?;
+        self.dev.note_pending(ctx);
+        let mut symm = own.workspace_args();
+        symm.input = call.bufs.input.addr();
+        symm.output = call.bufs.normed.addr();
+        symm.count = (call.shape.tokens * call.shape.hidden) as u64;
+        self.dev.norm(exec.capturing, ctx)?.fused(
+            call,
+            &mut symm,
+            self.dev.raw(exec.stream),
+            self.dev.own_kernels_pdl,
         )
     }
 }

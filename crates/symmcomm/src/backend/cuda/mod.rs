@@ -12,6 +12,7 @@ pub(crate) mod limits;
 mod memory;
 mod modules;
 mod nccl;
+mod norm;
 mod own;
 mod peers;
 mod retain;
@@ -36,8 +37,8 @@ use self::modules::UtilKernels;
 use self::nccl::{Creation, OwnedComm};
 use crate::abort::{self, AbortFlag};
 use crate::backend::{
-    BackendKind, Copy2d, DcpCorrect, DeviceConfig, Exec, GraphExec, GroupBackend, RankBackend,
-    StreamSel,
+    AddRmsNormStep, BackendKind, Copy2d, DcpCorrect, DeviceConfig, Exec, GraphExec, GroupBackend,
+    RankBackend, StreamSel,
 };
 use crate::bootstrap::ControlPlane;
 #[cfg(feature = "lab")]
@@ -243,6 +244,7 @@ pub(crate) struct DeviceShared {
     cc: (i32, i32),
     util: OnceLock<std::result::Result<UtilKernels, String>>,
     dcp: OnceLock<std::result::Result<dcp::DcpKernels, String>>,
+    norm: OnceLock<std::result::Result<norm::NormKernels, String>>,
     /// Our collective kernels, loaded once per device and shared by every group on it.
     collectives: OnceLock<std::result::Result<own::CollectiveFunctions, String>>,
     scratch: OnceLock<DeviceAlloc>,
@@ -318,6 +320,7 @@ impl DeviceShared {
             cc,
             util: OnceLock::new(),
             dcp: OnceLock::new(),
+            norm: OnceLock::new(),
             collectives: OnceLock::new(),
             scratch: OnceLock::new(),
             graph: Mutex::new(()),
@@ -423,6 +426,21 @@ impl DeviceShared {
         }
         loaded_once(&self.dcp, "DCP kernels", || {
             dcp::DcpKernels::load(&self.ctx, self.cc, &self.op(Op::DcpCombine, 0))
+        })
+    }
+
+    /// The add-RMSNorm kernels, compiled and loaded on first use (never inside a capture, as
+    /// for [`DeviceShared::dcp`]; `Group::prepare` loads them before).
+    pub(crate) fn norm(&self, capturing: bool, ctx: &OpCtx) -> Result<&norm::NormKernels> {
+        if capturing && self.norm.get().is_none() {
+            return Err(Error::DuringCapture {
+                ctx: ctx.clone(),
+                action: "loading the add-RMSNorm kernels (call Group::prepare before capturing)"
+                    .into(),
+            });
+        }
+        loaded_once(&self.norm, "add-RMSNorm kernels", || {
+            norm::NormKernels::load(&self.ctx, self.cc, &self.op(Op::Kernel, 0))
         })
     }
 
@@ -732,6 +750,7 @@ impl RankBackend for CudaDevice {
         self.dev.bind(ctx)?;
         self.dev.util()?;
         self.dev.dcp(false, ctx)?;
+        self.dev.norm(false, ctx)?;
         self.dev.collectives().map(|_| ())
     }
 
@@ -930,6 +949,15 @@ impl RankBackend for CudaDevice {
         self.dev
             .dcp(exec.capturing, &call.ctx)?
             .correct(call, self.dev.raw(exec.stream))
+    }
+
+    fn add_rmsnorm(&self, exec: Exec, step: &AddRmsNormStep) -> Result<()> {
+        self.dev.bind(&step.ctx)?;
+        self.dev.norm(exec.capturing, &step.ctx)?.add_rmsnorm(
+            step,
+            self.dev.raw(exec.stream),
+            self.dev.own_kernels_pdl,
+        )
     }
 
     fn begin_capture(&self) -> Result<()> {

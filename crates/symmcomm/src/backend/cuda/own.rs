@@ -297,6 +297,18 @@ impl OwnKernels {
         args
     }
 
+    /// The arguments of a kernel of another module that moves data through this group's
+    /// workspace (`rmsnorm.cu`): [`OwnKernels::protocol_args`] with every peer's workspace and
+    /// the slot size (`in`, `out` and `count` left 0).
+    pub(crate) fn workspace_args(&self) -> SymmArgs {
+        let mut args = self.protocol_args();
+        args.slot_bytes = self.slot_bytes as u64;
+        for (p, v) in self.views.iter().enumerate() {
+            args.ws[p] = v.base();
+        }
+        args
+    }
+
     /// This rank's kernel state: an error names the peer and what failed.
     pub(crate) fn check_state(&self, ctx: &OpCtx) -> Result<()> {
         let mut st = SymmState::default();

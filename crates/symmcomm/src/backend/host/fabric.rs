@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::{HostBytes, HostMemory, HostQueue, dcp, host_mem};
+use super::{HostBytes, HostMemory, HostQueue, dcp, host_mem, norm};
 use crate::abort::{AbortFlag, POLL};
-use crate::backend::Exec;
+use crate::backend::{Algo, Exec, NormFused, NormShape};
 use crate::backend::{Call, CallShape, Collective, DcpFused, DcpShape, GroupBackend, Impl};
 use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
@@ -377,6 +377,41 @@ impl HostGroupInner {
     }
 }
 
+impl HostGroupInner {
+    /// The fused add-RMSNorm: every rank posts its input and residual, then computes the rows
+    /// it keeps from all of them (`norm::fused`).
+    fn norm_fused(&self, call: &NormFused) -> Result<()> {
+        let Transport::Shared(fabric) = &self.transport else {
+            return Err(Error::ImplUnavailable {
+                ctx: call.ctx.clone(),
+                implementation: "host_fused".into(),
+                why: "the fused add-RMSNorm runs on thread ranks only".into(),
+            });
+        };
+        let (sh, b) = (&call.shape, &call.bufs);
+        let res_bytes = sh.rows_out() * sh.row_bytes();
+        let mut mine = host_mem(&b.input).to_vec(b.input.offset, sh.input_bytes());
+        mine.extend(host_mem(&b.residual).to_vec(b.residual.offset, res_bytes));
+        let weight = host_mem(&b.weight).to_vec(b.weight.offset, sh.row_bytes());
+        fabric.mailbox()[self.rank] = Some(Arc::new(mine));
+        self.barrier(fabric, &call.ctx)?;
+        let posted: Vec<Arc<Vec<u8>>> = {
+            let mb = fabric.mailbox();
+            (0..fabric.size)
+                .map(|r| mb[r].clone().expect("every rank posted before the barrier"))
+                .collect()
+        };
+        let views: Vec<&[u8]> = posted.iter().map(|p| p.as_slice()).collect();
+        let (residual_out, normed) = norm::fused(sh, call.algo, &views, &weight, b.eps);
+        // Nobody may post again until every rank has read.
+        self.barrier(fabric, &call.ctx)?;
+        fabric.mailbox()[self.rank] = None;
+        host_mem(&b.residual_out).write(b.residual_out.offset, &residual_out);
+        host_mem(&b.normed).write(b.normed.offset, &normed);
+        Ok(())
+    }
+}
+
 /// The result bytes of `rank` given every rank's input bytes.
 fn compute(
     coll: Collective,
@@ -407,6 +442,12 @@ fn compute(
             reduce(dtype, op, &parts)
         }
     }
+}
+
+/// The element-wise sum of `parts` in f32 in rank order, rounded once to `dtype`: what an
+/// all-reduce gives.
+pub(super) fn reduce_sum(dtype: DType, parts: &[&[u8]]) -> Vec<u8> {
+    reduce(dtype, ReduceOp::Sum, parts)
 }
 
 /// Element-wise reduction in f32 (the accumulation width our GPU kernels use), rounded once
@@ -512,6 +553,22 @@ impl GroupBackend for HostGroup {
         self.inner
             .queue
             .enqueue(Box::new(move || me.dcp_fused(&call)))
+    }
+
+    fn norm_fused_unavailable(&self, _shape: &NormShape, _algo: Algo) -> Option<String> {
+        match self.inner.transport {
+            Transport::Shared(_) => None,
+            Transport::Store { .. } => {
+                Some("the fused add-RMSNorm runs on thread ranks only".into())
+            }
+        }
+    }
+
+    fn norm_fused(&self, _exec: Exec, call: &NormFused) -> Result<()> {
+        let (me, call) = (self.inner.clone(), call.clone());
+        self.inner
+            .queue
+            .enqueue(Box::new(move || me.norm_fused(&call)))
     }
 }
 

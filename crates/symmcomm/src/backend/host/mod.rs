@@ -7,12 +7,14 @@
 mod dcp;
 mod fabric;
 mod memory;
+mod norm;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::backend::{
-    BackendKind, Copy2d, DcpCorrect, Exec, GraphExec, GroupBackend, RankBackend, StreamSel,
+    AddRmsNormStep, BackendKind, Copy2d, DcpCorrect, Exec, GraphExec, GroupBackend, RankBackend,
+    StreamSel,
 };
 use crate::bootstrap::ControlPlane;
 #[cfg(feature = "lab")]
@@ -295,6 +297,23 @@ impl RankBackend for HostDevice {
             if let Some(m) = &c.merged_lse {
                 host_mem(m).write(m.offset, &merged);
             }
+            Ok(())
+        }))
+    }
+
+    fn add_rmsnorm(&self, _exec: Exec, step: &AddRmsNormStep) -> Result<()> {
+        let s = step.clone();
+        self.enqueue(Box::new(move || {
+            let b = &s.bufs;
+            let row = s.hidden * s.dtype.size();
+            let bytes = s.rows * row;
+            let reduced = host_mem(&b.input).to_vec(b.input.offset, bytes);
+            let residual = host_mem(&b.residual).to_vec(b.residual.offset, bytes);
+            let weight = host_mem(&b.weight).to_vec(b.weight.offset, row);
+            let (residual_out, normed) =
+                norm::add_rmsnorm(s.dtype, s.hidden, b.eps, &reduced, &residual, &weight);
+            host_mem(&b.residual_out).write(b.residual_out.offset, &residual_out);
+            host_mem(&b.normed).write(b.normed.offset, &normed);
             Ok(())
         }))
     }
