@@ -4,6 +4,7 @@
 
 use clap::ValueEnum;
 use symmcomm::dcp::CombineImpl;
+use symmcomm::norm::{NormImpl, max_hidden};
 use symmcomm::{Algo, BackendChoice, Collective, DType, Impl, ReduceOp};
 use symmcomm_lab::bench::Variant;
 use symmcomm_lab::decode_sim::{ModelDims, StepConfig};
@@ -77,6 +78,19 @@ pub(crate) fn bytes(s: &str) -> Result<usize, String> {
             MAX_BENCH_BYTES >> 30
         )),
     }
+}
+
+/// A hidden size of `bench --norm-hiddens`: a multiple of 8 (rows of whole 16-byte units of
+/// bf16) up to the largest the add-RMSNorm kernels take.
+pub(crate) fn hidden(s: &str) -> Result<usize, String> {
+    let most = max_hidden(DType::BF16);
+    let h: usize = whole(8, most as u64, "hidden sizes the add-RMSNorm kernels take")(s)?;
+    if !h.is_multiple_of(8) {
+        return Err(format!(
+            "{h} is not a multiple of 8 (rows of whole 16-byte units)"
+        ));
+    }
+    Ok(h)
 }
 
 /// Microseconds of stand-in compute: a finite number, 0 to a second.
@@ -178,6 +192,8 @@ pub(crate) enum OpArg {
     ReduceScatter,
     /// The DCP combine at DeepSeek-V3 MLA shapes (`bench` only).
     DcpCombine,
+    /// All-reduce + residual add + RMSNorm of a decode layer (`bench` only).
+    ArRmsnorm,
 }
 
 impl OpArg {
@@ -187,7 +203,7 @@ impl OpArg {
             OpArg::AllReduce => Some(Collective::AllReduce(ReduceOp::Sum)),
             OpArg::AllGather => Some(Collective::AllGather),
             OpArg::ReduceScatter => Some(Collective::ReduceScatter(ReduceOp::Sum)),
-            OpArg::DcpCombine => None,
+            OpArg::DcpCombine | OpArg::ArRmsnorm => None,
         }
     }
 }
@@ -270,6 +286,46 @@ impl From<CombineArg> for CombineImpl {
     }
 }
 
+/// `--norm-impls` of `bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub(crate) enum NormArg {
+    /// The fused kernel the size rule picks (`host_fused` on the host).
+    #[value(alias = "host_fused")]
+    Fused,
+    /// The fused low-latency kernel.
+    #[value(alias = "host_fused_ll")]
+    FusedLl,
+    /// The fused one-shot kernel (one barrier).
+    #[value(alias = "host_fused_oneshot")]
+    FusedOneshot,
+    /// The fused two-shot kernel (reduce-scatter, add and norm, all-gather).
+    #[value(alias = "host_fused_twoshot")]
+    FusedTwoshot,
+    /// symmcomm's `auto` all-reduce, then the separate add-RMSNorm kernel.
+    #[value(alias = "host_unfused")]
+    Unfused,
+    /// NCCL's regular all-reduce, then the same kernel (`host` on the host).
+    #[value(alias = "host")]
+    Nccl,
+    /// The size rule: fused where a fused kernel runs the call, else unfused.
+    Auto,
+}
+
+impl From<NormArg> for NormImpl {
+    fn from(n: NormArg) -> Self {
+        match n {
+            NormArg::Fused => NormImpl::Fused(None),
+            NormArg::FusedLl => NormImpl::Fused(Some(Algo::LowLatency)),
+            NormArg::FusedOneshot => NormImpl::Fused(Some(Algo::OneShot)),
+            NormArg::FusedTwoshot => NormImpl::Fused(Some(Algo::TwoShot)),
+            NormArg::Unfused => NormImpl::Unfused,
+            NormArg::Nccl => NormImpl::Nccl,
+            NormArg::Auto => NormImpl::Auto,
+        }
+    }
+}
+
 /// `--model` of `decode-sim`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ModelArg {
@@ -329,6 +385,14 @@ mod tests {
     }
 
     #[test]
+    fn hidden_sizes_are_whole_units_the_kernels_take() {
+        assert_eq!(hidden("7168"), Ok(7168));
+        assert!(hidden("12").unwrap_err().contains("multiple of 8"));
+        assert!(hidden("0").unwrap_err().contains("out of range"));
+        assert!(hidden("16392").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
     fn sizes_parse_and_refuse_zero_and_overflow() {
         assert_eq!(bytes("2K"), Ok(2048));
         assert_eq!(bytes("64M"), Ok(64 << 20));
@@ -354,6 +418,10 @@ mod tests {
                 Ok(CombineImpl::from(*c)),
                 "{name}"
             );
+        }
+        for n in NormArg::value_variants() {
+            let name = n.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(name.parse::<NormImpl>(), Ok(NormImpl::from(*n)), "{name}");
         }
         for d in DTypeArg::value_variants() {
             let name = d.to_possible_value().unwrap().get_name().to_string();

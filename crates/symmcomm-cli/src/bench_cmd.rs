@@ -7,12 +7,15 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use symmcomm::DType;
 use symmcomm::{Algo, BackendKind, Communicator, Impl};
 use symmcomm_lab::bench::{
-    self, BenchSpec, DcpBenchSpec, Limits, Meta, Results, Row, Timing, Variant,
+    self, BenchSpec, DcpBenchSpec, Limits, Meta, NormBenchSpec, Results, Row, Timing, Variant,
 };
 
-use crate::args::{CombineArg, DTypeArg, ImplArg, MAX_BATCH, ModeArg, OpArg, count, whole};
+use crate::args::{
+    CombineArg, DTypeArg, ImplArg, MAX_BATCH, ModeArg, NormArg, OpArg, count, whole,
+};
 use crate::ranks::{Plan, Ran, Rank, RankArgs};
 
 /// Options of `bench`.
@@ -39,7 +42,23 @@ pub(crate) struct BenchArgs {
     /// are named host, host_symm, host_fused).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) dcp_impls: Vec<CombineArg>,
-    /// Element types, comma-separated.
+    /// All-reduce + add + RMSNorm: tokens per call (default 1,2,4,8,16,32,64 on GPUs, 1,2,4,8
+    /// on the host).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = whole::<usize>(1, MAX_BATCH as u64, "decode tokens per call")
+    )]
+    pub(crate) norm_tokens: Vec<usize>,
+    /// All-reduce + add + RMSNorm: hidden sizes (default 4096,7168).
+    #[arg(long, value_delimiter = ',', value_parser = crate::args::hidden)]
+    pub(crate) norm_hiddens: Vec<usize>,
+    /// All-reduce + add + RMSNorm implementations (default: fused, unfused, nccl; on the host
+    /// backend they are named host_fused, host_unfused, host).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) norm_impls: Vec<NormArg>,
+    /// Element types, comma-separated (the all-reduce + add + RMSNorm rows take the first of
+    /// bf16 and f16 listed, bf16 when neither is).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [DTypeArg::Bf16])]
     pub(crate) dtypes: Vec<DTypeArg>,
     /// Sizes of the larger buffer (2K, 64M, ...). Default: 2K..256M on GPUs, 2K..1M on the host.
@@ -150,6 +169,35 @@ impl BenchArgs {
         } else if backend == BackendKind::Host {
             // The host reference merges 128 x 512 values per token in software.
             spec.batches.retain(|&b| b <= 8);
+        }
+        Some(spec)
+    }
+
+    /// The all-reduce + add + RMSNorm rows to measure, if `--ops` asks for them.
+    fn norm_spec(&self, timing: &Timing, backend: BackendKind) -> Option<NormBenchSpec> {
+        if !self.ops.contains(&OpArg::ArRmsnorm) {
+            return None;
+        }
+        let impls = if self.norm_impls.is_empty() {
+            NormBenchSpec::default_impls()
+        } else {
+            self.norm_impls.iter().map(|&n| n.into()).collect()
+        };
+        let mut spec = NormBenchSpec::decode(impls, timing);
+        spec.dtype = self
+            .dtypes
+            .iter()
+            .map(|&d| DType::from(d))
+            .find(|d| matches!(d, DType::BF16 | DType::F16))
+            .unwrap_or(DType::BF16);
+        if !self.norm_hiddens.is_empty() {
+            spec.hiddens = self.norm_hiddens.clone();
+        }
+        if !self.norm_tokens.is_empty() {
+            spec.tokens = self.norm_tokens.clone();
+        } else if backend == BackendKind::Host {
+            // The host reference adds and normalises every row in software.
+            spec.tokens.retain(|&t| t <= 8);
         }
         Some(spec)
     }
@@ -270,6 +318,28 @@ fn dcp_sweep(comm: &Communicator, spec: &DcpBenchSpec) -> anyhow::Result<Vec<Row
     Ok(rows)
 }
 
+/// The all-reduce + add + RMSNorm rows on this rank (the world group is the TP group).
+fn norm_sweep(comm: &Communicator, spec: &NormBenchSpec) -> anyhow::Result<Vec<Row>> {
+    let rank0 = comm.rank() == 0;
+    let t0 = Instant::now();
+    let mut progress = |done: usize, total: usize, what: &str| {
+        if rank0 {
+            eprintln!(
+                "[{done}/{total}] {what} ({:.0} s)",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    };
+    let rows = bench::run_norm(comm, comm.world(), spec, &mut progress)?;
+    if rank0 {
+        eprintln!(
+            "ar_rmsnorm: {}",
+            bench::elapsed_line(t0.elapsed(), rows.len())
+        );
+    }
+    Ok(rows)
+}
+
 /// The results file's provenance; `seed` is the job's seed of the inputs.
 pub(crate) fn meta(comm: &Communicator, command: String, seed: u64) -> Meta {
     let facts = comm.facts();
@@ -358,6 +428,7 @@ fn bench_rank(rank: &Rank<'_>, args: &BenchArgs, limits: &Limits) -> anyhow::Res
     let (backend, world) = (comm.backend(), comm.world_size());
     let spec = args.spec(backend, rank.seed);
     let dcp = args.dcp_spec(&spec.timing, backend, world);
+    let norm = args.norm_spec(&spec.timing, backend);
     if comm.rank() == 0 {
         eprintln!(
             "symmcomm bench (seed {}): {world} ranks on {} ({backend} backend), {} rows",
@@ -380,6 +451,9 @@ fn bench_rank(rank: &Rank<'_>, args: &BenchArgs, limits: &Limits) -> anyhow::Res
     if let Some(d) = &dcp {
         rows.extend(dcp_sweep(comm, d)?);
     }
+    if let Some(n) = &norm {
+        rows.extend(norm_sweep(comm, n)?);
+    }
     let ok = rows.iter().all(|r| r.ok);
     if comm.rank() == 0 {
         println!("{}", bench::nccl_tests_tables(&rows, backend));
@@ -393,6 +467,9 @@ fn bench_rank(rank: &Rank<'_>, args: &BenchArgs, limits: &Limits) -> anyhow::Res
                     d.heads * d.dim * d.dtype.size()
                 )
             );
+        }
+        if norm.is_some() {
+            println!("{}", bench::norm_table(&rows, backend));
         }
         if limits.p2p_copy_gbps > 0.0 {
             println!(

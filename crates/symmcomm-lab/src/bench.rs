@@ -20,8 +20,10 @@ use symmcomm::{Error, Result};
 pub use symmcomm::dispatch::Mode;
 
 mod dcp;
+mod rmsnorm;
 pub(crate) use dcp::count_wrong as dcp_count_wrong;
 pub use dcp::{DcpBenchSpec, dcp_table, measure_dcp_point, run_dcp};
+pub use rmsnorm::{NormBenchSpec, measure_norm_point, norm_table, run_norm};
 
 /// An implementation and where its buffers live: `nccl` on plain memory, the others on
 /// windows, and `auto_plain` (`auto` on plain memory, which stages where the table says so).
@@ -182,13 +184,15 @@ pub struct Row {
     pub busbw_gbps: f64,
     /// Whether every rank's output matched the reference.
     pub ok: bool,
-    /// For `auto`: what ran.
+    /// For `auto`: what ran (for `ar_rmsnorm` rows: the fused algorithm, or the all-reduce of
+    /// the unfused paths).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ran: Option<String>,
     /// Elements whose value was wrong, summed over ranks.
     #[serde(default)]
     pub wrong: usize,
-    /// For `decode_step` rows: the parallel configuration (`tp`, `dp_attn`, `dcp`).
+    /// For `decode_step` rows: the parallel configuration (`tp`, `dp_attn`, `dcp`); for
+    /// `ar_rmsnorm` rows: the shape (`hidden=7168`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
 }

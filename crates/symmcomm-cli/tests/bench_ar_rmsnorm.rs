@@ -1,0 +1,81 @@
+//! `symmcomm bench --ops ar_rmsnorm` on the host backend: the all-reduce + add + RMSNorm rows
+//! of every default implementation, both modes, every hidden size and token count asked for,
+//! each checked, in the results file and in the table.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+const EXE: &str = env!("CARGO_BIN_EXE_symmcomm");
+
+#[test]
+fn bench_measures_and_checks_ar_rmsnorm_rows() {
+    let path = std::env::temp_dir().join(format!(
+        "symmcomm-bench-ar-rmsnorm-{}.json",
+        std::process::id()
+    ));
+    let out = Command::new(EXE)
+        .args([
+            "bench",
+            "--backend",
+            "host",
+            "--world",
+            "2",
+            "--ops",
+            "ar_rmsnorm",
+            "--norm-hiddens",
+            "64,4096",
+            "--norm-tokens",
+            "1,3",
+            "--iters",
+            "2",
+            "--replays",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            path.to_str().expect("a UTF-8 temporary path"),
+        ])
+        .output()
+        .expect("running symmcomm bench");
+    let shown = format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{shown}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("WRONG"), "{shown}");
+    assert!(stdout.contains("host_fused/host_unfused"), "{shown}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the results file"))
+            .expect("a results file");
+    let _ = std::fs::remove_file(&path);
+    let rows = results["rows"].as_array().expect("rows");
+    // 2 hidden sizes x 2 token counts x 3 implementations x 2 modes.
+    assert_eq!(rows.len(), 24, "{shown}");
+    let field = |k: &str| -> BTreeSet<String> {
+        rows.iter()
+            .map(|r| r[k].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(field("op"), BTreeSet::from(["ar_rmsnorm".to_string()]));
+    assert_eq!(
+        field("impl"),
+        BTreeSet::from(["host", "host_fused", "host_unfused"].map(String::from))
+    );
+    assert_eq!(
+        field("config"),
+        BTreeSet::from(["hidden=4096", "hidden=64"].map(String::from))
+    );
+    for r in rows {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["dtype"], "bf16", "{r}");
+        let hidden: usize = r["config"].as_str().unwrap()[7..].parse().unwrap();
+        let tokens = r["bytes"].as_u64().unwrap() as usize / (2 * hidden);
+        assert!(tokens == 1 || tokens == 3, "{r}");
+        assert!(
+            r["ran"].as_str().is_some_and(|x| x.starts_with("host")),
+            "{r}"
+        );
+    }
+}
