@@ -558,6 +558,12 @@ pub fn run(
     if spec.impls.iter().any(|v| v.windows || v.imp == Impl::Auto) {
         group.prepare(largest)?;
     }
+    // A group across hosts makes the hierarchical all-reduce's groups and scratch once, here.
+    if spec.impls.iter().any(|v| v.imp == Impl::Hierarchical)
+        && group.topology().hierarchical_unavailable().is_none()
+    {
+        group.prepare_hierarchical(largest)?;
+    }
     let total = spec.rows();
     let mut rows = Vec::with_capacity(total);
     let mut done = 0;
@@ -860,12 +866,13 @@ impl Bucket {
 
     /// The implementations a table row may choose, with their times: each concrete one in its
     /// usual placement (the regular path on plain memory, the others on windows); neither
-    /// `auto` nor `*_on_windows`.
+    /// `auto` nor `*_on_windows`, nor `hierarchical`, which stays out of `auto` until it is
+    /// measured faster than NCCL's own all-reduce across hosts (tables may not name it).
     fn candidates(at: &[&Row]) -> Vec<(Impl, f64)> {
         at.iter()
             .filter_map(|r| {
                 let v = Variant::parse(&r.implementation).ok()?;
-                (v.imp != Impl::Auto
+                (!matches!(v.imp, Impl::Auto | Impl::Hierarchical)
                     && (v.windows || v.imp == Impl::Regular)
                     && !r.implementation.ends_with("_on_windows"))
                 .then_some((v.imp, r.us))
