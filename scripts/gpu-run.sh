@@ -11,6 +11,9 @@
 # decode-sim 3): more than one device call may run. Split it, most valuable first, into the same
 # $OUT (summary.txt is appended to), e.g.
 #   STEPS=tune,bench,decode-sim bash .gpu/run.sh; then STEPS=info,tests,check,soak bash .gpu/run.sh
+# STEPS=hosts runs check, decode-sim and the all-reduce bench on the GPUs as 2 simulated hosts
+# (an even number of GPUs); the `hosts` test executable (tests step) has the GPU tests of groups
+# across hosts: TEST_FILTER=cuda_ narrows a run of it to them.
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/.."
@@ -36,7 +39,7 @@ else
 fi
 [[ "${gpus:-0}" -gt 0 ]] || gpus=2
 MACHINE="${MACHINE:-h200x${gpus}}"
-STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,bench-nccl2289}"
+STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,bench-nccl2289,hosts}"
 # At most 8 files come back from the machine: logs are grouped.
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
 # decode-sim, tp-decode), and the JSON results.
@@ -138,5 +141,26 @@ if has bench-nccl2289; then
   log "bench with $lib"
   SYMMCOMM_NCCL_LIBRARY=$lib timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench --impls nccl,nccl_symm --no-limits --json "$OUT/$MACHINE-nccl2.28.9.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1
   log "bench with $lib rc=$?"
+fi
+if has hosts && [[ "$gpus" -ge 2 && $((gpus % 2)) -eq 0 ]]; then
+  # Groups across hosts on one machine: the GPUs as 2 simulated hosts (SYMMCOMM_HOST_ID and
+  # NCCL_HOSTID per rank, NCCL's sockets over loopback). check: every op and implementation
+  # allowed across hosts, hierarchical included, our kernels refused; decode-sim: DP attention's
+  # gathered buffer and the DCP combine on a world across hosts; bench: hierarchical against
+  # NCCL's own all-reduce (what would let auto pick it), rows in $MACHINE-2hosts.json.
+  sim=("$BIN/symmcomm" launch --nproc "$gpus" --simulate-hosts 2 --)
+  log "hosts: check on $gpus GPUs as 2 hosts"
+  timeout "${CHECK_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" check --timeout 60 > "$OUT/hosts.log.tmp" 2>&1
+  log "hosts: check rc=$?"
+  grep -E "world:|cases run|FAILED" "$OUT/hosts.log.tmp" | head -20 | tee -a "$OUT/summary.txt"
+  log "hosts: decode-sim"
+  timeout "${DECODE_SIM_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" decode-sim --timeout 60 --batch 1,32 >> "$OUT/hosts.log.tmp" 2>&1
+  log "hosts: decode-sim rc=$?"
+  log "hosts: bench all_reduce, hierarchical against NCCL"
+  timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" bench --timeout 60 --ops all_reduce \
+    --impls nccl,nccl_symm,auto,hierarchical --no-limits --json "$OUT/$MACHINE-2hosts.json" >> "$OUT/hosts.log.tmp" 2>&1
+  log "hosts: bench rc=$?"
+  grep -A30 "^\[rank 0\] all_reduce  *size" "$OUT/hosts.log.tmp" | tee -a "$OUT/summary.txt"
+  cat "$OUT/hosts.log.tmp" >> "$OUT/run.log"; rm -f "$OUT/hosts.log.tmp"
 fi
 cat "$OUT/summary.txt"
