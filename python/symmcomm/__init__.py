@@ -25,6 +25,7 @@ from symmcomm._core import (
     abort_all,
     free_port,
 )
+from symmcomm._env import nccl_env
 from symmcomm._host import (
     DcpCombine,
     DpGatheredBuffer,
@@ -70,6 +71,7 @@ __all__ = [
     "all_gather",
     "reduce_scatter",
     "run_threads",
+    "nccl_env",
     "free_port",
     "abort_all",
     "SymmcommError",

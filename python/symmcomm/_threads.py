@@ -58,7 +58,6 @@ def run_threads(
         for t in threads:
             t.join(10.0)
         raise DeadlineError(f"run_threads: {alive} did not finish within {join_timeout} s")
-    del comms
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first

@@ -542,62 +542,67 @@ class SymmetricMemory:
             self.active, self.reason = False, placement
         else:
             self.active, self.reason = True, "symmetric"
-        self._left_graph = None
-        self._left_outer = None
-        self._pool_ctx = None
+        self._left: Any = None
+        self._nested = False
+        self._pool_ctx: Any = None
 
     def __enter__(self) -> "SymmetricMemory":
         if not self.active:
             return self
-        device = self.group.device
-        capturing = torch.cuda.is_current_stream_capturing()
-        if not capturing:
-            # Collective when the pool grows; never inside a capture.
-            self.group.reserve(self.reserve_bytes)
-        pool = _mem_pool(self.group)
         stack = _open_scopes()
-        if capturing:
-            graph_pool = self.graph_pool if self.graph_pool is not None else _graph_pool
-            if graph_pool is None:
-                raise CaptureError(
-                    "use_symmetric_memory inside torch.cuda.graph capture needs the graph's "
-                    "pool: pass graph_pool=graph.pool() or call "
-                    "symmcomm.torch.set_graph_pool(graph.pool())",
-                    kind="DuringCapture",
-                    group=self.group.label,
-                    rank=self.group.rank,
-                    world=self.group.size,
-                    op="pool_alloc",
-                )
-            # The graph's pool comes first in torch's routing: leave it while the scope is open.
-            torch._C._cuda_endAllocateToPool(device, graph_pool)
-            self._left_graph = graph_pool
-        if stack and stack[-1].group.handle != self.group.handle:
-            # An outer scope of another group would win torch's routing: leave it too.
-            outer = _mem_pool(stack[-1].group).id
-            torch._C._cuda_endAllocateToPool(device, outer)
-            self._left_outer = outer
+        if stack and stack[-1].group.handle == self.group.handle:
+            self._nested = True  # the outer scope of the same group already routes here
+            return self
+        capturing = torch.cuda.is_current_stream_capturing()
+        graph_pool = self.graph_pool if self.graph_pool is not None else _graph_pool
+        if capturing and graph_pool is None:
+            raise CaptureError(
+                "use_symmetric_memory inside torch.cuda.graph capture needs the graph's pool: "
+                "pass graph_pool=graph.pool() or call symmcomm.torch.set_graph_pool(graph.pool())",
+                kind="DuringCapture",
+                group=self.group.label,
+                rank=self.group.rank,
+                world=self.group.size,
+                op="pool_alloc",
+            )
+        if not capturing:
+            # Collective when the pool grows; never inside a capture (reserve before it).
+            self.group.reserve(self.reserve_bytes)
+        self._leave_routing(stack, capturing, graph_pool)
         _core.push_alloc_group(self.group.handle)
-        self._pool_ctx = torch.cuda.use_mem_pool(pool, device)
+        self._pool_ctx = torch.cuda.use_mem_pool(_mem_pool(self.group), self.group.device)
         self._pool_ctx.__enter__()
         stack.append(self)
         return self
 
+    def _leave_routing(self, stack: list, capturing: bool, graph_pool: Any) -> None:
+        """torch routes an allocation to the first pool whose filter takes it, in the order
+        the pools began: leave the one that would win over this scope's (an outer scope's of
+        another group, else the graph's during a capture), to enter it again on exit."""
+        device = self.group.device
+        if stack:
+            self._left = _mem_pool(stack[-1].group).id
+        elif capturing:
+            self._left = graph_pool
+        if self._left is not None:
+            torch._C._cuda_endAllocateToPool(device, self._left)
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.active:
             return False
-        device = self.group.device
+        if self._nested:
+            self._nested = False
+            return False
         stack = _open_scopes()
         if stack and stack[-1] is self:
             stack.pop()
         self._pool_ctx.__exit__(None, None, None)
         _core.pop_alloc_group(self.group.handle)
-        for left in (self._left_outer, self._left_graph):
-            if left is not None:
-                # Route this thread to it again; balance the use count that beginning adds.
-                torch._C._cuda_beginAllocateCurrentThreadToPool(device, left)
-                torch._C._cuda_releasePool(device, left)
-        self._left_outer = self._left_graph = None
+        if self._left is not None:
+            # Route this thread to it again; release the use count that beginning adds.
+            torch._C._cuda_beginAllocateCurrentThreadToPool(self.group.device, self._left)
+            torch._C._cuda_releasePool(self.group.device, self._left)
+            self._left = None
         why = _core.take_alloc_error()
         if why is not None and exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError):
             raise CapacityError(

@@ -216,3 +216,27 @@ def test_context_manager_closes():
     with comms[0] as c:
         assert c.world.size == 1
     assert comms[0].closed
+
+
+def test_nccl_env_plan(monkeypatch):
+    for name in ("NCCL_CUMEM_ENABLE", "NCCL_RUNTIME_CONNECT", "NCCL_GRAPH_MIXING_SUPPORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    plan = {line["name"]: line for line in sc.nccl_env(dcp_size=2)}
+    assert plan["NCCL_CUMEM_ENABLE"]["action"] == "set" and plan["NCCL_CUMEM_ENABLE"]["value"] == "1"
+    assert plan["NCCL_GRAPH_MIXING_SUPPORT"]["value"] == "0"
+    assert plan["NCCL_NVLS_ENABLE"] == {
+        "name": "NCCL_NVLS_ENABLE",
+        "action": "observe",
+        "value": None,
+        "user": "0",
+        "why": plan["NCCL_NVLS_ENABLE"]["why"],
+    }
+    import os
+
+    assert "NCCL_RUNTIME_CONNECT" not in os.environ
+    monkeypatch.setenv("NCCL_CUMEM_ENABLE", "0")
+    sc.nccl_env(apply=True)
+    assert os.environ["NCCL_RUNTIME_CONNECT"] == "0"
+    assert os.environ["NCCL_CUMEM_ENABLE"] == "0"  # the user's value wins
+    monkeypatch.delenv("NCCL_RUNTIME_CONNECT")

@@ -6,8 +6,8 @@
 //!
 //! One module per job: [`comm`] (start-up, groups by colour or rank lists), [`group`]
 //! (memory, waits), [`ops`] (the hot path), [`dlpack`] (export), [`alloc`] (torch's
-//! allocator), [`dcp`], [`dp`], [`registry`] (handles), [`codes`] (small integers), [`errors`]
-//! (the exception hierarchy).
+//! allocator), [`dcp`], [`dp`], [`env`] (the NCCL environment plan), [`registry`] (handles),
+//! [`codes`] (small integers), [`errors`] (the exception hierarchy).
 
 use pyo3::prelude::*;
 
@@ -17,6 +17,7 @@ mod comm;
 mod dcp;
 mod dlpack;
 mod dp;
+mod env;
 mod errors;
 mod group;
 mod ops;
@@ -45,6 +46,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codes::impl_code, m)?)?;
     m.add_function(wrap_pyfunction!(comm::free_port, m)?)?;
     m.add_function(wrap_pyfunction!(comm::abort_all, m)?)?;
+    m.add_function(wrap_pyfunction!(env::nccl_env_plan_of, m)?)?;
     m.add_function(wrap_pyfunction!(alloc::push_alloc_group, m)?)?;
     m.add_function(wrap_pyfunction!(alloc::pop_alloc_group, m)?)?;
     m.add_function(wrap_pyfunction!(alloc::take_alloc_error, m)?)?;
