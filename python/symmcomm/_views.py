@@ -34,11 +34,22 @@ class DcpCombine:
         merged_lse: bool = False,
         fused: bool = True,
         disabled: bool = False,
+        stream: Any = None,
     ) -> None:
         self.group = group
         self._arrays = arrays
         self._core = _core.DcpCombine(
-            group, batch_max, heads, dim, dtype, out_dtype, lse_base, merged_lse, fused, disabled
+            group,
+            batch_max,
+            heads,
+            dim,
+            dtype,
+            out_dtype,
+            lse_base,
+            merged_lse,
+            fused,
+            disabled,
+            arrays.stream(group.device_code, stream),
         )
         self.handle = self._core.handle
         self.spec = self._core.spec()
@@ -102,10 +113,18 @@ class DpGatheredBuffer:
         dtype: str,
         max_tokens_per_rank: int,
         symmetric: bool = True,
+        stream: Any = None,
     ) -> None:
         self.group = group
         self._arrays = arrays
-        self._core = _core.DpGatheredBuffer(group, hidden, dtype, max_tokens_per_rank, symmetric)
+        self._core = _core.DpGatheredBuffer(
+            group,
+            hidden,
+            dtype,
+            max_tokens_per_rank,
+            symmetric,
+            arrays.stream(group.device_code, stream),
+        )
         self.handle = self._core.handle
         self.spec = self._core.spec()
         self.is_symmetric = self._core.is_symmetric

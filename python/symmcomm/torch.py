@@ -23,6 +23,7 @@ __all__ = [
     "init_from_env",
     "init_from_process_group",
     "empty",
+    "prepare",
     "all_reduce",
     "all_reduce_",
     "all_gather",
@@ -179,7 +180,16 @@ def empty(
             f"torch dtype {dtype} is not one of float32, float16, bfloat16, int32, uint8",
             kind="DTypeMismatch",
         )
-    return torch.from_dlpack(group.empty([int(s) for s in shape], name, symmetric))
+    stream = _stream_handle(group.device_code, None)
+    return torch.from_dlpack(group.empty([int(s) for s in shape], name, symmetric, stream))
+
+
+def prepare(group: _core.Group, nbytes: int, stream: Any = None) -> None:
+    """Make `group`'s collectives up to `nbytes` safe to capture in a CUDA graph (kernels
+    loaded, pool and staging grown; collective when the pool grows). Call it before
+    ``torch.cuda.graph``; inside a capture of `stream` (default: torch's current stream) it
+    raises :class:`~symmcomm.CaptureError` and leaves the capture intact."""
+    group.prepare(nbytes, _stream_handle(group.device_code, stream))
 
 
 # ---- collectives -------------------------------------------------------------------------------
@@ -567,7 +577,7 @@ class SymmetricMemory:
             )
         if not capturing:
             # Collective when the pool grows; never inside a capture (reserve before it).
-            self.group.reserve(self.reserve_bytes)
+            self.group.reserve(self.reserve_bytes, _current_stream(self.group.device))
         self._leave_routing(stack, capturing, graph_pool)
         _core.push_alloc_group(self.group.handle)
         self._pool_ctx = torch.cuda.use_mem_pool(_mem_pool(self.group), self.group.device)

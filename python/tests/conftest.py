@@ -58,8 +58,13 @@ def gpu_or_skip(min_gpus: int = 1):
 
 @pytest.fixture
 def rng(request):
-    """A generator seeded by the test's name: fresh inputs per test, reproducible per name."""
+    """A generator seeded by the test's name and SYMMCOMM_TEST_SEED (default 0): fresh inputs
+    per test, reproducible from the name and the seed a failure prints."""
+    import zlib
+
     import numpy as np
 
-    seed = abs(hash(request.node.nodeid)) % (2**32)
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("SYMMCOMM_TEST_SEED", "0"))
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed {seed} (SYMMCOMM_TEST_SEED={os.environ.get('SYMMCOMM_TEST_SEED', '0')})")
     return np.random.default_rng(seed)

@@ -157,7 +157,7 @@ def scenario_graph(comm) -> dict:
     ag_out = st.empty(g, (n * shape[0], shape[1]), dtype)
     rs_out = torch.empty((shape[0], shape[1] // n), dtype=dtype, device=device())
     inplace = st.empty(g, shape, dtype)
-    g.prepare(2 * n * x.numel() * x.element_size())
+    st.prepare(g, 2 * n * x.numel() * x.element_size())
 
     def step():
         x.copy_(src)
@@ -250,7 +250,7 @@ def scenario_scope(comm) -> dict:
     # Inside a capture: the graph's pool is left while the scope is open.
     shape = (64 * n, 128)
     src = torch.empty(shape, dtype=BF16, device=dev)
-    g.prepare(4 * MiB)
+    st.prepare(g, 4 * MiB)
     # Reserve before capturing (a scope inside a capture cannot).
     with _forced(st.use_symmetric_memory(g, reserve_bytes=16 * MiB), n):
         pass
@@ -476,7 +476,7 @@ def scenario_errors(comm) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         x.add_(1)
-        expect(sc.CaptureError, lambda: g.prepare(1 << 30))
+        expect(sc.CaptureError, lambda: st.prepare(g, 1 << 30))
         expect(sc.CaptureError, lambda: st.empty(g, (1 << 28,), F32))
     graph.replay()
     torch.cuda.synchronize()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import symmcomm as sc
-from _ref import as_f64, assert_close, from_f64, poison, rounded, values
+from _ref import as_f64, assert_close, from_f64, poison, rounded, values  # noqa: F401
 
 
 def run(world, body, **options):
@@ -81,7 +81,12 @@ def test_dcp_combine(world, dtype, base, rng):
             want_out, want_lse = merge_ref(outs, lses, base)
             mine = slice(rank * hl, (rank + 1) * hl)
             want = rounded(want_out[:, mine].transpose(1, 0, 2), dtype)
-            assert_close(out, want, dtype, terms=world + 2)
+            # The weights are f32 (as in every implementation): errors scale with the largest
+            # partial output, not with each merged value.
+            scale = max(1.0, max(float(np.abs(o).max()) for o in outs))
+            tol = {"f32": 1e-5, "bf16": 2.0**-7}[dtype] * scale * (world + 2)
+            err = np.abs(out - want)
+            assert (err <= tol).all(), (impl, batch, float(err.max()), tol)
             w = want_lse[:, mine]
             assert (np.isneginf(merged) == np.isneginf(w)).all()
             fin = np.isfinite(w)

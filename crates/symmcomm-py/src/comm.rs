@@ -4,7 +4,7 @@
 //! of ranks. Every wait runs with the GIL released and ends by the configured deadline.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pyo3::exceptions::PyTypeError;
@@ -124,13 +124,15 @@ fn device_of(comm: &Communicator, config: &CommConfig, local_rank: usize) -> Dev
 }
 
 /// This rank's communicator. Collective to make (every rank of the job makes its own).
-#[pyclass(name = "Communicator", module = "symmcomm._core")]
+/// Frozen: its methods take `&self`, so a thread may read it while another makes groups.
+#[pyclass(name = "Communicator", module = "symmcomm._core", frozen)]
 pub(crate) struct PyCommunicator {
-    comm: Option<Arc<Communicator>>,
+    /// None once closed.
+    comm: Mutex<Option<Arc<Communicator>>>,
     device: Device,
     world: Py<PyGroup>,
     /// How many groups of each kind were made by rank lists: the next one's colour.
-    made: HashMap<GroupKind, usize>,
+    made: Mutex<HashMap<GroupKind, usize>>,
 }
 
 impl PyCommunicator {
@@ -149,15 +151,20 @@ impl PyCommunicator {
         let device = device_of(&comm, config, local_rank);
         let world = Py::new(py, PyGroup::register(comm.world().clone(), device))?;
         Ok(PyCommunicator {
-            comm: Some(Arc::new(comm)),
+            comm: Mutex::new(Some(Arc::new(comm))),
             device,
             world,
-            made: HashMap::new(),
+            made: Mutex::new(HashMap::new()),
         })
     }
 
-    fn comm(&self) -> PyResult<&Arc<Communicator>> {
-        self.comm.as_ref().ok_or_else(|| {
+    fn slot(&self) -> MutexGuard<'_, Option<Arc<Communicator>>> {
+        self.comm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The communicator, unless it was closed.
+    fn comm(&self) -> PyResult<Arc<Communicator>> {
+        self.slot().clone().ok_or_else(|| {
             crate::errors::to_py(invalid(
                 no_group(Op::Barrier),
                 "the communicator was closed",
@@ -172,14 +179,14 @@ impl PyCommunicator {
         kind: GroupKind,
         color: usize,
     ) -> PyResult<Option<PyGroup>> {
-        let comm = self.comm()?.clone();
+        let comm = self.comm()?;
         let group = py.detach(|| comm.split(kind, color)).py()?;
         Ok((color != LEFT_OUT).then(|| PyGroup::register(group, self.device)))
     }
 
     /// Check that every rank passed the same rank lists (collective over the world).
     fn agree(&self, py: Python<'_>, lists: &[Vec<usize>]) -> PyResult<()> {
-        let comm = self.comm()?.clone();
+        let comm = self.comm()?;
         let world = comm.world_size();
         let ctx = comm.world().ctx(Op::Split, 0);
         for list in lists {
@@ -367,7 +374,7 @@ impl PyCommunicator {
     /// None (torch.distributed.new_group's contract).
     #[pyo3(signature = (ranks, kind="tp"))]
     fn new_group(
-        &mut self,
+        &self,
         py: Python<'_>,
         ranks: Vec<usize>,
         kind: &str,
@@ -380,7 +387,7 @@ impl PyCommunicator {
     /// whose list holds it, or None.
     #[pyo3(signature = (rank_lists, kind="tp"))]
     fn new_groups(
-        &mut self,
+        &self,
         py: Python<'_>,
         rank_lists: Vec<Vec<usize>>,
         kind: &str,
@@ -400,8 +407,12 @@ impl PyCommunicator {
             }
         }
         let me = comm.rank();
-        let first = *self.made.get(&kind).unwrap_or(&0);
-        self.made.insert(kind, first + rank_lists.len());
+        let first = {
+            let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+            let first = *made.get(&kind).unwrap_or(&0);
+            made.insert(kind, first + rank_lists.len());
+            first
+        };
         let color = rank_lists
             .iter()
             .position(|l| l.contains(&me))
@@ -423,15 +434,15 @@ impl PyCommunicator {
 
     /// Wait for the work on the world group's stream, then for every rank.
     fn barrier(&self, py: Python<'_>) -> PyResult<()> {
-        let comm = self.comm()?.clone();
+        let comm = self.comm()?;
         py.detach(|| comm.world().barrier()).py()
     }
 
     /// Leave the job: the closing barrier (every rank waits, up to the deadline, until every
     /// rank has said farewell or is gone). The groups made from it stay usable only for what
     /// they already hold; make no new calls on them.
-    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
-        let Some(comm) = self.comm.take() else {
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let Some(comm) = self.slot().take() else {
             return Ok(());
         };
         match Arc::try_unwrap(comm) {
@@ -447,7 +458,7 @@ impl PyCommunicator {
     /// Whether `close` was called.
     #[getter]
     fn closed(&self) -> bool {
-        self.comm.is_none()
+        self.slot().is_none()
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -455,12 +466,12 @@ impl PyCommunicator {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&mut self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
         self.close(py)
     }
 
     fn __repr__(&self) -> String {
-        match &self.comm {
+        match &*self.slot() {
             None => "Communicator(closed)".into(),
             Some(c) => format!(
                 "Communicator(rank {}/{}, {})",
@@ -475,7 +486,7 @@ impl PyCommunicator {
 impl Drop for PyCommunicator {
     /// Leave with the GIL released: the closing barrier may wait for the other ranks.
     fn drop(&mut self) {
-        if let Some(comm) = self.comm.take() {
+        if let Some(comm) = self.slot().take() {
             Python::attach(|py| py.detach(move || drop(comm)));
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use symmcomm::dcp::{CombineImpl, CombineRun, CombineSpec, DcpCombine, LseBase};
-use symmcomm::{DType, Op, Tensor};
+use symmcomm::{DType, Op, Stream, Tensor};
 
 use crate::codes;
 use crate::dlpack::DLPackBuffer;
@@ -133,9 +133,11 @@ impl PyDcpCombine {
 impl PyDcpCombine {
     /// Allocate the combine's buffers on `group` (collective: every rank, same arguments,
     /// outside graph capture). `lse_base` is the base of the LSEs the attention writes ("2" or
-    /// "e"); `disabled` puts the buffers in plain memory (as a disabled scope would).
+    /// "e"); `disabled` puts the buffers in plain memory (as a disabled scope would). `stream`
+    /// (torch's current one) is where a capture would be seen: making a combine inside one is
+    /// an error, not a broken capture.
     #[new]
-    #[pyo3(signature = (group, batch_max, heads, dim, dtype="bf16", out_dtype=None, lse_base="2", merged_lse=false, fused=true, disabled=false))]
+    #[pyo3(signature = (group, batch_max, heads, dim, dtype="bf16", out_dtype=None, lse_base="2", merged_lse=false, fused=true, disabled=false, stream=None))]
     #[allow(clippy::too_many_arguments)] // the spec's fields, as keyword arguments
     fn new(
         py: Python<'_>,
@@ -149,6 +151,7 @@ impl PyDcpCombine {
         merged_lse: bool,
         fused: bool,
         disabled: bool,
+        stream: Option<u64>,
     ) -> PyResult<Self> {
         let g = group.group().clone();
         let partial_dtype = dtype_named(dtype)?;
@@ -165,7 +168,9 @@ impl PyDcpCombine {
             merged_lse,
             fused,
         };
-        let combine = py.detach(|| DcpCombine::new(&g, spec, disabled)).py()?;
+        let combine = py
+            .detach(|| DcpCombine::new(&bind(&g, stream)?, spec, disabled)?.on(&Stream::own()))
+            .py()?;
         let entry = Arc::new(CombineEntry {
             combine,
             device: group.memory(),

@@ -239,9 +239,10 @@ impl PyDpGatheredBuffer {
     /// Allocate the buffers on every rank of `group` (collective; every rank passes the same
     /// values, checked): `[max_tokens_per_rank, hidden]` to send, `[N · max_tokens_per_rank,
     /// hidden]` gathered, `[max_tokens_per_rank, hidden]` to receive, in the group's windows
-    /// when `symmetric` and the policy allow.
+    /// when `symmetric` and the policy allow. `stream` (torch's current one) is where a
+    /// capture would be seen: making a buffer inside one is an error, not a broken capture.
     #[new]
-    #[pyo3(signature = (group, hidden, dtype, max_tokens_per_rank, symmetric=true))]
+    #[pyo3(signature = (group, hidden, dtype, max_tokens_per_rank, symmetric=true, stream=None))]
     fn new(
         py: Python<'_>,
         group: &PyGroup,
@@ -249,6 +250,7 @@ impl PyDpGatheredBuffer {
         dtype: &str,
         max_tokens_per_rank: usize,
         symmetric: bool,
+        stream: Option<u64>,
     ) -> PyResult<Self> {
         let g = group.group().clone();
         let spec = DpBufferSpec {
@@ -259,7 +261,8 @@ impl PyDpGatheredBuffer {
         };
         let (buffer, views) = py
             .detach(|| -> symmcomm::Result<_> {
-                let buffer = DpGatheredBuffer::new(&g, spec)?;
+                let buffer =
+                    DpGatheredBuffer::new(&bind(&g, stream)?, spec)?.on(&symmcomm::Stream::own())?;
                 // A step of no tokens: its views start at the buffers' first rows, so they
                 // hold the whole allocations (a collective exchange, as every step's).
                 let none = DpStep::new(TokenCounts::exchange(&g, 0)?, false);

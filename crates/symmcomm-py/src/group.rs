@@ -148,22 +148,28 @@ impl PyGroup {
     /// NumPy or torch to take by DLPack: in the group's symmetric windows (`symmetric=True`;
     /// collective when the pool grows, so every rank makes the same requests in the same
     /// order), in plain memory (`False`), or where the policy says (`None`). The memory goes
-    /// back to the pool when the last array viewing it is dropped.
-    #[pyo3(signature = (shape, dtype="f32", symmetric=Some(true)))]
+    /// back to the pool when the last array viewing it is dropped. `stream` (the caller's,
+    /// torch's current one) is where a capture would be seen: growing the pool inside one is
+    /// an error, not a broken capture.
+    #[pyo3(signature = (shape, dtype="f32", symmetric=Some(true), stream=None))]
     fn empty(
         &self,
         py: Python<'_>,
         shape: Vec<usize>,
         dtype: &str,
         symmetric: Option<bool>,
+        stream: Option<u64>,
     ) -> PyResult<DLPackBuffer> {
         let dtype = dtype_named(dtype)?;
         let g = self.group().clone();
         let t = py
-            .detach(|| match symmetric {
-                Some(true) => g.alloc_symmetric(dtype, &shape),
-                Some(false) => g.alloc_plain(dtype, &shape),
-                None => g.scope(false).alloc(dtype, &shape),
+            .detach(|| {
+                let g = bind(&g, stream)?;
+                match symmetric {
+                    Some(true) => g.alloc_symmetric(dtype, &shape),
+                    Some(false) => g.alloc_plain(dtype, &shape),
+                    None => g.scope(false).alloc(dtype, &shape),
+                }
             })
             .py()?;
         Ok(DLPackBuffer::new(t, self.entry.device))
@@ -171,16 +177,22 @@ impl PyGroup {
 
     /// Grow the pool (collectively, every rank with the same `nbytes`) so that one allocation
     /// of up to `nbytes` fits without growing it: what torch's allocator callback draws from.
-    fn reserve(&self, py: Python<'_>, nbytes: usize) -> PyResult<()> {
+    /// Refused while `stream` (None: the communicator's own) is being captured.
+    #[pyo3(signature = (nbytes, stream=None))]
+    fn reserve(&self, py: Python<'_>, nbytes: usize, stream: Option<u64>) -> PyResult<()> {
         let g = self.group().clone();
-        py.detach(|| g.reserve_symmetric(nbytes)).py()
+        py.detach(|| bind(&g, stream)?.reserve_symmetric(nbytes))
+            .py()
     }
 
     /// Make this group's collectives up to `nbytes` safe to capture in a CUDA graph: load the
     /// kernels, grow the pool and the staging scratch (collective when the pool grows).
-    fn prepare(&self, py: Python<'_>, nbytes: usize) -> PyResult<()> {
+    /// Refused while `stream` (None: the communicator's own; pass torch's current stream, as
+    /// `symmcomm.torch.prepare` does) is being captured.
+    #[pyo3(signature = (nbytes, stream=None))]
+    fn prepare(&self, py: Python<'_>, nbytes: usize, stream: Option<u64>) -> PyResult<()> {
         let g = self.group().clone();
-        py.detach(|| g.prepare(nbytes)).py()
+        py.detach(|| bind(&g, stream)?.prepare(nbytes)).py()
     }
 
     /// The pool's sizes: `segments`, `capacity` and `in_use` (bytes).
