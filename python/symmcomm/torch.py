@@ -516,7 +516,8 @@ def _mem_pool(group: _core.Group) -> "torch.cuda.MemPool":
 
 def set_graph_pool(pool: Any) -> None:
     """Tell scopes opened during a ``torch.cuda.graph`` capture which pool the graph allocates
-    from (``graph.pool()``, or the handle passed as ``pool=``): they leave it on entry and
+    from (the handle of ``torch.cuda.graph_pool_handle()`` passed to ``torch.cuda.graph`` as
+    ``pool=``; ``graph.pool()`` is only known once the capture ended): they leave it on entry and
     return to it on exit, as SGLang's scope does. None forgets it."""
     global _graph_pool
     _graph_pool = pool
@@ -568,7 +569,9 @@ class SymmetricMemory:
         if capturing and graph_pool is None:
             raise CaptureError(
                 "use_symmetric_memory inside torch.cuda.graph capture needs the graph's pool: "
-                "pass graph_pool=graph.pool() or call symmcomm.torch.set_graph_pool(graph.pool())",
+                "capture with pool = torch.cuda.graph_pool_handle(); "
+                "torch.cuda.graph(g, pool=pool) and pass graph_pool=pool (or call "
+                "symmcomm.torch.set_graph_pool(pool))",
                 kind="DuringCapture",
                 group=self.group.label,
                 rank=self.group.rank,

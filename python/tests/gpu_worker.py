@@ -287,14 +287,16 @@ def scenario_scope(comm) -> dict:
     with _forced(st.use_symmetric_memory(g, reserve_bytes=16 * MiB), n):
         pass
     graph = torch.cuda.CUDAGraph()
+    # The capture's pool, known before the capture begins (graph.pool() is only known after).
+    pool = torch.cuda.graph_pool_handle()
     without_pool = None
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         try:
             with _forced(st.use_symmetric_memory(g), n):
                 pass
         except sc.CaptureError as e:
             without_pool = str(e)
-        with _forced(st.use_symmetric_memory(g, graph_pool=graph.pool()), n):
+        with _forced(st.use_symmetric_memory(g, graph_pool=pool), n):
             t = torch.empty(shape, dtype=BF16, device=dev)
         u = torch.empty(shape, dtype=BF16, device=dev)  # the graph's pool again
         t.copy_(src)
