@@ -66,7 +66,7 @@ def test_plain_and_policy_placements():
 
 
 def test_dcp_policy():
-    """With DCP > 1 only the dcp group uses windows (seed 003's policy)."""
+    """With DCP > 1 only the dcp group uses windows (the policy: with DCP, only the DCP group)."""
 
     def body(comm):
         tp = comm.new_group([0, 1], "tp")

@@ -386,9 +386,16 @@ fn cuda_capture_and_memory_errors() {
         for err in &errors {
             let text = err.to_string();
             assert!(matches!(err, Error::DuringCapture { .. }), "{text}");
-            assert!(text.contains(&format!("rank {}", g.rank())), "names the rank: {text}");
+            assert!(
+                text.contains(&format!("rank {}", g.rank())),
+                "names the rank: {text}"
+            );
         }
-        assert!(errors[1].to_string().contains("1073741824"), "{}", errors[1]);
+        assert!(
+            errors[1].to_string().contains("1073741824"),
+            "{}",
+            errors[1]
+        );
 
         // Wrong memory: host memory, a misaligned address, a range past the allocation.
         let host = [0f32; 16];
