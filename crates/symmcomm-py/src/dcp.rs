@@ -13,7 +13,7 @@ use crate::codes;
 use crate::dlpack::DLPackBuffer;
 use crate::errors::{IntoPy, invalid};
 use crate::group::PyGroup;
-use crate::ops::{Dispatch, bind};
+use crate::ops::{Dispatch, bind, bound};
 use crate::registry::{Device, Registry};
 
 /// A combine as the hot path sees it.
@@ -95,14 +95,7 @@ pub(crate) fn dcp_run(
     let imp = combine_impl_of(imp, entry.combine.group())?;
     let run = py
         .detach(|| {
-            let on = match stream {
-                None => entry.combine.clone(),
-                Some(h) => {
-                    // SAFETY: as in `bind`: the caller's live stream, for this call only.
-                    let s = unsafe { symmcomm::Stream::from_raw(h) };
-                    entry.combine.on(&s)?
-                }
-            };
+            let on = bound(&entry.combine, stream, DcpCombine::on)?;
             on.run(batch, imp)
         })
         .py()?;

@@ -17,7 +17,7 @@ use crate::codes;
 use crate::dlpack::DLPackBuffer;
 use crate::errors::{IntoPy, invalid};
 use crate::group::PyGroup;
-use crate::ops::{Dispatch, RawView, bind, check_device, wrap};
+use crate::ops::{Dispatch, RawView, bind, bound, check_device, wrap};
 use crate::registry::{GroupEntry, Registry};
 
 /// A gathered buffer as the hot path sees it.
@@ -60,14 +60,7 @@ pub(crate) fn dp_gather(
     let imp = implementation(imp, &b.group.group)?;
     let out = py
         .detach(|| {
-            let on = match stream {
-                None => b.buffer.clone(),
-                Some(h) => {
-                    // SAFETY: as in `bind`: the caller's live stream, for this call only.
-                    let s = unsafe { symmcomm::Stream::from_raw(h) };
-                    b.buffer.on(&s)?
-                }
-            };
+            let on = bound(&b.buffer, stream, DpGatheredBuffer::on)?;
             on.gather(&s, imp)
         })
         .py()?;
@@ -89,14 +82,7 @@ pub(crate) fn dp_scatter(
     let imp = implementation(imp, &b.group.group)?;
     let out = py
         .detach(|| {
-            let on = match stream {
-                None => b.buffer.clone(),
-                Some(h) => {
-                    // SAFETY: as in `bind`: the caller's live stream, for this call only.
-                    let s = unsafe { symmcomm::Stream::from_raw(h) };
-                    b.buffer.on(&s)?
-                }
-            };
+            let on = bound(&b.buffer, stream, DpGatheredBuffer::on)?;
             on.scatter(&s, imp)
         })
         .py()?;

@@ -75,14 +75,24 @@ pub(crate) struct RawView<'a> {
 
 /// `group` with its work on `stream` (`None`: the communicator's own stream).
 pub(crate) fn bind(group: &Group, stream: Option<u64>) -> symmcomm::Result<Group> {
+    bound(group, stream, Group::on)
+}
+
+/// `x` (a group, a DCP combine, a DP buffer) with its work on the caller's `stream` (`None`:
+/// where it is), for this one call.
+pub(crate) fn bound<T: Clone>(
+    x: &T,
+    stream: Option<u64>,
+    on: impl Fn(&T, &Stream) -> symmcomm::Result<T>,
+) -> symmcomm::Result<T> {
     match stream {
-        None => Ok(group.clone()),
+        None => Ok(x.clone()),
         Some(handle) => {
             // SAFETY: the handle is the caller's stream (torch's current stream), alive for
-            // the duration of this call; the bound group is dropped before the call returns.
-            // `on` checks that the stream belongs to the communicator's device.
+            // the duration of this call; what is bound to it is dropped before the call
+            // returns. `on` checks that the stream belongs to the communicator's device.
             let s = unsafe { Stream::from_raw(handle) };
-            group.on(&s)
+            on(x, &s)
         }
     }
 }
