@@ -39,10 +39,10 @@ else
 fi
 [[ "${gpus:-0}" -gt 0 ]] || gpus=2
 MACHINE="${MACHINE:-h200x${gpus}}"
-STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,bench-nccl2289,hosts}"
+STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,python,torch-decode,bench-nccl2289,hosts}"
 # At most 8 files come back from the machine: logs are grouped.
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
-# decode-sim, tp-decode), and the JSON results.
+# decode-sim, tp-decode, torch-decode), python.log, and the JSON results.
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -132,6 +132,36 @@ if has tp-decode; then
     stdbuf -oL -eL "$BIN/tp-decode" "${table[@]}" --json "$OUT/$MACHINE.json" ${TP_DECODE_ARGS:-} >> "$OUT/bench.log" 2>&1
   log "tp-decode rc=$?"
   grep -A14 "engine step (tp-decode)" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+fi
+
+# The Python package: the wheel scripts/py-build.sh put in .whl/ (carried over), unzipped onto
+# PYTHONPATH (no network, no pip install there).
+PYSITE=/tmp/symmcomm-py
+if has python || has torch-decode; then
+  whl=$(ls "$HERE"/../.whl/symmcomm-*.whl .whl/symmcomm-*.whl 2>/dev/null | head -1)
+  rm -rf "$PYSITE" && mkdir -p "$PYSITE"
+  if [[ -n "$whl" ]]; then python3 -m zipfile -e "$whl" "$PYSITE"; else log "no wheel in .whl/"; fi
+fi
+
+if has python; then
+  # Every operation against torch's reference, eager and in torch.cuda.graph (1000 replays),
+  # the MemPool scope, torch.compile; one process per GPU (two-process tests need 2 GPUs).
+  log "python tests"
+  PYTHONPATH="$PYSITE" timeout "${PY_TIMEOUT:-420}" python3 -m pytest python/tests -q -rs \
+    ${PY_ARGS:-} > "$OUT/python.log" 2>&1
+  log "python tests rc=$?"
+  tail -25 "$OUT/python.log" | tee -a "$OUT/summary.txt"
+fi
+
+if has torch-decode; then
+  # The PyTorch decode side by side: torch.distributed against symmcomm, same tokens, µs per
+  # step; its torch_decode_step rows replace those of $MACHINE.json.
+  log "torch-decode"
+  PYTHONPATH="$PYSITE" SYMMCOMM_COMMIT="${SYMMCOMM_COMMIT:-unknown}" timeout "${TORCH_DECODE_TIMEOUT:-400}" \
+    stdbuf -oL -eL python3 examples/torch_tp_decode.py --json "$OUT/$MACHINE.json" \
+    --timeout "${TORCH_DECODE_TIMEOUT:-400}" ${TORCH_DECODE_ARGS:-} >> "$OUT/bench.log" 2>&1
+  log "torch-decode rc=$?"
+  grep -E "^batch|same tokens|wrote" "$OUT/bench.log" | tail -8 | tee -a "$OUT/summary.txt"
 fi
 
 if has bench-nccl2289; then

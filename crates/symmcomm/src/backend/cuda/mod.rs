@@ -16,7 +16,6 @@ mod own;
 mod peers;
 mod retain;
 mod teardown;
-#[cfg_attr(not(feature = "lab"), allow(unreachable_pub))]
 #[doc(hidden)]
 pub mod test_hooks;
 
