@@ -11,6 +11,9 @@
 # decode-sim 3): more than one device call may run. Split it, most valuable first, into the same
 # $OUT (summary.txt is appended to), e.g.
 #   STEPS=tune,bench,decode-sim bash .gpu/run.sh; then STEPS=info,tests,check,soak bash .gpu/run.sh
+# STEPS=hosts runs check, decode-sim and the all-reduce bench on the GPUs as 2 simulated hosts
+# (an even number of GPUs); the `hosts` test executable (tests step) has the GPU tests of groups
+# across hosts: TEST_FILTER=cuda_ narrows a run of it to them.
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/.."
@@ -36,10 +39,10 @@ else
 fi
 [[ "${gpus:-0}" -gt 0 ]] || gpus=2
 MACHINE="${MACHINE:-h200x${gpus}}"
-STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,bench-nccl2289}"
+STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,python,torch-decode,bench-nccl2289,hosts}"
 # At most 8 files come back from the machine: logs are grouped.
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
-# decode-sim, tp-decode), and the JSON results.
+# decode-sim, tp-decode, torch-decode), python.log, and the JSON results.
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -131,6 +134,36 @@ if has tp-decode; then
   grep -A14 "engine step (tp-decode)" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 fi
 
+# The Python package: the wheel scripts/py-build.sh put in .whl/ (carried over), unzipped onto
+# PYTHONPATH (no network, no pip install there).
+PYSITE=/tmp/symmcomm-py
+if has python || has torch-decode; then
+  whl=$(ls "$HERE"/../.whl/symmcomm-*.whl .whl/symmcomm-*.whl 2>/dev/null | head -1)
+  rm -rf "$PYSITE" && mkdir -p "$PYSITE"
+  if [[ -n "$whl" ]]; then python3 -m zipfile -e "$whl" "$PYSITE"; else log "no wheel in .whl/"; fi
+fi
+
+if has python; then
+  # Every operation against torch's reference, eager and in torch.cuda.graph (1000 replays),
+  # the MemPool scope, torch.compile; one process per GPU (two-process tests need 2 GPUs).
+  log "python tests"
+  PYTHONPATH="$PYSITE" timeout "${PY_TIMEOUT:-420}" python3 -m pytest python/tests -q -rs \
+    ${PY_ARGS:-} > "$OUT/python.log" 2>&1
+  log "python tests rc=$?"
+  tail -25 "$OUT/python.log" | tee -a "$OUT/summary.txt"
+fi
+
+if has torch-decode; then
+  # The PyTorch decode side by side: torch.distributed against symmcomm, same tokens, µs per
+  # step; its torch_decode_step rows replace those of $MACHINE.json.
+  log "torch-decode"
+  PYTHONPATH="$PYSITE" SYMMCOMM_COMMIT="${SYMMCOMM_COMMIT:-unknown}" timeout "${TORCH_DECODE_TIMEOUT:-400}" \
+    stdbuf -oL -eL python3 examples/torch_tp_decode.py --json "$OUT/$MACHINE.json" \
+    --timeout "${TORCH_DECODE_TIMEOUT:-400}" ${TORCH_DECODE_ARGS:-} >> "$OUT/bench.log" 2>&1
+  log "torch-decode rc=$?"
+  grep -E "^batch|same tokens|wrote" "$OUT/bench.log" | tail -8 | tee -a "$OUT/summary.txt"
+fi
+
 if has bench-nccl2289; then
   # NCCL's own paths again with PyTorch's NCCL 2.28.9, the library the NCCL baselines in
   # BENCHMARKS.md ("Against the NCCL baselines") were measured with.
@@ -138,5 +171,26 @@ if has bench-nccl2289; then
   log "bench with $lib"
   SYMMCOMM_NCCL_LIBRARY=$lib timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench --impls nccl,nccl_symm --no-limits --json "$OUT/$MACHINE-nccl2.28.9.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1
   log "bench with $lib rc=$?"
+fi
+if has hosts && [[ "$gpus" -ge 2 && $((gpus % 2)) -eq 0 ]]; then
+  # Groups across hosts on one machine: the GPUs as 2 simulated hosts (SYMMCOMM_HOST_ID and
+  # NCCL_HOSTID per rank, NCCL's sockets over loopback). check: every op and implementation
+  # allowed across hosts, hierarchical included, our kernels refused; decode-sim: DP attention's
+  # gathered buffer and the DCP combine on a world across hosts; bench: hierarchical against
+  # NCCL's own all-reduce (what would let auto pick it), rows in $MACHINE-2hosts.json.
+  sim=("$BIN/symmcomm" launch --nproc "$gpus" --simulate-hosts 2 --)
+  log "hosts: check on $gpus GPUs as 2 hosts"
+  timeout "${CHECK_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" check --timeout 60 > "$OUT/hosts.log.tmp" 2>&1
+  log "hosts: check rc=$?"
+  grep -E "world:|cases run|FAILED" "$OUT/hosts.log.tmp" | head -20 | tee -a "$OUT/summary.txt"
+  log "hosts: decode-sim"
+  timeout "${DECODE_SIM_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" decode-sim --timeout 60 --batch 1,32 >> "$OUT/hosts.log.tmp" 2>&1
+  log "hosts: decode-sim rc=$?"
+  log "hosts: bench all_reduce, hierarchical against NCCL"
+  timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" bench --timeout 60 --ops all_reduce \
+    --impls nccl,nccl_symm,auto,hierarchical --no-limits --json "$OUT/$MACHINE-2hosts.json" >> "$OUT/hosts.log.tmp" 2>&1
+  log "hosts: bench rc=$?"
+  grep -A30 "^\[rank 0\] all_reduce  *size" "$OUT/hosts.log.tmp" | tee -a "$OUT/summary.txt"
+  cat "$OUT/hosts.log.tmp" >> "$OUT/run.log"; rm -f "$OUT/hosts.log.tmp"
 fi
 cat "$OUT/summary.txt"

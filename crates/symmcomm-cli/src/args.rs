@@ -13,6 +13,9 @@ use symmcomm_lab::decode_sim::{ModelDims, StepConfig};
 /// processes of `symmcomm launch` (every host collective costs each rank O(world) copies).
 pub(crate) const MAX_RANKS: usize = 64;
 
+/// Most nodes of a job `symmcomm launch` starts a part of.
+pub(crate) const MAX_NODES: usize = 1024;
+
 /// Longest wait (`--timeout` of the rank commands): a wait longer than a day is a hang.
 pub(crate) const MAX_WAIT_S: u64 = 86_400;
 
@@ -156,6 +159,9 @@ pub(crate) enum ImplArg {
     HostOnWindows,
     /// The host backend's symmetric path, windows.
     HostSymm,
+    /// The hierarchical all-reduce of a group across hosts (explicit only; never `auto`'s).
+    #[value(alias = "host_hierarchical")]
+    Hierarchical,
 }
 
 impl ImplArg {
@@ -176,6 +182,7 @@ impl ImplArg {
             ImplArg::Twoshot => Variant::of(Impl::Kernel(Algo::TwoShot)),
             ImplArg::Ce => Variant::of(Impl::Kernel(Algo::CopyEngine)),
             ImplArg::Ll => Variant::of(Impl::Kernel(Algo::LowLatency)),
+            ImplArg::Hierarchical => Variant::of(Impl::Hierarchical),
         }
     }
 }

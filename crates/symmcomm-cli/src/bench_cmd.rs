@@ -342,52 +342,11 @@ fn norm_sweep(comm: &Communicator, spec: &NormBenchSpec) -> anyhow::Result<Vec<R
 
 /// The results file's provenance; `seed` is the job's seed of the inputs.
 pub(crate) fn meta(comm: &Communicator, command: String, seed: u64) -> Meta {
-    let facts = comm.facts();
-    let mut extra = std::collections::BTreeMap::new();
-    extra.insert("backend".into(), serde_json::json!(comm.backend()));
+    let mut meta = Meta::of(comm, env!("SYMMCOMM_GIT_COMMIT"), command);
     // A string: JSON readers that hold numbers as doubles would round a 64-bit seed.
-    extra.insert("seed".into(), serde_json::json!(seed.to_string()));
-    if let Some(g) = facts.pdl_guard {
-        extra.insert("pdl_guard".into(), serde_json::json!(g));
-    }
-    if let Some(p) = &facts.nccl_path {
-        extra.insert("nccl_path".into(), serde_json::json!(p));
-    }
-    // Which GPUs of the host ran (a 2-GPU run on a larger machine says so).
-    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        extra.insert("cuda_visible_devices".into(), serde_json::json!(v));
-    }
-    if let Ok(v) = std::env::var("SYMMCOMM_MACHINE") {
-        extra.insert("machine".into(), serde_json::json!(v));
-    }
-    Meta {
-        gpu: facts.name,
-        gpus: comm.world_size(),
-        nccl: facts.nccl.unwrap_or_else(|| "none".into()),
-        driver: facts.driver.unwrap_or_else(|| "none".into()),
-        commit: env!("SYMMCOMM_GIT_COMMIT").into(),
-        date: today(),
-        command,
-        extra,
-    }
-}
-
-/// Today's date (UTC) as YYYY-MM-DD.
-fn today() -> String {
-    let days = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
+    meta.extra
+        .insert("seed".into(), serde_json::json!(seed.to_string()));
+    meta
 }
 
 pub(crate) fn command_line() -> String {
@@ -598,14 +557,4 @@ pub(crate) fn run_tune(args: TuneArgs) -> anyhow::Result<ExitCode> {
     let plan = args.bench.ranks.plan()?;
     let ran = plan.run(&args.bench.ranks, Vec::new(), |rank| tune_rank(rank, &args))?;
     Ok(exit_of(ran))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn today_is_a_date() {
-        let d = super::today();
-        assert_eq!(d.len(), 10);
-        assert!(d.starts_with("20"));
-    }
 }

@@ -1,5 +1,7 @@
 //! `symmcomm check`: every op × dtype × size (odd sizes too, and along every dimension of a
-//! 3-d tensor) × implementation against the f64 reference, on fresh random inputs.
+//! 3-d tensor) × implementation against the f64 reference, on fresh random inputs. On a job
+//! whose ranks span several hosts (or simulated ones), our kernels are not supported and the
+//! hierarchical all-reduce is checked too.
 
 use std::process::ExitCode;
 
@@ -56,6 +58,8 @@ fn check_rank(rank: &Rank<'_>, args: &CheckArgs) -> anyhow::Result<Vec<[u64; 3]>
         (Impl::Kernel(Algo::CopyEngine), true),
         (Impl::Kernel(Algo::LowLatency), false),
         (Impl::Kernel(Algo::LowLatency), true),
+        (Impl::Hierarchical, false),
+        (Impl::Hierarchical, true),
     ];
     let mut cases = Vec::new();
     for coll in colls() {
@@ -166,6 +170,9 @@ fn summary(seed: u64, job: &[[u64; 3]]) -> String {
 pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let plan = args.ranks.plan()?;
     let jobs = match plan.run(&args.ranks, Vec::new(), |rank| {
+        if rank.comm.rank() == 0 {
+            println!("world: {}", rank.comm.world().topology());
+        }
         let job = check_rank(rank, &args)?;
         if rank.comm.rank() == 0 {
             println!("{}", summary(rank.seed, &job));

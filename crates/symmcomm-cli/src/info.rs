@@ -71,6 +71,7 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
         }
         Err(e) => println!("NVRTC: unavailable: {e}"),
     }
+    print_hosts()?;
     let policy = SymmPolicy {
         enabled: !args.no_symm,
         dcp_size: args.dcp_size,
@@ -129,5 +130,44 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
             "dispatch table: none for this machine; auto follows NCCL's rule (symmetric path iff both buffers are in windows)"
         ),
     }
+    Ok(())
+}
+
+/// This process's host identity, what symmcomm does with groups that span hosts, and, for a
+/// rank of a launched job (RANK and WORLD_SIZE set), every rank's host as the job sees it
+/// (printed by rank 0; the ranks meet on the host backend, which needs no GPU).
+fn print_hosts() -> anyhow::Result<()> {
+    let me = symmcomm::topology::HostId::local()?;
+    println!("hosts:");
+    println!("  this process: {} ({})", me.id, me.source);
+    println!(
+        "  a group whose ranks sit on several hosts (NVLink domains) runs NCCL only: our kernels,\n  \
+         peer imports and the copy engine need one domain. auto follows NCCL's rule there (its\n  \
+         symmetric path on windows NCCL accepted, else its regular path; windows NCCL refuses\n  \
+         leave the pool as plain memory, the reason recorded), and `hierarchical` (explicit only,\n  \
+         never auto's until measured faster than NCCL's own) all-reduces by reduce-scatter inside\n  \
+         each host, NCCL across hosts on the 1/m piece, all-gather inside."
+    );
+    println!(
+        "  simulate hosts on one machine: symmcomm launch --simulate-hosts K (SYMMCOMM_HOST_ID and\n  \
+         NCCL_HOSTID per rank)"
+    );
+    if std::env::var("RANK").is_err() || std::env::var("WORLD_SIZE").is_err() {
+        return Ok(());
+    }
+    let config = symmcomm::CommConfig {
+        backend: symmcomm::BackendChoice::Host,
+        ..symmcomm::CommConfig::default()
+    };
+    let boot = symmcomm::Bootstrap::from_env(config.timeout)?;
+    let comm = symmcomm::Communicator::new(boot, config)?;
+    if comm.rank() == 0 {
+        println!(
+            "  this job ({} ranks): {}",
+            comm.world_size(),
+            comm.world().topology()
+        );
+    }
+    comm.close()?;
     Ok(())
 }

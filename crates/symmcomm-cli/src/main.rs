@@ -27,7 +27,8 @@ struct Cli {
 enum Command {
     /// Backends, GPUs, NCCL, NVRTC, the NCCL environment policy and the dispatch table.
     Info(info::InfoArgs),
-    /// Start N ranks of a command with torchrun's variables (RANK, WORLD_SIZE, ...).
+    /// Start N ranks of a command with torchrun's variables (RANK, WORLD_SIZE, ...), on one of
+    /// several nodes, or as several simulated hosts.
     Launch(LaunchArgs),
     /// Measure every collective and implementation against NCCL's regular path.
     Bench(bench_cmd::BenchArgs),
@@ -44,13 +45,25 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct LaunchArgs {
-    /// Number of ranks.
+    /// Number of ranks on this node.
     #[arg(long, value_parser = args::whole::<usize>(1, args::MAX_RANKS as u64, "ranks on one host"))]
     nproc: usize,
-    /// Rendezvous address (rank 0 listens there).
+    /// Number of nodes of the job: run one launcher per node, each with the same --nproc,
+    /// --master-addr and --master-port. Rank = node-rank × nproc + local rank.
+    #[arg(long, default_value_t = 1, value_parser = args::whole::<usize>(1, args::MAX_NODES as u64, "nodes of one job"))]
+    nnodes: usize,
+    /// This node's index among the job's nodes (GROUP_RANK and NODE_RANK in every rank).
+    #[arg(long, default_value_t = 0, value_parser = args::whole::<usize>(0, args::MAX_NODES as u64 - 1, "a node's index"))]
+    node_rank: usize,
+    /// Pretend this node's ranks sit on K hosts (K must divide --nproc): each rank gets its
+    /// host's SYMMCOMM_HOST_ID and NCCL_HOSTID, and NCCL's socket transport over loopback, so
+    /// groups that span them run as groups across hosts do.
+    #[arg(long, value_parser = args::whole::<usize>(1, args::MAX_RANKS as u64, "hosts on this node"))]
+    simulate_hosts: Option<usize>,
+    /// Rendezvous address (rank 0 listens there; with several nodes, node 0's address).
     #[arg(long, default_value = "127.0.0.1")]
     master_addr: String,
-    /// Rendezvous port (default: a free one).
+    /// Rendezvous port (default: a free one; required with --nnodes > 1).
     #[arg(long, value_parser = args::whole::<u16>(1, 65_535, "a TCP port; 0 is not one"))]
     master_port: Option<u16>,
     /// Kill every rank after this many seconds.
@@ -64,6 +77,9 @@ struct LaunchArgs {
 fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut spec = symmcomm_lab::launch::LaunchSpec::new(args.nproc, program, rest.to_vec());
+    spec.nnodes = args.nnodes;
+    spec.node_rank = args.node_rank;
+    spec.simulate_hosts = args.simulate_hosts;
     spec.master_addr = args.master_addr;
     spec.master_port = args.master_port;
     spec.timeout = args.timeout.map(std::time::Duration::from_secs);

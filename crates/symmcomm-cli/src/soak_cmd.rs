@@ -55,12 +55,13 @@ fn soak_rank(rank: &Rank<'_>, args: &SoakArgs) -> anyhow::Result<bool> {
     let mut cases = Vec::new();
     let mut names = Vec::new();
     for (i, (coll, piece, imp)) in collectives().into_iter().enumerate() {
-        // An implementation this backend lacks (our kernels on the host) runs the symmetric
-        // path instead, so the graph keeps its shape everywhere.
-        let imp = match g.supports(coll, DType::BF16, imp, piece) {
-            Ok(()) => imp,
-            Err(_) => Impl::Symmetric,
-        };
+        // An implementation this group lacks (our kernels on the host backend, or across
+        // hosts) runs the symmetric path instead, or the regular one where NCCL refused the
+        // windows, so the graph keeps its shape everywhere.
+        let imp = [imp, Impl::Symmetric]
+            .into_iter()
+            .find(|&i| g.supports(coll, DType::BF16, i, piece).is_ok())
+            .unwrap_or(Impl::Regular);
         let (n_in, _) = coll.io_elems(piece, world);
         let case = Case {
             coll,

@@ -58,6 +58,11 @@ const CASES: &[(&str, &str)] = &[
     ("launch --nproc 1000 -- true", "'--nproc <NPROC>'"),
     ("launch --nproc 2 --master-port 0 -- true", "'--master-port <MASTER_PORT>'"),
     ("launch --nproc 2 --timeout 0 -- true", "'--timeout <TIMEOUT>'"),
+    ("launch --nproc 2 --nnodes 0 -- true", "'--nnodes <NNODES>'"),
+    ("launch --nproc 2 --nnodes 2 -- true", "needs --master-port, the same on every node"),
+    ("launch --nproc 2 --nnodes 2 --node-rank 2 --master-port 9 -- true", "--node-rank 2 is outside the job's 2 nodes"),
+    ("launch --nproc 4 --simulate-hosts 0 -- true", "'--simulate-hosts <SIMULATE_HOSTS>'"),
+    ("launch --nproc 4 --simulate-hosts 3 -- true", "--simulate-hosts 3 does not split this node's 4 ranks"),
     ("info --dcp-size 0", "'--dcp-size <DCP_SIZE>'"),
 ];
 

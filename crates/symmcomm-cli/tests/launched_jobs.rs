@@ -291,3 +291,143 @@ fn decode_sim_under_launch_is_right() {
         assert!(!stdout.contains("WRONG"), "{}", shown(&out));
     }
 }
+
+/// `symmcomm launch -- sh -c 'echo ...'` for one node of `nnodes` (`extra` launch arguments):
+/// every rank's variables, by its global rank.
+fn rank_vars(extra: &[&str]) -> Vec<(usize, String)> {
+    let out = Command::new(EXE)
+        .arg("launch")
+        .args(extra)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo VARS $RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE ${GROUP_RANK:--} \
+             ${NODE_RANK:--} ${SYMMCOMM_HOST_ID:--} ${NCCL_HOSTID:--} ${NCCL_SOCKET_IFNAME:--}",
+        ])
+        .output()
+        .expect("running symmcomm launch");
+    assert!(out.status.success(), "{}", shown(&out));
+    let (stdout, _) = text(&out);
+    let mut vars: Vec<(usize, String)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let rank = l.strip_prefix("[rank ")?.split(']').next()?.parse().ok()?;
+            Some((rank, l.split("VARS ").nth(1)?.to_string()))
+        })
+        .collect();
+    vars.sort();
+    vars
+}
+
+/// torchrun's multi-node variables: node 1 of 2 with 2 ranks each is ranks 2 and 3 of 4; its
+/// output is prefixed with those ranks. Simulated hosts name every rank's host for symmcomm and
+/// NCCL alike, and put NCCL's sockets on loopback.
+#[test]
+fn launch_sets_node_and_simulated_host_variables() {
+    let node1 = rank_vars(&[
+        "--nproc",
+        "2",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-port",
+        "29999",
+    ]);
+    assert_eq!(
+        node1,
+        vec![
+            (2, "2 4 0 2 1 1 - - -".to_string()),
+            (3, "3 4 1 2 1 1 - - -".to_string()),
+        ]
+    );
+    let hosts = rank_vars(&["--nproc", "4", "--simulate-hosts", "2"]);
+    let want: Vec<(usize, String)> = (0..4)
+        .map(|r| {
+            let h = format!("sim-host-{}", r / 2);
+            (r, format!("{r} 4 {r} 4 - - {h} {h} lo"))
+        })
+        .collect();
+    assert_eq!(hosts, want);
+}
+
+/// `check` on four processes as two simulated hosts: every op and every implementation allowed
+/// across hosts (hierarchical among them) against the reference, our kernels not supported.
+#[test]
+fn check_across_simulated_hosts() {
+    let out = Command::new(EXE)
+        .args(["launch", "--nproc", "4", "--simulate-hosts", "2", "--", EXE])
+        .args(["check", "--backend", "host", "--elems", "1,6,128"])
+        .output()
+        .expect("running symmcomm launch");
+    let (stdout, _) = text(&out);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert!(
+        stdout.contains(
+            "[rank 0] world: 2 NVLink domains (hosts): sim-host-0 ranks [0, 1], sim-host-1 ranks [2, 3]"
+        ),
+        "{}",
+        shown(&out)
+    );
+    let summary = stdout
+        .lines()
+        .find(|l| l.contains("symmcomm check (seed"))
+        .unwrap_or_else(|| panic!("no summary\n{}", shown(&out)));
+    assert!(
+        summary.contains("4 ranks)") && summary.ends_with(" 0 failed"),
+        "{summary}"
+    );
+}
+
+/// A job of two nodes, each its own launcher (here both on this machine, each node one
+/// simulated host): they meet at node 0's port, node 1's ranks are 2 and 3, and `check` on the
+/// four ranks, which span the two nodes' hosts, passes.
+#[test]
+fn two_launchers_make_one_job_of_two_nodes() {
+    let port = symmcomm::bootstrap::free_port("127.0.0.1")
+        .expect("a free port")
+        .to_string();
+    let node = |rank: &str| {
+        Command::new(EXE)
+            .args([
+                "launch",
+                "--nproc",
+                "2",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+            ])
+            .args(["--master-port", &port, "--simulate-hosts", "1", "--", EXE])
+            .args(["check", "--backend", "host", "--elems", "1,6"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting a launcher")
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    let (o0, o1) = (
+        n0.wait_with_output().expect("node 0"),
+        n1.wait_with_output().expect("node 1"),
+    );
+    assert!(o0.status.success(), "node 0: {}", shown(&o0));
+    assert!(o1.status.success(), "node 1: {}", shown(&o1));
+    let (s0, _) = text(&o0);
+    let (s1, _) = text(&o1);
+    assert!(
+        s0.contains(
+            "world: 2 NVLink domains (hosts): sim-host-0 ranks [0, 1], sim-host-1 ranks [2, 3]"
+        ) && s0
+            .lines()
+            .any(|l| l.contains("4 ranks)") && l.ends_with(" 0 failed")),
+        "node 0: {}",
+        shown(&o0)
+    );
+    assert!(
+        s1.lines()
+            .all(|l| l.starts_with("[rank 2]") || l.starts_with("[rank 3]")),
+        "node 1: {}",
+        shown(&o1)
+    );
+}

@@ -243,6 +243,60 @@ pub struct Meta {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+impl Meta {
+    /// The provenance of a run on `comm`'s device: GPU, NCCL, driver, backend, PDL guard, the
+    /// NCCL library's path, which GPUs of the host ran (`CUDA_VISIBLE_DEVICES`) and which lent
+    /// machine (`SYMMCOMM_MACHINE`), with the program's `commit` and `command`, dated today.
+    pub fn of(comm: &Communicator, commit: &str, command: String) -> Meta {
+        let facts = comm.facts();
+        let mut extra = BTreeMap::new();
+        extra.insert("backend".into(), serde_json::json!(comm.backend()));
+        if let Some(g) = facts.pdl_guard {
+            extra.insert("pdl_guard".into(), serde_json::json!(g));
+        }
+        if let Some(p) = &facts.nccl_path {
+            extra.insert("nccl_path".into(), serde_json::json!(p));
+        }
+        // Which GPUs of the host ran (a 2-GPU run on a larger machine says so).
+        for (var, key) in [
+            ("CUDA_VISIBLE_DEVICES", "cuda_visible_devices"),
+            ("SYMMCOMM_MACHINE", "machine"),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                extra.insert(key.into(), serde_json::json!(v));
+            }
+        }
+        Meta {
+            gpu: facts.name,
+            gpus: comm.world_size(),
+            nccl: facts.nccl.unwrap_or_else(|| "none".into()),
+            driver: facts.driver.unwrap_or_else(|| "none".into()),
+            commit: commit.into(),
+            date: today(),
+            command,
+            extra,
+        }
+    }
+}
+
+/// Today's date (UTC) as YYYY-MM-DD.
+pub fn today() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400) as i64;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
+}
+
 /// A results file of `benchmarks/results/`: where it ran (`meta`), the limits measured, and one
 /// row per (op, dtype, bytes, world, implementation, mode).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -562,6 +616,12 @@ pub fn run(
     if spec.impls.iter().any(|v| v.windows || v.imp == Impl::Auto) {
         group.prepare(largest)?;
     }
+    // A group across hosts makes the hierarchical all-reduce's groups and scratch once, here.
+    if spec.impls.iter().any(|v| v.imp == Impl::Hierarchical)
+        && group.topology().hierarchical_unavailable().is_none()
+    {
+        group.prepare_hierarchical(largest)?;
+    }
     let total = spec.rows();
     let mut rows = Vec::with_capacity(total);
     let mut done = 0;
@@ -864,12 +924,13 @@ impl Bucket {
 
     /// The implementations a table row may choose, with their times: each concrete one in its
     /// usual placement (the regular path on plain memory, the others on windows); neither
-    /// `auto` nor `*_on_windows`.
+    /// `auto` nor `*_on_windows`, nor `hierarchical`, which stays out of `auto` until it is
+    /// measured faster than NCCL's own all-reduce across hosts (tables may not name it).
     fn candidates(at: &[&Row]) -> Vec<(Impl, f64)> {
         at.iter()
             .filter_map(|r| {
                 let v = Variant::parse(&r.implementation).ok()?;
-                (v.imp != Impl::Auto
+                (!matches!(v.imp, Impl::Auto | Impl::Hierarchical)
                     && (v.windows || v.imp == Impl::Regular)
                     && !r.implementation.ends_with("_on_windows"))
                 .then_some((v.imp, r.us))
@@ -899,6 +960,13 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn today_is_a_date() {
+        let d = today();
+        assert_eq!(d.len(), 10);
+        assert!(d.starts_with("20") && d.as_bytes()[4] == b'-' && d.as_bytes()[7] == b'-');
+    }
 
     #[test]
     fn sizes_parse_and_print() {

@@ -1,9 +1,18 @@
 //! The `torchrun`-style launcher behind `symmcomm launch --nproc N -- CMD ARGS`: starts `N`
 //! ranks of a program on this node with the torchrun variables set, prefixes their output with
-//! `[rank N] `, and stops them all at the first failure or at the timeout.
+//! `[rank R] ` (the global rank), and stops them all at the first failure or at the timeout.
+//!
+//! A job of several nodes runs one launcher per node (`--nnodes`, `--node-rank`, the same
+//! `--master-addr` and `--master-port` everywhere): rank `R = node_rank · nproc + local`, and
+//! `GROUP_RANK` / `NODE_RANK` name the node. On one machine, `--simulate-hosts K` splits the
+//! node's ranks into `K` hosts of `nproc / K` consecutive ranks: each gets its host's
+//! `SYMMCOMM_HOST_ID` and `NCCL_HOSTID`, so that symmcomm sees several NVLink domains and NCCL
+//! several nodes, which it connects with its network transport over loopback
+//! (`NCCL_SOCKET_IFNAME=lo`, `NCCL_IB_DISABLE=1`, `NCCL_MNNVL_ENABLE=0`, unless the caller set
+//! them). `LOCAL_RANK` stays the rank's place on the machine, which picks its GPU.
 //!
 //! Children inherit the launcher's environment (so `NCCL_NVLS_ENABLE=0` set by the caller
-//! reaches them), then get the six torchrun variables, then `extra_env`. On Linux each child
+//! reaches them), then get the torchrun variables, then `extra_env`. On Linux each child
 //! is killed by the kernel if the launcher dies (`PR_SET_PDEATHSIG`); the signal is tied to the
 //! thread that called [`launch`], which stays inside it until every child has exited.
 
@@ -27,11 +36,26 @@ const POLL: Duration = Duration::from_millis(10);
 /// How long the launcher waits for the output of exited children to drain.
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// NCCL's transport settings for hosts simulated on one machine, each set only when the
+/// caller's environment does not have it: sockets over loopback, no InfiniBand, no multi-node
+/// NVLink (which would join the simulated hosts into one NVLink domain again).
+pub const SIMULATED_HOSTS_NCCL_ENV: [(&str, &str); 3] = [
+    ("NCCL_SOCKET_IFNAME", "lo"),
+    ("NCCL_IB_DISABLE", "1"),
+    ("NCCL_MNNVL_ENABLE", "0"),
+];
+
 /// What to launch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaunchSpec {
     /// Number of ranks (processes) to start on this node.
     pub nproc: usize,
+    /// Number of nodes of the job, each running one launcher with the same `nproc`.
+    pub nnodes: usize,
+    /// This node's index among them (`GROUP_RANK`); its ranks are `node_rank · nproc ..`.
+    pub node_rank: usize,
+    /// Split this node's ranks into this many simulated hosts (see the module's comment).
+    pub simulate_hosts: Option<usize>,
     /// The program every rank runs.
     pub program: PathBuf,
     /// Its arguments.
@@ -52,6 +76,9 @@ impl LaunchSpec {
     pub fn new(nproc: usize, program: impl Into<PathBuf>, args: Vec<String>) -> Self {
         LaunchSpec {
             nproc,
+            nnodes: 1,
+            node_rank: 0,
+            simulate_hosts: None,
             program: program.into(),
             args,
             master_addr: "127.0.0.1".into(),
@@ -163,15 +190,65 @@ fn launch_ctx(rank: usize, world: usize) -> OpCtx {
     }
 }
 
+impl LaunchSpec {
+    /// The global rank of this node's `local`-th rank.
+    pub fn global_rank(&self, local: usize) -> usize {
+        self.node_rank * self.nproc + local
+    }
+
+    /// Ranks of the whole job.
+    pub fn world(&self) -> usize {
+        self.nnodes * self.nproc
+    }
+
+    /// The simulated host of this node's `local`-th rank, if hosts are simulated:
+    /// `sim-host-H`, numbered across the job's nodes.
+    pub fn simulated_host(&self, local: usize) -> Option<String> {
+        let k = self.simulate_hosts?;
+        let per_host = self.nproc / k;
+        Some(format!(
+            "sim-host-{}",
+            self.node_rank * k + local / per_host
+        ))
+    }
+
+    /// Why this launch cannot be made, if it cannot.
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.nproc == 0 {
+            return Err("launch needs at least one process (--nproc 0)".into());
+        }
+        if self.nnodes == 0 || self.node_rank >= self.nnodes {
+            return Err(format!(
+                "--node-rank {} is outside the job's {} nodes (--nnodes)",
+                self.node_rank, self.nnodes
+            ));
+        }
+        if self.nnodes > 1 && self.master_port.is_none() {
+            return Err(format!(
+                "a job of {} nodes needs --master-port, the same on every node's launcher",
+                self.nnodes
+            ));
+        }
+        if let Some(k) = self.simulate_hosts
+            && (k == 0 || !self.nproc.is_multiple_of(k))
+        {
+            return Err(format!(
+                "--simulate-hosts {k} does not split this node's {} ranks into hosts of equal size",
+                self.nproc
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Start `spec.nproc` ranks and wait for them: returns when all have exited, or after killing
 /// the others when one fails (non-zero exit or a signal) or the timeout passes. `Err` only when
-/// the launch itself could not be made (no free port, a rank that would not start).
+/// the launch itself could not be made (a bad spec, no free port, a rank that would not start).
 pub fn launch(spec: &LaunchSpec) -> Result<LaunchReport> {
-    let n = spec.nproc;
-    if n == 0 {
+    if let Err(detail) = spec.validate() {
         return Err(Error::InvalidArgument {
-            ctx: launch_ctx(0, 0),
-            detail: "launch needs at least one process (--nproc 0)".into(),
+            ctx: launch_ctx(spec.global_rank(0), spec.world()),
+            detail,
         });
     }
     let port = match spec.master_port {
@@ -182,10 +259,10 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchReport> {
     let deadline = spec.timeout.map(|t| start + t);
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let (mut children, readers) = start_ranks(spec, port, done_tx)?;
-    let mut watch = RankWatch::new(n);
+    let mut watch = RankWatch::new(spec.nproc);
     watch.until_all_exited(&mut children, deadline, spec.timeout);
     drain_output(&done_rx, readers);
-    Ok(watch.into_report())
+    Ok(watch.into_report(spec.global_rank(0)))
 }
 
 /// Start every rank with its output copied through a prefixer thread; each thread sends on
@@ -199,15 +276,17 @@ fn start_ranks(
     let n = spec.nproc;
     let mut children: Vec<Child> = Vec::with_capacity(n);
     let mut readers = 0usize;
-    for rank in 0..n {
-        let mut cmd = rank_command(spec, rank, port);
+    for local in 0..n {
+        let rank = spec.global_rank(local);
+        let mut cmd = rank_command(spec, local, port);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 kill_all(&mut children);
                 return Err(Error::io(
                     format!(
-                        "launch: starting rank {rank} of {n}: {}",
+                        "launch: starting rank {rank} of {}: {}",
+                        spec.world(),
                         spec.program.display()
                     ),
                     e,
@@ -226,11 +305,35 @@ fn start_ranks(
     Ok((children, readers))
 }
 
-/// The command of `rank`: the program with the launcher's environment, the torchrun variables
-/// and `extra_env`, no stdin, piped output, killed if the launcher dies.
-fn rank_command(spec: &LaunchSpec, rank: usize, port: u16) -> Command {
-    let n = spec.nproc;
-    let env = LaunchEnv::for_rank(rank, n, rank, n, &spec.master_addr, port);
+/// The variables of this node's `local`-th rank: torchrun's, the node's (several nodes), its
+/// simulated host's and NCCL's transport settings for simulated hosts (unless the launcher's
+/// own environment, `get`, has them).
+pub fn rank_env(
+    spec: &LaunchSpec,
+    local: usize,
+    port: u16,
+    get: impl Fn(&str) -> Option<String>,
+) -> LaunchEnv {
+    let (n, rank) = (spec.nproc, spec.global_rank(local));
+    let mut env = LaunchEnv::for_rank(rank, spec.world(), local, n, &spec.master_addr, port);
+    if spec.nnodes > 1 {
+        env = env.on_node(spec.node_rank);
+    }
+    if let Some(host) = spec.simulated_host(local) {
+        env = env.on_simulated_host(&host);
+        for (name, value) in SIMULATED_HOSTS_NCCL_ENV {
+            if get(name).is_none() {
+                env.vars.push((name.into(), value.into()));
+            }
+        }
+    }
+    env
+}
+
+/// The command of this node's `local`-th rank: the program with the launcher's environment,
+/// [`rank_env`] and `extra_env`, no stdin, piped output, killed if the launcher dies.
+fn rank_command(spec: &LaunchSpec, local: usize, port: u16) -> Command {
+    let env = rank_env(spec, local, port, |k| std::env::var(k).ok());
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(env.vars.iter().map(|(k, v)| (k, v)))
@@ -334,17 +437,18 @@ impl RankWatch {
         }
     }
 
-    /// Every rank's end, in rank order (a rank never seen to exit counts as killed).
-    fn into_report(self) -> LaunchReport {
+    /// Every rank's end, in rank order (a rank never seen to exit counts as killed); this
+    /// node's ranks start at global rank `first`.
+    fn into_report(self, first: usize) -> LaunchReport {
         let first_failure = self.first_failure;
         let ranks = self
             .status
             .into_iter()
             .enumerate()
-            .map(|(rank, s)| RankExit {
-                rank,
+            .map(|(local, s)| RankExit {
+                rank: first + local,
                 status: s.unwrap_or(RankStatus::Killed),
-                first_failure: first_failure == Some(rank),
+                first_failure: first_failure == Some(local),
             })
             .collect();
         LaunchReport {
@@ -528,6 +632,53 @@ mod tests {
         assert!(!timeout.success());
         assert_eq!(timeout.exit_code(), 1);
         assert!(timeout.to_string().contains("timed out"));
+    }
+
+    #[test]
+    fn nodes_and_simulated_hosts_name_every_rank() {
+        let mut spec = LaunchSpec::new(4, "/bin/true", vec![]);
+        spec.nnodes = 2;
+        spec.node_rank = 1;
+        spec.master_port = Some(29400);
+        spec.simulate_hosts = Some(2);
+        assert_eq!(spec.validate(), Ok(()));
+        let env = rank_env(&spec, 3, 29400, |k| {
+            (k == "NCCL_IB_DISABLE").then(|| "0".to_string())
+        });
+        for (name, value) in [
+            ("RANK", "7"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "3"),
+            ("LOCAL_WORLD_SIZE", "4"),
+            ("GROUP_RANK", "1"),
+            ("NODE_RANK", "1"),
+            ("SYMMCOMM_HOST_ID", "sim-host-3"),
+            ("NCCL_HOSTID", "sim-host-3"),
+            ("NCCL_SOCKET_IFNAME", "lo"),
+            ("NCCL_MNNVL_ENABLE", "0"),
+        ] {
+            assert_eq!(env.get(name), Some(value), "{name}");
+        }
+        // The caller's own NCCL setting stays: the launcher does not add its own.
+        assert_eq!(env.get("NCCL_IB_DISABLE"), None);
+        assert_eq!(spec.simulated_host(0).as_deref(), Some("sim-host-2"));
+        // One node, no simulation: exactly torchrun's six variables.
+        let plain = LaunchSpec::new(2, "/bin/true", vec![]);
+        assert_eq!(rank_env(&plain, 1, 1, |_| None).vars.len(), 6);
+    }
+
+    #[test]
+    fn bad_node_and_host_layouts_are_refused() {
+        let mut spec = LaunchSpec::new(4, "/bin/true", vec![]);
+        spec.nnodes = 2;
+        assert!(spec.validate().unwrap_err().contains("--master-port"));
+        spec.master_port = Some(1);
+        spec.node_rank = 2;
+        assert!(spec.validate().unwrap_err().contains("--node-rank 2"));
+        spec.node_rank = 0;
+        spec.simulate_hosts = Some(3);
+        assert!(spec.validate().unwrap_err().contains("--simulate-hosts 3"));
+        assert!(matches!(launch(&spec), Err(Error::InvalidArgument { .. })));
     }
 
     #[test]

@@ -81,10 +81,15 @@ pub enum Accumulation {
 }
 
 impl Accumulation {
-    /// What `imp` may do; `Auto` may run NCCL's regular kernels.
+    /// What `imp` may do; `Auto` may run NCCL's regular kernels. The hierarchical all-reduce
+    /// rounds once inside a domain and once more across domains (NCCL's regular kernels each
+    /// time, at worst): `m + k` roundings of `m · k` ranks, within the element type's `m · k`
+    /// when both are at least 2, and `k` when `m` is 1 (its inner steps are copies).
     pub fn of(imp: Impl) -> Self {
         match imp {
-            Impl::Regular | Impl::Auto | Impl::Local => Accumulation::ElementType,
+            Impl::Regular | Impl::Auto | Impl::Local | Impl::Hierarchical => {
+                Accumulation::ElementType
+            }
             Impl::Symmetric | Impl::Kernel(_) => Accumulation::F32,
         }
     }

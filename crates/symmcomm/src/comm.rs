@@ -16,8 +16,20 @@ use crate::dispatch::DispatchTable;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::group::{Group, GroupShared};
 use crate::policy::GroupKind;
+use crate::topology::{HostId, Topology};
 
 static NEXT_COMM_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What an error while starting the communicator of `boot`'s rank names.
+fn init_ctx(boot: &Bootstrap) -> OpCtx {
+    OpCtx {
+        op: Op::Init,
+        group: "world".into(),
+        rank: boot.rank,
+        world: boot.world_size,
+        bytes: 0,
+    }
+}
 
 /// This rank's communicator: create one per rank (per process, or per thread in tests).
 #[derive(Debug)]
@@ -104,13 +116,7 @@ impl Communicator {
     pub fn new(boot: Bootstrap, config: CommConfig) -> Result<Self> {
         let id = NEXT_COMM_ID.fetch_add(1, Ordering::Relaxed);
         config.validate().map_err(|detail| Error::InvalidArgument {
-            ctx: OpCtx {
-                op: Op::Init,
-                group: "world".into(),
-                rank: boot.rank,
-                world: boot.world_size,
-                bytes: 0,
-            },
+            ctx: init_ctx(&boot),
             detail,
         })?;
         let abort = AbortFlag::registered();
@@ -127,6 +133,9 @@ impl Communicator {
             boot.world_control()
                 .for_communicator(config.timeout, abort.clone()),
         );
+        let host = HostId::resolve(boot.host())?;
+        let topology = Arc::new(Topology::exchange(&control, &host, &init_ctx(&boot))?);
+        let world_topology = Arc::new(topology.world_group(boot.rank));
         let shared = Arc::new(CommShared {
             id,
             boot,
@@ -135,8 +144,10 @@ impl Communicator {
             abort,
             table: std::sync::RwLock::new(table.map(Arc::new)),
             capture: Mutex::new(None),
+            topology,
+            host,
         });
-        let backend = device.world_group(control.clone())?;
+        let backend = device.world_group(control.clone(), &world_topology)?;
         let world = Group::new(GroupShared::new(
             shared.clone(),
             GroupKind::World,
@@ -144,6 +155,7 @@ impl Communicator {
             "world".into(),
             backend,
             control,
+            world_topology,
         ));
         Ok(Communicator {
             shared,
@@ -207,6 +219,17 @@ impl Communicator {
     /// Number of ranks.
     pub fn world_size(&self) -> usize {
         self.shared.boot.world_size
+    }
+
+    /// Every rank's host identity, as the ranks reported it when the communicator started:
+    /// each group's NVLink domains ([`Group::topology`]) come from it.
+    pub fn topology(&self) -> &Topology {
+        &self.shared.topology
+    }
+
+    /// This rank's host identity and where it came from.
+    pub fn host_id(&self) -> &HostId {
+        &self.shared.host
     }
 
     /// The group of every rank.

@@ -1,5 +1,5 @@
 //! What every group of one rank's communicator shares: its id, bootstrap, device,
-//! configuration, abort flag, dispatch table, and the capture it may be running, with the rule
+//! configuration, abort flag, dispatch table, host topology, and the capture it may be running, with the rule
 //! that keeps what captured work uses alive as long as the graph.
 
 use std::fmt;
@@ -12,6 +12,7 @@ use crate::buffer::{Buffer, KeepAlive};
 use crate::config::CommConfig;
 use crate::dispatch::DispatchTable;
 use crate::error::{OpCtx, Result};
+use crate::topology::{HostId, Topology};
 
 pub(crate) struct CommShared {
     pub(crate) id: u64,
@@ -23,6 +24,11 @@ pub(crate) struct CommShared {
     pub(crate) table: std::sync::RwLock<Option<Arc<DispatchTable>>>,
     /// What a capture of the communicator's own stream keeps, while one runs.
     pub(crate) capture: Mutex<Option<KeepAlive>>,
+    /// Every rank's host identity, exchanged once when the communicator started: each group's
+    /// NVLink domains are derived from it.
+    pub(crate) topology: Arc<Topology>,
+    /// This rank's own host identity and where it came from.
+    pub(crate) host: HostId,
 }
 
 impl fmt::Debug for CommShared {

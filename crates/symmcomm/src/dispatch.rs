@@ -134,6 +134,31 @@ pub enum Why {
         /// The size asked for.
         bytes: usize,
     },
+    /// The group spans several NVLink domains (hosts): our kernels cannot reach every rank's
+    /// memory and the table (measured inside one domain) does not apply, so NCCL's rule
+    /// decides: its symmetric path when both buffers are in windows NCCL accepted, else its
+    /// regular one.
+    CrossDomain {
+        /// The group's domains.
+        domains: usize,
+        /// Both buffers lie in the group's windows.
+        both_in_windows: bool,
+        /// The implementation that ran (`Symmetric` or `Regular`).
+        ran: Impl,
+    },
+    /// The hierarchical all-reduce, asked for explicitly, and what ran each of its steps.
+    Hierarchical {
+        /// Domains (hosts) of the group.
+        domains: usize,
+        /// The group's ranks on each.
+        per_domain: usize,
+        /// What ran the reduce-scatter inside this rank's domain.
+        reduce_scatter: Impl,
+        /// What ran the all-reduce of the piece across domains.
+        all_reduce: Impl,
+        /// What ran the all-gather inside this rank's domain.
+        all_gather: Impl,
+    },
 }
 
 impl std::fmt::Display for Why {
@@ -200,6 +225,36 @@ impl std::fmt::Display for Why {
                 f,
                 "plain buffer: staging into a window loses at {bytes} B, regular path"
             ),
+            Why::CrossDomain {
+                domains,
+                both_in_windows,
+                ran,
+            } => {
+                write!(
+                    f,
+                    "the group spans {domains} NVLink domains (hosts): NCCL only, our kernels                      need one domain; "
+                )?;
+                match (both_in_windows, ran) {
+                    (true, Impl::Symmetric) => {
+                        write!(f, "both buffers in windows NCCL accepted, symmetric path")
+                    }
+                    (true, _) => write!(
+                        f,
+                        "symmetric path unavailable though both buffers are in the pool,                          regular path"
+                    ),
+                    (false, _) => write!(f, "not both buffers in windows, regular path"),
+                }
+            }
+            Why::Hierarchical {
+                domains,
+                per_domain,
+                reduce_scatter,
+                all_reduce,
+                all_gather,
+            } => write!(
+                f,
+                "requested explicitly: hierarchical over {domains} domains of {per_domain}                  ranks (reduce-scatter in the domain by {reduce_scatter:?}, all-reduce of the                  piece across domains by {all_reduce:?}, all-gather in the domain by                  {all_gather:?})"
+            ),
         }
     }
 }
@@ -259,6 +314,11 @@ impl DispatchTable {
             }
             if r.best == Impl::Auto {
                 return Err(format!("row {i}: best must be a concrete implementation"));
+            }
+            if r.best == Impl::Hierarchical {
+                return Err(format!(
+                    "row {i}: hierarchical is kept out of auto until it is measured faster than                      NCCL's own all-reduce across hosts; request it explicitly"
+                ));
             }
         }
         Ok(())
@@ -346,6 +406,31 @@ pub fn decide(
     }
     let best = row_best_available(row, available);
     staged_or_regular(row, req, best)
+}
+
+/// What `auto` runs for `req` in a group that spans `domains` NVLink domains (hosts): NCCL's
+/// rule, never the table (measured inside one domain) and never our kernels (which need every
+/// rank's memory in reach). The symmetric path when both buffers are in windows and it can run
+/// (NCCL accepted the group's windows), else the regular one; nothing is staged.
+pub fn decide_cross_domain(
+    req: &DispatchRequest,
+    domains: usize,
+    available: &dyn Fn(Impl) -> bool,
+) -> Decision {
+    let both = req.input_in_window && req.output_in_window;
+    let ran = if both && available(Impl::Symmetric) {
+        Impl::Symmetric
+    } else {
+        Impl::Regular
+    };
+    Decision::unstaged(
+        ran,
+        Why::CrossDomain {
+            domains,
+            both_in_windows: both,
+            ran,
+        },
+    )
 }
 
 impl Decision {
@@ -485,8 +570,12 @@ fn interpolated_best(
     let lines = upper.measured_us.iter().filter_map(|(name, &hi)| {
         let imp: Impl = name.parse().ok()?;
         let lo = *lower.measured_us.get(name)?;
-        (imp != Impl::Auto && available(imp) && lo.is_finite() && hi.is_finite())
-            .then_some((imp, lo + (hi - lo) * t))
+        // Neither `auto` nor the explicit-only hierarchical all-reduce is a choice here.
+        (!matches!(imp, Impl::Auto | Impl::Hierarchical)
+            && available(imp)
+            && lo.is_finite()
+            && hi.is_finite())
+        .then_some((imp, lo + (hi - lo) * t))
     });
     let fastest = lines.clone().min_by(|a, b| a.1.total_cmp(&b.1))?;
     // The tuner's rule (bench::tune_table): our kernels replace NCCL only where they win by more
@@ -912,6 +1001,51 @@ mod tests {
         assert!(DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H100", 2).is_none());
         assert!(DispatchTable::builtin(BackendKind::Host, "NVIDIA H200", 2).is_none());
         assert!(DispatchTable::builtin(BackendKind::Cuda, "NVIDIA H200", 3).is_none());
+    }
+
+    #[test]
+    fn across_domains_nccl_decides_and_says_why() {
+        let req = |both| DispatchRequest {
+            mode: Mode::Graph,
+            coll: AR,
+            dtype: DType::BF16,
+            world: 4,
+            bytes: 4096,
+            input_in_window: both,
+            output_in_window: both,
+            can_stage: true,
+        };
+        let d = decide_cross_domain(&req(true), 2, &|_| true);
+        assert_eq!(
+            (d.imp, d.stage_input, d.stage_output),
+            (Impl::Symmetric, false, false)
+        );
+        let why = d.why.to_string();
+        assert!(
+            why.contains("spans 2 NVLink domains") && why.contains("symmetric"),
+            "{why}"
+        );
+        let d = decide_cross_domain(&req(false), 2, &|_| true);
+        assert_eq!(d.imp, Impl::Regular);
+        assert!(d.why.to_string().contains("not both buffers"), "{}", d.why);
+        // Windows NCCL refused: the symmetric path is unavailable, the regular one runs.
+        let d = decide_cross_domain(&req(true), 3, &|i| i != Impl::Symmetric);
+        assert_eq!(d.imp, Impl::Regular);
+        assert!(d.why.to_string().contains("unavailable"), "{}", d.why);
+    }
+
+    #[test]
+    fn hierarchical_stays_out_of_tables_and_interpolation() {
+        let mut t = table();
+        t.rows[0].best = Impl::Hierarchical;
+        let e = t.validate().unwrap_err();
+        assert!(e.contains("kept out of auto"), "{e}");
+        // Measured and faster on the line between two buckets, it is still never chosen.
+        let mut t = crossing_table();
+        t.rows[0].measured_us.insert("hierarchical".into(), 0.1);
+        t.rows[1].measured_us.insert("hierarchical".into(), 0.1);
+        let d = decide_ar(&t, 896 << 10, true, &|_| true);
+        assert_ne!(d.imp, Impl::Hierarchical, "{}", d.why);
     }
 
     #[test]

@@ -45,6 +45,7 @@ mod rank_threads;
 mod stream;
 mod symm_pool;
 mod tensor;
+pub mod topology;
 
 pub use abort::abort_all;
 pub use backend::{Algo, BackendChoice, BackendKind, Collective, Impl};

@@ -223,13 +223,23 @@ const WORLDS: [usize; 4] = [2, 3, 4, 8];
 
 /// The merged heads of every rank against a brute-force attention over the whole cache.
 fn combine_equals_full_attention(b: TestBackend) {
+    full_attention_on_hosts(b, 1, &WORLDS, 18);
+}
+
+/// The same on ranks split over two hosts: the sequence runs on NCCL's paths; our kernels'
+/// sequence and the fused combine are refused, each saying why.
+fn combine_across_hosts(b: TestBackend) {
+    full_attention_on_hosts(b, 2, &[2, 4], 12);
+}
+
+fn full_attention_on_hosts(b: TestBackend, hosts: usize, worlds: &[usize], min_runs: usize) {
     let seed = common::seed();
-    for world in WORLDS {
+    for &world in worlds {
         if !b.can_run(world) {
             continue;
         }
         let cfg = b.config();
-        let runs = all_ok(run_rank_threads(world, &cfg, |comm| {
+        let runs = all_ok(common::run_on_hosts(world, hosts, &cfg, |comm| {
             let g = comm.world();
             let rank = g.rank();
             let mut runs = 0;
@@ -285,9 +295,20 @@ fn combine_equals_full_attention(b: TestBackend) {
                         };
                         let c = DcpCombine::new(g, spec, plain)?;
                         if let Some(why) = c.unavailable(imp) {
+                            let ours = matches!(
+                                imp,
+                                CombineImpl::Fused | CombineImpl::Sequence(Impl::Kernel(_))
+                            );
+                            if hosts > 1 && ours {
+                                assert!(why.contains("one NVLink domain"), "{why}");
+                            }
                             eprintln!("skip {}: {why}", imp.name(comm.backend()));
                             continue;
                         }
+                        assert!(
+                            hosts == 1 || !matches!(imp, CombineImpl::Fused),
+                            "the fused combine is available across hosts"
+                        );
                         g.upload_bytes(&c.partial_out(batch)?, &to_bytes(pd, &o))?;
                         g.upload_bytes(&c.partial_lse(batch)?, &to_bytes(DType::F32, &lse))?;
                         let out = c.output(batch)?;
@@ -319,7 +340,10 @@ fn combine_equals_full_attention(b: TestBackend) {
             g.barrier()?;
             Ok(runs)
         }));
-        assert!(runs.iter().all(|&n| n >= 18), "too few runs: {runs:?}");
+        assert!(
+            runs.iter().all(|&n| n >= min_runs),
+            "too few runs: {runs:?}"
+        );
     }
 }
 
@@ -492,6 +516,7 @@ fn q_gather_puts_heads_in_rank_order(b: TestBackend) {
 
 backend_tests!(
     combine_equals_full_attention,
+    combine_across_hosts,
     combine_across_graph_replays,
     q_gather_puts_heads_in_rank_order,
 );

@@ -76,6 +76,7 @@ fn check_step(
     let out = buf.gather(step, imp)?;
     assert_eq!(out.tensor.shape(), [step.global_rows(), hidden]);
     assert_eq!(out.ran.is_none(), step.global_rows() == 0, "{what}");
+    nccl_across_hosts(g, &out, &what);
     let got = g.download_bytes(&out.tensor)?;
     let mut want = Vec::new();
     for (q, &b) in counts.iter().enumerate() {
@@ -111,6 +112,7 @@ fn check_step(
         buf.scatter(step, imp)?
     };
     assert_eq!(out.tensor.shape(), [counts[rank], hidden]);
+    nccl_across_hosts(g, &out, &what);
     let got = g.download_bytes(&out.tensor)?;
     let start = start_of(mode, &counts, rank);
     let want: Vec<(usize, f64, f64)> = (0..counts[rank] * hidden)
@@ -134,14 +136,46 @@ fn check_step(
     Ok(())
 }
 
+/// On a group across hosts the gathered buffer's collectives run NCCL's paths (on the host
+/// backend, its stand-ins), never our kernels, and `auto` says why.
+fn nccl_across_hosts(g: &Group, out: &symmcomm::dp_attention::DpOutput, what: &str) {
+    let Some(ran) = out.ran.as_ref().filter(|_| g.topology().spans_domains()) else {
+        return;
+    };
+    assert!(
+        matches!(ran.imp, Impl::Regular | Impl::Symmetric),
+        "{what}: {} ran across hosts ({})",
+        ran.name(),
+        ran.reason()
+    );
+    if matches!(ran.why, symmcomm::dispatch::Why::Explicit) {
+        return;
+    }
+    assert!(
+        ran.reason().contains("NVLink domains"),
+        "{what}: {}",
+        ran.reason()
+    );
+}
+
 fn gather_scatter_uneven_counts(b: TestBackend) {
+    uneven_counts_on_hosts(b, 1, &[2, 3, 4, 8]);
+}
+
+/// The same on ranks split over two hosts (an uneven split for three ranks).
+fn gather_scatter_across_hosts(b: TestBackend) {
+    uneven_counts_on_hosts(b, 2, &[2, 3, 4]);
+}
+
+fn uneven_counts_on_hosts(b: TestBackend, hosts: usize, worlds: &[usize]) {
     let seed = common::seed();
-    for world in [2, 3, 4, 8] {
+    for &world in worlds {
         if !b.can_run(world) {
             continue;
         }
         let cfg = small_pool(b.config());
-        all_ok(run_rank_threads(world, &cfg, |comm| {
+        all_ok(common::run_on_hosts(world, hosts, &cfg, |comm| {
+            assert_eq!(comm.world().topology().domains().len(), hosts);
             let g = comm.world();
             let hidden = 24;
             let mut n = 0u64;
@@ -445,6 +479,7 @@ fn decode_sim_tiny(b: TestBackend) {
 
 backend_tests!(
     gather_scatter_uneven_counts,
+    gather_scatter_across_hosts,
     graph_replays,
     agreement_and_capacity,
     decode_sim_tiny

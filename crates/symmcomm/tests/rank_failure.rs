@@ -22,13 +22,16 @@ use common::procs::{self, Proc, ROLE, after, env_u64, epoch_ms, role_is};
 use symmcomm::bootstrap::{Bootstrap, free_port};
 use symmcomm::lab::test_hooks::{NcclCreation, skip_next_nccl_creation};
 use symmcomm::{
-    BackendChoice, CommConfig, Communicator, DType, Error, GroupKind, ReduceOp, TableSource,
+    BackendChoice, Collective, CommConfig, Communicator, DType, Error, GroupKind, Impl, ReduceOp,
+    TableSource,
 };
 
 const BACKEND: &str = "SYMMCOMM_TEST_BACKEND";
 const DEADLINE_MS: &str = "SYMMCOMM_TEST_DEADLINE_MS";
 const ELEMS: &str = "SYMMCOMM_TEST_ELEMS";
 const CREATION: &str = "SYMMCOMM_TEST_CREATION";
+/// The all-reduce implementation a rank loops on (`auto` unless named).
+const IMPL: &str = "SYMMCOMM_TEST_IMPL";
 
 fn variant(e: &Error) -> &'static str {
     match e {
@@ -81,13 +84,21 @@ fn child_rank() {
     };
     let g = comm.world().clone();
     let (rank, world) = (g.rank(), g.size());
+    let imp: Impl = std::env::var(IMPL)
+        .unwrap_or_else(|_| "auto".into())
+        .parse()
+        .expect("an implementation");
+    let on = g.clone();
+    let all_reduce = move |x: &symmcomm::Tensor, y: &symmcomm::Tensor| {
+        on.collective(Collective::AllReduce(ReduceOp::Sum), x, y, None, imp)
+    };
     let x = g.alloc_symmetric(DType::F32, &[n]).expect("alloc");
     let y = g.alloc_symmetric(DType::F32, &[n]).expect("alloc");
     // The data plane works before anything dies: three checked all-reduces.
     for it in 0..3u64 {
         g.upload(&x, &input(rank, it, n)).expect("upload");
         g.poison(&y).expect("poison");
-        g.all_reduce(&x, &y, ReduceOp::Sum).expect("all_reduce");
+        all_reduce(&x, &y).expect("all_reduce");
         let got: Vec<f32> = g.download(&y).expect("download");
         let all: Vec<Vec<f32>> = (0..world).map(|r| input(r, it, n)).collect();
         let want: Vec<f64> = (0..n)
@@ -99,26 +110,29 @@ fn child_rank() {
             "rank {rank}: {wrong} of {n} wrong at iteration {it}"
         );
     }
-    println!("CHECKED {} on {}", g.describe(), comm.describe());
+    println!(
+        "CHECKED {} on {} ({}, {})",
+        g.describe(),
+        comm.describe(),
+        g.topology(),
+        imp.name(comm.backend())
+    );
     println!("LOOPING");
     let err = loop {
-        if let Err(e) = g
-            .all_reduce(&x, &y, ReduceOp::Sum)
-            .and_then(|_| comm.synchronize())
-        {
+        if let Err(e) = all_reduce(&x, &y).and_then(|_| comm.synchronize()) {
             break e;
         }
     };
     println!("RESULT {} {} {err}", variant(&err), epoch_ms());
     let t = Instant::now();
-    let later = g.all_reduce(&x, &y, ReduceOp::Sum).map(|_| ());
+    let later = all_reduce(&x, &y).map(|_| ());
     let later = later.and_then(|()| comm.synchronize());
     match later {
         Ok(()) => println!("AFTER Ok {}", t.elapsed().as_millis()),
         Err(e) => println!("AFTER {} {} {e}", variant(&e), t.elapsed().as_millis()),
     }
     let t = Instant::now();
-    drop((x, y, g, comm));
+    drop((x, y, all_reduce, g, comm));
     println!("DROPPED {}", t.elapsed().as_millis());
     std::process::exit(0);
 }
@@ -134,30 +148,71 @@ struct Survivor {
     output: Vec<String>,
 }
 
-fn spawn_rank(rank: usize, world: usize, port: u16, backend: &str, deadline_ms: u64) -> Proc {
+/// Where the ranks of a failure test sit, and what they loop on.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// Ranks per simulated host (`SYMMCOMM_HOST_ID`); `None`: this machine's identity.
+    per_host: Option<usize>,
+    /// The all-reduce implementation of the loop.
+    imp: &'static str,
+}
+
+const ONE_HOST: Layout = Layout {
+    per_host: None,
+    imp: "auto",
+};
+
+fn spawn_rank(
+    rank: usize,
+    world: usize,
+    port: u16,
+    backend: &str,
+    deadline_ms: u64,
+    layout: Layout,
+) -> Proc {
+    let mut env = vec![(IMPL, layout.imp.to_string())];
+    if let Some(per) = layout.per_host {
+        let host = format!("sim-host-{}", rank / per);
+        env.push(("SYMMCOMM_HOST_ID", host.clone()));
+        env.push(("NCCL_HOSTID", host));
+        for (k, v) in symmcomm_lab::launch::SIMULATED_HOSTS_NCCL_ENV {
+            if std::env::var(k).is_err() {
+                env.push((k, v.into()));
+            }
+        }
+    }
     procs::spawn(
         &format!("rank {rank}"),
         "child_rank",
         &[
-            (ROLE, "rank".into()),
-            (BACKEND, backend.into()),
-            (DEADLINE_MS, deadline_ms.to_string()),
-            (ELEMS, 16384.to_string()),
-            ("RANK", rank.to_string()),
-            ("LOCAL_RANK", rank.to_string()),
-            ("WORLD_SIZE", world.to_string()),
-            ("MASTER_ADDR", "127.0.0.1".into()),
-            ("MASTER_PORT", port.to_string()),
-            ("NCCL_NVLS_ENABLE", "0".into()),
-        ],
+            env,
+            vec![
+                (ROLE, "rank".into()),
+                (BACKEND, backend.into()),
+                (DEADLINE_MS, deadline_ms.to_string()),
+                (ELEMS, 16384.to_string()),
+                ("RANK", rank.to_string()),
+                ("LOCAL_RANK", rank.to_string()),
+                ("WORLD_SIZE", world.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".into()),
+                ("MASTER_PORT", port.to_string()),
+                ("NCCL_NVLS_ENABLE", "0".into()),
+            ],
+        ]
+        .concat(),
     )
 }
 
 /// Start `world` ranks, let them loop collectives, SIGKILL `victim`, and check every survivor.
 fn kill_one(backend: &str, world: usize, victim: usize, deadline_ms: u64) {
+    kill_one_in(backend, world, victim, deadline_ms, ONE_HOST);
+}
+
+/// [`kill_one`] with the ranks placed and looping as `layout` says.
+fn kill_one_in(backend: &str, world: usize, victim: usize, deadline_ms: u64, layout: Layout) {
     let port = free_port("127.0.0.1").expect("free port");
     let mut ranks: Vec<Proc> = (0..world)
-        .map(|r| spawn_rank(r, world, port, backend, deadline_ms))
+        .map(|r| spawn_rank(r, world, port, backend, deadline_ms, layout))
         .collect();
     let start_by = Instant::now() + Duration::from_secs(120);
     for p in &mut ranks {
@@ -257,6 +312,41 @@ fn host_rank_killed_mid_collective() {
 #[test]
 fn host_master_killed_mid_collective() {
     kill_one("host", 3, 0, 2000);
+}
+
+/// A group across two simulated hosts (ranks 0, 1 on one, 2, 3 on the other): the rank
+/// killed sits on the other host than ranks 0 and 1, on the same as rank 2.
+#[test]
+fn host_rank_killed_on_the_other_host() {
+    let layout = Layout {
+        per_host: Some(2),
+        imp: "auto",
+    };
+    kill_one_in("host", 4, 3, 2000, layout);
+}
+
+/// The same while the ranks loop on the hierarchical all-reduce: whichever step a survivor
+/// waits in (inside its host, or across), its error names the all-reduce of `world`.
+#[test]
+fn host_rank_killed_mid_hierarchical_all_reduce() {
+    let layout = Layout {
+        per_host: Some(2),
+        imp: "hierarchical",
+    };
+    kill_one_in("host", 4, 3, 2000, layout);
+}
+
+/// GPU: 2 GPUs as 2 hosts, NCCL between them over sockets; rank 1 (the other host) killed.
+#[test]
+fn cuda_rank_killed_on_the_other_host() {
+    if !TestBackend::Cuda.can_run(2) {
+        return;
+    }
+    let layout = Layout {
+        per_host: Some(1),
+        imp: "auto",
+    };
+    kill_one_in("cuda", 2, 1, 5000, layout);
 }
 
 #[test]

@@ -130,37 +130,5 @@ pub fn write_json(path: &Path, comm: &Communicator, rows: Vec<Row>) -> Result<()
 }
 
 fn meta(comm: &Communicator, command: String) -> Meta {
-    let facts = comm.facts();
-    let mut extra = std::collections::BTreeMap::new();
-    extra.insert("backend".into(), serde_json::json!(comm.backend()));
-    if let Ok(v) = std::env::var("SYMMCOMM_MACHINE") {
-        extra.insert("machine".into(), serde_json::json!(v));
-    }
-    Meta {
-        gpu: facts.name,
-        gpus: comm.world_size(),
-        nccl: facts.nccl.unwrap_or_else(|| "none".into()),
-        driver: facts.driver.unwrap_or_else(|| "none".into()),
-        commit: env!("TP_DECODE_GIT_COMMIT").into(),
-        date: today(),
-        command,
-        extra,
-    }
-}
-
-/// Today's date (UTC) as YYYY-MM-DD (Howard Hinnant's civil-from-days).
-fn today() -> String {
-    let days = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    Meta::of(comm, env!("TP_DECODE_GIT_COMMIT"), command)
 }

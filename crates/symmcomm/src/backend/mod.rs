@@ -20,6 +20,7 @@ use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{OpCtx, Result};
 use crate::memory::{MemRef, Memory};
+use crate::topology::GroupTopology;
 
 /// Which backend to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +122,12 @@ pub enum Impl {
     /// A group of one rank: the result is the input, so a device copy into the output, or
     /// nothing when the call is in place. No communicator is involved.
     Local,
+    /// All-reduce of a group that spans several NVLink domains (hosts) with the same number
+    /// of ranks on each: reduce-scatter inside each domain (our kernels or NCCL's, as the
+    /// domain's `auto` decides), all-reduce of the 1/k piece across domains (NCCL), all-gather
+    /// inside each domain. Explicit only: `auto` never picks it until it is measured faster
+    /// than NCCL's own all-reduce across hosts (dispatch tables may not name it).
+    Hierarchical,
 }
 
 impl Impl {
@@ -147,6 +154,8 @@ impl Impl {
             (Impl::Kernel(a), BackendKind::Cuda) => a.name().into(),
             (Impl::Kernel(a), BackendKind::Host) => format!("host_{}", a.name()),
             (Impl::Local, _) => "local".into(),
+            (Impl::Hierarchical, BackendKind::Cuda) => "hierarchical".into(),
+            (Impl::Hierarchical, BackendKind::Host) => "host_hierarchical".into(),
         }
     }
 }
@@ -159,13 +168,14 @@ impl FromStr for Impl {
             "nccl" | "host" | "regular" => Impl::Regular,
             "nccl_symm" | "host_symm" | "symmetric" => Impl::Symmetric,
             "local" => Impl::Local,
+            "hierarchical" | "host_hierarchical" => Impl::Hierarchical,
             _ => {
                 let bare = s.strip_prefix("host_").unwrap_or(s);
                 match Algo::ALL.into_iter().find(|a| a.name() == bare) {
                     Some(a) => Impl::Kernel(a),
                     None => {
                         return Err(format!(
-                            "unknown implementation {s:?} (auto, nccl, nccl_symm, host, host_symm, oneshot, twoshot, ce, ll, local)"
+                            "unknown implementation {s:?} (auto, nccl, nccl_symm, host, host_symm, oneshot, twoshot, ce, ll, local, hierarchical)"
                         ));
                     }
                 }
@@ -388,12 +398,14 @@ pub(crate) trait GroupBackend: Send + Sync + fmt::Debug {
     /// Run (enqueue, on CUDA) a validated call on `exec`'s stream; `call.imp` is concrete.
     fn collective(&self, exec: Exec, call: &Call) -> Result<()>;
     /// Make a sub-communicator: members with equal `color` form a group ordered by `key`.
-    /// Every rank of this group calls it. `control` is the new group's control plane.
+    /// Every rank of this group calls it. `control` is the new group's control plane and
+    /// `topology` its NVLink domains (our kernels only inside one).
     fn split(
         &self,
         color: usize,
         key: usize,
         control: Arc<ControlPlane>,
+        topology: &GroupTopology,
     ) -> Result<Arc<dyn GroupBackend>>;
     /// Something a human can read: `nccl 2.28.9 comm of 2 ranks`, ...
     fn describe(&self) -> String;
@@ -432,8 +444,12 @@ pub(crate) trait RankBackend: Send + Sync + fmt::Debug {
     fn facts(&self) -> DeviceFacts;
     /// Human-readable device description.
     fn describe(&self) -> String;
-    /// The world communicator of this rank.
-    fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>>;
+    /// The world communicator of this rank; `topology` is the world's NVLink domains.
+    fn world_group(
+        &self,
+        control: Arc<ControlPlane>,
+        topology: &GroupTopology,
+    ) -> Result<Arc<dyn GroupBackend>>;
     /// A plain allocation.
     fn alloc_plain(&self, bytes: usize) -> Result<Arc<dyn Memory>>;
     /// Memory an engine owns, `bytes` from `addr`, checked to lie on this rank's device (CUDA:

@@ -22,6 +22,12 @@ const SYMMCOMM_MASTER_PORT: &str = "SYMMCOMM_MASTER_PORT";
 /// Set by torchrun in every rank it starts; its agent then serves its own store on
 /// `MASTER_PORT`, so symmcomm's rank 0 cannot listen there.
 const TORCHELASTIC_RUN_ID: &str = "TORCHELASTIC_RUN_ID";
+/// torchrun's name for the node's index among the job's nodes.
+const GROUP_RANK: &str = "GROUP_RANK";
+/// The node's index under the name many launch scripts read.
+const NODE_RANK: &str = "NODE_RANK";
+/// NCCL's override of its host hash: ranks with different values are different nodes to it.
+const NCCL_HOSTID: &str = "NCCL_HOSTID";
 
 /// `MASTER_ADDR` when the variable is absent: loopback, never a wildcard address.
 const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
@@ -233,6 +239,25 @@ impl LaunchEnv {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         LaunchEnv { vars }
+    }
+
+    /// The rank on node `node_rank` of a job of several nodes: torchrun's `GROUP_RANK`, and
+    /// `NODE_RANK`, which many launch scripts read.
+    pub fn on_node(mut self, node_rank: usize) -> LaunchEnv {
+        for name in [GROUP_RANK, NODE_RANK] {
+            self.vars.push((name.into(), node_rank.to_string()));
+        }
+        self
+    }
+
+    /// The rank on simulated host `id` (several hosts on one machine): symmcomm's
+    /// `SYMMCOMM_HOST_ID` (its NVLink domains) and NCCL's `NCCL_HOSTID` (its nodes, which it
+    /// then connects over its network transport), both `id`.
+    pub fn on_simulated_host(mut self, id: &str) -> LaunchEnv {
+        for name in [crate::topology::HOST_ID_ENV, NCCL_HOSTID] {
+            self.vars.push((name.into(), id.to_string()));
+        }
+        self
     }
 
     /// The value given to `name`, if any.
@@ -455,6 +480,15 @@ mod tests {
         );
         assert_eq!(l.get("MASTER_PORT"), Some("4242"));
         assert_eq!(l.get("GROUP_RANK"), None);
+        let on = l.clone().on_node(1).on_simulated_host("sim-host-3");
+        for (name, value) in [
+            ("GROUP_RANK", "1"),
+            ("NODE_RANK", "1"),
+            ("SYMMCOMM_HOST_ID", "sim-host-3"),
+            ("NCCL_HOSTID", "sim-host-3"),
+        ] {
+            assert_eq!(on.get(name), Some(value), "{name}");
+        }
         let e = EnvRanks::from_lookup(|n| l.get(n).map(str::to_string)).unwrap();
         assert_eq!(
             e,

@@ -55,6 +55,8 @@ pub struct Bootstrap {
     /// Deadline applied to every wait.
     pub timeout: Duration,
     store: Arc<dyn Store>,
+    /// This rank's host identity, when given in code ([`Bootstrap::on_host`]).
+    host: Option<String>,
 }
 
 impl Bootstrap {
@@ -72,7 +74,22 @@ impl Bootstrap {
             local_rank,
             timeout,
             store,
+            host: None,
         }
+    }
+
+    /// This rank placed on host `id`: ranks whose bootstraps name the same host share an
+    /// NVLink domain, and a group whose ranks name different hosts runs NCCL only (see
+    /// [`crate::topology`]). For thread ranks that stand for several hosts (tests); a process
+    /// sets `SYMMCOMM_HOST_ID` instead, and without either the machine's identity counts.
+    pub fn on_host(mut self, id: impl Into<String>) -> Self {
+        self.host = Some(id.into());
+        self
+    }
+
+    /// The host identity given with [`Bootstrap::on_host`], if any.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
     }
 
     /// `world_size` in-process ranks (threads) sharing one in-memory store. Element `r` of the

@@ -38,6 +38,9 @@ pub(crate) fn run(g: &Group, req: &Request<'_>) -> Result<Dispatched> {
     let ctx = g.ctx(op_of(req.coll), req.input.bytes().max(req.output.bytes()));
     let exec = g.exec(&ctx)?;
     let checked = check(g, req, &ctx)?;
+    if req.imp == Impl::Hierarchical {
+        return super::hierarchy::run(g, req, exec, &ctx);
+    }
     let choice = choose(g, req, &checked, exec, &ctx)?;
     let sides = if choice.imp == Impl::Local {
         run_local(g, &checked, exec)?
@@ -56,6 +59,7 @@ pub(crate) fn run(g: &Group, req: &Request<'_>) -> Result<Dispatched> {
         staged_output: choice.stage_out,
         why: choice.why,
         backend: g.device().kind(),
+        detail: choice.detail,
     };
     tracing::debug!(
         target: "symmcomm::dispatch",
@@ -329,6 +333,21 @@ struct Choice {
     stage_in: bool,
     stage_out: bool,
     why: Why,
+    /// What the reason adds to `why` (a refused window's cause).
+    detail: Option<Arc<str>>,
+}
+
+impl Choice {
+    /// `imp` on the buffers where they are, for `why`.
+    fn unstaged(imp: Impl, why: Why) -> Self {
+        Choice {
+            imp,
+            stage_in: false,
+            stage_out: false,
+            why,
+            detail: None,
+        }
+    }
 }
 
 fn choose(g: &Group, req: &Request<'_>, c: &Checked, exec: Exec, ctx: &OpCtx) -> Result<Choice> {
@@ -342,22 +361,24 @@ fn choose(g: &Group, req: &Request<'_>, c: &Checked, exec: Exec, ctx: &OpCtx) ->
                 why: format!("local runs groups of one rank; this one has {}", g.size()),
             });
         }
-        return Ok(Choice {
-            imp: Impl::Local,
-            stage_in: false,
-            stage_out: false,
-            why: if imp == Impl::Auto {
+        return Ok(Choice::unstaged(
+            Impl::Local,
+            if imp == Impl::Auto {
                 Why::OneRank
             } else {
                 Why::Explicit
             },
-        });
+        ));
     }
     if imp == Impl::Auto {
-        return Ok(choose_auto(g, c, exec, ctx));
+        return Ok(if g.topology().spans_domains() {
+            choose_cross_domain(g, c, exec, ctx)
+        } else {
+            choose_auto(g, c, exec, ctx)
+        });
     }
     let backend = g.device().kind();
-    if let Some(why) = g.backend().unavailable(imp, &c.shape) {
+    if let Some(why) = g.unavailable(imp, &c.shape) {
         return Err(Error::ImplUnavailable {
             ctx: ctx.clone(),
             implementation: imp.name(backend),
@@ -399,40 +420,56 @@ fn choose(g: &Group, req: &Request<'_>, c: &Checked, exec: Exec, ctx: &OpCtx) ->
             });
         }
     }
-    Ok(Choice {
-        imp,
-        stage_in: false,
-        stage_out: false,
-        why: Why::Explicit,
-    })
+    Ok(Choice::unstaged(imp, Why::Explicit))
+}
+
+/// `auto` in a group that spans NVLink domains: NCCL's rule
+/// ([`dispatch::decide_cross_domain`]), with the reason NCCL's symmetric path cannot run when
+/// both buffers are in the pool and it cannot (the windows NCCL refused, say).
+fn choose_cross_domain(g: &Group, c: &Checked, exec: Exec, ctx: &OpCtx) -> Choice {
+    let req = auto_request(g, c, exec, ctx);
+    let both = req.input_in_window && req.output_in_window;
+    let symmetric = g.unavailable(Impl::Symmetric, &c.shape);
+    let d = dispatch::decide_cross_domain(&req, g.topology().domains().len(), &|i| {
+        i != Impl::Symmetric || symmetric.is_none()
+    });
+    Choice {
+        detail: symmetric.filter(|_| both).map(Arc::from),
+        ..Choice::unstaged(d.imp, d.why)
+    }
 }
 
 fn choose_auto(g: &Group, c: &Checked, exec: Exec, ctx: &OpCtx) -> Choice {
-    let can_stage = can_stage(g, c.in_bytes.max(c.out_bytes), exec);
     let table = g.comm().table();
-    let d = dispatch::decide(
-        table.as_deref(),
-        &DispatchRequest {
-            mode: if exec.capturing {
-                dispatch::Mode::Graph
-            } else {
-                dispatch::Mode::Eager
-            },
-            coll: c.coll,
-            dtype: c.dtype,
-            world: g.size(),
-            bytes: ctx.bytes,
-            input_in_window: c.in_loc.is_some() || (c.reorder_in && can_stage),
-            output_in_window: c.out_loc.is_some() || (c.reorder_out && can_stage),
-            can_stage,
-        },
-        &|i| g.backend().unavailable(i, &c.shape).is_none(),
-    );
+    let d = dispatch::decide(table.as_deref(), &auto_request(g, c, exec, ctx), &|i| {
+        g.unavailable(i, &c.shape).is_none()
+    });
     Choice {
         imp: d.imp,
         stage_in: d.stage_input,
         stage_out: d.stage_output,
         why: d.why,
+        detail: None,
+    }
+}
+
+/// What `auto` decides on for the checked call `c`: where its buffers lie (or will, through
+/// scratch windows that can be had now) and whether the stream is being captured.
+fn auto_request(g: &Group, c: &Checked, exec: Exec, ctx: &OpCtx) -> DispatchRequest {
+    let can_stage = can_stage(g, c.in_bytes.max(c.out_bytes), exec);
+    DispatchRequest {
+        mode: if exec.capturing {
+            dispatch::Mode::Graph
+        } else {
+            dispatch::Mode::Eager
+        },
+        coll: c.coll,
+        dtype: c.dtype,
+        world: g.size(),
+        bytes: ctx.bytes,
+        input_in_window: c.in_loc.is_some() || (c.reorder_in && can_stage),
+        output_in_window: c.out_loc.is_some() || (c.reorder_out && can_stage),
+        can_stage,
     }
 }
 

@@ -4,6 +4,7 @@
 //! memory wrapped in place) and the `prepare` step that makes captures safe.
 
 mod collective;
+mod hierarchy;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use crate::pool::SegmentHit;
 use crate::stream::Stream;
 use crate::symm_pool::{Growth, PoolStats, SymmPool};
 use crate::tensor::{Layout, Tensor};
+use crate::topology::GroupTopology;
 
 /// What ran for one collective call, and why.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +37,9 @@ pub struct Dispatched {
     /// Why this implementation (put into words by [`Dispatched::reason`]).
     pub why: Why,
     pub(crate) backend: BackendKind,
+    /// What [`Why`] cannot hold: the reason recorded when NCCL refused a cross-host group's
+    /// windows, say.
+    pub(crate) detail: Option<Arc<str>>,
 }
 
 impl Dispatched {
@@ -45,7 +50,10 @@ impl Dispatched {
 
     /// Why this implementation, in words.
     pub fn reason(&self) -> String {
-        self.why.to_string()
+        match &self.detail {
+            Some(d) => format!("{} ({d})", self.why),
+            None => self.why.to_string(),
+        }
     }
 }
 
@@ -68,6 +76,10 @@ pub(crate) struct GroupShared {
     pub(crate) backend: Arc<dyn GroupBackend>,
     pub(crate) control: Arc<ControlPlane>,
     pub(crate) pool: Arc<SymmPool>,
+    /// The group's NVLink domains (hosts).
+    pub(crate) topology: Arc<GroupTopology>,
+    /// The sub-groups of the hierarchical all-reduce, once built.
+    pub(crate) hierarchy: Mutex<Option<Arc<hierarchy::Hierarchy>>>,
     staging: Mutex<Staging>,
     splits: AtomicU64,
 }
@@ -80,6 +92,7 @@ impl GroupShared {
         label: String,
         backend: Arc<dyn GroupBackend>,
         control: Arc<ControlPlane>,
+        topology: Arc<GroupTopology>,
     ) -> Self {
         let pool = Arc::new(SymmPool::new(
             label.clone(),
@@ -96,6 +109,8 @@ impl GroupShared {
             backend,
             control,
             pool,
+            topology,
+            hierarchy: Mutex::new(None),
             staging: Mutex::new(Staging::default()),
             splits: AtomicU64::new(0),
         }
@@ -218,6 +233,13 @@ impl Group {
     /// The backend's description of this group's communicator.
     pub fn describe(&self) -> String {
         self.inner.backend.describe()
+    }
+
+    /// The group's NVLink domains: one per host its ranks sit on. A group that spans several
+    /// runs NCCL only (our kernels need one domain), and the hierarchical all-reduce when
+    /// asked for ([`Impl::Hierarchical`]).
+    pub fn topology(&self) -> &GroupTopology {
+        &self.inner.topology
     }
 
     /// Host-side exchanges among the group's ranks.
@@ -343,6 +365,16 @@ impl Group {
     /// their rank in this group. Collective over this group. The new group's work goes to the
     /// same stream as this one's.
     pub fn split(&self, kind: GroupKind, color: usize) -> Result<Group> {
+        self.split_labeled(kind, color, format!("{}#{color}", kind.name()))
+    }
+
+    /// [`Group::split`] into a group labelled `label`.
+    pub(crate) fn split_labeled(
+        &self,
+        kind: GroupKind,
+        color: usize,
+        label: String,
+    ) -> Result<Group> {
         let ctx = self.ctx(Op::Split, 0);
         if self.exec(&ctx)?.capturing {
             return Err(Error::DuringCapture {
@@ -352,7 +384,15 @@ impl Group {
         }
         let seq = self.inner.splits.fetch_add(1, Ordering::Relaxed);
         let members = self.members_with_color(color, &ctx)?;
-        let label = format!("{}#{color}", kind.name());
+        let topology = Arc::new(
+            self.inner.comm.topology.group(
+                &members,
+                members
+                    .iter()
+                    .position(|&m| m == self.inner.comm.boot.rank)
+                    .expect("a rank is a member of the group of its own colour"),
+            ),
+        );
         let control = Arc::new(
             self.inner
                 .control
@@ -361,7 +401,7 @@ impl Group {
         let backend = self
             .inner
             .backend
-            .split(color, self.rank(), control.clone())?;
+            .split(color, self.rank(), control.clone(), &topology)?;
         Ok(Group {
             inner: Arc::new(GroupShared::new(
                 self.inner.comm.clone(),
@@ -370,6 +410,7 @@ impl Group {
                 label,
                 backend,
                 control,
+                topology,
             )),
             stream: self.stream.clone(),
         })
@@ -857,7 +898,7 @@ impl Group {
             // Auto always has the regular path to fall back on.
             return Ok(());
         }
-        match self.inner.backend.unavailable(
+        match self.unavailable(
             imp,
             &crate::backend::CallShape {
                 coll,
@@ -868,6 +909,25 @@ impl Group {
         ) {
             None => Ok(()),
             Some(why) => Err(why),
+        }
+    }
+
+    /// Why `imp` cannot run calls of `shape` on this group, if it cannot: the group's NVLink
+    /// domains first (our kernels need one; the hierarchical all-reduce several), then the
+    /// backend.
+    pub(crate) fn unavailable(
+        &self,
+        imp: Impl,
+        shape: &crate::backend::CallShape,
+    ) -> Option<String> {
+        match imp {
+            Impl::Kernel(_) => self
+                .inner
+                .topology
+                .kernels_unavailable()
+                .or_else(|| self.inner.backend.unavailable(imp, shape)),
+            Impl::Hierarchical => hierarchy::unavailable(self, shape),
+            _ => self.inner.backend.unavailable(imp, shape),
         }
     }
 }

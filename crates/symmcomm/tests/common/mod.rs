@@ -8,7 +8,7 @@ use std::time::Duration;
 
 pub mod procs;
 
-use symmcomm::{BackendChoice, CommConfig, TableSource};
+use symmcomm::{BackendChoice, Bootstrap, CommConfig, Communicator, TableSource};
 
 /// A backend a test body can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +59,46 @@ impl TestBackend {
             }
         }
     }
+}
+
+/// The simulated host of rank `rank` of `world` on `hosts` hosts: consecutive ranks,
+/// `world / hosts` on each, the last host taking the rest.
+pub fn host_of(rank: usize, world: usize, hosts: usize) -> usize {
+    (rank / (world / hosts).max(1)).min(hosts - 1)
+}
+
+/// [`symmcomm::run_rank_threads`] with the ranks on `hosts` simulated hosts ([`host_of`]):
+/// every rank's bootstrap names its host (`host-H`), so the world spans `hosts` NVLink domains
+/// as far as symmcomm knows. One host is the machine's identity, as in any other test. On
+/// CUDA the ranks still share one process (NCCL sees one node and keeps NVLink); the NCCL
+/// network transport needs processes with `NCCL_HOSTID` (tests/hosts.rs).
+pub fn run_on_hosts<R: Send>(
+    world: usize,
+    hosts: usize,
+    config: &CommConfig,
+    body: impl Fn(&Communicator) -> symmcomm::Result<R> + Sync,
+) -> Vec<symmcomm::Result<R>> {
+    if hosts <= 1 {
+        return symmcomm::run_rank_threads(world, config, body);
+    }
+    let boots = Bootstrap::threads(world, config.timeout.max(Duration::from_secs(1)));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = boots
+            .into_iter()
+            .map(|boot| {
+                let (body, rank) = (&body, boot.rank);
+                let boot = boot.on_host(format!("host-{}", host_of(rank, world, hosts)));
+                std::thread::Builder::new()
+                    .name(format!("rank{rank}"))
+                    .spawn_scoped(s, move || body(&Communicator::new(boot, config.clone())?))
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// `c` with a small pool (1 MiB segments), so tests grow pools often.

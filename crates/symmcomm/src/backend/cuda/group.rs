@@ -22,6 +22,7 @@ use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::kernels::CollectiveKernel;
 use crate::memory::Memory;
+use crate::topology::{CrossDomainWindows, GroupTopology};
 
 pub(crate) fn nccl_dtype(d: DType) -> DataType {
     match d {
@@ -57,6 +58,10 @@ pub(crate) struct CudaGroup {
     own: Option<Arc<OwnKernels>>,
     /// Every rank's view of each pool segment (segment order), for copy-engine transfers.
     segment_views: std::sync::Mutex<Vec<Vec<PeerView>>>,
+    /// Why our kernels do not run here: the group spans several hosts (NVLink domains).
+    cross_domain: Option<String>,
+    /// The windows of a group that spans hosts, which NCCL may refuse there.
+    cross_windows: Option<CrossDomainWindows>,
     /// Last, so that it is dropped after the communicators (fields drop in order).
     dev: Arc<DeviceShared>,
 }
@@ -87,7 +92,11 @@ impl CudaGroup {
     }
 
     /// The world group: rank 0 makes a unique id and shares it over the control plane.
-    pub(crate) fn world(dev: Arc<DeviceShared>, control: Arc<ControlPlane>) -> Result<Self> {
+    pub(crate) fn world(
+        dev: Arc<DeviceShared>,
+        control: Arc<ControlPlane>,
+        topology: &GroupTopology,
+    ) -> Result<Self> {
         let label = control.prefix().to_string();
         let ctx = OpCtx {
             op: Op::Init,
@@ -118,16 +127,19 @@ impl CudaGroup {
         )
         .map_err(|e| dev.creation_failed(e))?;
         let windows = Arc::new(windows);
-        Self::finish(dev, windows, control, label)
+        Self::finish(dev, windows, control, label, topology)
     }
 
     /// Make the regular-path twin, connect both communicators' peers (so the first
     /// collective inside a graph capture does not try to), and register them for polling.
+    /// Our kernels are set up only when the group lies in one NVLink domain: their workspace
+    /// is imported by every peer, which a rank on another host cannot do.
     fn finish(
         dev: Arc<DeviceShared>,
         windows: Arc<OwnedComm>,
         control: Arc<ControlPlane>,
         label: String,
+        topology: &GroupTopology,
     ) -> Result<Self> {
         let (rank, size) = (control.rank(), control.size());
         let ctx = OpCtx {
@@ -153,14 +165,87 @@ impl CudaGroup {
             control,
             own: None,
             segment_views: std::sync::Mutex::new(Vec::new()),
+            cross_domain: topology.kernels_unavailable(),
+            cross_windows: topology.spans_domains().then(CrossDomainWindows::default),
         };
         g.warm_up()?;
+        if g.cross_domain.is_some() {
+            return Ok(g);
+        }
         if let Some(k) = OwnKernels::new(&g.dev, &g.control, g.dev.kernel_slot_bytes, &ctx)? {
             let k = Arc::new(k);
             g.dev.track_own(&k, &g.label);
             g.own = Some(k);
         }
         Ok(g)
+    }
+
+    /// Register `seg` as a window of the windows communicator (every rank of the group, in the
+    /// pool's SPMD order). Inside one NVLink domain a failure, or NCCL registering no window,
+    /// is an error: symmetric memory was asked for and the system cannot give it.
+    fn register_window(&self, comm: RawComm, seg: &mut NcclSegment, ctx: &OpCtx) -> Result<()> {
+        let nccl = self.dev.nccl;
+        let mut window = std::ptr::null_mut();
+        // SAFETY: `seg.ptr` is a live `ncclMemAlloc` allocation of `seg.len` bytes; every rank
+        // of the group registers its segment of this index now (the pool's SPMD order).
+        let r = unsafe {
+            nccl.comm_window_register(
+                comm,
+                seg.ptr as *mut c_void,
+                seg.len,
+                &mut window,
+                WIN_COLL_SYMMETRIC,
+            )
+        };
+        self.windows.check(r, "ncclCommWindowRegister", ctx)?;
+        if window.is_null() {
+            return Err(Error::ImplUnavailable {
+                ctx: ctx.clone(),
+                implementation: "nccl_symm".into(),
+                why: "NCCL registered no window: symmetric memory is unsupported on this system (cuMem off, or GPUs not all connected by NVLink)".into(),
+            });
+        }
+        seg.window = window;
+        Ok(())
+    }
+
+    /// Register `seg` as a window in a group that spans hosts, where NCCL may refuse (an
+    /// error, or no window): never an error here. Every rank's outcome is agreed on; after the
+    /// first refusal the group registers nothing more and its pool is plain memory, the reason
+    /// recorded for `nccl_symm` and `auto` to name. A window this rank did get is kept, unused,
+    /// until the segment goes.
+    fn register_across_hosts(
+        &self,
+        w: &CrossDomainWindows,
+        comm: RawComm,
+        seg: &mut NcclSegment,
+        ctx: &OpCtx,
+    ) -> Result<()> {
+        if w.refused().is_some() {
+            return Ok(());
+        }
+        let nccl = self.dev.nccl;
+        let mut window = std::ptr::null_mut();
+        // SAFETY: as in `register_window`; every rank of the group calls it for this segment
+        // (the refusal is agreed on only afterwards, so no rank skips the collective call).
+        let r = unsafe {
+            nccl.comm_window_register(
+                comm,
+                seg.ptr as *mut c_void,
+                seg.len,
+                &mut window,
+                WIN_COLL_SYMMETRIC,
+            )
+        };
+        let mine = if let Err(e) = super::nccl::check(nccl, r, "ncclCommWindowRegister", ctx) {
+            Err(e.to_string())
+        } else if window.is_null() {
+            Err("NCCL registered no window (its symmetric memory does not reach across these hosts)".into())
+        } else {
+            seg.window = window;
+            super::test_hooks::take_window_refusal().map_or(Ok(()), Err)
+        };
+        w.settle(&self.control, mine, ctx).map(|_| ())
     }
 
     /// One tiny all-reduce on each communicator, outside any capture.
@@ -374,53 +459,46 @@ impl GroupBackend for CudaGroup {
         // SAFETY: `ptr` is valid for writing; the device's context is current.
         let r = unsafe { nccl.mem_alloc(&mut ptr, bytes) };
         super::nccl::check(nccl, r, "ncclMemAlloc", ctx)?;
-        let mut window = std::ptr::null_mut();
-        // SAFETY: `ptr` is a live `ncclMemAlloc` allocation of `bytes`; every rank of the
-        // group registers its segment of this index now (the pool's SPMD order).
-        let r = unsafe {
-            nccl.comm_window_register(windows_comm, ptr, bytes, &mut window, WIN_COLL_SYMMETRIC)
-        };
-        if let Err(e) = self.windows.check(r, "ncclCommWindowRegister", ctx) {
-            // SAFETY: `ptr` is ours and not registered.
-            let _ = unsafe { nccl.mem_free(ptr) };
-            return Err(e);
-        }
-        if window.is_null() {
-            // SAFETY: as above.
-            let _ = unsafe { nccl.mem_free(ptr) };
-            return Err(Error::ImplUnavailable {
-                ctx: ctx.clone(),
-                implementation: "nccl_symm".into(),
-                why: "NCCL registered no window: symmetric memory is unsupported on this system (cuMem off, or GPUs not all connected by NVLink)".into(),
-            });
-        }
-        let segment = Arc::new(NcclSegment {
+        // From here the segment owns the allocation (and its window, once registered): an
+        // error below frees them.
+        let mut segment = NcclSegment {
             ptr: ptr as u64,
             len: bytes,
-            window,
+            window: std::ptr::null_mut(),
             comm: self.windows.clone(),
             ctx: self.dev.ctx.clone(),
-        });
+        };
+        match &self.cross_windows {
+            None => self.register_window(windows_comm, &mut segment, ctx)?,
+            Some(w) => self.register_across_hosts(w, windows_comm, &mut segment, ctx)?,
+        }
         if self.own.is_some() {
             // Peers' views of this segment, for copy-engine transfers into their windows.
             let mut views = self.segment_views.lock().unwrap_or_else(|p| p.into_inner());
             let tag = format!("segment-{}", views.len());
             views.push(peers::exchange(
                 &self.control,
-                ptr as u64,
+                segment.ptr,
                 self.dev.ordinal,
                 &self.dev.ctx,
                 &tag,
                 ctx,
             )?);
         }
-        Ok(segment)
+        Ok(Arc::new(segment))
     }
 
     fn unavailable(&self, imp: Impl, call: &CallShape) -> Option<String> {
         match imp {
             Impl::Regular => None,
             Impl::Symmetric => {
+                if let Some(why) = self
+                    .cross_windows
+                    .as_ref()
+                    .and_then(CrossDomainWindows::symmetric_unavailable)
+                {
+                    return Some(why);
+                }
                 if let Some(op) = call.coll.reduce()
                     && op != ReduceOp::Sum
                 {
@@ -446,6 +524,9 @@ impl GroupBackend for CudaGroup {
                 None
             }
             Impl::Kernel(algo) => {
+                if let Some(why) = &self.cross_domain {
+                    return Some(why.clone());
+                }
                 let Some(own) = &self.own else {
                     return Some("our kernels are not set up on this group (world outside 2..8, kernel_slot_bytes 0, or a rank could not load them)".into());
                 };
@@ -468,7 +549,10 @@ impl GroupBackend for CudaGroup {
                 }
             }
             Impl::Auto => Some("auto is resolved before dispatch".into()),
-            Impl::Local => Some("local runs in the group layer, never here".into()),
+            Impl::Local | Impl::Hierarchical => Some(format!(
+                "{} runs in the group layer, never here",
+                imp.name(crate::BackendKind::Cuda)
+            )),
         }
     }
 
@@ -487,6 +571,7 @@ impl GroupBackend for CudaGroup {
         color: usize,
         key: usize,
         control: Arc<ControlPlane>,
+        topology: &GroupTopology,
     ) -> Result<Arc<dyn GroupBackend>> {
         let label = control.prefix().to_string();
         let ctx = self.ctx(Op::Split, 0);
@@ -503,18 +588,27 @@ impl GroupBackend for CudaGroup {
             windows,
             control,
             label,
+            topology,
         )?))
     }
 
     fn describe(&self) -> String {
+        let hosts = if self.cross_domain.is_some() {
+            ", across hosts (NCCL only)"
+        } else {
+            ""
+        };
         format!(
-            "NCCL {} communicator of {} ranks",
+            "NCCL {} communicator of {} ranks{hosts}",
             self.dev.nccl.version(),
             self.size
         )
     }
 
     fn dcp_fused_unavailable(&self, shape: &DcpShape) -> Option<String> {
+        if let Some(why) = &self.cross_domain {
+            return Some(why.clone());
+        }
         if self.own.is_none() {
             return Some("our kernels are not set up on this group (world outside 2..8, kernel_slot_bytes 0, or a rank could not load them)".into());
         }
@@ -569,6 +663,9 @@ impl GroupBackend for CudaGroup {
     }
 
     fn norm_fused_unavailable(&self, shape: &NormShape, algo: Algo) -> Option<String> {
+        if let Some(why) = &self.cross_domain {
+            return Some(why.clone());
+        }
         let Some(own) = &self.own else {
             return Some("our kernels are not set up on this group (world outside 2..8, kernel_slot_bytes 0, or a rank could not load them)".into());
         };

@@ -54,7 +54,8 @@ impl Drop for DeviceAlloc {
     }
 }
 
-/// One symmetric segment: `ncclMemAlloc` memory registered as a window of `comm`.
+/// One symmetric segment: `ncclMemAlloc` memory registered as a window of `comm` (or not,
+/// `window` null, in a group that spans hosts whose windows NCCL refused).
 #[derive(Debug)]
 pub(crate) struct NcclSegment {
     pub(crate) ptr: u64,
@@ -98,8 +99,9 @@ impl Drop for NcclSegment {
         // SAFETY: synchronising the bound context has no preconditions.
         let _ = unsafe { sys::cuCtxSynchronize() };
         let nccl = self.comm.nccl;
-        // An aborted communicator took its windows with it.
-        if !self.comm.is_aborted() {
+        // An aborted communicator took its windows with it; a segment of a group whose
+        // windows NCCL refused (across hosts) has none.
+        if !self.comm.is_aborted() && !self.window.is_null() {
             // SAFETY: the window was registered on `comm`, which is alive (we hold an Arc) and
             // not aborted, and is deregistered once; deregistration is local to this rank in
             // NCCL 2.27–2.30.

@@ -17,7 +17,6 @@ mod own;
 mod peers;
 mod retain;
 mod teardown;
-#[cfg_attr(not(feature = "lab"), allow(unreachable_pub))]
 #[doc(hidden)]
 pub mod test_hooks;
 
@@ -45,6 +44,7 @@ use crate::bootstrap::ControlPlane;
 use crate::dtype::DType;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::memory::{MemRef, Memory};
+use crate::topology::GroupTopology;
 
 /// NCCL 2.28.0 to 2.30.6 launch their symmetric kernels with programmatic dependent launch
 /// but lost the `cudaGridDependencySynchronize` those kernels need (restored in 2.30.7).
@@ -727,8 +727,16 @@ impl RankBackend for CudaDevice {
         }
     }
 
-    fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {
-        Ok(Arc::new(CudaGroup::world(self.dev.clone(), control)?))
+    fn world_group(
+        &self,
+        control: Arc<ControlPlane>,
+        topology: &GroupTopology,
+    ) -> Result<Arc<dyn GroupBackend>> {
+        Ok(Arc::new(CudaGroup::world(
+            self.dev.clone(),
+            control,
+            topology,
+        )?))
     }
 
     fn alloc_plain(&self, bytes: usize) -> Result<Arc<dyn Memory>> {

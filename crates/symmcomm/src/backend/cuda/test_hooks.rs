@@ -1,5 +1,7 @@
-//! Test hooks, hidden from the docs and not part of the API: ways for the GPU failure tests to
-//! reach a state a correct program never does. Each is per thread and fires once.
+//! Test hooks, hidden from the docs and not part of the API: ways for the failure tests to
+//! reach a state a correct program never does (or that only another machine shows). Each is
+//! per thread and fires once. The NCCL creation hook serves the CUDA backend; the window hook
+//! both backends.
 
 // Public only with the `lab` feature (the lab's NVRTC tests and GPU failure tests reach in);
 // without it these items serve the library alone.
@@ -8,7 +10,7 @@
     allow(unreachable_pub, dead_code, unused_imports)
 )]
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 /// An NCCL call that creates a communicator (blocking and collective: every peer must call it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +24,21 @@ pub enum NcclCreation {
 
 thread_local! {
     static SKIP: Cell<Option<NcclCreation>> = const { Cell::new(None) };
+    static REFUSE_WINDOW: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Make the next window registration this thread makes in a group that spans several hosts
+/// count as refused by NCCL, with `reason` (as NCCL may refuse windows across hosts: a null
+/// window, or an error). On CUDA the registration still happens (it is collective) and its
+/// window is kept unused; the group's ranks then agree to run without windows. Groups inside
+/// one host never consult it.
+pub fn refuse_next_window_across_hosts(reason: &str) {
+    REFUSE_WINDOW.with(|r| *r.borrow_mut() = Some(reason.to_string()));
+}
+
+/// The refusal this thread's registration is to report, if one was asked for (used up).
+pub(crate) fn take_window_refusal() -> Option<String> {
+    REFUSE_WINDOW.with(|r| r.borrow_mut().take())
 }
 
 /// Make the next `call` this thread reaches not happen: after the control plane has agreed (the

@@ -21,6 +21,7 @@ use crate::bootstrap::ControlPlane;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, OpCtx, Result};
 use crate::memory::Memory;
+use crate::topology::{CrossDomainWindows, GroupTopology};
 
 /// A reusable barrier with a deadline; a rank that times out poisons it, so every later wait
 /// fails at once instead of hanging.
@@ -228,10 +229,20 @@ struct HostGroupInner {
     control: Arc<ControlPlane>,
     queue: Arc<HostQueue>,
     timeout: Duration,
+    /// Why the fused DCP combine (which models our NVLink kernel) cannot run here: the group
+    /// spans several hosts.
+    cross_domain: Option<String>,
+    /// The windows of a group that spans hosts, which may be refused (as NCCL may refuse
+    /// them there) without failing the group.
+    windows: Option<CrossDomainWindows>,
 }
 
 impl HostGroup {
-    pub(crate) fn new(control: Arc<ControlPlane>, queue: Arc<HostQueue>) -> Result<Self> {
+    pub(crate) fn new(
+        control: Arc<ControlPlane>,
+        queue: Arc<HostQueue>,
+        topology: &GroupTopology,
+    ) -> Result<Self> {
         let transport = join(&control)?;
         Ok(HostGroup {
             inner: Arc::new(HostGroupInner {
@@ -241,6 +252,8 @@ impl HostGroup {
                 transport,
                 control,
                 queue,
+                cross_domain: topology.kernels_unavailable(),
+                windows: topology.spans_domains().then(CrossDomainWindows::default),
             }),
         })
     }
@@ -506,10 +519,18 @@ impl GroupBackend for HostGroup {
 
     fn unavailable(&self, imp: Impl, _shape: &CallShape) -> Option<String> {
         match imp {
-            Impl::Regular | Impl::Symmetric => None,
+            Impl::Regular => None,
+            Impl::Symmetric => self
+                .inner
+                .windows
+                .as_ref()
+                .and_then(CrossDomainWindows::symmetric_unavailable),
             Impl::Kernel(_) => Some("our NVLink kernels run on the CUDA backend only".into()),
             Impl::Auto => Some("auto is resolved before dispatch".into()),
-            Impl::Local => Some("local runs in the group layer, never here".into()),
+            Impl::Local | Impl::Hierarchical => Some(format!(
+                "{} runs in the group layer, never here",
+                imp.name(crate::BackendKind::Host)
+            )),
         }
     }
 
@@ -523,8 +544,13 @@ impl GroupBackend for HostGroup {
         _color: usize,
         _key: usize,
         control: Arc<ControlPlane>,
+        topology: &GroupTopology,
     ) -> Result<Arc<dyn GroupBackend>> {
-        Ok(Arc::new(HostGroup::new(control, self.inner.queue.clone())?))
+        Ok(Arc::new(HostGroup::new(
+            control,
+            self.inner.queue.clone(),
+            topology,
+        )?))
     }
 
     fn describe(&self) -> String {
@@ -540,6 +566,9 @@ impl GroupBackend for HostGroup {
     }
 
     fn dcp_fused_unavailable(&self, _shape: &DcpShape) -> Option<String> {
+        if let Some(why) = &self.inner.cross_domain {
+            return Some(why.clone());
+        }
         match self.inner.transport {
             Transport::Shared(_) => None,
             Transport::Store { .. } => {
@@ -556,6 +585,9 @@ impl GroupBackend for HostGroup {
     }
 
     fn norm_fused_unavailable(&self, _shape: &NormShape, _algo: Algo) -> Option<String> {
+        if let Some(why) = &self.inner.cross_domain {
+            return Some(why.clone());
+        }
         match self.inner.transport {
             Transport::Shared(_) => None,
             Transport::Store { .. } => {
@@ -616,7 +648,25 @@ impl HostGroupInner {
                 theirs: sizes[r].map_or("no such segment".into(), |b| format!("{b} B")),
             });
         }
+        self.settle_window(ctx)?;
         Ok(mem)
+    }
+
+    /// In a group that spans hosts, agree on whether the segment just registered is a window
+    /// (the test hook can refuse it, as NCCL may across hosts); a refusal turns the group's
+    /// windows off on every rank, never an error. Inside one host, nothing to agree on.
+    fn settle_window(&self, ctx: &OpCtx) -> Result<()> {
+        let Some(w) = &self.windows else {
+            return Ok(());
+        };
+        if w.refused().is_some() {
+            return Ok(());
+        }
+        let mine = match crate::backend::cuda::test_hooks::take_window_refusal() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        };
+        w.settle(&self.control, mine, ctx).map(|_| ())
     }
 }
 

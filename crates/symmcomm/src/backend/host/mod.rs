@@ -21,6 +21,7 @@ use crate::bootstrap::ControlPlane;
 use crate::dtype::DType;
 use crate::error::{Error, Op, OpCtx, Result};
 use crate::memory::{MemRef, Memory};
+use crate::topology::GroupTopology;
 
 pub(crate) use fabric::HostGroup;
 pub(crate) use memory::{ForeignHost, HostBytes, HostMemory};
@@ -154,8 +155,16 @@ impl RankBackend for HostDevice {
         }
     }
 
-    fn world_group(&self, control: Arc<ControlPlane>) -> Result<Arc<dyn GroupBackend>> {
-        Ok(Arc::new(HostGroup::new(control, self.queue.clone())?))
+    fn world_group(
+        &self,
+        control: Arc<ControlPlane>,
+        topology: &GroupTopology,
+    ) -> Result<Arc<dyn GroupBackend>> {
+        Ok(Arc::new(HostGroup::new(
+            control,
+            self.queue.clone(),
+            topology,
+        )?))
     }
 
     fn alloc_plain(&self, bytes: usize) -> Result<Arc<dyn Memory>> {
