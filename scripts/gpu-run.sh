@@ -39,7 +39,7 @@ else
 fi
 [[ "${gpus:-0}" -gt 0 ]] || gpus=2
 MACHINE="${MACHINE:-h200x${gpus}}"
-STEPS="${STEPS:-info,tests,check,soak,tune,bench,decode-sim,tp-decode,python,torch-decode,bench-nccl2289,hosts}"
+STEPS="${STEPS:-info,tests,check,soak,tune,bench,ar-rmsnorm,decode-sim,tp-decode,python,torch-decode,bench-nccl2289,hosts}"
 # At most 8 files come back from the machine: logs are grouped.
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
 # decode-sim, tp-decode, torch-decode), python.log, and the JSON results.
@@ -95,6 +95,15 @@ if has bench; then
   timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench "${table[@]}" --json "$OUT/$MACHINE.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   log "bench rc=$?"
   tail -60 "$OUT/bench.log"
+fi
+
+if has ar-rmsnorm; then
+  # The fused all-reduce + residual add + RMSNorm against unfused and NCCL's path (graphs,
+  # bf16, hidden 4096 and 7168, 1-64 tokens, every row checked), in a results file of its own.
+  log "bench ar_rmsnorm"
+  timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "$BIN/symmcomm" bench --ops ar_rmsnorm --modes graph --no-limits --json "$OUT/$MACHINE-ar-rmsnorm.json" ${NORM_BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1
+  log "bench ar_rmsnorm rc=$?"
+  grep -A32 "^ar_rmsnorm " "$OUT/bench.log" | tail -33 | tee -a "$OUT/summary.txt"
 fi
 
 if has decode-sim; then

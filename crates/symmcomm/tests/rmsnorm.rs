@@ -421,6 +421,11 @@ fn replay_chain(
         g.upload_bytes(&b.residual, &to_bytes(p.dtype, &p.residual))?;
         g.upload_bytes(&b.weight, &to_bytes(p.dtype, &p.weight))?;
     }
+    // Connect everything once outside the capture.
+    for (imp, b) in chain.iter().zip(&bufs) {
+        g.fill_random(&b.input, seed, None)?;
+        g.all_reduce_add_rmsnorm(&b.args(p.eps, false), *imp)?;
+    }
     let counter = g.epoch_counter()?;
     let (graph, ran) = comm.capture(|| {
         let mut ran = Vec::new();
