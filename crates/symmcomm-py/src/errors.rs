@@ -15,9 +15,12 @@ const ERRORS_MODULE: &str = "symmcomm.errors";
 /// The class of `symmcomm.errors` an error is raised as.
 fn class_of(e: &Error) -> &'static str {
     match e {
-        Error::DTypeMismatch { .. } | Error::OpNotAllowed { .. } => "DTypeError",
+        Error::DTypeMismatch { .. }
+        | Error::ArgDTypeMismatch { .. }
+        | Error::OpNotAllowed { .. } => "DTypeError",
         Error::NotDivisible { .. }
         | Error::ShapeMismatch { .. }
+        | Error::ArgShapeMismatch { .. }
         | Error::OutputTooSmall { .. }
         | Error::BadDim { .. } => "ShapeError",
         Error::NotContiguous { .. } => "NotContiguousError",
