@@ -11,9 +11,7 @@ use crate::dispatch::DispatchTable;
 use crate::policy::SymmPolicy;
 use crate::pool::{CheckMode, PoolConfig};
 
-/// The longest deadline a communicator or a rendezvous accepts: every wait adds it to the
-/// clock, which must not overflow; a deadline of days would never end a hang anyone waits for.
-pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+use crate::bootstrap::MAX_TIMEOUT;
 
 /// Where `auto`'s dispatch table comes from.
 #[derive(Clone, Debug, PartialEq)]

@@ -12,9 +12,7 @@ use std::sync::Mutex;
 use crate::bootstrap::ControlPlane;
 use crate::error::{Error, OpCtx, Result};
 
-/// The variable that overrides this process's host identity (tests, simulated hosts on one
-/// machine; `symmcomm launch --simulate-hosts` sets it per rank, and `NCCL_HOSTID` with it).
-pub const HOST_ID_ENV: &str = "SYMMCOMM_HOST_ID";
+pub use crate::bootstrap::HOST_ID_ENV;
 
 /// The longest host identity a rank may report (an override is a name, not a document).
 pub const MAX_HOST_ID_BYTES: usize = 256;

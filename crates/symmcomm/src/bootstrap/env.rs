@@ -5,6 +5,10 @@
 
 use crate::error::{Error, Result};
 
+/// The variable that overrides this process's host identity (tests, simulated hosts on one
+/// machine; `symmcomm launch --simulate-hosts` sets it per rank, and `NCCL_HOSTID` with it).
+pub const HOST_ID_ENV: &str = "SYMMCOMM_HOST_ID";
+
 /// Name of the variable holding the global rank.
 const RANK: &str = "RANK";
 /// Name of the variable holding the number of ranks in the job.
@@ -254,7 +258,7 @@ impl LaunchEnv {
     /// `SYMMCOMM_HOST_ID` (its NVLink domains) and NCCL's `NCCL_HOSTID` (its nodes, which it
     /// then connects over its network transport), both `id`.
     pub fn on_simulated_host(mut self, id: &str) -> LaunchEnv {
-        for name in [crate::topology::HOST_ID_ENV, NCCL_HOSTID] {
+        for name in [HOST_ID_ENV, NCCL_HOSTID] {
             self.vars.push((name.into(), id.to_string()));
         }
         self

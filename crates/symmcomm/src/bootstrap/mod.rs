@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 use crate::error::Result;
 
 pub use control::ControlPlane;
-pub use env::{EnvRanks, LaunchEnv};
+pub use env::{EnvRanks, HOST_ID_ENV, LaunchEnv};
+
+/// The longest deadline a communicator or a rendezvous accepts: every wait adds it to the
+/// clock, which must not overflow; a deadline of days would never end a hang anyone waits for.
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 pub use tcp::{RendezvousConfig, TcpStore, free_port};
 pub use threads::ThreadStore;
 
@@ -80,7 +84,7 @@ impl Bootstrap {
 
     /// This rank placed on host `id`: ranks whose bootstraps name the same host share an
     /// NVLink domain, and a group whose ranks name different hosts runs NCCL only (see
-    /// [`crate::topology`]). For thread ranks that stand for several hosts (tests); a process
+    /// the topology module). For thread ranks that stand for several hosts (tests); a process
     /// sets `SYMMCOMM_HOST_ID` instead, and without either the machine's identity counts.
     pub fn on_host(mut self, id: impl Into<String>) -> Self {
         self.host = Some(id.into());

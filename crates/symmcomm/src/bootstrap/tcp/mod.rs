@@ -133,13 +133,13 @@ fn check_config(cfg: &RendezvousConfig) -> Result<()> {
             world: cfg.world_size,
         });
     }
-    if cfg.timeout.is_zero() || cfg.timeout > crate::config::MAX_TIMEOUT {
+    if cfg.timeout.is_zero() || cfg.timeout > super::MAX_TIMEOUT {
         return Err(Error::RendezvousFailed {
             rank: cfg.rank,
             reason: format!(
                 "timeout {:?} is outside (0, {:?}]",
                 cfg.timeout,
-                crate::config::MAX_TIMEOUT
+                super::MAX_TIMEOUT
             ),
         });
     }
