@@ -9,7 +9,10 @@ adds torch tensors on torch's current stream, graph capture, custom ops and the
 Start-up: :meth:`Communicator.from_env` (torchrun's variables), :meth:`Communicator.rendezvous`
 (an address every rank was told), :meth:`Communicator.threads` / :func:`run_threads` (ranks
 as threads, host backend). Groups: ``comm.world``, ``comm.new_group(ranks, kind)``,
-``comm.new_groups(lists, kind)``, ``comm.split(kind, color)``.
+``comm.new_groups(lists, kind)``, ``comm.split(kind, color)``. A decode layer's collective
+with the residual add and RMSNorm after it: :func:`all_reduce_add_rmsnorm`,
+:func:`reduce_scatter_add_rmsnorm`. Hosts: ``comm.host_id``, ``comm.topology``,
+``group.topology``; ``impl="hierarchical"`` for all-reduces of groups across hosts.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from symmcomm._core import (
     DLPackBuffer,
     DpStep,
     Group,
+    NormDispatch,
     abort_all,
     free_port,
 )
@@ -32,8 +36,10 @@ from symmcomm._host import (
     all_gather,
     all_reduce,
     all_reduce_,
+    all_reduce_add_rmsnorm,
     empty,
     reduce_scatter,
+    reduce_scatter_add_rmsnorm,
 )
 from symmcomm._threads import run_threads
 from symmcomm.errors import (
@@ -61,6 +67,7 @@ __all__ = [
     "Group",
     "DLPackBuffer",
     "Dispatch",
+    "NormDispatch",
     "CombineRun",
     "DpStep",
     "DcpCombine",
@@ -70,6 +77,8 @@ __all__ = [
     "all_reduce_",
     "all_gather",
     "reduce_scatter",
+    "all_reduce_add_rmsnorm",
+    "reduce_scatter_add_rmsnorm",
     "run_threads",
     "nccl_env",
     "free_port",

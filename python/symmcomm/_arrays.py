@@ -17,8 +17,19 @@ from symmcomm.errors import ArgumentError, NotContiguousError
 #: Reduction codes by name.
 REDUCE_CODES = {name: _core.reduce_code(name) for name in ("sum", "avg", "max", "min")}
 
-#: Implementation codes by name, filled as names are first used.
-_IMPL_CODES: dict = {}
+#: Implementation codes by name, the usual ones resolved now (so that a function traced by
+#: torch.compile finds them without calling into the extension), the rest as first used.
+_IMPL_CODES: dict = {
+    name: _core.impl_code(name)
+    for name in ("auto", "nccl", "nccl_symm", "oneshot", "twoshot", "ll", "ce", "local",
+                 "hierarchical", "host", "host_symm")
+}
+
+#: Add-RMSNorm implementation codes by name, likewise.
+_NORM_IMPL_CODES: dict = {
+    name: _core.norm_impl_code(name)
+    for name in ("auto", "fused", "fused_ll", "fused_oneshot", "fused_twoshot", "unfused", "nccl")
+}
 
 
 def reduce_code(op: str) -> int:
@@ -37,6 +48,15 @@ def impl_code(name: str) -> int:
     return code
 
 
+def norm_impl_code(name: str) -> int:
+    """The code of an add-RMSNorm implementation (``auto``, ``fused``, ``fused_ll``,
+    ``fused_oneshot``, ``fused_twoshot``, ``unfused``, ``nccl``; ``host_...`` on the host)."""
+    code = _NORM_IMPL_CODES.get(name)
+    if code is None:
+        code = _NORM_IMPL_CODES[name] = _core.norm_impl_code(name)
+    return code
+
+
 class Raw(NamedTuple):
     """An array as the hot path takes it."""
 
@@ -46,6 +66,10 @@ class Raw(NamedTuple):
     shape: tuple
     strides: tuple  # in elements
     writable: bool
+
+    def tensor(self) -> tuple:
+        """The five fields the add-RMSNorm's hot path takes for one tensor."""
+        return (self.device, self.ptr, self.dtype, self.shape, self.strides)
 
 
 class Arrays:

@@ -1,19 +1,33 @@
 """Collectives on arrays, written once against an :class:`~symmcomm._arrays.Arrays` adapter:
 the shapes of outputs made for the caller, the checks Python makes (one device, a writable
-output), and the call into the hot path."""
+output), and the call into the hot path; likewise the collective fused with the residual add
+and RMSNorm."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
 from symmcomm import _core
-from symmcomm._arrays import Arrays, check_pair, group_error, impl_code, reduce_code
-from symmcomm.errors import ShapeError
+from symmcomm._arrays import (
+    Arrays,
+    check_pair,
+    group_error,
+    impl_code,
+    norm_impl_code,
+    reduce_code,
+)
+from symmcomm.errors import ArgumentError, ShapeError
 
 OP_NAMES = {
     _core.ALL_REDUCE: "all_reduce",
     _core.ALL_GATHER: "all_gather",
     _core.REDUCE_SCATTER: "reduce_scatter",
+}
+
+#: The add-RMSNorm's operation names by the code of its collective.
+NORM_OP_NAMES = {
+    _core.ALL_REDUCE: "all_reduce_add_rmsnorm",
+    _core.REDUCE_SCATTER: "reduce_scatter_add_rmsnorm",
 }
 
 
@@ -93,4 +107,37 @@ def run(
         ro.strides,
         arrays.stream(rx.device, stream),
         impl_code(impl),
+    )
+
+
+def run_norm(
+    arrays: Arrays,
+    group: Any,
+    form: int,
+    x: Any,
+    residual: Any,
+    weight: Any,
+    eps: float,
+    normed_out: Any,
+    residual_out: Any,
+    *,
+    impl: str = "auto",
+    stream: Any = None,
+    dtype: Optional[str] = None,
+) -> "_core.NormDispatch":
+    """One add-RMSNorm (`form`: ``ALL_REDUCE`` or ``REDUCE_SCATTER``) into the two outputs
+    (`residual_out` may be `residual`: in place). The library checks everything else (element
+    types, shapes, layout, alignment, overlap) before anything runs."""
+    op = NORM_OP_NAMES[form]
+    raws = [arrays.raw(a, dtype) for a in (x, residual, weight, normed_out, residual_out)]
+    for what, r in (("normed_out", raws[3]), ("residual_out", raws[4])):
+        if not r.writable:
+            raise group_error(ArgumentError, group, op, f"{what} is read-only")
+    return _core.add_rmsnorm(
+        group.handle,
+        form,
+        float(eps),
+        *(r.tensor() for r in raws),
+        arrays.stream(raws[0].device, stream),
+        norm_impl_code(impl),
     )

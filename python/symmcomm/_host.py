@@ -1,9 +1,11 @@
 """Arrays of host memory (NumPy, or anything with ``__array_interface__``) on the host
-backend: the adapter, and the public functions of the core package that take such arrays."""
+backend: the adapter, and the public functions of the core package that take such arrays
+(the collectives, the collective + residual add + RMSNorm, the DCP combine and the DP
+buffer)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 from symmcomm import _core, _collectives, _views
 from symmcomm._arrays import Arrays, Raw, contiguous_strides
@@ -160,6 +162,86 @@ def reduce_scatter(
         ARRAYS, group, _core.REDUCE_SCATTER, x, out, op=op, dim=d, impl=impl, dtype=dtype
     )
     return out
+
+
+def _add_rmsnorm(form, group, x, residual, weight, eps, normed_out, residual_out, impl, dtype):
+    if normed_out is None:
+        normed_out = _empty_like(residual, tuple(residual.shape))
+    if residual_out is None:
+        residual_out = _empty_like(residual, tuple(residual.shape))
+    _collectives.run_norm(
+        ARRAYS,
+        group,
+        form,
+        x,
+        residual,
+        weight,
+        eps,
+        normed_out,
+        residual_out,
+        impl=impl,
+        dtype=dtype,
+    )
+    return normed_out, residual_out
+
+
+def all_reduce_add_rmsnorm(
+    group: "_core.Group",
+    x: Any,
+    residual: Any,
+    weight: Any,
+    eps: float,
+    *,
+    normed_out: Any = None,
+    residual_out: Any = None,
+    impl: str = "auto",
+    dtype: Optional[str] = None,
+) -> Tuple[Any, Any]:
+    """A decode layer's all-reduce, residual add and RMSNorm in one call: ``residual_out =
+    residual + all_reduce(x)``, ``normed_out = RMSNorm(residual_out) * weight`` (every row on
+    every rank; `x`, `residual` and the outputs ``[tokens, hidden]``, `weight` ``[hidden]``, one
+    element type: f16, or bf16 as uint16 bits with ``dtype="bf16"``; hidden a multiple of 8).
+    The outputs are new arrays when None; ``residual_out=residual`` updates the residual in
+    place. Every rank passes the same residual (tensor parallelism keeps it so) and `impl`:
+    ``auto`` (the size rule: a fused kernel where one runs, else ``unfused``), ``fused``,
+    ``fused_ll``, ``fused_oneshot``, ``fused_twoshot``, ``unfused`` (the ``auto`` all-reduce,
+    then the separate add-RMSNorm kernel), ``nccl`` (the regular all-reduce, then that kernel;
+    ``host`` on the host backend). Returns ``(normed_out, residual_out)``;
+    ``group.last_dispatch`` (a ``NormDispatch``) says what ran."""
+    return _add_rmsnorm(
+        _core.ALL_REDUCE, group, x, residual, weight, eps, normed_out, residual_out, impl, dtype
+    )
+
+
+def reduce_scatter_add_rmsnorm(
+    group: "_core.Group",
+    x: Any,
+    residual: Any,
+    weight: Any,
+    eps: float,
+    *,
+    normed_out: Any = None,
+    residual_out: Any = None,
+    impl: str = "auto",
+    dtype: Optional[str] = None,
+) -> Tuple[Any, Any]:
+    """:func:`all_reduce_add_rmsnorm` after a reduce-scatter along the rows (DP attention,
+    sequence parallelism): `x` is ``[tokens, hidden]`` (tokens a multiple of the group's
+    size), and rank ``r`` gets rows ``[r * tokens / size, (r + 1) * tokens / size)`` of the
+    sum, so `residual` and the outputs are ``[tokens / size, hidden]``. ``all_gather(group,
+    normed, dim=0)`` gathers the normalised rows. No ``fused_twoshot`` in this form."""
+    return _add_rmsnorm(
+        _core.REDUCE_SCATTER,
+        group,
+        x,
+        residual,
+        weight,
+        eps,
+        normed_out,
+        residual_out,
+        impl,
+        dtype,
+    )
 
 
 class DcpCombine(_views.DcpCombine):

@@ -1,7 +1,8 @@
 """symmcomm for PyTorch: tensors in a group's symmetric windows, collectives on torch's current
 stream (eager, inside ``torch.cuda.graph``, and under ``torch.compile`` as opaque custom
-ops), the ``use_symmetric_memory`` allocator scope, and start-up from torchrun's environment
-or from an existing ``torch.distributed`` process group.
+ops), the collective fused with a decode layer's residual add and RMSNorm, the
+``use_symmetric_memory`` allocator scope, and start-up from torchrun's environment or from an
+existing ``torch.distributed`` process group.
 
 The hot path hands the library integers (``data_ptr``, shape, strides, a dtype code, the raw
 stream handle): no DLPack per call. CPU tensors work too, on the host backend (tests)."""
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
 from symmcomm import _core, _views
-from symmcomm._arrays import Arrays, Raw, impl_code, reduce_code
+from symmcomm._arrays import Arrays, Raw, impl_code, norm_impl_code, reduce_code
 from symmcomm._collectives import gathered_shape, normalise_dim, scattered_shape
 from symmcomm.errors import CapacityError, CaptureError, DTypeError
 
@@ -24,10 +25,13 @@ __all__ = [
     "init_from_process_group",
     "empty",
     "prepare",
+    "prepare_hierarchical",
     "all_reduce",
     "all_reduce_",
     "all_gather",
     "reduce_scatter",
+    "all_reduce_add_rmsnorm",
+    "reduce_scatter_add_rmsnorm",
     "DcpCombine",
     "DpGatheredBuffer",
     "use_symmetric_memory",
@@ -192,6 +196,16 @@ def prepare(group: _core.Group, nbytes: int, stream: Any = None) -> None:
     group.prepare(nbytes, _stream_handle(group.device_code, stream))
 
 
+def prepare_hierarchical(group: _core.Group, nbytes: int, stream: Any = None) -> None:
+    """Make `group`'s hierarchical all-reduces (``impl="hierarchical"``) up to `nbytes` safe to
+    capture: the groups of its steps (new communicators), their scratch and the piece buffer
+    (collective: every rank, the same `nbytes`, before ``torch.cuda.graph``). Without it the
+    first hierarchical all-reduce makes them, which a capture refuses. Raises
+    :class:`~symmcomm.ImplUnavailableError` on a group that does not span hosts with the same
+    number of ranks on each."""
+    group.prepare_hierarchical(nbytes, _stream_handle(group.device_code, stream))
+
+
 # ---- collectives -------------------------------------------------------------------------------
 
 def _collective(
@@ -315,6 +329,137 @@ def reduce_scatter(
     return out
 
 
+# ---- the collective + residual add + RMSNorm of a decode layer ---------------------------------
+
+
+def _norm_tensor(t: torch.Tensor) -> tuple:
+    """One tensor as the add-RMSNorm's hot path takes it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    return (t.get_device(), t.data_ptr(), _dtype_code(t), t.shape, t.stride())
+
+
+def _add_rmsnorm_call(
+    handle: int,
+    form: int,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    normed_out: torch.Tensor,
+    residual_out: torch.Tensor,
+    impl: int,
+    stream: Any = None,
+) -> Optional[_core.NormDispatch]:
+    """The hot path: integers from the five tensors, one call into the library."""
+    tensors = [_norm_tensor(t) for t in (x, residual, weight, normed_out, residual_out)]
+    if x.numel() == 0 and residual.numel() == 0:
+        return None  # no tokens on any rank (shapes are the same on every rank)
+    return _core.add_rmsnorm(
+        handle, form, float(eps), *tensors, _stream_handle(tensors[0][0], stream), impl
+    )
+
+
+#: The custom ops by (form, in place).
+_NORM_OP_NAMES = {
+    (_core.ALL_REDUCE, False): "all_reduce_add_rmsnorm",
+    (_core.ALL_REDUCE, True): "all_reduce_add_rmsnorm_",
+    (_core.REDUCE_SCATTER, False): "reduce_scatter_add_rmsnorm",
+    (_core.REDUCE_SCATTER, True): "reduce_scatter_add_rmsnorm_",
+}
+
+
+def _add_rmsnorm(
+    form: int,
+    group: _core.Group,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    normed_out: Optional[torch.Tensor],
+    residual_out: Optional[torch.Tensor],
+    impl: str,
+    stream: Any,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if normed_out is None:
+        normed_out = torch.empty_like(residual)
+    if residual_out is None:
+        residual_out = torch.empty_like(residual)
+    handle, code = group.handle, norm_impl_code(impl)
+    if _compiling():
+        in_place = residual_out is residual
+        op = getattr(torch.ops.symmcomm, _NORM_OP_NAMES[(form, in_place)])
+        if in_place:
+            op(x, residual, weight, normed_out, handle, float(eps), code)
+        else:
+            op(x, residual, weight, normed_out, residual_out, handle, float(eps), code)
+        return normed_out, residual_out
+    _add_rmsnorm_call(handle, form, x, residual, weight, eps, normed_out, residual_out, code, stream)
+    return normed_out, residual_out
+
+
+def all_reduce_add_rmsnorm(
+    group: _core.Group,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    normed_out: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+    stream: Any = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A decode layer's all-reduce, residual add and RMSNorm in one call, on `stream` (default:
+    torch's current stream): ``residual_out = residual + all_reduce(x)``, ``normed_out =
+    RMSNorm(residual_out) * weight`` (`x`, `residual` and the outputs ``[tokens, hidden]``,
+    `weight` ``[hidden]``; one element type, bfloat16 or float16; hidden a multiple of 8, at
+    most 16384; contiguous, 16-byte aligned). The outputs are new tensors when None;
+    ``residual_out=residual`` updates the residual in place. Every rank passes the same
+    residual and `impl`: ``auto`` (a fused kernel by size where one runs, else ``unfused``),
+    ``fused``, ``fused_ll``, ``fused_oneshot``, ``fused_twoshot``, ``unfused`` (symmcomm's
+    ``auto`` all-reduce, then the separate add-RMSNorm kernel) or ``nccl`` (NCCL's regular
+    all-reduce, then that kernel). Returns ``(normed_out, residual_out)``;
+    ``group.last_dispatch`` (a ``NormDispatch``) says what ran. Capturable in
+    ``torch.cuda.graph`` (after :func:`prepare` and one eager call); under ``torch.compile``
+    the custom op ``symmcomm::all_reduce_add_rmsnorm`` (``..._`` in place)."""
+    return _add_rmsnorm(
+        _core.ALL_REDUCE, group, x, residual, weight, eps, normed_out, residual_out, impl, stream
+    )
+
+
+def reduce_scatter_add_rmsnorm(
+    group: _core.Group,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    normed_out: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+    stream: Any = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`all_reduce_add_rmsnorm` after a reduce-scatter along the rows (DP attention,
+    sequence parallelism): `x` is ``[tokens, hidden]`` (tokens a multiple of the group's
+    size) and rank ``r`` gets rows ``[r * tokens / size, (r + 1) * tokens / size)``, so
+    `residual` and the outputs are ``[tokens / size, hidden]``; ``all_gather(group, normed,
+    dim=0)`` gathers the normalised rows. No ``fused_twoshot`` in this form. Under
+    ``torch.compile`` the custom op ``symmcomm::reduce_scatter_add_rmsnorm``."""
+    return _add_rmsnorm(
+        _core.REDUCE_SCATTER,
+        group,
+        x,
+        residual,
+        weight,
+        eps,
+        normed_out,
+        residual_out,
+        impl,
+        stream,
+    )
+
+
 # ---- custom ops: opaque to torch.compile and graph capture -------------------------------------
 
 
@@ -399,6 +544,92 @@ def _op_dp_scatter(
 
 @_op_dp_scatter.register_fake
 def _(gathered, local_output, buffer, step, impl):
+    return None
+
+
+@torch.library.custom_op(
+    "symmcomm::all_reduce_add_rmsnorm", mutates_args=("normed_out", "residual_out")
+)
+def _op_all_reduce_add_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    normed_out: torch.Tensor,
+    residual_out: torch.Tensor,
+    group: int,
+    eps: float,
+    impl: int,
+) -> None:
+    _add_rmsnorm_call(
+        group, _core.ALL_REDUCE, x, residual, weight, eps, normed_out, residual_out, impl
+    )
+
+
+@_op_all_reduce_add_rmsnorm.register_fake
+def _(x, residual, weight, normed_out, residual_out, group, eps, impl):
+    return None
+
+
+@torch.library.custom_op("symmcomm::all_reduce_add_rmsnorm_", mutates_args=("residual", "normed_out"))
+def _op_all_reduce_add_rmsnorm_(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    normed_out: torch.Tensor,
+    group: int,
+    eps: float,
+    impl: int,
+) -> None:
+    _add_rmsnorm_call(group, _core.ALL_REDUCE, x, residual, weight, eps, normed_out, residual, impl)
+
+
+@_op_all_reduce_add_rmsnorm_.register_fake
+def _(x, residual, weight, normed_out, group, eps, impl):
+    return None
+
+
+@torch.library.custom_op(
+    "symmcomm::reduce_scatter_add_rmsnorm", mutates_args=("normed_out", "residual_out")
+)
+def _op_reduce_scatter_add_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    normed_out: torch.Tensor,
+    residual_out: torch.Tensor,
+    group: int,
+    eps: float,
+    impl: int,
+) -> None:
+    _add_rmsnorm_call(
+        group, _core.REDUCE_SCATTER, x, residual, weight, eps, normed_out, residual_out, impl
+    )
+
+
+@_op_reduce_scatter_add_rmsnorm.register_fake
+def _(x, residual, weight, normed_out, residual_out, group, eps, impl):
+    return None
+
+
+@torch.library.custom_op(
+    "symmcomm::reduce_scatter_add_rmsnorm_", mutates_args=("residual", "normed_out")
+)
+def _op_reduce_scatter_add_rmsnorm_(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    normed_out: torch.Tensor,
+    group: int,
+    eps: float,
+    impl: int,
+) -> None:
+    _add_rmsnorm_call(
+        group, _core.REDUCE_SCATTER, x, residual, weight, eps, normed_out, residual, impl
+    )
+
+
+@_op_reduce_scatter_add_rmsnorm_.register_fake
+def _(x, residual, weight, normed_out, group, eps, impl):
     return None
 
 

@@ -97,3 +97,33 @@ def array(group, shape, dtype: str, where: str) -> np.ndarray:
         assert group.lookup(a.__array_interface__["data"][0]) is not None
         return a
     return np.empty(shape, dtype=NP[dtype])
+
+
+def add_rmsnorm_ref(inputs, residual: np.ndarray, weight: np.ndarray, eps: float, dtype: str,
+                    first_row: int = 0):
+    """The collective + residual add + RMSNorm in float64, rounded where the library rounds:
+    every rank's `inputs` ``[T, H]`` summed and rounded to `dtype` (the collective's result),
+    rows ``first_row ..`` of it added to `residual` and rounded (the new residual), then each
+    row divided by its root mean square (``sqrt(mean(r**2) + eps)``) and scaled by `weight`.
+    Returns ``(residual_out, normed)`` in float64 (normed not rounded: the comparison's
+    tolerance holds its one rounding)."""
+    rows = residual.shape[0]
+    total = rounded(np.sum(inputs, axis=0)[first_row : first_row + rows], dtype)
+    r = rounded(residual + total, dtype)
+    rms = np.sqrt(np.mean(r * r, axis=-1, keepdims=True) + float(np.float32(eps)))
+    return r, r / rms * weight
+
+
+def assert_norm_close(got: np.ndarray, want: np.ndarray, dtype: str, terms: int = 1) -> None:
+    """Equal to the RMSNorm reference up to `terms` roundings to `dtype`, relative to each
+    element (a wrong scale of a row fails even where its values are small)."""
+    eps = {"f32": 2.0**-23, "f16": 2.0**-10, "bf16": 2.0**-7}[dtype]
+    tol = (terms + 1) * eps * np.abs(want) + 2.0**-24
+    assert got.shape == want.shape, (got.shape, want.shape)
+    bad = ~(np.abs(got - want) <= tol)
+    if bad.any():
+        i = np.flatnonzero(bad.reshape(-1))[0]
+        raise AssertionError(
+            f"{bad.sum()} of {bad.size} elements differ; first at {i}: got "
+            f"{got.reshape(-1)[i]}, want {want.reshape(-1)[i]}"
+        )

@@ -232,6 +232,270 @@ def scenario_graph(comm) -> dict:
     return {"replays": replays, "captured": captured, "windows": windows}
 
 
+NORM_IMPLS = ("auto", "fused", "fused_ll", "fused_oneshot", "fused_twoshot", "unfused", "nccl")
+NORM_EPS = 1e-6
+
+
+def norm_ref(parts, residual, weight, first=0):
+    """The collective + residual add + RMSNorm in float64, rounded where the library rounds:
+    every rank's `parts` summed and rounded (the collective's result), rows ``first ..`` added
+    to `residual` and rounded (the new residual), then RMSNorm and `weight`. Returns
+    ``(residual_out, normed)``."""
+    dtype, rows = residual.dtype, residual.shape[0]
+    total = torch.stack([p.double() for p in parts]).sum(0)[first : first + rows]
+    r = (residual.double() + total.to(dtype).double()).to(dtype).double()
+    eps = torch.tensor(NORM_EPS, dtype=torch.float32).item()
+    rms = torch.sqrt((r * r).mean(-1, keepdim=True) + eps)
+    return r, r / rms * weight.double()
+
+
+def norm_name(d) -> str:
+    """What an add-RMSNorm ran, by the CUDA backend's names (a dry run on the host backend
+    prefixes them with ``host_`` and calls NCCL's path ``host``)."""
+    name = d.name[len("host_") :] if d.name.startswith("host_") else d.name
+    return "nccl" if name == "host" else name
+
+
+def norm_weight(gen, hidden, dtype):
+    """RMSNorm weights: positive, around 1, exact in every type."""
+    return (torch.randint(2, 15, (hidden,), generator=gen).double() / 8).to(dtype)
+
+
+def scenario_norm(comm) -> dict:
+    """The all-reduce and reduce-scatter fused with the residual add and RMSNorm: every
+    implementation, bf16 and f16, sizes within and past the low-latency protocol, windows and
+    plain memory, the residual in place and not, eager on torch's stream (and on a given
+    one), outputs poisoned first."""
+    g, n, r = comm.world, comm.world_size, comm.rank
+    gen = torch.Generator().manual_seed(37)
+    windows = windows_work(g)
+    ran, refused = {}, {}
+
+    def make(where, shape, dtype):
+        if where == "symm" and windows:
+            return st.empty(g, shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=device())
+
+    # (dtype, tokens, hidden): decode sizes in the LL protocol, 896 KiB past it, f16.
+    cases = [(BF16, 4 * n, 4096), (F16, 2 * n, 2048), (BF16, 64, 7168)]
+    for dtype, tokens, hidden in cases:
+        parts = [fresh(gen, (tokens, hidden), dtype) for _ in range(n)]
+        residual_all = fresh(gen, (tokens, hidden), dtype)
+        weight_src = norm_weight(gen, hidden, dtype)
+        for form in ("all_reduce", "reduce_scatter"):
+            rows = tokens if form == "all_reduce" else tokens // n
+            first = 0 if form == "all_reduce" else r * rows
+            call = st.all_reduce_add_rmsnorm if form == "all_reduce" else st.reduce_scatter_add_rmsnorm
+            want_res, want_norm = norm_ref(parts, residual_all[first : first + rows], weight_src, first)
+            for where in ("symm", "plain"):
+                x = make(where, (tokens, hidden), dtype).copy_(parts[r])
+                weight = make(where, (hidden,), dtype).copy_(weight_src)
+                for impl in NORM_IMPLS:
+                    for in_place in (False, True):
+                        tag = f"{form} {impl} {dtype} T={tokens} H={hidden} {where} in_place {in_place}"
+                        residual = make(where, (rows, hidden), dtype).copy_(residual_all[first : first + rows])
+                        normed = make(where, (rows, hidden), dtype).fill_(float("nan"))
+                        out = residual if in_place else make(where, (rows, hidden), dtype).fill_(float("nan"))
+                        try:
+                            got = call(g, x, residual, weight, NORM_EPS, normed_out=normed,
+                                       residual_out=out, impl=impl)
+                        except sc.ImplUnavailableError as e:
+                            refused[tag] = str(e)
+                            continue
+                        assert got[0] is normed and got[1] is out, tag
+                        check(out, want_res, f"norm residual {tag}", n)
+                        check(normed, want_norm, f"norm normed {tag}", n + 2)
+                        d = g.last_dispatch
+                        assert isinstance(d, sc.NormDispatch), (tag, d)
+                        if impl.startswith("fused_"):
+                            assert norm_name(d) == impl and d.fused, (tag, d)
+                        elif impl in ("unfused", "nccl"):
+                            assert norm_name(d) == impl and d.collective is not None, (tag, d)
+                        ran[f"{form} {impl} T={tokens} H={hidden}"] = norm_name(d)
+    small = f"T={4 * n} H=4096"
+    if n > 1:
+        # Two GPUs of one host: the fused kernels run decode sizes.
+        assert ran[f"all_reduce auto {small}"] == "fused_ll", ran
+        assert ran[f"reduce_scatter auto {small}"] == "fused_ll", ran
+        assert ran[f"all_reduce fused_oneshot {small}"] == "fused_oneshot", ran
+    else:
+        # One rank: no fused kernel (2 to 8 ranks); `auto` runs the collective (a copy), then
+        # the add-RMSNorm kernel.
+        assert ran[f"all_reduce auto {small}"] == "unfused", ran
+        assert all(" fused" in tag for tag in refused), refused
+    # On a stream given explicitly.
+    side = torch.cuda.Stream()
+    parts = [fresh(gen, (8, 1024), BF16) for _ in range(n)]
+    residual_src = fresh(gen, (8, 1024), BF16)
+    weight = norm_weight(gen, 1024, BF16).to(device())
+    x, residual = parts[r].to(device()), residual_src.to(device())
+    side.wait_stream(torch.cuda.current_stream())
+    normed, new_res = st.all_reduce_add_rmsnorm(g, x, residual, weight, NORM_EPS, stream=side)
+    side.synchronize()
+    want_res, want_norm = norm_ref(parts, residual_src, weight.cpu())
+    check(new_res, want_res, "norm on a given stream", n)
+    check(normed, want_norm, "norm on a given stream", n + 2)
+    torch.cuda.synchronize()
+    return {"ran": ran, "refused": len(refused), "windows": windows}
+
+
+def scenario_norm_graph(comm) -> dict:
+    """A decode layer's tail captured in one torch.cuda.graph: the all-reduce + add + RMSNorm
+    with the residual in place, and the reduce-scatter form into plain outputs; replayed 1000
+    times with fresh inputs, residuals and weights (written into the graph's static tensors
+    between replays), every output checked every 100 replays."""
+    g, n, r = comm.world, comm.world_size, comm.rank
+    gen = torch.Generator().manual_seed(43)
+    tokens, hidden, dtype = 4 * n, 2048, BF16
+    rows = tokens // n
+    dev = device()
+    windows = windows_work(g)
+    symm = (lambda s: st.empty(g, s, dtype)) if windows else (lambda s: torch.empty(s, dtype=dtype, device=dev))
+    plain = lambda s: torch.empty(s, dtype=dtype, device=dev)  # noqa: E731
+    src, res_src, rs_res_src = plain((tokens, hidden)), plain((tokens, hidden)), plain((rows, hidden))
+    x, residual, weight, normed = symm((tokens, hidden)), symm((tokens, hidden)), symm((hidden,)), symm((tokens, hidden))
+    rs_residual, rs_normed, rs_res_out = plain((rows, hidden)), plain((rows, hidden)), plain((rows, hidden))
+    st.prepare(g, 2 * x.numel() * x.element_size())
+    names = {}
+
+    def step():
+        x.copy_(src)
+        residual.copy_(res_src)
+        st.all_reduce_add_rmsnorm(g, x, residual, weight, NORM_EPS, normed_out=normed, residual_out=residual)
+        names["all_reduce"] = norm_name(g.last_dispatch)
+        rs_residual.copy_(rs_res_src)
+        st.reduce_scatter_add_rmsnorm(
+            g, x, rs_residual, weight, NORM_EPS, normed_out=rs_normed, residual_out=rs_res_out
+        )
+        names["reduce_scatter"] = norm_name(g.last_dispatch)
+
+    def refill():
+        parts = [fresh(gen, (tokens, hidden), dtype) for _ in range(n)]
+        res_all = fresh(gen, (tokens, hidden), dtype)
+        w = norm_weight(gen, hidden, dtype)
+        src.copy_(parts[r])
+        res_src.copy_(res_all)
+        rs_res_src.copy_(res_all[r * rows : (r + 1) * rows])
+        weight.copy_(w)
+        for t in (normed, rs_normed, rs_res_out):
+            t.fill_(float("nan"))
+        return parts, res_all, w
+
+    def verify(parts, res_all, w, when):
+        torch.cuda.synchronize()
+        want_res, want_norm = norm_ref(parts, res_all, w)
+        check(residual, want_res, f"graph norm residual {when}", n)
+        check(normed, want_norm, f"graph norm normed {when}", n + 2)
+        want_res, want_norm = norm_ref(parts, res_all[r * rows : (r + 1) * rows], w, r * rows)
+        check(rs_res_out, want_res, f"graph rs norm residual {when}", n)
+        check(rs_normed, want_norm, f"graph rs norm normed {when}", n + 2)
+
+    problem = refill()
+    step()
+    verify(*problem, "eager")
+    graph = capture(step)
+    captured = dict(names)
+    replays = 0
+    for i in range(1000):
+        if i % 100 == 0:
+            problem = refill()
+        graph.replay()
+        replays += 1
+        if i % 100 == 99:
+            verify(*problem, f"after replay {i + 1}")
+    if n > 1:
+        assert captured == {"all_reduce": "fused_ll", "reduce_scatter": "fused_ll"}, captured
+    return {"replays": replays, "captured": captured, "windows": windows}
+
+
+def scenario_hosts(comm_unused) -> dict:
+    """Each process on its own simulated host (SYMMCOMM_HOST_ID and NCCL_HOSTID, NCCL's
+    sockets over loopback): the topology every rank reports; on two ranks the hierarchical
+    all-reduce (eager, and prepared then captured in a graph), `auto` running NCCL across
+    hosts, our kernels and the fused add-RMSNorm refused by name, `auto` running it unfused;
+    on one rank the hierarchical all-reduce refused (one host)."""
+    rank = int(os.environ["RANK"])
+    host = f"sim-{rank}"
+    os.environ.update(
+        SYMMCOMM_HOST_ID=host,
+        NCCL_HOSTID=host,
+        NCCL_SOCKET_IFNAME="lo",
+        NCCL_IB_DISABLE="1",
+        NCCL_MNNVL_ENABLE="0",
+    )
+    comm = start()
+    g, n, r = comm.world, comm.world_size, comm.rank
+    assert comm.host_id == host and comm.host_id_source == "env", (comm.host_id, comm.host_id_source)
+    assert comm.topology == [f"sim-{q}" for q in range(n)], comm.topology
+    topo = g.topology
+    assert topo["spans_domains"] == (n > 1) and len(topo["domains"]) == n, topo
+    gen = torch.Generator().manual_seed(47)
+    xs = [fresh(gen, (4096,), BF16) for _ in range(n)]
+    want = torch.stack([t.double() for t in xs]).sum(0)
+    x = xs[r].to(device())
+    result = {"topology": topo["describe"]}
+    if n == 1:
+        try:
+            st.all_reduce(g, x, impl="hierarchical")
+            raise AssertionError("hierarchical ran on one host")
+        except sc.ImplUnavailableError as e:
+            assert "nothing to be hierarchical" in str(e), str(e)
+        comm.close()
+        return result
+    out = st.all_reduce(g, x, impl="hierarchical")
+    check(out, want, "hierarchical all_reduce", n)
+    result["hierarchical"] = g.last_dispatch.name
+    assert result["hierarchical"] == "hierarchical", g.last_dispatch
+    out = st.all_reduce(g, x)
+    check(out, want, "auto across hosts", n)
+    result["auto"] = g.last_dispatch.name
+    assert result["auto"] in ("nccl", "nccl_symm"), g.last_dispatch
+    try:
+        st.all_reduce(g, st.empty(g, (4096,), BF16).copy_(x), impl="oneshot")
+        raise AssertionError("oneshot ran across hosts")
+    except (sc.ImplUnavailableError, sc.ForeignBufferError) as e:
+        result["oneshot"] = str(e)[:100]
+    # Captured: prepared first (the hierarchy's groups are communicators).
+    st.prepare_hierarchical(g, x.numel() * x.element_size())
+    src = torch.empty_like(x)
+    buf = torch.empty_like(x)
+
+    def step():
+        buf.copy_(src)
+        st.all_reduce_(g, buf, impl="hierarchical")
+
+    graph = capture(step)
+    for i in range(200):
+        if i % 50 == 0:
+            xs = [fresh(gen, (4096,), BF16) for _ in range(n)]
+            src.copy_(xs[r])
+        graph.replay()
+        if i % 50 == 49:
+            torch.cuda.synchronize()
+            check(buf, torch.stack([t.double() for t in xs]).sum(0), f"hierarchical replay {i}", n)
+    # The add-RMSNorm across hosts.
+    parts = [fresh(gen, (4, 1024), BF16) for _ in range(n)]
+    residual_src = fresh(gen, (4, 1024), BF16)
+    weight = norm_weight(gen, 1024, BF16).to(device())
+    try:
+        st.all_reduce_add_rmsnorm(g, parts[r].to(device()), residual_src.to(device()), weight,
+                                  NORM_EPS, impl="fused_ll")
+        raise AssertionError("fused_ll ran across hosts")
+    except sc.ImplUnavailableError as e:
+        assert "one NVLink domain" in str(e), str(e)
+    normed, new_res = st.all_reduce_add_rmsnorm(
+        g, parts[r].to(device()), residual_src.to(device()), weight, NORM_EPS
+    )
+    want_res, want_norm = norm_ref(parts, residual_src, weight.cpu())
+    check(new_res, want_res, "norm across hosts", n)
+    check(normed, want_norm, "norm across hosts", n + 2)
+    result["norm"] = g.last_dispatch.name
+    assert result["norm"] == "unfused", g.last_dispatch
+    torch.cuda.synchronize()
+    comm.close()
+    return result
+
+
 def _forced(scope, world):
     """On one GPU the policy keeps a one-rank group in plain memory: open the scope anyway so
     that the allocator path runs."""
@@ -327,8 +591,26 @@ class RowParallel(torch.nn.Module):
         return st.all_gather(self.group, torch.relu(y), dim=0) * 2
 
 
+class NormTail(torch.nn.Module):
+    """A decode layer's tail: a row-parallel matmul, then the all-reduce fused with the
+    residual add and RMSNorm, the residual carried in place."""
+
+    def __init__(self, group, weight, norm_weight):
+        super().__init__()
+        self.group = group
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.norm_weight = torch.nn.Parameter(norm_weight, requires_grad=False)
+
+    def forward(self, x, residual):
+        y = (x @ self.weight).to(torch.bfloat16)
+        normed, residual = st.all_reduce_add_rmsnorm(
+            self.group, y, residual, self.norm_weight, NORM_EPS, residual_out=residual
+        )
+        return normed * 2
+
+
 def scenario_compile(comm) -> dict:
-    """torch.compile of a small module calling the ops (custom ops, traced with their fake
+    """torch.compile of small modules calling the ops (custom ops, traced with their fake
     implementations), against eager and the reference."""
     g, n, r = comm.world, comm.world_size, comm.rank
     gen = torch.Generator().manual_seed(9)
@@ -344,7 +626,25 @@ def scenario_compile(comm) -> dict:
         compiled = torch.compile(block, backend=backend, fullgraph=True)
         for _ in range(3):
             check(compiled(xd), want, f"compiled ({backend})", n + 64)
-    return {"backends": backends}
+    # The add-RMSNorm as a custom op mutating the residual in place.
+    weights = [(torch.randint(-3, 4, (64, 1024), generator=gen).float() / 8) for _ in range(n)]
+    nw = norm_weight(gen, 1024, BF16)
+    x = torch.randint(-3, 4, (8, 64), generator=gen).float() / 8
+    residual0 = fresh(gen, (8, 1024), BF16)
+    parts = [(x.double() @ w.double()).float().to(BF16) for w in weights]
+    want_res, want_norm = norm_ref(parts, residual0, nw)
+    tail = NormTail(g, weights[r].to(device()), nw.to(device()))
+    xd = x.to(device())
+    norm_names = set()
+    for backend in [None] + backends:
+        run = tail if backend is None else torch.compile(tail, backend=backend, fullgraph=True)
+        for _ in range(3):
+            residual = residual0.to(device(), copy=True)
+            normed = run(xd, residual)
+            check(residual, want_res, f"norm residual ({backend or 'eager'})", n)
+            check(normed, want_norm * 2, f"norm normed ({backend or 'eager'})", n + 2)
+            norm_names.add(norm_name(g.last_dispatch))
+    return {"backends": backends, "norm": sorted(norm_names)}
 
 
 def merge_ref(outs, lses, base):
@@ -539,6 +839,8 @@ def scenario_deadline(comm) -> dict:
 SCENARIOS = {
     "ops": scenario_ops,
     "graph": scenario_graph,
+    "norm": scenario_norm,
+    "norm_graph": scenario_norm_graph,
     "scope": scenario_scope,
     "compile": scenario_compile,
     "dcp_dp": scenario_dcp_dp,
@@ -549,6 +851,8 @@ SCENARIOS = {
 def main(name: str) -> None:
     if name == "process_group":
         result = scenario_process_group(None)
+    elif name == "hosts":
+        result = scenario_hosts(None)
     elif name == "deadline":
         comm = start(timeout=5)
         result = scenario_deadline(comm)

@@ -1,5 +1,6 @@
 """symmcomm.torch on GPUs: every scenario of gpu_worker.py in one process (RANK=0,
-WORLD_SIZE=1: a machine with one GPU) and in two (one per GPU), each process with a deadline.
+WORLD_SIZE=1: a machine with one GPU) and in two (one per GPU; ``hosts``: each process on its
+own simulated host), each process with a deadline.
 Skipped with the reason when torch or CUDA is missing (a failure under
 SYMMCOMM_REQUIRE_GPU=1); the 2-process runs are skipped on a machine with one GPU."""
 
@@ -13,7 +14,18 @@ from conftest import gpu_or_skip
 from launch import launch
 
 WORKER = os.path.join(os.path.dirname(__file__), "gpu_worker.py")
-SCENARIOS = ["ops", "graph", "scope", "compile", "dcp_dp", "errors", "process_group"]
+SCENARIOS = [
+    "ops",
+    "graph",
+    "norm",
+    "norm_graph",
+    "scope",
+    "compile",
+    "dcp_dp",
+    "errors",
+    "process_group",
+    "hosts",
+]
 #: Seconds each rank may take (torch import, NCCL start-up, compilation included).
 RANK_TIMEOUT = float(os.environ.get("SYMMCOMM_GPU_RANK_TIMEOUT", "240"))
 

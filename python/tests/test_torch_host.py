@@ -1,7 +1,7 @@
 """symmcomm.torch on CPU tensors and the host backend (needs torch, not a GPU): the
-collectives against torch's float64 reference, symmetric tensors, the DCP combine and the DP
-gathered buffer as tensors, the custom ops and torch.compile, start-up from a gloo process
-group, and the errors."""
+collectives and the collective + residual add + RMSNorm against torch's float64 reference,
+symmetric tensors, the DCP combine and the DP gathered buffer as tensors, the custom ops and
+torch.compile, start-up from a gloo process group, and the errors."""
 
 from __future__ import annotations
 
@@ -79,6 +79,84 @@ def test_collectives(dtype, where):
         assert torch.equal(agf, torch.cat([x.reshape(-1) for x in xs]))
         close(rs, stack.mean(0)[:, 3 * r : 3 * r + 3], dtype, world)
         close(rsf, stack.sum(0).reshape(-1)[18 * r : 18 * r + 18], dtype, world)
+
+
+def norm_ref(parts, residual, weight, eps):
+    """float64: the sum rounded as the collective gives it, the residual added and rounded,
+    the RMSNorm (rounded by the comparison's tolerance)."""
+    dtype = residual.dtype
+    total = torch.stack([p.double() for p in parts]).sum(0).to(dtype).double()
+    r = (residual.double() + total).to(dtype).double()
+    rms = torch.sqrt((r * r).mean(-1, keepdim=True) + torch.tensor(eps, dtype=torch.float32).item())
+    return r, r / rms * weight.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("where", ["plain", "symm"])
+def test_add_rmsnorm(dtype, where):
+    """Both forms, in place and not, outputs made or given; the pair returned; what ran."""
+    world, tokens, hidden, eps = 2, 4, 32, 1e-6
+    gen = torch.Generator().manual_seed(17)
+    parts = [fresh(gen, (tokens, hidden), dtype) for _ in range(world)]
+    residual0 = fresh(gen, (tokens, hidden), dtype)
+    weight0 = (torch.randint(2, 15, (hidden,), generator=gen).double() / 8).to(dtype)
+
+    def body(comm):
+        g = comm.world
+        r = g.rank
+
+        def make(src):
+            if where == "symm":
+                t = st.empty(g, tuple(src.shape), dtype)
+                assert g.lookup(t.data_ptr()) is not None
+                return t.copy_(src)
+            return src.clone()
+
+        x, weight = make(parts[r]), make(weight0)
+        residual = make(residual0)
+        normed = make(residual0).fill_(float("nan"))
+        got_normed, got_res = st.all_reduce_add_rmsnorm(
+            g, x, residual, weight, eps, normed_out=normed, residual_out=residual
+        )
+        assert got_normed is normed and got_res is residual
+        in_place = (normed.clone(), residual.clone(), g.last_dispatch)
+        made = st.all_reduce_add_rmsnorm(g, x, residual0.clone(), weight, eps, impl="unfused")
+        made_ran = g.last_dispatch
+        rows = slice(r * tokens // world, (r + 1) * tokens // world)
+        rs = st.reduce_scatter_add_rmsnorm(g, x, residual0[rows].clone(), weight, eps)
+        return r, in_place, made, made_ran, rs, g.last_dispatch
+
+    want_res, want_norm = norm_ref(parts, residual0, weight0, eps)
+    for r, (normed, res, ran), made, made_ran, rs, rs_ran in run(world, body):
+        for what, (n, rr) in (("in place", (normed, res)), ("made", made)):
+            close(rr, want_res, dtype, world)
+            close(n, want_norm, dtype, world + 2)
+        assert isinstance(ran, sc.NormDispatch) and ran.name == "host_fused_ll", ran
+        assert made_ran.name == "host_unfused" and made_ran.collective is not None
+        rows = slice(r * tokens // world, (r + 1) * tokens // world)
+        close(rs[1], want_res[rows], dtype, world)
+        close(rs[0], want_norm[rows], dtype, world + 2)
+        assert rs_ran.name == "host_fused_ll", rs_ran
+
+
+def test_add_rmsnorm_errors():
+    def body(comm):
+        g = comm.world
+        x = torch.ones(4, 16, dtype=torch.bfloat16)
+        w = torch.ones(16, dtype=torch.bfloat16)
+        with pytest.raises(sc.DTypeError, match="weight is f16"):
+            st.all_reduce_add_rmsnorm(g, x, x.clone(), w.half(), 1e-6)
+        with pytest.raises(sc.ShapeError, match="residual has shape"):
+            st.all_reduce_add_rmsnorm(g, x, x[:3].clone(), w, 1e-6)
+        with pytest.raises(sc.ArgumentError, match="bf16 or f16"):
+            st.all_reduce_add_rmsnorm(g, x.float(), x.float(), w.float(), 1e-6)
+        with pytest.raises(sc.ImplUnavailableError, match="twoshot"):
+            st.reduce_scatter_add_rmsnorm(g, x, x[:2].clone(), w, 1e-6, impl="fused_twoshot")
+        with pytest.raises(sc.DTypeError):
+            st.all_reduce_add_rmsnorm(g, x, x.clone(), w.double(), 1e-6)
+        return True
+
+    assert run(2, body) == [True, True]
 
 
 def test_symmetric_tensor_goes_back_to_the_pool():
@@ -186,7 +264,8 @@ def test_dp_buffer_tensors():
 
 def test_custom_ops_are_registered():
     for name in ("all_reduce_", "all_reduce", "all_gather", "reduce_scatter", "dcp_combine",
-                 "dp_gather", "dp_scatter"):
+                 "dp_gather", "dp_scatter", "all_reduce_add_rmsnorm", "all_reduce_add_rmsnorm_",
+                 "reduce_scatter_add_rmsnorm", "reduce_scatter_add_rmsnorm_"):
         assert hasattr(torch.ops.symmcomm, name), name
 
 
@@ -199,9 +278,15 @@ def test_fake_implementations():
         out = torch.empty(8, 8)
         assert torch.ops.symmcomm.all_gather(x, out, 12345, 0, 0) is None
         assert torch.ops.symmcomm.all_reduce_(x, 12345, 0, 0) is None
+        r, w, n, r2 = torch.empty(4, 8), torch.empty(8), torch.empty(4, 8), torch.empty(4, 8)
+        ops = torch.ops.symmcomm
+        assert ops.all_reduce_add_rmsnorm(x, r, w, n, r2, 12345, 1e-6, 0) is None
+        assert ops.all_reduce_add_rmsnorm_(x, r, w, n, 12345, 1e-6, 0) is None
+        assert ops.reduce_scatter_add_rmsnorm(x, r[:2], w, n[:2], r2[:2], 1, 1e-6, 0) is None
+        assert ops.reduce_scatter_add_rmsnorm_(x, r[:2], w, n[:2], 1, 1e-6, 0) is None
 
 
-@pytest.mark.parametrize("scenario", ["compile", "process_group"])
+@pytest.mark.parametrize("scenario", ["compile", "compile_norm", "process_group"])
 def test_in_processes(scenario):
     results = launch(WORKER, 2, args=[scenario], timeout=240)
     assert all(r["ok"] for r in results), results

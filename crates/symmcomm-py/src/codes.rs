@@ -1,8 +1,10 @@
 //! The small integers the hot path takes instead of objects: element types, reductions,
-//! collectives and implementations, each with the name Python code resolves once.
+//! collectives, implementations and the add-RMSNorm's, each with the name Python code resolves
+//! once.
 
 use pyo3::prelude::*;
-use symmcomm::{Collective, DType, Impl, Op, ReduceOp};
+use symmcomm::norm::{NormForm, NormImpl};
+use symmcomm::{Algo, Collective, DType, Impl, Op, ReduceOp};
 
 use crate::errors::{IntoPy, invalid, no_group, to_py};
 
@@ -51,10 +53,12 @@ pub(crate) fn collective(code: u8, reduce_code: u8) -> PyResult<(Collective, Op)
     }
 }
 
-/// Implementations by code: what [`impl_code`] hands out.
+/// Implementations by code: what [`impl_code`] hands out (new ones go last, so that codes a
+/// caller resolved stay put).
 fn implementations() -> Vec<Impl> {
     let mut all = vec![Impl::Auto, Impl::Regular, Impl::Symmetric, Impl::Local];
-    all.extend(symmcomm::Algo::ALL.map(Impl::Kernel));
+    all.extend(Algo::ALL.map(Impl::Kernel));
+    all.push(Impl::Hierarchical);
     all
 }
 
@@ -63,6 +67,38 @@ pub(crate) fn implementation(code: u8, op: Op) -> PyResult<Impl> {
         .get(code as usize)
         .copied()
         .ok_or_else(|| bad("implementation", code, op))
+}
+
+/// The form of an add-RMSNorm by its collective's code: [`ALL_REDUCE`] or [`REDUCE_SCATTER`].
+pub(crate) fn norm_form(code: u8) -> PyResult<NormForm> {
+    match code {
+        ALL_REDUCE => Ok(NormForm::AllReduce),
+        REDUCE_SCATTER => Ok(NormForm::ReduceScatter),
+        other => Err(bad(
+            "add-RMSNorm collective",
+            other,
+            Op::AllReduceAddRmsNorm,
+        )),
+    }
+}
+
+/// Add-RMSNorm implementations by code: what [`norm_impl_code`] hands out.
+fn norm_implementations() -> Vec<NormImpl> {
+    let mut all = vec![
+        NormImpl::Auto,
+        NormImpl::Fused(None),
+        NormImpl::Unfused,
+        NormImpl::Nccl,
+    ];
+    all.extend(Algo::ALL.map(|a| NormImpl::Fused(Some(a))));
+    all
+}
+
+pub(crate) fn norm_implementation(code: u8, op: Op) -> PyResult<NormImpl> {
+    norm_implementations()
+        .get(code as usize)
+        .copied()
+        .ok_or_else(|| bad("add-RMSNorm implementation", code, op))
 }
 
 /// The code of an element type by name (`f32`, `float16`, `bf16`, ...).
@@ -119,7 +155,8 @@ pub(crate) fn reduce_code(name: &str) -> PyResult<u8> {
         })
 }
 
-/// The code of an implementation by name (`auto`, `nccl`, `nccl_symm`, `host`, `oneshot`, ...).
+/// The code of an implementation by name (`auto`, `nccl`, `nccl_symm`, `host`, `oneshot`, ...,
+/// `hierarchical`).
 #[pyfunction]
 pub(crate) fn impl_code(name: &str) -> PyResult<u8> {
     let imp: Impl = name
@@ -134,6 +171,28 @@ pub(crate) fn impl_code(name: &str) -> PyResult<u8> {
             to_py(invalid(
                 no_group(Op::AllReduce),
                 format!("implementation {name:?} has no code in this binding"),
+            ))
+        })
+}
+
+/// The code of an add-RMSNorm implementation by name (`auto`, `fused`, `fused_ll`,
+/// `fused_oneshot`, `fused_twoshot`, `unfused`, `nccl`; on the host backend also with the
+/// `host_` prefix its results carry, and `host` for `nccl`).
+#[pyfunction]
+pub(crate) fn norm_impl_code(name: &str) -> PyResult<u8> {
+    let op = Op::AllReduceAddRmsNorm;
+    let imp: NormImpl = name
+        .parse()
+        .map_err(|e: String| invalid(no_group(op), e))
+        .py()?;
+    norm_implementations()
+        .iter()
+        .position(|i| *i == imp)
+        .map(|i| i as u8)
+        .ok_or_else(|| {
+            to_py(invalid(
+                no_group(op),
+                format!("add-RMSNorm implementation {name:?} has no code in this binding"),
             ))
         })
 }

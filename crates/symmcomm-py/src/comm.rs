@@ -1,7 +1,8 @@
 //! Communicators for Python: made from torchrun's environment, from a rendezvous address the
 //! caller hands over (rank 0 picked it and told the others, over a torch process group say),
-//! or as N thread ranks of one process; and the groups they split into, by colour or by lists
-//! of ranks. Every wait runs with the GIL released and ends by the configured deadline.
+//! or as N thread ranks of one process (optionally standing for several hosts); the hosts the
+//! ranks reported; and the groups they split into, by colour or by lists of ranks. Every wait
+//! runs with the GIL released and ends by the configured deadline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,6 +12,7 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use symmcomm::bootstrap::RendezvousConfig;
+use symmcomm::topology::HostIdSource;
 use symmcomm::{BackendChoice, TableSource};
 use symmcomm::{BackendKind, Bootstrap, CommConfig, Communicator, Error, GroupKind, Op};
 
@@ -268,19 +270,39 @@ impl PyCommunicator {
 
     /// `world_size` communicators of one process, rank `r` at index `r`: ranks as threads (the
     /// host backend's tests). They are made concurrently, since making one is collective;
-    /// hand each to its own thread.
+    /// hand each to its own thread. `hosts` (one identity per rank) places the ranks on
+    /// simulated hosts: ranks naming the same one share an NVLink domain, and groups that span
+    /// several run as groups across hosts do (without it every rank is on this machine).
     #[staticmethod]
-    #[pyo3(signature = (world_size, **options))]
+    #[pyo3(signature = (world_size, hosts=None, **options))]
     fn threads(
         py: Python<'_>,
         world_size: usize,
+        hosts: Option<Vec<String>>,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<Self>> {
         let config = config_of(options)?;
         if world_size == 0 {
             return Err(invalid(no_group(Op::Init), "world_size must be at least 1")).py();
         }
-        let boots = Bootstrap::threads(world_size, config.timeout);
+        let mut boots = Bootstrap::threads(world_size, config.timeout);
+        if let Some(hosts) = hosts {
+            if hosts.len() != world_size {
+                return Err(invalid(
+                    no_group(Op::Init),
+                    format!(
+                        "hosts names {} hosts for {world_size} ranks: one per rank",
+                        hosts.len()
+                    ),
+                ))
+                .py();
+            }
+            boots = boots
+                .into_iter()
+                .zip(hosts)
+                .map(|(boot, host)| boot.on_host(host))
+                .collect();
+        }
         let made: Vec<symmcomm::Result<Communicator>> = py.detach(|| {
             std::thread::scope(|s| {
                 let handles: Vec<_> = boots
@@ -319,6 +341,33 @@ impl PyCommunicator {
     #[getter]
     fn backend(&self) -> PyResult<String> {
         Ok(self.comm()?.backend().to_string())
+    }
+
+    /// This rank's host identity: ranks that report the same one share an NVLink domain
+    /// (`hostname/boot_id`, or `SYMMCOMM_HOST_ID`, or what `threads(hosts=...)` gave).
+    #[getter]
+    fn host_id(&self) -> PyResult<String> {
+        Ok(self.comm()?.host_id().id.clone())
+    }
+
+    /// Where `host_id` came from: `bootstrap` (given in code), `env` (`SYMMCOMM_HOST_ID`) or
+    /// `machine` (hostname and boot id).
+    #[getter]
+    fn host_id_source(&self) -> PyResult<&'static str> {
+        Ok(match self.comm()?.host_id().source {
+            HostIdSource::Bootstrap => "bootstrap",
+            HostIdSource::Env => "env",
+            HostIdSource::Machine => "machine",
+        })
+    }
+
+    /// Every rank's host identity, in global rank order, as the ranks reported them at
+    /// start-up: each group's `topology` comes from it.
+    #[getter]
+    fn topology(&self) -> PyResult<Vec<String>> {
+        let comm = self.comm()?;
+        let t = comm.topology();
+        Ok((0..t.world()).map(|r| t.host_of(r).to_string()).collect())
     }
 
     /// The CUDA ordinal the communicator runs on, or None on the host backend.

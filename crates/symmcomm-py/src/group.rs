@@ -1,7 +1,8 @@
-//! Groups for Python: what a group is (rank, size, kind, members), its memory (symmetric and
-//! plain buffers handed over by DLPack, the pool's reservations for torch's allocator, the
-//! `prepare` that makes captures safe) and its host-side waits. The collectives themselves take
-//! the group's handle ([`crate::ops`]), so that torch's custom ops can name it.
+//! Groups for Python: what a group is (rank, size, kind, members, the hosts it spans), its
+//! memory (symmetric and plain buffers handed over by DLPack, the pool's reservations for
+//! torch's allocator, the `prepare`s that make captures safe) and its host-side waits. The
+//! collectives themselves take the group's handle ([`crate::ops`], [`crate::norm`]), so that
+//! torch's custom ops can name it.
 
 use std::sync::Arc;
 
@@ -13,8 +14,9 @@ use crate::codes;
 use crate::comm::kind_of;
 use crate::dlpack::DLPackBuffer;
 use crate::errors::IntoPy;
+use crate::norm::NormDispatch;
 use crate::ops::{Dispatch, bind};
-use crate::registry::{Device, GROUPS, GroupEntry};
+use crate::registry::{Device, GROUPS, GroupEntry, LastRun};
 
 /// A group of ranks on this rank. Its `handle` names it to the hot path and to torch's ops.
 #[pyclass(name = "Group", module = "symmcomm._core", frozen)]
@@ -113,10 +115,46 @@ impl PyGroup {
         self.entry.device.code()
     }
 
-    /// What the group's last collective ran (None before the first).
+    /// What the group's last call ran (None before the first): a `Dispatch` for a
+    /// collective, a `NormDispatch` for an add-RMSNorm (both have `name`, `reason`,
+    /// `staged_input` and `staged_output`).
     #[getter]
-    fn last_dispatch(&self) -> Option<Dispatch> {
-        self.entry.last().map(Dispatch::new)
+    fn last_dispatch<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        Ok(match self.entry.last() {
+            None => None,
+            Some(LastRun::Collective(d)) => Some(Bound::new(py, Dispatch::new(d))?.into_any()),
+            Some(LastRun::Norm(d)) => Some(Bound::new(py, NormDispatch::new(d))?.into_any()),
+        })
+    }
+
+    /// The group's NVLink domains, one per host its ranks sit on, as plain data: `domains` (a
+    /// list of `{"host": id, "ranks": [group ranks]}`, in the order of each one's first rank),
+    /// `spans_domains`, `my_domain` (this rank's, an index into `domains`), `rank_in_domain`,
+    /// `ranks_per_domain` (None when the domains differ in size), `kernels_unavailable` and
+    /// `hierarchical_unavailable` (why, or None), and `describe` (in words).
+    #[getter]
+    fn topology<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let t = self.group().topology();
+        let domains = t
+            .domains()
+            .iter()
+            .map(|d| {
+                let one = PyDict::new(py);
+                one.set_item("host", &d.host)?;
+                one.set_item("ranks", &d.ranks)?;
+                Ok(one)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let out = PyDict::new(py);
+        out.set_item("domains", domains)?;
+        out.set_item("spans_domains", t.spans_domains())?;
+        out.set_item("my_domain", t.my_domain())?;
+        out.set_item("rank_in_domain", t.rank_in_domain())?;
+        out.set_item("ranks_per_domain", t.ranks_per_domain())?;
+        out.set_item("kernels_unavailable", t.kernels_unavailable())?;
+        out.set_item("hierarchical_unavailable", t.hierarchical_unavailable())?;
+        out.set_item("describe", t.to_string())?;
+        Ok(out)
     }
 
     /// Where a symmetric-memory scope opened on this group puts its buffers: `symmetric`, or
@@ -193,6 +231,23 @@ impl PyGroup {
     fn prepare(&self, py: Python<'_>, nbytes: usize, stream: Option<u64>) -> PyResult<()> {
         let g = self.group().clone();
         py.detach(|| bind(&g, stream)?.prepare(nbytes)).py()
+    }
+
+    /// Make the hierarchical all-reduces (`impl="hierarchical"`) of this group up to `nbytes`
+    /// safe to capture: the groups of its steps (new communicators, made once), their scratch
+    /// and the piece buffer. Collective: every rank with the same `nbytes`, outside any capture
+    /// of `stream` (None: the communicator's own). Refused (`ImplUnavailableError`) on a group
+    /// that does not span hosts with the same number of ranks on each.
+    #[pyo3(signature = (nbytes, stream=None))]
+    fn prepare_hierarchical(
+        &self,
+        py: Python<'_>,
+        nbytes: usize,
+        stream: Option<u64>,
+    ) -> PyResult<()> {
+        let g = self.group().clone();
+        py.detach(|| bind(&g, stream)?.prepare_hierarchical(nbytes))
+            .py()
     }
 
     /// The pool's sizes: `segments`, `capacity` and `in_use` (bytes).

@@ -10,7 +10,7 @@ use symmcomm::{Dispatched, Error, Group, Op, Stream, Tensor};
 
 use crate::codes;
 use crate::errors::{IntoPy, invalid};
-use crate::registry::{Device, GROUPS, GroupEntry};
+use crate::registry::{Device, GROUPS, GroupEntry, LastRun};
 
 /// What one collective ran, and why.
 #[pyclass(module = "symmcomm._core", frozen)]
@@ -61,7 +61,7 @@ impl Dispatch {
     }
 }
 
-fn py_bool(b: bool) -> &'static str {
+pub(crate) fn py_bool(b: bool) -> &'static str {
     if b { "True" } else { "False" }
 }
 
@@ -227,6 +227,6 @@ pub(crate) fn collective(
             g.collective(coll, &input, &output, dim, imp)
         })
         .py()?;
-    entry.record(&ran);
+    entry.record(LastRun::Collective(ran.clone()));
     Ok(Dispatch::new(ran))
 }

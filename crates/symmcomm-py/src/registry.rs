@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use symmcomm::norm::NormDispatched;
 use symmcomm::{Dispatched, Group, Op};
 
 use crate::errors::{invalid, no_group};
@@ -38,6 +39,15 @@ impl Device {
     }
 }
 
+/// What a group's last call ran: a collective, or a collective with its add-RMSNorm.
+#[derive(Clone, Debug)]
+pub(crate) enum LastRun {
+    /// `all_reduce`, `all_gather`, `reduce_scatter`.
+    Collective(Dispatched),
+    /// `all_reduce_add_rmsnorm`, `reduce_scatter_add_rmsnorm`.
+    Norm(NormDispatched),
+}
+
 /// One group as the hot path sees it.
 #[derive(Debug)]
 pub(crate) struct GroupEntry {
@@ -45,8 +55,8 @@ pub(crate) struct GroupEntry {
     pub(crate) group: Group,
     /// Its communicator's device.
     pub(crate) device: Device,
-    /// What the group's last collective ran.
-    pub(crate) last: Mutex<Option<Dispatched>>,
+    /// What the group's last call ran.
+    pub(crate) last: Mutex<Option<LastRun>>,
 }
 
 impl GroupEntry {
@@ -59,12 +69,12 @@ impl GroupEntry {
     }
 
     /// Remember what ran.
-    pub(crate) fn record(&self, ran: &Dispatched) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(ran.clone());
+    pub(crate) fn record(&self, ran: LastRun) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(ran);
     }
 
-    /// What the last collective ran, if any ran.
-    pub(crate) fn last(&self) -> Option<Dispatched> {
+    /// What the last call ran, if any ran.
+    pub(crate) fn last(&self) -> Option<LastRun> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
