@@ -240,7 +240,7 @@ impl std::fmt::Display for Why {
                     }
                     (true, _) => write!(
                         f,
-                        "symmetric path unavailable though both buffers are in the pool,                          regular path"
+                        "symmetric path unavailable though both buffers are in the pool, regular path"
                     ),
                     (false, _) => write!(f, "not both buffers in windows, regular path"),
                 }
@@ -253,9 +253,26 @@ impl std::fmt::Display for Why {
                 all_gather,
             } => write!(
                 f,
-                "requested explicitly: hierarchical over {domains} domains of {per_domain}                  ranks (reduce-scatter in the domain by {reduce_scatter:?}, all-reduce of the                  piece across domains by {all_reduce:?}, all-gather in the domain by                  {all_gather:?})"
+                "requested explicitly: hierarchical over {domains} domains of {per_domain} ranks \
+                 (reduce-scatter in the domain by {}, all-reduce of the piece across domains by \
+                 {}, all-gather in the domain by {})",
+                step_label(reduce_scatter),
+                step_label(all_reduce),
+                step_label(all_gather)
             ),
         }
+    }
+}
+
+/// An implementation as a reason names it, whatever the backend.
+fn step_label(i: Impl) -> &'static str {
+    match i {
+        Impl::Auto => "auto",
+        Impl::Regular => "the regular path",
+        Impl::Symmetric => "the symmetric path",
+        Impl::Kernel(a) => a.name(),
+        Impl::Local => "a local copy",
+        Impl::Hierarchical => "the hierarchical path",
     }
 }
 
