@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use symmcomm::{Algo, Collective, DType, Impl, ReduceOp};
+use symmcomm::{Algo, Collective, DType, Group, Impl, ReduceOp};
 use symmcomm_lab::verify::{self, Case};
 
 use crate::args::{MAX_CHECK_ELEMS, whole};
@@ -39,29 +39,37 @@ fn colls() -> Vec<Collective> {
     v
 }
 
+/// Every implementation the sweep asks for, with whether both buffers are in windows.
+const IMPLS: [(Impl, bool); 12] = [
+    (Impl::Regular, false),
+    (Impl::Symmetric, true),
+    (Impl::Auto, true),
+    (Impl::Auto, false),
+    (Impl::Kernel(Algo::OneShot), false),
+    (Impl::Kernel(Algo::OneShot), true),
+    (Impl::Kernel(Algo::TwoShot), true),
+    (Impl::Kernel(Algo::CopyEngine), true),
+    (Impl::Kernel(Algo::LowLatency), false),
+    (Impl::Kernel(Algo::LowLatency), true),
+    (Impl::Hierarchical, false),
+    (Impl::Hierarchical, true),
+];
+
 /// Run every case on this rank, printing each failure as it happens (before any rank can stop
 /// the job), then gather every rank's (cases run, not supported, failed), in rank order.
 fn check_rank(rank: &Rank<'_>, args: &CheckArgs) -> anyhow::Result<Vec<[u64; 3]>> {
-    let seed = rank.seed;
     let g = rank.comm.world();
-    let world = g.size();
-    let (mut run, mut skipped, mut failed) = (0u64, 0u64, 0u64);
-    let mut n = 0u64;
-    let impls = [
-        (Impl::Regular, false),
-        (Impl::Symmetric, true),
-        (Impl::Auto, true),
-        (Impl::Auto, false),
-        (Impl::Kernel(Algo::OneShot), false),
-        (Impl::Kernel(Algo::OneShot), true),
-        (Impl::Kernel(Algo::TwoShot), true),
-        (Impl::Kernel(Algo::CopyEngine), true),
-        (Impl::Kernel(Algo::LowLatency), false),
-        (Impl::Kernel(Algo::LowLatency), true),
-        (Impl::Hierarchical, false),
-        (Impl::Hierarchical, true),
-    ];
+    let cases = sweep(g.size(), &args.elems, rank.seed);
+    let counts = run_cases(g, cases, args.fail_on_rank);
+    rank.gather_counts("check counts", counts)
+}
+
+/// Every case of the sweep, supported by the group or not, in order: by collective, dtype and
+/// shape, every implementation of [`IMPLS`]; case `n` (from 1) draws its inputs from
+/// `seed ^ n·0x9E37_79B9`.
+fn sweep(world: usize, elems: &[usize], seed: u64) -> Vec<Case> {
     let mut cases = Vec::new();
+    let mut n = 0u64;
     for coll in colls() {
         let dtypes: &[DType] = if coll.reduce().is_some() {
             &DType::FLOATS
@@ -69,66 +77,74 @@ fn check_rank(rank: &Rank<'_>, args: &CheckArgs) -> anyhow::Result<Vec<[u64; 3]>
             &DType::ALL
         };
         for &dtype in dtypes {
-            for &e in &args.elems {
-                let elems = if matches!(coll, Collective::ReduceScatter(_)) {
-                    e * world
-                } else {
-                    e
-                };
-                for (imp, symm) in impls {
-                    cases.push((coll, dtype, vec![elems], None, imp, symm));
-                }
-            }
-            for dim in 0..3 {
-                let mut shape = vec![3, 5, 4];
-                if matches!(coll, Collective::ReduceScatter(_)) {
-                    shape[dim] *= world;
-                }
-                if coll == Collective::AllReduce(ReduceOp::Sum)
-                    || matches!(coll, Collective::AllReduce(_))
-                {
-                    continue;
-                }
-                for (imp, symm) in impls {
-                    cases.push((coll, dtype, shape.clone(), Some(dim), imp, symm));
+            for (shape, dim) in shapes(coll, world, elems) {
+                for (imp, symm) in IMPLS {
+                    n += 1;
+                    cases.push(Case {
+                        coll,
+                        dtype,
+                        shape: shape.clone(),
+                        dim,
+                        imp,
+                        input_symm: symm,
+                        output_symm: symm,
+                        seed: seed ^ n.wrapping_mul(0x9E37_79B9),
+                    });
                 }
             }
         }
     }
-    for (coll, dtype, shape, dim, imp, symm) in cases {
-        n += 1;
-        let n_in: usize = shape.iter().product();
-        let piece = if matches!(coll, Collective::ReduceScatter(_)) {
+    cases
+}
+
+/// The per-rank input shapes of `coll`, with the dimension it runs along: flat ones of each
+/// of `elems` per rank piece, then, except for an all-reduce (whose shape a dimension does not
+/// change), a 3-d tensor along each dimension.
+fn shapes(coll: Collective, world: usize, elems: &[usize]) -> Vec<(Vec<usize>, Option<usize>)> {
+    let scatters = matches!(coll, Collective::ReduceScatter(_));
+    let mut shapes = Vec::new();
+    for &e in elems {
+        shapes.push((vec![if scatters { e * world } else { e }], None));
+    }
+    if matches!(coll, Collective::AllReduce(_)) {
+        return shapes;
+    }
+    for dim in 0..3 {
+        let mut shape = vec![3, 5, 4];
+        if scatters {
+            shape[dim] *= world;
+        }
+        shapes.push((shape, Some(dim)));
+    }
+    shapes
+}
+
+/// Run every case `g` supports, printing each failure as it happens; returns (cases run, not
+/// supported, failed). With `fail_on_rank` naming this rank, every case run counts as failed.
+fn run_cases(g: &Group, cases: Vec<Case>, fail_on_rank: Option<usize>) -> [u64; 3] {
+    let world = g.size();
+    let (mut run, mut skipped, mut failed) = (0u64, 0u64, 0u64);
+    for case in cases {
+        let n_in: usize = case.shape.iter().product();
+        let piece = if matches!(case.coll, Collective::ReduceScatter(_)) {
             n_in / world
         } else {
             n_in
         };
-        if g.supports(coll, dtype, imp, piece).is_err() {
+        if g.supports(case.coll, case.dtype, case.imp, piece).is_err() {
             skipped += 1;
             continue;
         }
-        let case = Case {
-            coll,
-            dtype,
-            shape,
-            dim,
-            imp,
-            input_symm: symm,
-            output_symm: symm,
-            seed: seed ^ n.wrapping_mul(0x9E37_79B9),
-        };
         run += 1;
         let why = match verify::run_checked(g, &case) {
             Err(e) => e.to_string(),
-            Ok(_) if args.fail_on_rank == Some(g.rank()) => {
-                "failed on purpose (--fail-on-rank)".into()
-            }
+            Ok(_) if fail_on_rank == Some(g.rank()) => "failed on purpose (--fail-on-rank)".into(),
             Ok(_) => continue,
         };
         failed += 1;
         println!("rank {} FAILED {case:?}: {why}", g.rank());
     }
-    rank.gather_counts("check counts", [run, skipped, failed])
+    [run, skipped, failed]
 }
 
 /// The job's summary line from every rank's (run, not supported, failed).

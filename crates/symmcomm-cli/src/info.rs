@@ -1,6 +1,7 @@
 //! `symmcomm info`: what this machine offers symmcomm, and what symmcomm will do about the
 //! NCCL environment, and why.
 
+use symmcomm::dispatch::DispatchTable;
 use symmcomm::policy::{EnvAction, SymmPolicy, nccl_env_plan};
 
 /// Options of `info`.
@@ -21,8 +22,21 @@ pub(crate) struct InfoArgs {
     table: Option<std::path::PathBuf>,
 }
 
+/// Print, in turn, the backends, NCCL, NVRTC, the hosts, the NCCL environment plan and the
+/// dispatch table.
 pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
     println!("symmcomm {}", env!("CARGO_PKG_VERSION"));
+    print_backends();
+    print_nccl();
+    print_nvrtc();
+    print_hosts()?;
+    print_env_plan(&args);
+    print_dispatch_table(dispatch_table(&args)?.as_ref());
+    Ok(())
+}
+
+/// The backends: host always, CUDA with its devices and driver when it loads.
+fn print_backends() {
     println!("backends:");
     println!("  host: available (ranks are threads of one process, memory is host memory)");
     match symmcomm::info::cuda_devices() {
@@ -47,6 +61,10 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
     if let Some(d) = symmcomm::info::driver_version() {
         println!("  driver: {d}");
     }
+}
+
+/// The NCCL library found, and whether its version has the PDL hazard symmcomm guards against.
+fn print_nccl() {
     match symmcomm::info::nccl() {
         Ok(n) => {
             println!("NCCL: {} at {}", n.version(), n.path().display());
@@ -61,6 +79,10 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
         }
         Err(why) => println!("NCCL: unavailable: {why}"),
     }
+}
+
+/// The NVRTC that compiles symmcomm's kernels, and where its CUDA headers are.
+fn print_nvrtc() {
     match symmcomm::kernels::NvrtcCompiler::new() {
         Ok(c) => {
             let (major, minor) = c.version();
@@ -71,7 +93,10 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
         }
         Err(e) => println!("NVRTC: unavailable: {e}"),
     }
-    print_hosts()?;
+}
+
+/// What symmcomm does about each NCCL environment variable under `args`' policy, and why.
+fn print_env_plan(args: &InfoArgs) {
     let policy = SymmPolicy {
         enabled: !args.no_symm,
         dcp_size: args.dcp_size,
@@ -92,15 +117,22 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
         };
         println!("  {:<27} {:<40} {}", d.name, what, d.why);
     }
-    let table = match &args.table {
-        Some(p) => Some(symmcomm::dispatch::DispatchTable::load(p)?),
+}
+
+/// The dispatch table to show: `--table`'s file, else the built-in one for this machine's
+/// first GPU and GPU count, if there is one.
+fn dispatch_table(args: &InfoArgs) -> anyhow::Result<Option<DispatchTable>> {
+    Ok(match &args.table {
+        Some(p) => Some(DispatchTable::load(p)?),
         None => symmcomm::info::gpus()
             .ok()
             .and_then(|g| g.first().map(|d| (d.name.clone(), g.len())))
-            .and_then(|(name, n)| {
-                symmcomm::dispatch::DispatchTable::builtin(symmcomm::BackendKind::Cuda, &name, n)
-            }),
-    };
+            .and_then(|(name, n)| DispatchTable::builtin(symmcomm::BackendKind::Cuda, &name, n)),
+    })
+}
+
+/// `table`'s rows, or what `auto` does without one.
+fn print_dispatch_table(table: Option<&DispatchTable>) {
     match table {
         Some(t) => {
             println!(
@@ -130,7 +162,6 @@ pub(crate) fn run(args: InfoArgs) -> anyhow::Result<()> {
             "dispatch table: none for this machine; auto follows NCCL's rule (symmetric path iff both buffers are in windows)"
         ),
     }
-    Ok(())
 }
 
 /// This process's host identity, what symmcomm does with groups that span hosts, and, for a
