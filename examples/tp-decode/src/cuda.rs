@@ -184,6 +184,117 @@ fn gemm(
     Ok(())
 }
 
+/// That there is a TP group exactly when the shard is split, and that the all-reduce buffer is
+/// `[max_batch, hidden]`.
+fn check_shapes(
+    shard: &Shard,
+    max_batch: usize,
+    reduce: &Tensor,
+    tp: Option<&Group>,
+) -> Result<()> {
+    ensure!(
+        tp.is_none() == (shard.world == 1),
+        "a shard of {} ranks with no TP group, or the reverse",
+        shard.world
+    );
+    ensure!(
+        reduce.shape() == [max_batch, shard.dims.hidden],
+        "the all-reduce buffer is {:?}, not [{max_batch}, {}]",
+        reduce.shape(),
+        shard.dims.hidden
+    );
+    Ok(())
+}
+
+/// A cuBLAS handle on `stream` and the workspace it was given ([`CUBLAS_WORKSPACE`] bytes), so
+/// that it never allocates one during a capture. The caller keeps the workspace alive for the
+/// handle's whole life ([`CudaCompute`] holds both, `blas` first, so the handle drops first).
+fn cublas_with_workspace(stream: &Arc<CudaStream>) -> Result<(CudaBlas, CudaSlice<u8>)> {
+    let blas = CudaBlas::new(stream.clone())?;
+    let mut workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE)?;
+    {
+        let (ptr, _sync) = workspace.device_ptr_mut(stream);
+        // SAFETY: the workspace is CUBLAS_WORKSPACE bytes of this device's memory, returned
+        // with the handle, and the caller keeps it alive for the handle's whole life
+        // (`CudaCompute` holds both; `blas` is declared first, so dropped first).
+        unsafe {
+            cublas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr as *mut std::ffi::c_void,
+                CUBLAS_WORKSPACE,
+            )
+        }
+        .result()?;
+    }
+    Ok((blas, workspace))
+}
+
+/// The activations other than [`Act::Reduce`], `max_batch` rows each, zeroed, in [`Act::ALL`]'s
+/// order.
+fn alloc_acts(
+    stream: &Arc<CudaStream>,
+    shard: &Shard,
+    max_batch: usize,
+) -> Result<Vec<CudaSlice<bf16>>> {
+    let mut acts = Vec::new();
+    for act in Act::ALL.into_iter().filter(|&a| a != Act::Reduce) {
+        acts.push(stream.alloc_zeros::<bf16>(max_batch * shard.cols(act))?);
+    }
+    Ok(acts)
+}
+
+/// What generating a shard's buffers on the GPU reads: `tp_fill` launched on `stream` for every
+/// [`weights::Piece`] of a parameter.
+struct ParamGen<'a> {
+    stream: &'a Arc<CudaStream>,
+    kernels: &'a Kernels,
+    shard: &'a Shard,
+    max_batch: usize,
+    seed: u64,
+}
+
+impl ParamGen<'_> {
+    /// The buffers of decoder layer `l`, generated in [`Param::PER_LAYER`]'s order.
+    fn layer(&self, l: usize) -> Result<Layer> {
+        Ok(Layer {
+            qkv: self.param(Param::Qkv, l)?,
+            o: self.param(Param::O, l)?,
+            gate_up: self.param(Param::GateUp, l)?,
+            down: self.param(Param::Down, l)?,
+            attn_norm: self.param(Param::AttnNorm, l)?,
+            mlp_norm: self.param(Param::MlpNorm, l)?,
+            kcache: self.param(Param::KCache, l)?,
+            vcache: self.param(Param::VCache, l)?,
+        })
+    }
+
+    /// `param` of layer `layer`: a zeroed buffer, then one `tp_fill` per piece.
+    fn param(&self, param: Param, layer: usize) -> Result<CudaSlice<bf16>> {
+        let (stream, kernels) = (self.stream, self.kernels);
+        let pieces = weights::pieces(self.shard, param, layer, self.max_batch, self.seed);
+        let mut buf = stream.alloc_zeros::<bf16>(weights::len(&pieces))?;
+        for p in &pieces {
+            let n = (p.rows * p.cols) as usize;
+            let mut dst = buf.slice_mut(p.dst_offset..p.dst_offset + n);
+            let mut launch = stream.launch_builder(&kernels.fill);
+            launch
+                .arg(&mut dst)
+                .arg(&p.key)
+                .arg(&p.full_cols)
+                .arg(&p.row0)
+                .arg(&p.col0)
+                .arg(&p.rows)
+                .arg(&p.cols)
+                .arg(&p.offset)
+                .arg(&p.scale);
+            // SAFETY: tp_fill(bf16*, u64 x 6, float, float) writes rows x cols = n
+            // elements from dst, a view of exactly n elements.
+            unsafe { launch.launch(elementwise(n)) }?;
+        }
+        Ok(buf)
+    }
+}
+
 impl CudaCompute {
     /// The shard's weights, KV cache and input generated from `seed` on the GPU, activations
     /// for `max_batch` rows; `reduce` is [`Act::Reduce`] (`[max batch, hidden]` bf16) and `tp`
@@ -197,75 +308,21 @@ impl CudaCompute {
         reduce: Tensor,
         tp: Option<Group>,
     ) -> Result<CudaCompute> {
-        ensure!(
-            tp.is_none() == (shard.world == 1),
-            "a shard of {} ranks with no TP group, or the reverse",
-            shard.world
-        );
-        ensure!(
-            reduce.shape() == [max_batch, shard.dims.hidden],
-            "the all-reduce buffer is {:?}, not [{max_batch}, {}]",
-            reduce.shape(),
-            shard.dims.hidden
-        );
-        let blas = CudaBlas::new(stream.clone())?;
-        let mut workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE)?;
-        {
-            let (ptr, _sync) = workspace.device_ptr_mut(&stream);
-            // SAFETY: the workspace is CUBLAS_WORKSPACE bytes of this device's memory, kept
-            // alive next to the handle for the handle's whole life (fields of one struct;
-            // `blas` is declared first, so dropped first).
-            unsafe {
-                cublas_sys::cublasSetWorkspace_v2(
-                    *blas.handle(),
-                    ptr as *mut std::ffi::c_void,
-                    CUBLAS_WORKSPACE,
-                )
-            }
-            .result()?;
-        }
-        let gen_param = |param: Param, layer: usize| -> Result<CudaSlice<bf16>> {
-            let pieces = weights::pieces(&shard, param, layer, max_batch, seed);
-            let mut buf = stream.alloc_zeros::<bf16>(weights::len(&pieces))?;
-            for p in &pieces {
-                let n = (p.rows * p.cols) as usize;
-                let mut dst = buf.slice_mut(p.dst_offset..p.dst_offset + n);
-                let mut launch = stream.launch_builder(&kernels.fill);
-                launch
-                    .arg(&mut dst)
-                    .arg(&p.key)
-                    .arg(&p.full_cols)
-                    .arg(&p.row0)
-                    .arg(&p.col0)
-                    .arg(&p.rows)
-                    .arg(&p.cols)
-                    .arg(&p.offset)
-                    .arg(&p.scale);
-                // SAFETY: tp_fill(bf16*, u64 x 6, float, float) writes rows x cols = n
-                // elements from dst, a view of exactly n elements.
-                unsafe { launch.launch(elementwise(n)) }?;
-            }
-            Ok(buf)
+        check_shapes(&shard, max_batch, &reduce, tp.as_ref())?;
+        let (blas, workspace) = cublas_with_workspace(&stream)?;
+        let gen_param = ParamGen {
+            stream: &stream,
+            kernels: &kernels,
+            shard: &shard,
+            max_batch,
+            seed,
         };
-        let mut layers = Vec::with_capacity(shard.dims.layers);
-        for l in 0..shard.dims.layers {
-            layers.push(Layer {
-                qkv: gen_param(Param::Qkv, l)?,
-                o: gen_param(Param::O, l)?,
-                gate_up: gen_param(Param::GateUp, l)?,
-                down: gen_param(Param::Down, l)?,
-                attn_norm: gen_param(Param::AttnNorm, l)?,
-                mlp_norm: gen_param(Param::MlpNorm, l)?,
-                kcache: gen_param(Param::KCache, l)?,
-                vcache: gen_param(Param::VCache, l)?,
-            });
-        }
-        let input = gen_param(Param::Input, 0)?;
-        let final_norm = gen_param(Param::FinalNorm, 0)?;
-        let mut acts = Vec::new();
-        for act in Act::ALL.into_iter().filter(|&a| a != Act::Reduce) {
-            acts.push(stream.alloc_zeros::<bf16>(max_batch * shard.cols(act))?);
-        }
+        let layers = (0..shard.dims.layers)
+            .map(|l| gen_param.layer(l))
+            .collect::<Result<Vec<_>>>()?;
+        let input = gen_param.param(Param::Input, 0)?;
+        let final_norm = gen_param.param(Param::FinalNorm, 0)?;
+        let acts = alloc_acts(&stream, &shard, max_batch)?;
         Ok(CudaCompute {
             shard,
             max_batch,

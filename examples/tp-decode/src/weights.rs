@@ -155,6 +155,15 @@ pub fn pieces(
     max_batch: usize,
     seed: u64,
 ) -> Vec<Piece> {
+    let blocks = blocks(shard, param, max_batch);
+    place(shard, blocks, layer, seed)
+}
+
+/// A block of a full tensor: (tensor, full columns, first row, first column, rows, columns).
+type Block = (Kind, u64, u64, u64, u64, u64);
+
+/// The blocks of full tensors that make up `param` on `shard`, in their order in its buffer.
+fn blocks(shard: &Shard, param: Param, max_batch: usize) -> Vec<Block> {
     let d = &shard.dims;
     let (r, hd) = (shard.rank as u64, d.head_dim as u64);
     let hidden = d.hidden as u64;
@@ -165,8 +174,7 @@ pub fn pieces(
     );
     let cache_row = d.kv_heads as u64 * shard.cache_slots() as u64 * hd;
     let my_cache = hkv * shard.cache_slots() as u64 * hd;
-    // (tensor, full columns, first row, first column, rows, columns)
-    let blocks: Vec<(Kind, u64, u64, u64, u64, u64)> = match param {
+    match param {
         // Column-parallel: this rank's output rows, every input column.
         Param::Qkv => vec![
             (Kind::Q, hidden, r * hq * hd, 0, hq * hd, hidden),
@@ -215,7 +223,12 @@ pub fn pieces(
             my_cache,
         )],
         Param::Input => vec![(Kind::Input, hidden, 0, 0, max_batch as u64, hidden)],
-    };
+    }
+}
+
+/// `blocks` as pieces of layer `layer`'s tensors under `seed`, laid out back to back in the
+/// shard's buffer.
+fn place(shard: &Shard, blocks: Vec<Block>, layer: usize, seed: u64) -> Vec<Piece> {
     let mut dst_offset = 0;
     blocks
         .into_iter()
