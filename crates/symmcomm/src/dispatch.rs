@@ -162,6 +162,7 @@ pub enum Why {
 }
 
 impl std::fmt::Display for Why {
+    // Long on purpose: a match with one arm per variant (two where one has a special case).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             Why::Explicit => write!(f, "requested explicitly"),
