@@ -233,7 +233,8 @@ impl std::fmt::Display for Why {
             } => {
                 write!(
                     f,
-                    "the group spans {domains} NVLink domains (hosts): NCCL only, our kernels                      need one domain; "
+                    "the group spans {domains} NVLink domains (hosts): NCCL only, our kernels \
+                     need one domain; "
                 )?;
                 match (both_in_windows, ran) {
                     (true, Impl::Symmetric) => {
