@@ -143,19 +143,34 @@ impl ForeignDevice {
         if addr == 0 {
             return Err(bad(format!("a null device pointer for {bytes} bytes")));
         }
-        let attr = |a: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
-            // SAFETY: `out` points to a value of the size the attribute writes (checked by the
-            // callers below: u32 for memory type, i32 for the ordinal, u64/usize for the range).
-            let r = unsafe { sys::cuPointerGetAttribute(out, a, addr) };
-            super::driver::check(r, "cuPointerGetAttribute", ctx)
-        };
-        let mut kind = 0u32;
-        if attr(
+        // One driver call for the four facts (the hot path of a Python collective wraps two
+        // tensors per call). Unlike `cuPointerGetAttribute`, it reports a pointer the driver
+        // does not know as memory type 0 instead of failing.
+        let (mut kind, mut device, mut start, mut size) = (0u32, -1i32, 0u64, 0usize);
+        let mut attrs = [
             sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-            &mut kind as *mut u32 as *mut std::ffi::c_void,
-        )
-        .is_err()
-        {
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+        ];
+        let mut out: [*mut std::ffi::c_void; 4] = [
+            &mut kind as *mut u32 as *mut _,
+            &mut device as *mut i32 as *mut _,
+            &mut start as *mut u64 as *mut _,
+            &mut size as *mut usize as *mut _,
+        ];
+        // SAFETY: each output points to a value of the size its attribute writes (u32 memory
+        // type, i32 ordinal, u64 start address, size_t size), all alive for the call.
+        let r = unsafe {
+            sys::cuPointerGetAttributes(
+                attrs.len() as u32,
+                attrs.as_mut_ptr(),
+                out.as_mut_ptr(),
+                addr,
+            )
+        };
+        super::driver::check(r, "cuPointerGetAttributes", ctx)?;
+        if kind == 0 {
             return Err(bad(format!(
                 "{addr:#x} is not memory the CUDA driver knows (a host pointer, or freed)"
             )));
@@ -165,25 +180,11 @@ impl ForeignDevice {
                 "{addr:#x} is not device memory (CUDA memory type {kind})"
             )));
         }
-        let mut device = -1i32;
-        attr(
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-            &mut device as *mut i32 as *mut std::ffi::c_void,
-        )?;
         if device != ordinal as i32 {
             return Err(bad(format!(
                 "{addr:#x} is memory of device {device}; this communicator runs on device {ordinal}"
             )));
         }
-        let (mut start, mut size) = (0u64, 0usize);
-        attr(
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-            &mut start as *mut u64 as *mut std::ffi::c_void,
-        )?;
-        attr(
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
-            &mut size as *mut usize as *mut std::ffi::c_void,
-        )?;
         let end = start + size as u64;
         if addr + bytes as u64 > end {
             return Err(bad(format!(
