@@ -61,7 +61,7 @@ def main(how: str) -> None:
     if how == "env":
         comm = sc.Communicator.from_env(backend="host", timeout=30, segment_bytes=2 << 20)
     else:
-        port = int(os.environ["MASTER_PORT"]) + 7
+        port = int(os.environ["SYMMCOMM_TEST_RENDEZVOUS_PORT"])
         comm = sc.Communicator.rendezvous(
             "127.0.0.1", port, rank, world, backend="host", timeout=30, segment_bytes=2 << 20
         )

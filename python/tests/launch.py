@@ -32,6 +32,12 @@ def launch(
     that fails, reports nothing, or outlives `timeout` fails the call with every rank's
     output."""
     port = sc.free_port()
+    # A second port for tests that serve their own rendezvous beside MASTER_PORT's: asked of
+    # the kernel like the first, never derived from it (MASTER_PORT + k may be any other
+    # process's ephemeral port).
+    rendezvous_port = sc.free_port()
+    while rendezvous_port == port:
+        rendezvous_port = sc.free_port()
     procs = []
     for rank in range(nproc):
         e = dict(os.environ)
@@ -42,6 +48,7 @@ def launch(
             LOCAL_WORLD_SIZE=str(nproc),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
+            SYMMCOMM_TEST_RENDEZVOUS_PORT=str(rendezvous_port),
             PYTHONUNBUFFERED="1",
         )
         e.pop("TORCHELASTIC_RUN_ID", None)
