@@ -38,4 +38,23 @@ pub trait Compute {
 
     /// [`Act::Reduce`] ← its sum over the tensor-parallel group (nothing when unsharded).
     fn all_reduce(&mut self, batch: usize) -> Result<()>;
+
+    /// What ends each half of a layer: [`Act::Hidden`] += the all-reduced [`Act::Reduce`], then
+    /// `y` ← RMSNorm of [`Act::Hidden`] times `w`. By default the three operations above, one
+    /// after the other ([`unfused_all_reduce_add_norm`]); an implementation may fuse them.
+    fn all_reduce_add_norm(&mut self, w: Norm, y: Act, batch: usize) -> Result<()> {
+        unfused_all_reduce_add_norm(self, w, y, batch)
+    }
+}
+
+/// [`Compute::all_reduce_add_norm`] as three operations: all-reduce, residual add, RMSNorm.
+pub fn unfused_all_reduce_add_norm<C: Compute + ?Sized>(
+    c: &mut C,
+    w: Norm,
+    y: Act,
+    batch: usize,
+) -> Result<()> {
+    c.all_reduce(batch)?;
+    c.add_residual(batch)?;
+    c.rms_norm(Act::Hidden, w, y, batch)
 }

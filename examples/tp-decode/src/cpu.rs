@@ -8,10 +8,12 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
 use half::bf16;
-use symmcomm::{Collective, Group, Impl, ReduceOp, Tensor};
+use symmcomm::norm::{AddRmsNorm, NormImpl};
+use symmcomm::{Collective, DType, Group, Impl, ReduceOp, Tensor};
 
-use crate::compute::Compute;
+use crate::compute::{Compute, unfused_all_reduce_add_norm};
 use crate::model::{Act, Linear, Norm, Shard};
+use crate::variant::Variant;
 use crate::weights::{self, Param};
 
 /// How activations are stored between operations.
@@ -33,15 +35,63 @@ impl Storage {
 }
 
 /// The tensor-parallel group an implementation all-reduces over: symmcomm's host backend, one
-/// f32 tensor of `[max batch, hidden]` that [`Act::Reduce`] is copied through.
+/// f32 tensor of `[max batch, hidden]` that [`Act::Reduce`] is copied through, and the bf16
+/// tensors the fused all-reduce + add + RMSNorm runs on (it takes bf16 or f16 only).
 #[derive(Debug)]
 pub struct CpuTp {
     /// The TP group.
     pub group: Group,
     /// Where the all-reduce runs (in place).
     pub buffer: Tensor,
-    /// The implementation asked for.
-    pub imp: Impl,
+    /// The fused operation's tensors.
+    fused: FusedTensors,
+    /// How the all-reduces run.
+    pub variant: Variant,
+}
+
+/// The bf16 tensors of [`Variant::Fused`] on the CPU: the partial sums (in the group's
+/// symmetric memory), the residual stream, an RMSNorm weight and the normalised output.
+#[derive(Debug)]
+struct FusedTensors {
+    input: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    normed: Tensor,
+}
+
+impl CpuTp {
+    /// The buffers of `group` for `max_batch` rows of `hidden` (collective: every rank calls it),
+    /// all-reducing with `auto` until [`CpuCompute::set_variant`].
+    pub fn new(group: Group, max_batch: usize, hidden: usize) -> symmcomm::Result<CpuTp> {
+        let rows = [max_batch, hidden];
+        let fused = FusedTensors {
+            input: group.alloc_symmetric(DType::BF16, &rows)?,
+            residual: group.alloc_plain(DType::BF16, &rows)?,
+            weight: group.alloc_plain(DType::BF16, &[hidden])?,
+            normed: group.alloc_plain(DType::BF16, &rows)?,
+        };
+        Ok(CpuTp {
+            buffer: group.alloc_symmetric(DType::F32, &rows)?,
+            fused,
+            group,
+            variant: Variant::Collective(Impl::Auto),
+        })
+    }
+}
+
+/// What one fused call on the CPU returns.
+struct FusedOut {
+    /// The implementation that ran (`host_fused_ll`, ...).
+    ran: String,
+    /// The new residual stream, `[batch, hidden]`.
+    residual: Vec<bf16>,
+    /// The normalised rows, `[batch, hidden]`.
+    normed: Vec<bf16>,
+}
+
+/// `v` rounded to bf16.
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
 /// One rank's shard on the CPU.
@@ -56,7 +106,7 @@ pub struct CpuCompute {
     /// One buffer per [`Act`], `[max batch, cols]`.
     acts: Vec<Vec<f32>>,
     tp: Option<CpuTp>,
-    /// What the all-reduces ran since the last [`CpuCompute::set_impl`].
+    /// What the all-reduces ran since the last [`CpuCompute::set_variant`].
     ran: BTreeSet<String>,
 }
 
@@ -138,17 +188,56 @@ impl CpuCompute {
         self.acts[Act::Out as usize].fill(f32::NAN);
     }
 
-    /// The implementation the all-reduces use from now on.
-    pub fn set_impl(&mut self, imp: Impl) {
+    /// How the all-reduces run from now on.
+    pub fn set_variant(&mut self, variant: Variant) {
         if let Some(tp) = &mut self.tp {
-            tp.imp = imp;
+            tp.variant = variant;
         }
         self.ran.clear();
     }
 
-    /// What the all-reduces ran since the last [`CpuCompute::set_impl`].
+    /// What the all-reduces ran since the last [`CpuCompute::set_variant`].
     pub fn ran(&self) -> Vec<String> {
         self.ran.iter().cloned().collect()
+    }
+
+    /// The weight of RMSNorm `w`.
+    fn norm_weight(&self, w: Norm) -> &[f32] {
+        match w {
+            Norm::Attn(l) => self.param(l, Param::AttnNorm),
+            Norm::Mlp(l) => self.param(l, Param::MlpNorm),
+            Norm::Final => &self.final_norm,
+        }
+    }
+
+    /// The fused all-reduce + add + RMSNorm of `batch` rows on the host backend: what ran, the
+    /// new residual and the normalised rows (bf16).
+    fn fused_add_norm(&self, w: Norm, batch: usize, imp: NormImpl) -> Result<FusedOut> {
+        let tp = self
+            .tp
+            .as_ref()
+            .context("a fused all-reduce without a TP group")?;
+        let n = batch * self.shard.dims.hidden;
+        let t = &tp.fused;
+        let narrow = |x: &Tensor| {
+            x.narrow(0, 0, batch)
+                .context("the fused buffers have fewer rows than the batch")
+        };
+        let (input, residual, normed) =
+            (narrow(&t.input)?, narrow(&t.residual)?, narrow(&t.normed)?);
+        let g = &tp.group;
+        g.upload(&input, &to_bf16(&self.act(Act::Reduce)[..n]))?;
+        g.upload(&residual, &to_bf16(&self.act(Act::Hidden)[..n]))?;
+        g.upload(&t.weight, &to_bf16(self.norm_weight(w)))?;
+        let ran = g.all_reduce_add_rmsnorm(
+            &AddRmsNorm::in_place(&input, &residual, &t.weight, self.shard.dims.eps, &normed),
+            imp,
+        )?;
+        Ok(FusedOut {
+            ran: ran.name(),
+            residual: g.download::<bf16>(&residual)?,
+            normed: g.download::<bf16>(&normed)?,
+        })
     }
 
     fn param(&self, layer: usize, param: Param) -> &[f32] {
@@ -189,11 +278,7 @@ impl Compute for CpuCompute {
         distinct(x, y)?;
         let (h, eps) = (self.shard.dims.hidden, self.shard.dims.eps);
         let mut out = self.take(y);
-        let weight = match w {
-            Norm::Attn(l) => self.param(l, Param::AttnNorm),
-            Norm::Mlp(l) => self.param(l, Param::MlpNorm),
-            Norm::Final => &self.final_norm,
-        };
+        let weight = self.norm_weight(w);
         for (xr, yr) in self
             .act(x)
             .chunks_exact(h)
@@ -365,17 +450,45 @@ impl Compute for CpuCompute {
             .context("the all-reduce buffer has fewer rows than the batch")?;
         tp.group
             .upload(&rows, &self.acts[Act::Reduce as usize][..n])?;
+        let imp = match tp.variant {
+            Variant::Collective(imp) => imp,
+            Variant::Fused(_) => Impl::Auto,
+        };
         let ran = tp.group.collective(
             Collective::AllReduce(ReduceOp::Sum),
             &rows,
             &rows,
             None,
-            tp.imp,
+            imp,
         )?;
         self.ran.insert(ran.name());
         let summed = tp.group.download::<f32>(&rows)?;
         for (r, s) in self.acts[Act::Reduce as usize][..n].iter_mut().zip(summed) {
             *r = self.storage.store(s);
+        }
+        Ok(())
+    }
+
+    /// With [`Variant::Fused`], symmcomm's fused operation on bf16 copies: the partial sums,
+    /// the residual stream and the weight rounded to bf16 and uploaded, the new residual and
+    /// `y` downloaded. Otherwise the three operations.
+    fn all_reduce_add_norm(&mut self, w: Norm, y: Act, batch: usize) -> Result<()> {
+        let imp = match &self.tp {
+            Some(CpuTp {
+                variant: Variant::Fused(imp),
+                ..
+            }) => *imp,
+            _ => return unfused_all_reduce_add_norm(self, w, y, batch),
+        };
+        distinct(Act::Hidden, y)?;
+        let out = self.fused_add_norm(w, batch, imp)?;
+        self.ran.insert(out.ran);
+        let n = batch * self.shard.dims.hidden;
+        let storage = self.storage;
+        for (to, from) in [(Act::Hidden, out.residual), (y, out.normed)] {
+            for (t, f) in self.acts[to as usize][..n].iter_mut().zip(from) {
+                *t = storage.store(f.to_f32());
+            }
         }
         Ok(())
     }

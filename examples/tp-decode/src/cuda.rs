@@ -16,10 +16,12 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use half::bf16;
+use symmcomm::norm::AddRmsNorm;
 use symmcomm::{Collective, Group, Impl, ReduceOp, Tensor};
 
-use crate::compute::Compute;
+use crate::compute::{Compute, unfused_all_reduce_add_norm};
 use crate::model::{Act, Linear, Norm, Shard};
+use crate::variant::Variant;
 use crate::weights::{self, Param};
 
 /// cuBLAS's workspace: 32 MiB, NVIDIA's recommendation for Hopper. Given explicitly so that
@@ -103,9 +105,10 @@ pub struct CudaCompute {
     /// [`Act::Reduce`]: `[max batch, hidden]` bf16, in the TP group's symmetric memory (or
     /// plain memory when unsharded).
     reduce: Tensor,
-    /// The TP group (bound to `stream`) and the implementation its all-reduces use.
-    tp: Option<(Group, Impl)>,
-    /// What the all-reduces ran (`ll`, `nccl`, ...), since the last [`CudaCompute::set_impl`].
+    /// The TP group (bound to `stream`) and how its all-reduces run.
+    tp: Option<(Group, Variant)>,
+    /// What the all-reduces ran (`ll`, `nccl`, `fused_ll`, ...), since the last
+    /// [`CudaCompute::set_variant`].
     ran: BTreeSet<String>,
 }
 
@@ -120,6 +123,36 @@ fn slot(act: Act) -> Result<usize> {
         Act::Mlp => Ok(5),
         Act::Out => Ok(6),
         Act::Reduce => bail!("Act::Reduce lives in the TP group's memory, not in acts"),
+    }
+}
+
+/// Two different activations of `acts`, both to write.
+fn two_mut(
+    acts: &mut [CudaSlice<bf16>],
+    a: Act,
+    b: Act,
+) -> Result<(&mut CudaSlice<bf16>, &mut CudaSlice<bf16>)> {
+    let (i, j) = (slot(a)?, slot(b)?);
+    ensure!(i != j, "{a:?} is written twice by one operation");
+    if i < j {
+        let (lo, hi) = acts.split_at_mut(j);
+        Ok((&mut lo[i], &mut hi[0]))
+    } else {
+        let (lo, hi) = acts.split_at_mut(i);
+        Ok((&mut hi[0], &mut lo[j]))
+    }
+}
+
+/// The weight of RMSNorm `w`.
+fn norm_weight<'a>(
+    layers: &'a [Layer],
+    final_norm: &'a CudaSlice<bf16>,
+    w: Norm,
+) -> &'a CudaSlice<bf16> {
+    match w {
+        Norm::Attn(l) => &layers[l].attn_norm,
+        Norm::Mlp(l) => &layers[l].mlp_norm,
+        Norm::Final => final_norm,
     }
 }
 
@@ -335,20 +368,20 @@ impl CudaCompute {
             final_norm,
             acts,
             reduce,
-            tp: tp.map(|g| (g, Impl::Auto)),
+            tp: tp.map(|g| (g, Variant::Collective(Impl::Auto))),
             ran: BTreeSet::new(),
         })
     }
 
-    /// The implementation the all-reduces use from now on (captured into the next graph).
-    pub fn set_impl(&mut self, imp: Impl) {
-        if let Some((_, i)) = &mut self.tp {
-            *i = imp;
+    /// How the all-reduces run from now on (captured into the next graph).
+    pub fn set_variant(&mut self, variant: Variant) {
+        if let Some((_, v)) = &mut self.tp {
+            *v = variant;
         }
         self.ran.clear();
     }
 
-    /// What the all-reduces ran since the last [`CudaCompute::set_impl`].
+    /// What the all-reduces ran since the last [`CudaCompute::set_variant`].
     pub fn ran(&self) -> Vec<String> {
         self.ran.iter().cloned().collect()
     }
@@ -398,11 +431,7 @@ impl Compute for CudaCompute {
 
     fn rms_norm(&mut self, x: Act, w: Norm, y: Act, batch: usize) -> Result<()> {
         self.check_batch(batch)?;
-        let weight = match w {
-            Norm::Attn(l) => &self.layers[l].attn_norm,
-            Norm::Mlp(l) => &self.layers[l].mlp_norm,
-            Norm::Final => &self.final_norm,
-        };
+        let weight = norm_weight(&self.layers, &self.final_norm, w);
         let (cols, eps) = (self.shard.dims.hidden as i32, self.shard.dims.eps);
         let (xin, out) = read_write(&mut self.acts, x, y)?;
         let mut launch = self.stream.launch_builder(&self.kernels.rmsnorm);
@@ -541,8 +570,12 @@ impl Compute for CudaCompute {
 
     fn all_reduce(&mut self, batch: usize) -> Result<()> {
         self.check_batch(batch)?;
-        let Some((group, imp)) = &self.tp else {
+        let Some((group, variant)) = &self.tp else {
             return Ok(());
+        };
+        let imp = match *variant {
+            Variant::Collective(imp) => imp,
+            Variant::Fused(_) => Impl::Auto,
         };
         let rows = self.reduce_rows(batch)?;
         let ran = group.collective(
@@ -550,6 +583,28 @@ impl Compute for CudaCompute {
             &rows,
             &rows,
             None,
+            imp,
+        )?;
+        self.ran.insert(ran.name());
+        Ok(())
+    }
+
+    /// With [`Variant::Fused`], one call of symmcomm's: the partial sums in the group's window
+    /// are all-reduced, added to the residual stream in place and normalised into `y`, the
+    /// engine's own buffers borrowed for the call. Otherwise the three operations.
+    fn all_reduce_add_norm(&mut self, w: Norm, y: Act, batch: usize) -> Result<()> {
+        self.check_batch(batch)?;
+        let Some((group, Variant::Fused(imp))) = &self.tp else {
+            return unfused_all_reduce_add_norm(self, w, y, batch);
+        };
+        let (hidden, eps) = (self.shard.dims.hidden, self.shard.dims.eps);
+        let rows = self.reduce_rows(batch)?;
+        let weight = group.borrow(norm_weight(&self.layers, &self.final_norm, w), &[hidden])?;
+        let (h, out) = two_mut(&mut self.acts, Act::Hidden, y)?;
+        let residual = group.borrow_mut(h, &[batch, hidden])?;
+        let normed = group.borrow_mut(out, &[batch, hidden])?;
+        let ran = group.all_reduce_add_rmsnorm(
+            &AddRmsNorm::in_place(&rows, &residual, &weight, eps, &normed),
             *imp,
         )?;
         self.ran.insert(ran.name());

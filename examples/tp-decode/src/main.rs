@@ -11,13 +11,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use symmcomm::policy::{SymmPolicy, apply_env_plan, nccl_env_plan};
-use symmcomm::{BackendChoice, BackendKind, Bootstrap, CommConfig, Communicator, Impl};
+use symmcomm::{BackendChoice, BackendKind, Bootstrap, CommConfig, Communicator};
 use symmcomm_lab::launch::{LaunchSpec, launch};
 use tp_decode::check::tolerance;
 use tp_decode::cpu::Storage;
 use tp_decode::model::{Dims, Shard};
 use tp_decode::results;
 use tp_decode::run::{self, Engine, Measure, Settings};
+use tp_decode::variant::Variant;
 
 /// One tensor-parallel decode step of a Llama-3.1-8B-shaped model per batch size, in one CUDA
 /// graph each, with symmcomm's `auto` all-reduces and NCCL's regular ones; checked against the
@@ -40,9 +41,10 @@ struct Args {
     /// Batch sizes: sequences decoding one token each; one graph per size.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     batch: Vec<usize>,
-    /// All-reduce implementations: auto (symmcomm's dispatch), nccl (NCCL's regular path), or
-    /// any of symmcomm's (nccl_symm, ll, oneshot, twoshot).
-    #[arg(long, value_delimiter = ',', default_value = "auto,nccl")]
+    /// How the all-reduces run: auto (symmcomm's dispatch), nccl (NCCL's regular path), any of
+    /// symmcomm's implementations (nccl_symm, ll, oneshot, twoshot), or fused (symmcomm's
+    /// all-reduce + residual add + RMSNorm in one call).
+    #[arg(long, value_delimiter = ',', default_value = "auto,nccl,fused")]
     impls: Vec<String>,
     /// Timed steps per batch and implementation (graph replays on GPUs); the median is shown.
     #[arg(long, default_value_t = 20)]
@@ -103,7 +105,7 @@ fn settings(args: &Args) -> Result<Settings> {
     let impls = args
         .impls
         .iter()
-        .map(|s| s.parse::<Impl>().map_err(anyhow::Error::msg))
+        .map(|s| s.parse::<Variant>().map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
     if args.replays == 0 {
         bail!("--replays must be at least 1");

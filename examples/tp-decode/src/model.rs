@@ -270,27 +270,35 @@ pub enum Norm {
 
 /// One decode step for `batch` sequences (one new token each): the residual stream starts
 /// from the step's input and ends, after the final RMSNorm, in [`Act::Out`]. Two all-reduces
-/// per layer, after o_proj and after down_proj; unsharded, they do nothing.
+/// per layer, after o_proj and after down_proj (unsharded, they do nothing), each followed by
+/// the residual add and the RMSNorm that opens the next block
+/// ([`Compute::all_reduce_add_norm`], which an implementation may fuse).
 pub fn decode_step(c: &mut impl Compute, layers: usize, batch: usize) -> Result<()> {
     c.load_input(batch)?;
+    if layers == 0 {
+        return c.rms_norm(Act::Hidden, Norm::Final, Act::Out, batch);
+    }
+    c.rms_norm(Act::Hidden, Norm::Attn(0), Act::Normed, batch)?;
     for l in 0..layers {
-        // Attention block: h += o_proj(attention(rope(qkv_proj(norm(h))))).
-        c.rms_norm(Act::Hidden, Norm::Attn(l), Act::Normed, batch)?;
+        // Attention block: h += o_proj(attention(rope(qkv_proj(norm(h))))), then the MLP's norm.
         c.linear(Act::Normed, Linear::Qkv(l), Act::Qkv, batch)?;
         c.rope_append_kv(l, batch)?;
         c.attention(l, batch)?;
         c.linear(Act::Attn, Linear::O(l), Act::Reduce, batch)?;
-        c.all_reduce(batch)?;
-        c.add_residual(batch)?;
-        // MLP block: h += down_proj(silu(gate) * up), gate and up of norm(h).
-        c.rms_norm(Act::Hidden, Norm::Mlp(l), Act::Normed, batch)?;
+        c.all_reduce_add_norm(Norm::Mlp(l), Act::Normed, batch)?;
+        // MLP block: h += down_proj(silu(gate) * up), then the next layer's norm (the final one
+        // after the last layer).
         c.linear(Act::Normed, Linear::GateUp(l), Act::GateUp, batch)?;
         c.swiglu(batch)?;
         c.linear(Act::Mlp, Linear::Down(l), Act::Reduce, batch)?;
-        c.all_reduce(batch)?;
-        c.add_residual(batch)?;
+        let (next, out) = if l + 1 < layers {
+            (Norm::Attn(l + 1), Act::Normed)
+        } else {
+            (Norm::Final, Act::Out)
+        };
+        c.all_reduce_add_norm(next, out, batch)?;
     }
-    c.rms_norm(Act::Hidden, Norm::Final, Act::Out, batch)
+    Ok(())
 }
 
 #[cfg(test)]

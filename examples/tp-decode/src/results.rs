@@ -25,7 +25,7 @@ fn tokens_per_s(batch: usize, us: f64) -> f64 {
 pub fn table(measures: &[Measure], backend: BackendKind, tol: f64) -> String {
     let regular = Impl::Regular.name(backend);
     let mut out = format!(
-        "{:>5}  {:<8} {:>10} {:>11} {:>8} {:>12}  {:<5}  ran\n",
+        "{:>5}  {:<10} {:>10} {:>11} {:>8} {:>12}  {:<5}  ran\n",
         "batch",
         "impl",
         "us/step",
@@ -41,7 +41,7 @@ pub fn table(measures: &[Measure], backend: BackendKind, tol: f64) -> String {
             .map(|b| m.us / b.us);
         let _ = writeln!(
             out,
-            "{:>5}  {:<8} {:>10.1} {:>11.0} {:>8} {:>12}  {:<5}  {}",
+            "{:>5}  {:<10} {:>10.1} {:>11.0} {:>8} {:>12}  {:<5}  {}",
             m.batch,
             m.imp,
             m.us,
@@ -58,6 +58,13 @@ pub fn table(measures: &[Measure], backend: BackendKind, tol: f64) -> String {
         "check: final hidden state of every batch row against the unsharded model, relative L2 \
          error per row <= {tol:.0e}"
     );
+    let bf16_tol = crate::check::tolerance(true);
+    if tol < bf16_tol && measures.iter().any(|m| m.imp.ends_with("fused")) {
+        let _ = write!(
+            out,
+            " (fused rows: <= {bf16_tol:.0e}, the fused operation rounds to bf16)"
+        );
+    }
     out
 }
 

@@ -8,12 +8,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaContext, CudaGraph, CudaStream, sys};
 use serde::{Deserialize, Serialize};
-use symmcomm::{Communicator, DType, Group, GroupKind, Impl, Stream};
+use symmcomm::{Communicator, DType, Group, GroupKind, Stream};
 
 use crate::check::{max_row_rel_err, passes, tolerance};
 use crate::cpu::{CpuCompute, CpuTp, Storage};
 use crate::cuda::{CudaCompute, Kernels, check_cublas};
 use crate::model::{Dims, Shard, decode_step};
+use crate::variant::Variant;
 
 /// What every rank runs.
 #[derive(Clone, Debug)]
@@ -22,8 +23,8 @@ pub struct Settings {
     pub dims: Dims,
     /// Batch sizes, one graph each.
     pub batches: Vec<usize>,
-    /// The all-reduce implementations (`Impl::Auto`, `Impl::Regular`, ...).
-    pub impls: Vec<Impl>,
+    /// How the all-reduces run, one measurement each (`auto`, `nccl`, `fused`, ...).
+    pub impls: Vec<Variant>,
     /// Timed steps (graph replays on GPUs) per batch and implementation.
     pub replays: usize,
     /// Seed of the weights, KV cache and input.
@@ -43,7 +44,7 @@ impl Settings {
 pub struct Measure {
     /// Sequences in the step (one new token each).
     pub batch: usize,
-    /// The implementation asked for, by its name on the backend (`auto`, `nccl`, `host`).
+    /// The variant asked for, by its name on the backend (`auto`, `nccl`, `fused`, `host`).
     pub imp: String,
     /// Median µs per step (gathered: the slowest rank's).
     pub us: f64,
@@ -99,12 +100,8 @@ pub fn run_host(comm: &Communicator, s: &Settings) -> Result<Vec<Measure>> {
     let tp = comm.split(GroupKind::Tp, 0)?;
     let (max_batch, hidden) = (s.max_batch(), s.dims.hidden);
     let shard = Shard::new(s.dims.clone(), tp.size(), tp.rank())?;
-    let buffer = tp.alloc_symmetric(DType::F32, &[max_batch, hidden])?;
-    let cpu_tp = (tp.size() > 1).then(|| CpuTp {
-        group: tp.clone(),
-        buffer,
-        imp: Impl::Auto,
-    });
+    let cpu_tp = CpuTp::new(tp.clone(), max_batch, hidden)?;
+    let cpu_tp = (tp.size() > 1).then_some(cpu_tp);
     let storage = s.host_storage;
     let mut model = CpuCompute::new(shard, max_batch, s.seed, storage, cpu_tp)?;
     let mut reference = CpuCompute::new(
@@ -114,14 +111,15 @@ pub fn run_host(comm: &Communicator, s: &Settings) -> Result<Vec<Measure>> {
         storage,
         None,
     )?;
-    let tol = tolerance(storage == Storage::Bf16);
     let layers = s.dims.layers;
     let mut measures = Vec::new();
     for &batch in &s.batches {
         decode_step(&mut reference, layers, batch)?;
         let want = reference.output(batch);
         for &imp in &s.impls {
-            model.set_impl(imp);
+            // The fused operation is bf16: its points carry bf16 rounding even in f32 runs.
+            let tol = tolerance(storage == Storage::Bf16 || imp.rounds_to_bf16());
+            model.set_variant(imp);
             let first = checked_cpu(&mut model, &want, batch, layers)?;
             let mut times = Vec::with_capacity(s.replays);
             for _ in 0..s.replays {
@@ -251,10 +249,10 @@ pub fn run_cuda(comm: &Communicator, engine: &Engine, s: &Settings) -> Result<Ve
         decode_step(&mut reference, layers, batch)?;
         let want = reference.output(batch)?;
         for &imp in &s.impls {
-            model.set_impl(imp);
+            model.set_variant(imp);
             // Eagerly first: cuBLAS picks its kernels, symmcomm its paths, outside the capture.
             let eager = checked(&mut model, &want, batch, |m| decode_step(m, layers, batch))?;
-            model.set_impl(imp); // what the graph runs, from here
+            model.set_variant(imp); // what the graph runs, from here
             let graph = capture(&engine.stream, || decode_step(&mut model, layers, batch))?;
             let first = checked(&mut model, &want, batch, |_| Ok(graph.launch()?))?;
             let us = time_replays(engine, &tp, &graph, s.replays)?;

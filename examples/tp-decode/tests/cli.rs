@@ -65,11 +65,18 @@ fn host_run_merges_its_rows_into_a_results_file() {
     let rows = new["rows"].as_array().unwrap();
     assert_eq!(rows[0]["op"], "all_reduce", "other rows kept");
     let steps: Vec<_> = rows.iter().filter(|r| r["op"] == "engine_step").collect();
-    assert_eq!(steps.len(), 4, "2 batches x 2 implementations: {steps:?}");
+    assert_eq!(steps.len(), 6, "2 batches x 3 implementations: {steps:?}");
     for r in &steps {
         assert_eq!(r["ok"], true, "{r}");
         assert!(matches!(r["bytes"].as_u64(), Some(1 | 3)), "{r}");
-        assert!(matches!(r["impl"].as_str(), Some("auto" | "host")), "{r}");
+        assert!(
+            matches!(r["impl"].as_str(), Some("auto" | "host" | "host_fused")),
+            "{r}"
+        );
+        if r["impl"] == "host_fused" {
+            let ran = r["ran"].as_str().unwrap();
+            assert!(ran.starts_with("host_fused_"), "the fused call ran: {r}");
+        }
         assert_eq!(r["world"], 2);
         assert_eq!(r["config"], "tp");
         assert!(r["us"].as_f64().unwrap() > 0.0, "{r}");
