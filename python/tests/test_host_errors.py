@@ -410,6 +410,11 @@ def test_dp_errors():
             b.gathered(step)
         with pytest.raises(sc.ArgumentError, match="padding mode"):
             b.step(1, mode="min_len")
+        ok = b.step(1)
+        for call, op in ((b.gather, "dp_gather"), (b.scatter, "dp_scatter")):
+            with pytest.raises(sc.ArgumentError, match="unknown implementation") as e:
+                call(ok, impl="fastest")
+            assert e.value.op == op, (op, e.value.op)
         other = sc.DpGatheredBuffer(comm.new_group([0, 1], "dp"), 8, "f32", 4)
         s2 = other.step(1)
         with pytest.raises(sc.ArgumentError, match="token counts agreed"):

@@ -35,9 +35,9 @@ pub(crate) struct BufferEntry {
 pub(crate) static BUFFERS: Registry<BufferEntry> = Registry::new("DP gathered buffer");
 pub(crate) static STEPS: Registry<DpStep> = Registry::new("DP step");
 
-fn implementation(name: &str, group: &symmcomm::Group) -> PyResult<symmcomm::Impl> {
+fn implementation(name: &str, group: &symmcomm::Group, op: Op) -> PyResult<symmcomm::Impl> {
     name.parse()
-        .map_err(|e: String| invalid(group.ctx(Op::DpGather, 0), e))
+        .map_err(|e: String| invalid(group.ctx(op, 0), e))
         .py()
 }
 
@@ -55,16 +55,12 @@ pub(crate) fn dp_gather(
     imp: &str,
     stream: Option<u64>,
 ) -> PyResult<Option<Dispatch>> {
-    let b = BUFFERS.get(buffer, Op::DpGather).py()?;
-    let s = STEPS.get(step, Op::DpGather).py()?;
-    let imp = implementation(imp, &b.group.group)?;
-    let out = py
-        .detach(|| {
-            let on = bound(&b.buffer, stream, DpGatheredBuffer::on)?;
-            on.gather(&s, imp)
-        })
-        .py()?;
-    Ok(ran_of(out))
+    on_buffer(
+        py,
+        (buffer, step, imp, stream),
+        Op::DpGather,
+        |on, s, imp| on.gather(s, imp),
+    )
 }
 
 /// Reduce the gathered buffer across ranks and keep this rank's rows (collective).
@@ -77,13 +73,29 @@ pub(crate) fn dp_scatter(
     imp: &str,
     stream: Option<u64>,
 ) -> PyResult<Option<Dispatch>> {
-    let b = BUFFERS.get(buffer, Op::DpScatter).py()?;
-    let s = STEPS.get(step, Op::DpScatter).py()?;
-    let imp = implementation(imp, &b.group.group)?;
+    on_buffer(
+        py,
+        (buffer, step, imp, stream),
+        Op::DpScatter,
+        |on, s, imp| on.scatter(s, imp),
+    )
+}
+
+/// `run` on buffer `buffer` bound to `stream`, for the step of `step`, with `imp`: the handles
+/// looked up, the GIL released while it runs; what ran.
+fn on_buffer(
+    py: Python<'_>,
+    (buffer, step, imp, stream): (u64, u64, &str, Option<u64>),
+    op: Op,
+    run: impl FnOnce(&DpGatheredBuffer, &DpStep, symmcomm::Impl) -> symmcomm::Result<DpOutput> + Send,
+) -> PyResult<Option<Dispatch>> {
+    let b = BUFFERS.get(buffer, op).py()?;
+    let s = STEPS.get(step, op).py()?;
+    let imp = implementation(imp, &b.group.group, op)?;
     let out = py
         .detach(|| {
             let on = bound(&b.buffer, stream, DpGatheredBuffer::on)?;
-            on.scatter(&s, imp)
+            run(&on, &s, imp)
         })
         .py()?;
     Ok(ran_of(out))
@@ -108,7 +120,7 @@ pub(crate) fn dp_scatter_from(
 ) -> PyResult<Option<Dispatch>> {
     let b = BUFFERS.get(buffer, Op::DpScatter).py()?;
     let s = STEPS.get(step, Op::DpScatter).py()?;
-    let imp = implementation(imp, &b.group.group)?;
+    let imp = implementation(imp, &b.group.group, Op::DpScatter)?;
     let dtype = codes::dtype(dtype, Op::DpScatter)?;
     let view = RawView {
         arg: Arg::Input,

@@ -566,15 +566,7 @@ impl GroupBackend for HostGroup {
     }
 
     fn dcp_fused_unavailable(&self, _shape: &DcpShape) -> Option<String> {
-        if let Some(why) = &self.inner.cross_domain {
-            return Some(why.clone());
-        }
-        match self.inner.transport {
-            Transport::Shared(_) => None,
-            Transport::Store { .. } => {
-                Some("the fused DCP combine runs on thread ranks only".into())
-            }
-        }
+        self.inner.fused_unavailable("the fused DCP combine")
     }
 
     fn dcp_fused(&self, _exec: Exec, call: &DcpFused) -> Result<()> {
@@ -585,15 +577,7 @@ impl GroupBackend for HostGroup {
     }
 
     fn norm_fused_unavailable(&self, _shape: &NormShape, _algo: Algo) -> Option<String> {
-        if let Some(why) = &self.inner.cross_domain {
-            return Some(why.clone());
-        }
-        match self.inner.transport {
-            Transport::Shared(_) => None,
-            Transport::Store { .. } => {
-                Some("the fused add-RMSNorm runs on thread ranks only".into())
-            }
-        }
+        self.inner.fused_unavailable("the fused add-RMSNorm")
     }
 
     fn norm_fused(&self, _exec: Exec, call: &NormFused) -> Result<()> {
@@ -605,6 +589,18 @@ impl GroupBackend for HostGroup {
 }
 
 impl HostGroupInner {
+    /// Why a fused operation (`what`, for the message) cannot run on this group: across
+    /// domains, or between processes (the fused host kernels read peers' memory directly).
+    fn fused_unavailable(&self, what: &str) -> Option<String> {
+        if let Some(why) = &self.cross_domain {
+            return Some(why.clone());
+        }
+        match self.transport {
+            Transport::Shared(_) => None,
+            Transport::Store { .. } => Some(format!("{what} runs on thread ranks only")),
+        }
+    }
+
     fn alloc_segment(&self, bytes: usize, ctx: &OpCtx) -> Result<Arc<dyn Memory>> {
         let mem = Arc::new(HostMemory::new(bytes));
         let (index, sizes): (usize, Vec<Option<usize>>) = match &self.transport {
