@@ -450,10 +450,7 @@ impl Compute for CpuCompute {
             .context("the all-reduce buffer has fewer rows than the batch")?;
         tp.group
             .upload(&rows, &self.acts[Act::Reduce as usize][..n])?;
-        let imp = match tp.variant {
-            Variant::Collective(imp) => imp,
-            Variant::Fused(_) => Impl::Auto,
-        };
+        let imp = tp.variant.collective();
         let ran = tp.group.collective(
             Collective::AllReduce(ReduceOp::Sum),
             &rows,

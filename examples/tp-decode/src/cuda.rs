@@ -573,10 +573,7 @@ impl Compute for CudaCompute {
         let Some((group, variant)) = &self.tp else {
             return Ok(());
         };
-        let imp = match *variant {
-            Variant::Collective(imp) => imp,
-            Variant::Fused(_) => Impl::Auto,
-        };
+        let imp = variant.collective();
         let rows = self.reduce_rows(batch)?;
         let ran = group.collective(
             Collective::AllReduce(ReduceOp::Sum),

@@ -29,6 +29,15 @@ impl Variant {
         }
     }
 
+    /// The implementation of an all-reduce run on its own: the variant's, or `auto` (what the
+    /// fused operation's unfused fallback also runs).
+    pub fn collective(self) -> Impl {
+        match self {
+            Variant::Collective(imp) => imp,
+            Variant::Fused(_) => Impl::Auto,
+        }
+    }
+
     /// Whether the step's outputs are rounded to bf16 where the all-reduce meets the residual
     /// (the fused operation takes bf16 only), whatever the CPU stores elsewhere.
     pub fn rounds_to_bf16(self) -> bool {

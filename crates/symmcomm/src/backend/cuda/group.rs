@@ -6,7 +6,9 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use nccl_sys::{DataType, NcclComm as RawComm, RedOp, UniqueId, WIN_COLL_SYMMETRIC};
+use nccl_sys::{
+    DataType, NcclComm as RawComm, NcclResult, NcclWindow, RedOp, UniqueId, WIN_COLL_SYMMETRIC,
+};
 
 use super::DeviceShared;
 use super::memory::NcclSegment;
@@ -180,16 +182,16 @@ impl CudaGroup {
         Ok(g)
     }
 
-    /// Register `seg` as a window of the windows communicator (every rank of the group, in the
-    /// pool's SPMD order). Inside one NVLink domain a failure, or NCCL registering no window,
-    /// is an error: symmetric memory was asked for and the system cannot give it.
-    fn register_window(&self, comm: RawComm, seg: &mut NcclSegment, ctx: &OpCtx) -> Result<()> {
-        let nccl = self.dev.nccl;
+    /// `ncclCommWindowRegister` of `seg` on `comm` (collective: every rank of the group calls it
+    /// for its segment of this index, in the pool's SPMD order): NCCL's result code and the
+    /// window (null when NCCL registered none).
+    fn window_register_call(&self, comm: RawComm, seg: &NcclSegment) -> (NcclResult, NcclWindow) {
         let mut window = std::ptr::null_mut();
-        // SAFETY: `seg.ptr` is a live `ncclMemAlloc` allocation of `seg.len` bytes; every rank
-        // of the group registers its segment of this index now (the pool's SPMD order).
+        // SAFETY: `seg.ptr` is a live `ncclMemAlloc` allocation of `seg.len` bytes and `window`
+        // a place for NCCL to write the handle; the caller makes the collective call on every
+        // rank.
         let r = unsafe {
-            nccl.comm_window_register(
+            self.dev.nccl.comm_window_register(
                 comm,
                 seg.ptr as *mut c_void,
                 seg.len,
@@ -197,6 +199,14 @@ impl CudaGroup {
                 WIN_COLL_SYMMETRIC,
             )
         };
+        (r, window)
+    }
+
+    /// Register `seg` as a window of the windows communicator (every rank of the group, in the
+    /// pool's SPMD order). Inside one NVLink domain a failure, or NCCL registering no window,
+    /// is an error: symmetric memory was asked for and the system cannot give it.
+    fn register_window(&self, comm: RawComm, seg: &mut NcclSegment, ctx: &OpCtx) -> Result<()> {
+        let (r, window) = self.window_register_call(comm, seg);
         self.windows.check(r, "ncclCommWindowRegister", ctx)?;
         if window.is_null() {
             return Err(Error::ImplUnavailable {
@@ -224,19 +234,10 @@ impl CudaGroup {
         if w.refused().is_some() {
             return Ok(());
         }
+        // Every rank of the group makes the call for this segment (the refusal is agreed on
+        // only afterwards, so no rank skips the collective call).
+        let (r, window) = self.window_register_call(comm, seg);
         let nccl = self.dev.nccl;
-        let mut window = std::ptr::null_mut();
-        // SAFETY: as in `register_window`; every rank of the group calls it for this segment
-        // (the refusal is agreed on only afterwards, so no rank skips the collective call).
-        let r = unsafe {
-            nccl.comm_window_register(
-                comm,
-                seg.ptr as *mut c_void,
-                seg.len,
-                &mut window,
-                WIN_COLL_SYMMETRIC,
-            )
-        };
         let mine = if let Err(e) = super::nccl::check(nccl, r, "ncclCommWindowRegister", ctx) {
             Err(e.to_string())
         } else if window.is_null() {
