@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${GPU_DIR:-.gpu}"
-GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels dp_attention dcp rank_failure resources environment hosts rmsnorm}"
+GPU_TESTS="${GPU_TESTS:-collectives pdl_hazard nvrtc_kernels dp_attention dcp rank_failure resources environment hosts rmsnorm embedding bootstrap_processes}"
 rm -rf "$DEST" && mkdir -p "$DEST/tests"
 cargo build --release --locked --bin symmcomm --bin tp-decode
 cp target/release/symmcomm target/release/tp-decode "$DEST/"

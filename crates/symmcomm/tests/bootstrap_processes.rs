@@ -15,10 +15,13 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::TestBackend;
 use common::procs::{self, Proc, ROLE, after, env_u64, role_is};
 use symmcomm::Error;
 use symmcomm::bootstrap::{Bootstrap, free_port};
-use symmcomm::{BackendChoice, CommConfig, Communicator, TableSource};
+use symmcomm::{
+    BackendChoice, CommConfig, Communicator, DType, Group, GroupKind, ReduceOp, TableSource,
+};
 use symmcomm_lab::launch::{LaunchSpec, RankStatus, launch};
 
 const SCENARIO: &str = "SYMMCOMM_TEST_SCENARIO";
@@ -70,7 +73,7 @@ fn child_rank() {
     let outcome = match scenario.as_str() {
         "rendezvous" => finish(&boot),
         "store" => store_work(&boot).and_then(|()| finish(&boot)),
-        "last-collective" | "one-dies" | "one-hangs" => {
+        "last-collective" | "last-collective-cuda" | "one-dies" | "one-hangs" => {
             let outcome = last_collective(boot, timeout, &scenario);
             match outcome {
                 Ok(()) => println!("RESULT Ok"),
@@ -150,17 +153,27 @@ fn store_work(b: &Bootstrap) -> symmcomm::Result<()> {
 /// sleep, read rank 0's part, do a last all-gather among themselves (all through the store
 /// that rank 0's process serves), then `close` theirs. In `one-dies` the last rank instead
 /// exits without a word (its process is gone, as if killed) and the others only read rank 0's
-/// part; in `one-hangs` it sleeps past everyone's deadline.
+/// part; in `one-hangs` it sleeps past everyone's deadline. `last-collective-cuda` is
+/// `last-collective` on the CUDA backend, one process per GPU: first a checked all-reduce of
+/// every rank on the GPUs (NCCL communicators and windows exist, so every way out tears those
+/// down too), and the late ranks' last work adds a checked all-reduce on the GPUs in a group
+/// of their own (made, like every group, while rank 0 was still there).
 fn last_collective(boot: Bootstrap, timeout: Duration, scenario: &str) -> symmcomm::Result<()> {
     let (me, world) = (boot.rank, boot.world_size);
+    let cuda = scenario == "last-collective-cuda";
+    let last = cuda || scenario == "last-collective";
     let config = CommConfig {
-        backend: BackendChoice::Host,
+        backend: if cuda {
+            BackendChoice::Cuda
+        } else {
+            BackendChoice::Host
+        },
         timeout,
         table: TableSource::None,
         ..CommConfig::default()
     };
     let comm = Communicator::new(boot, config)?;
-    let odd_one = me == world - 1 && scenario != "last-collective";
+    let odd_one = me == world - 1 && !last;
     if odd_one && scenario == "one-dies" {
         std::process::exit(0);
     }
@@ -168,6 +181,12 @@ fn last_collective(boot: Bootstrap, timeout: Duration, scenario: &str) -> symmco
         thread::sleep(timeout * 3);
         std::process::exit(0);
     }
+    let late = if cuda {
+        checked_all_reduce(comm.world())?;
+        Some(comm.split(GroupKind::Tp, usize::from(me != 0))?)
+    } else {
+        None
+    };
     let store = comm.control().store();
     store.set(
         &format!("last/{me}"),
@@ -181,21 +200,49 @@ fn last_collective(boot: Bootstrap, timeout: Duration, scenario: &str) -> symmco
             Some(&b"rank 0's part"[..]),
             "rank {me}: last/0"
         );
-        if scenario == "last-collective" {
+        if last {
             let others = comm.control().subgroup("late", (1..world).collect());
             let all = others.all_gather("last", &[me as u8])?;
             let want: Vec<Vec<u8>> = (1..world).map(|r| vec![r as u8]).collect();
             assert_eq!(all, want, "rank {me}: the last all-gather");
         }
+        if let Some(late) = &late {
+            checked_all_reduce(late)?;
+        }
     }
+    drop(late);
     let t = Instant::now();
-    if me != 0 && scenario == "last-collective" {
+    if me != 0 && last {
         // The explicit way out, which returns the closing barrier's error.
         comm.close()?;
     } else {
         drop(comm);
     }
     println!("LEFT {}", t.elapsed().as_millis());
+    Ok(())
+}
+
+/// An all-reduce of small integers on `g` (every rank a different input, so the f32 sums are
+/// exact), into an output poisoned first, checked element by element.
+fn checked_all_reduce(g: &Group) -> symmcomm::Result<()> {
+    let n = 4096;
+    let input = |r: usize| -> Vec<f32> { (0..n).map(|i| ((r + 1) * 10 + i % 97) as f32).collect() };
+    let x = g.alloc_symmetric(DType::F32, &[n])?;
+    let y = g.alloc_symmetric(DType::F32, &[n])?;
+    g.upload(&x, &input(g.rank()))?;
+    g.upload(&y, &vec![f32::NAN; n])?;
+    g.all_reduce(&x, &y, ReduceOp::Sum)?;
+    let got: Vec<f32> = g.download(&y)?;
+    let want: Vec<f32> = (0..n)
+        .map(|i| (0..g.size()).map(|r| input(r)[i]).sum())
+        .collect();
+    assert_eq!(
+        got,
+        want,
+        "rank {} of {}: all-reduce",
+        g.rank(),
+        g.describe()
+    );
     Ok(())
 }
 
@@ -538,6 +585,25 @@ fn rank0_leaving_first_does_not_close_the_store_under_the_others() {
     expect_all(&outs, "Ok", &[]);
     // Shown with --nocapture: rank 0 waited about SLOW for the others.
     println!("rank 0 left in {} ms", left_ms(&outs[0]));
+}
+
+/// Issue 21 on GPUs, one process per GPU (every visible GPU, at most 4): rank 0 finishes
+/// first and leaves while the others still do their last work (the store rank 0's process
+/// serves, an all-reduce on the GPUs in a group of their own); its way out waits for them,
+/// then every rank tears down its NCCL communicators and windows, and every rank says Ok.
+#[test]
+fn cuda_rank0_leaving_first_does_not_close_the_store_under_the_others() {
+    if !TestBackend::Cuda.can_run(2) {
+        return;
+    }
+    let world = symmcomm::info::cuda_devices().expect("GPUs").min(4);
+    let p = port();
+    let procs = (0..world)
+        .map(|r| spawn_rank(r, world, p, 30_000, "last-collective-cuda"))
+        .collect();
+    let outs = outcomes(procs, 30_000);
+    expect_all(&outs, "Ok", &[]);
+    println!("{world} GPUs: rank 0 left in {} ms", left_ms(&outs[0]));
 }
 
 /// A rank that died is not waited for: the others leave without waiting out their deadline.
