@@ -120,7 +120,8 @@ fi
 if has tp-decode; then
   # The example engine (examples/tp-decode): one Llama-3.1-8B-shaped decode step per batch size
   # (cuBLAS GEMMs, NVRTC kernels, the two all-reduces of every layer) in one CUDA graph each,
-  # auto against nccl, checked against the unsharded model; first the tiny preset as a smoke
+  # auto and fused (all-reduce + add + RMSNorm in one call) against nccl, checked against the
+  # unsharded model; first the tiny preset as a smoke
   # test (2 GPUs: its 2 KV heads split no further), then the real one on every GPU, whose
   # engine_step rows replace those of $MACHINE.json. cuBLAS comes from the CUDA toolkit, else
   # from PyTorch's wheels.
@@ -140,7 +141,7 @@ if has tp-decode; then
   LD_LIBRARY_PATH="${cublas:+$cublas:}${LD_LIBRARY_PATH:-}" timeout "${TP_DECODE_TIMEOUT:-300}" \
     stdbuf -oL -eL "$BIN/tp-decode" "${table[@]}" --json "$OUT/$MACHINE.json" ${TP_DECODE_ARGS:-} >> "$OUT/bench.log" 2>&1
   log "tp-decode rc=$?"
-  grep -A14 "engine step (tp-decode)" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+  grep -A16 "engine step (tp-decode)" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 fi
 
 # The Python package: the wheel scripts/py-build.sh put in .whl/ (carried over), unzipped onto
