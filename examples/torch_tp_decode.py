@@ -12,6 +12,10 @@ random token per sequence. Each decode step is captured once per batch size in
 It checks that both backends produce the same tokens, and reports µs per decode step (median of
 graph replays timed with CUDA events) and tokens/s; `--json FILE` writes rows
 `op: "torch_decode_step"` (bytes = batch size) into a results file, keeping its other rows.
+With `--fused` it also runs each all-reduce, residual add and RMSNorm as one call of
+`symmcomm.torch.all_reduce_add_rmsnorm`, fused (`auto`) and unfused (symmcomm's all-reduce and
+its separate add-RMSNorm kernel, the same bits), and checks those two against each other (their
+RMSNorm rounds once where this file's rounds twice, so not against torch.distributed).
 
     python examples/torch_tp_decode.py --nproc 2 --json benchmarks/results/h200x2.json
     torchrun --nproc-per-node 2 examples/torch_tp_decode.py      # the same, under torchrun
@@ -138,18 +142,20 @@ class Model:
         self.tokens.copy_(first_tokens)
         self.pos.zero_()
 
-    def step(self, all_reduce, reduce_buffers):
-        """One decode step: embedding, every layer, final norm, greedy next token. `all_reduce`
-        reduces a [batch, hidden] bf16 tensor in place; `reduce_buffers` gives the tensor the
-        row-parallel GEMMs write into (symmetric memory for symmcomm)."""
+    def step(self, backend):
+        """One decode step: embedding, every layer, final norm, greedy next token. The backend
+        gives the tensors the row-parallel GEMMs write into (`backend.buffers`: symmetric
+        memory for symmcomm) and ends each half of a layer: `backend.reduce_add_norm(part, x,
+        w)` all-reduces `part`, adds it to the residual stream `x` and normalises the sum with
+        `w`, returning (normalised, new x)."""
         s, b = self.s, self.batch
         x = self.embed.index_select(0, self.tokens)  # [B, hidden]
         cos = self.cos.index_select(0, self.pos)  # [1, D/2]
         sin = self.sin.index_select(0, self.pos)
         # Attend to positions 0..pos: a mask over the whole cache.
         mask = (self.positions <= self.pos).view(1, 1, 1, -1)
+        h = rms_norm(x, self.layers[0].norm1, s.eps)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.norm1, s.eps)
             q = rope((h @ layer.wq).view(b, layer.hq, s.head_dim), cos, sin)
             k = rope((h @ layer.wk).view(b, layer.hk, s.head_dim), cos, sin)
             v = (h @ layer.wv).view(b, layer.hk, s.head_dim)
@@ -162,24 +168,22 @@ class Model:
                 attn_mask=mask,
                 enable_gqa=True,
             ).reshape(b, layer.hq * s.head_dim)
-            o = reduce_buffers[0]
+            o = backend.buffers[0]
             torch.matmul(attn, layer.wo, out=o)
-            all_reduce(o)
-            x = x + o
-            h = rms_norm(x, layer.norm2, s.eps)
+            h, x = backend.reduce_add_norm(o, x, layer.norm2)
             mlp = torch.nn.functional.silu(h @ layer.wg) * (h @ layer.wu)
-            d = reduce_buffers[1]
+            d = backend.buffers[1]
             torch.matmul(mlp, layer.wd, out=d)
-            all_reduce(d)
-            x = x + d
-        logits = rms_norm(x, self.final_norm, s.eps) @ self.head
+            last = i + 1 == len(self.layers)
+            h, x = backend.reduce_add_norm(d, x, self.final_norm if last else self.layers[i + 1].norm1)
+        logits = h @ self.head
         self.next_tokens.copy_(logits.argmax(-1))
         # Feed the next step (tokens and position live on the device, read by the graph).
         self.tokens.copy_(self.next_tokens)
         self.pos.add_(1)
 
 
-# ---- the two backends ------------------------------------------------------------------------
+# ---- the backends ----------------------------------------------------------------------------
 
 
 class TorchDistributed:
@@ -187,10 +191,13 @@ class TorchDistributed:
 
     def __init__(self, model: Model):
         b, h = model.batch, model.s.hidden
+        self.eps = model.s.eps
         self.buffers = [torch.empty(b, h, dtype=torch.bfloat16, device=model.device) for _ in range(2)]
 
-    def all_reduce(self, x: torch.Tensor):
-        dist.all_reduce(x)
+    def reduce_add_norm(self, part: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+        dist.all_reduce(part)
+        x = x + part
+        return rms_norm(x, w, self.eps), x
 
     def last(self) -> str:
         return "nccl"
@@ -202,17 +209,36 @@ class Symmcomm:
     def __init__(self, model: Model, group):
         import symmcomm.torch as st
 
-        self.st, self.group = st, group
+        self.st, self.group, self.eps = st, group, model.s.eps
         b, h = model.batch, model.s.hidden
         # The row-parallel GEMMs write straight into the group's windows.
         self.buffers = [st.empty(group, [b, h], torch.bfloat16) for _ in range(2)]
 
-    def all_reduce(self, x: torch.Tensor):
-        self.st.all_reduce_(self.group, x)
+    def reduce_add_norm(self, part: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+        self.st.all_reduce_(self.group, part)
+        x = x + part
+        return rms_norm(x, w, self.eps), x
 
     def last(self) -> str:
         d = self.group.last_dispatch
         return f"{d.name} ({d.reason})" if d is not None else "?"
+
+
+class SymmcommAddNorm(Symmcomm):
+    """symmcomm's all-reduce + residual add + RMSNorm in one call (`--fused`): `impl` "auto"
+    (one fused kernel per rank where one runs) or "unfused" (symmcomm's all-reduce, then its
+    separate add-RMSNorm kernel, which gives the same bits). Its RMSNorm rounds once where
+    `rms_norm` above rounds twice, so its tokens are compared with the other impl's, not with
+    torch.distributed's."""
+
+    def __init__(self, model: Model, group, impl: str):
+        super().__init__(model, group)
+        self.impl, self.name = impl, f"symmcomm {impl} add-rmsnorm"
+        # Kernels loaded and staging grown before the capture.
+        self.st.prepare(group, model.batch * model.s.hidden * 2)
+
+    def reduce_add_norm(self, part: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+        return self.st.all_reduce_add_rmsnorm(self.group, part, x, w, self.eps, impl=self.impl)
 
 
 # ---- capture, replay, check --------------------------------------------------------------------
@@ -225,13 +251,13 @@ def decode(model: Model, backend, first: torch.Tensor, replays: int):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up (kernels, NCCL connections) outside the capture
-        model.step(backend.all_reduce, backend.buffers)
+        model.step(backend)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     model.reset(first)
     with torch.cuda.graph(graph):
-        model.step(backend.all_reduce, backend.buffers)
+        model.step(backend)
     tokens, times = [], []
     model.reset(first)
     for _ in range(replays):
@@ -244,6 +270,13 @@ def decode(model: Model, backend, first: torch.Tensor, replays: int):
         tokens.append(model.tokens.clone())
     del graph
     return torch.stack(tokens).cpu(), statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def agree(a: torch.Tensor, b: torch.Tensor, device) -> bool:
+    """Whether two runs' tokens are equal on every rank (collective)."""
+    flag = torch.tensor([1 if torch.equal(a, b) else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def run_rank(args) -> None:
@@ -268,17 +301,15 @@ def run_rank(args) -> None:
         g = torch.Generator(device=device).manual_seed(args.seed + batch)
         first = torch.randint(0, shape.vocab, (batch,), generator=g, device=device)
         backends = [TorchDistributed(model), Symmcomm(model, group)]
+        if args.fused:
+            backends += [SymmcommAddNorm(model, group, "unfused"), SymmcommAddNorm(model, group, "auto")]
         results = {}
         for b in backends:
             tokens, us = decode(model, b, first, args.steps)
             results[b.name] = (tokens, us, b.last())
         base_tokens, base_us, _ = results["torch.distributed"]
         ours_tokens, ours_us, ran = results["symmcomm"]
-        same = bool(torch.equal(base_tokens, ours_tokens))
-        # Every rank must agree that both runs match.
-        flag = torch.tensor([1 if same else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        same = bool(flag.item())
+        same = agree(base_tokens, ours_tokens, device)
         if rank == 0:
             print(
                 f"batch {batch:3d}: torch.distributed {base_us:9.1f} us/step "
@@ -287,11 +318,25 @@ def run_rank(args) -> None:
                 f"same tokens: {same} | symmcomm ran {ran}",
                 flush=True,
             )
-        for name, us in (("torch.distributed", base_us), ("auto", ours_us)):
+        timed = [("torch.distributed", base_us, same), ("auto", ours_us, same)]
+        if args.fused:
+            unfused_tokens, unfused_us, _ = results["symmcomm unfused add-rmsnorm"]
+            fused_tokens, fused_us, fused_ran = results["symmcomm auto add-rmsnorm"]
+            same_fused = agree(unfused_tokens, fused_tokens, device)
+            if rank == 0:
+                print(
+                    f"batch {batch:3d}: add-rmsnorm unfused {unfused_us:9.1f} us/step | fused "
+                    f"{fused_us:9.1f} us/step | fused / unfused {fused_us / unfused_us:.3f} | "
+                    f"fused / torch.distributed {fused_us / base_us:.3f} | same tokens: "
+                    f"{same_fused} | ran {fused_ran}",
+                    flush=True,
+                )
+            timed += [("unfused_add_rmsnorm", unfused_us, same_fused), ("fused", fused_us, same_fused)]
+        for name, us, ok in timed:
             rows.append(
                 {"op": "torch_decode_step", "dtype": "bf16", "bytes": batch, "world": world,
                  "impl": name, "mode": "graph", "us": us, "algbw_gbps": 0.0, "busbw_gbps": 0.0,
-                 "ok": same, "config": f"{args.preset} layers={shape.layers} steps={args.steps}"}
+                 "ok": ok, "config": f"{args.preset} layers={shape.layers} steps={args.steps}"}
             )
         del model, backends
         torch.cuda.empty_cache()
@@ -370,6 +415,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None)
     p.add_argument("--timeout", type=float, default=540.0)
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="also time symmcomm's all-reduce + add + RMSNorm in one call, fused against unfused",
+    )
     args = p.parse_args()
     if args.steps < 2 or any(b < 1 for b in args.batch):
         p.error("--steps must be at least 2 and every --batch at least 1")

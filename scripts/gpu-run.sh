@@ -39,7 +39,7 @@ else
 fi
 [[ "${gpus:-0}" -gt 0 ]] || gpus=2
 MACHINE="${MACHINE:-h200x${gpus}}"
-STEPS="${STEPS:-info,tests,check,soak,tune,bench,ar-rmsnorm,decode-sim,tp-decode,python,torch-decode,bench-nccl2289,hosts}"
+STEPS="${STEPS:-info,tests,check,soak,tune,bench,ar-rmsnorm,decode-sim,tp-decode,python,torch-decode,torch-decode-fused,bench-nccl2289,hosts}"
 # At most 8 files come back from the machine: logs are grouped.
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
 # decode-sim, tp-decode, torch-decode), python.log, and the JSON results.
@@ -147,7 +147,7 @@ fi
 # The Python package: the wheel scripts/py-build.sh put in .whl/ (carried over), unzipped onto
 # PYTHONPATH (no network, no pip install there).
 PYSITE=/tmp/symmcomm-py
-if has python || has torch-decode; then
+if has python || has torch-decode || has torch-decode-fused; then
   whl=$(ls "$HERE"/../.whl/symmcomm-*.whl .whl/symmcomm-*.whl 2>/dev/null | head -1)
   rm -rf "$PYSITE" && mkdir -p "$PYSITE"
   if [[ -n "$whl" ]]; then python3 -m zipfile -e "$whl" "$PYSITE"; else log "no wheel in .whl/"; fi
@@ -172,6 +172,17 @@ if has torch-decode; then
     --timeout "${TORCH_DECODE_TIMEOUT:-400}" ${TORCH_DECODE_ARGS:-} >> "$OUT/bench.log" 2>&1
   log "torch-decode rc=$?"
   grep -E "^batch|same tokens|wrote" "$OUT/bench.log" | tail -8 | tee -a "$OUT/summary.txt"
+fi
+
+if has torch-decode-fused; then
+  # The same with symmcomm's all-reduce + add + RMSNorm in one call, fused against unfused
+  # (tokens compared between those two), in a results file of its own.
+  log "torch-decode --fused"
+  PYTHONPATH="$PYSITE" SYMMCOMM_COMMIT="${SYMMCOMM_COMMIT:-unknown}" timeout "${TORCH_DECODE_TIMEOUT:-400}" \
+    stdbuf -oL -eL python3 examples/torch_tp_decode.py --fused --json "$OUT/$MACHINE-torch-fused.json" \
+    --timeout "${TORCH_DECODE_TIMEOUT:-400}" ${TORCH_DECODE_ARGS:-} >> "$OUT/bench.log" 2>&1
+  log "torch-decode --fused rc=$?"
+  grep -E "^batch|same tokens|wrote" "$OUT/bench.log" | tail -12 | tee -a "$OUT/summary.txt"
 fi
 
 if has bench-nccl2289; then
