@@ -291,8 +291,27 @@ fn merge_mismatches(
     }
 }
 
+/// A checked run that failed: its output differs from the reference, or the run itself failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The output differs from the f64 reference.
+    #[error(
+        "{ctx}: {} of {} elements differ from the reference (first at {}: got {}, want {})",
+        .mismatch.wrong, .mismatch.total, .mismatch.first_index, .mismatch.got, .mismatch.want
+    )]
+    WrongResult {
+        /// The operation, group, rank and size.
+        ctx: OpCtx,
+        /// Where and by how much.
+        mismatch: Mismatch,
+    },
+    /// The run failed before there was anything to check.
+    #[error(transparent)]
+    Run(#[from] Error),
+}
+
 /// Run a case once on every rank of `group` (collective) and check this rank's output.
-pub fn run_checked(group: &Group, case: &Case) -> Result<Dispatched> {
+pub fn run_checked(group: &Group, case: &Case) -> std::result::Result<Dispatched, CheckError> {
     let bufs = alloc(group, case)?;
     let d = enqueue(group, case, &bufs, None)?;
     let got = group.download_bytes(&bufs.output)?;
@@ -301,23 +320,26 @@ pub fn run_checked(group: &Group, case: &Case) -> Result<Dispatched> {
 }
 
 /// Turn a comparison into an error naming the group and rank.
-pub fn check(group: &Group, case: &Case, epoch: u64, got: &[u8]) -> Result<()> {
-    compare(case, group.size(), group.rank(), epoch, got).map_err(|m| Error::WrongResult {
-        ctx: OpCtx {
-            op: match case.coll {
-                Collective::AllReduce(_) => Op::AllReduce,
-                Collective::AllGather => Op::AllGather,
-                Collective::ReduceScatter(_) => Op::ReduceScatter,
+pub fn check(
+    group: &Group,
+    case: &Case,
+    epoch: u64,
+    got: &[u8],
+) -> std::result::Result<(), CheckError> {
+    compare(case, group.size(), group.rank(), epoch, got).map_err(|mismatch| {
+        CheckError::WrongResult {
+            ctx: OpCtx {
+                op: match case.coll {
+                    Collective::AllReduce(_) => Op::AllReduce,
+                    Collective::AllGather => Op::AllGather,
+                    Collective::ReduceScatter(_) => Op::ReduceScatter,
+                },
+                group: group.label().into(),
+                rank: group.rank(),
+                world: group.size(),
+                bytes: got.len(),
             },
-            group: group.label().into(),
-            rank: group.rank(),
-            world: group.size(),
-            bytes: got.len(),
-        },
-        wrong: m.wrong,
-        total: m.total,
-        first_index: m.first_index,
-        got: m.got,
-        want: m.want,
+            mismatch,
+        }
     })
 }

@@ -5,11 +5,11 @@
 //! buffer, and exports the allocator functions torch's `CUDAPluggableAllocator` loads. It
 //! never imports torch; `symmcomm.torch` does.
 //!
-//! One module per job: [`comm`] (start-up, groups by colour or rank lists, hosts), [`group`]
-//! (memory, waits, topology), [`ops`] (the hot path), [`norm`] (the collective fused with the
-//! residual add and RMSNorm), [`dlpack`] (export), [`alloc`] (torch's allocator), [`dcp`],
-//! [`dp`], [`env`] (the NCCL environment plan), [`registry`] (handles), [`codes`] (small
-//! integers), [`errors`] (the exception hierarchy).
+//! One module per job: `comm` (start-up, groups by colour or rank lists, hosts), `group`
+//! (memory, waits, topology), `ops` (the hot path), `norm` (the collective fused with the
+//! residual add and RMSNorm), `dlpack` (export), `alloc` (torch's allocator), `dcp`,
+//! `dp`, `env` (the NCCL environment plan), `registry` (handles), `codes` (small
+//! integers), `errors` (the exception hierarchy).
 
 use pyo3::prelude::*;
 

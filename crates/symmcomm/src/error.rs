@@ -351,19 +351,6 @@ pub enum Error {
     #[error("no usable GPU: {reason}")]
     NoGpu { reason: String },
 
-    /// A result check against the reference failed.
-    #[error(
-        "{ctx}: {wrong} of {total} elements differ from the reference (first at {first_index}: got {got}, want {want})"
-    )]
-    WrongResult {
-        ctx: OpCtx,
-        wrong: usize,
-        total: usize,
-        first_index: usize,
-        got: f64,
-        want: f64,
-    },
-
     /// An argument that is wrong in a way no other variant describes.
     #[error("{ctx}: invalid argument: {detail}")]
     InvalidArgument { ctx: OpCtx, detail: String },
@@ -437,7 +424,6 @@ impl Error {
             | Error::Aborted { ctx, .. }
             | Error::Nccl { ctx, .. }
             | Error::Cuda { ctx, .. }
-            | Error::WrongResult { ctx, .. }
             | Error::InvalidArgument { ctx, .. }
             | Error::Disagreement { ctx, .. }
             | Error::CapacityExceeded { ctx, .. } => Some(ctx),

@@ -79,7 +79,9 @@ fn flat_collectives(b: TestBackend) {
                                 output_symm: symm,
                                 seed: seed ^ n,
                             };
-                            let d = verify::run_checked(g, &case).map_err(|e| wrong(e, &case))?;
+                            let d = common::checked(
+                                verify::run_checked(g, &case).inspect_err(|_| failed(&case)),
+                            )?;
                             if imp == Impl::Auto {
                                 // NCCL's rule without a table: symmetric iff both in windows
                                 // and the symmetric path can take this call.
@@ -101,9 +103,8 @@ fn flat_collectives(b: TestBackend) {
     }
 }
 
-fn wrong(e: Error, case: &Case) -> Error {
+fn failed(case: &Case) {
     eprintln!("failed case: {case:?}");
-    e
 }
 
 fn dim_collectives(b: TestBackend) {
@@ -148,7 +149,9 @@ fn dim_collectives(b: TestBackend) {
                                 output_symm: symm,
                                 seed: seed ^ (n << 20),
                             };
-                            verify::run_checked(g, &case).map_err(|e| wrong(e, &case))?;
+                            common::checked(
+                                verify::run_checked(g, &case).inspect_err(|_| failed(&case)),
+                            )?;
                         }
                     }
                 }
@@ -354,7 +357,19 @@ fn bad_inputs(b: TestBackend) {
         assert!(matches!(e, Error::ForeignBuffer { .. }), "{e}");
         assert!(poisoned(&out)?);
         // ...but the regular path may read any memory of this communicator.
-        verify::check(
+        let got = {
+            other.fill_random(&foreign, 5, None)?;
+            // fill_random uses the group rank, equal in both groups here
+            g.collective(
+                Collective::AllReduce(ReduceOp::Sum),
+                &foreign,
+                &out,
+                None,
+                Impl::Regular,
+            )?;
+            g.download_bytes(&out)?
+        };
+        common::checked(verify::check(
             g,
             &Case {
                 coll: Collective::AllReduce(ReduceOp::Sum),
@@ -367,19 +382,8 @@ fn bad_inputs(b: TestBackend) {
                 seed: 5,
             },
             0,
-            &{
-                other.fill_random(&foreign, 5, None)?;
-                // fill_random uses the group rank, equal in both groups here
-                g.collective(
-                    Collective::AllReduce(ReduceOp::Sum),
-                    &foreign,
-                    &out,
-                    None,
-                    Impl::Regular,
-                )?;
-                g.download_bytes(&out)?
-            },
-        )?;
+            &got,
+        ))?;
         Ok(())
     }));
 }
@@ -573,7 +577,7 @@ fn graph_of_two_groups(b: TestBackend) {
             assert_eq!(tp.epoch(&counter)?, replay);
             for ((g, c), bf) in cases.iter().zip(&bufs) {
                 let got = g.download_bytes(&bf.output)?;
-                verify::check(g, c, replay, &got)?;
+                common::checked(verify::check(g, c, replay, &got))?;
             }
         }
         Ok(())
@@ -648,11 +652,11 @@ fn auto_stages_by_table(b: TestBackend) {
             output_symm: false,
             seed,
         };
-        let d = verify::run_checked(g, &case)?;
+        let d = common::checked(verify::run_checked(g, &case))?;
         assert_eq!(d.imp, Impl::Symmetric, "{}", d.reason());
         assert!(d.staged_input && d.staged_output);
         case.shape = vec![1 << 16];
-        let d = verify::run_checked(g, &case)?;
+        let d = common::checked(verify::run_checked(g, &case))?;
         assert_eq!(d.imp, Impl::Regular, "{}", d.reason());
         Ok(())
     }));

@@ -40,7 +40,6 @@ fn variant(e: &Error) -> &'static str {
         Error::Nccl { .. } => "Nccl",
         Error::Io { .. } => "Io",
         Error::RendezvousFailed { .. } => "RendezvousFailed",
-        Error::WrongResult { .. } => "WrongResult",
         _ => "Other",
     }
 }

@@ -74,7 +74,7 @@ fn groups_and_pools_come_back(b: TestBackend) {
                 seed: case.seed + i as u64,
                 ..case.clone()
             };
-            verify::run_checked(&g, &case)?;
+            common::checked(verify::run_checked(&g, &case))?;
             assert_eq!(g.pool_stats().segments, 1);
             g.barrier()?;
             add(1, t);

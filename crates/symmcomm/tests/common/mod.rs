@@ -142,3 +142,13 @@ macro_rules! backend_tests {
         }
     };
 }
+
+/// A checked run's result inside a rank's body: a wrong output fails the test here, with the
+/// mismatch named; a run that failed is the body's error, as any other call's.
+pub fn checked<T>(r: Result<T, symmcomm_lab::verify::CheckError>) -> symmcomm::Result<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(symmcomm_lab::verify::CheckError::Run(e)) => Err(e),
+        Err(wrong) => panic!("{wrong}"),
+    }
+}
