@@ -7,45 +7,28 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyModule};
-use symmcomm::{Error, Op, OpCtx};
+use symmcomm::{Error, ErrorKind, Op, OpCtx};
 
 /// The Python module that defines the exception classes.
 const ERRORS_MODULE: &str = "symmcomm.errors";
 
-/// The class of `symmcomm.errors` an error is raised as.
+/// The class of `symmcomm.errors` an error is raised as: one per kind.
 fn class_of(e: &Error) -> &'static str {
-    match e {
-        Error::DTypeMismatch { .. }
-        | Error::ArgDTypeMismatch { .. }
-        | Error::OpNotAllowed { .. } => "DTypeError",
-        Error::NotDivisible { .. }
-        | Error::ShapeMismatch { .. }
-        | Error::ArgShapeMismatch { .. }
-        | Error::OutputTooSmall { .. }
-        | Error::BadDim { .. } => "ShapeError",
-        Error::NotContiguous { .. } => "NotContiguousError",
-        Error::Overlap { .. } => "OverlapError",
-        Error::ForeignBuffer { .. } | Error::NotSymmetric { .. } => "ForeignBufferError",
-        Error::ImplUnavailable { .. } => "ImplUnavailableError",
-        Error::InvalidArgument { .. } => "ArgumentError",
-        Error::DuringCapture { .. } => "CaptureError",
-        Error::CapacityExceeded { .. } => "CapacityError",
-        Error::SpmdDivergence { .. } | Error::Disagreement { .. } => "DisagreementError",
-        Error::Timeout { .. } => "DeadlineError",
-        Error::Aborted { .. } => "AbortedError",
-        Error::WrongWorldSize { .. }
-        | Error::DuplicateRank { .. }
-        | Error::RankOutOfRange { .. }
-        | Error::MasterUnreachable { .. }
-        | Error::AddrInUse { .. }
-        | Error::Malformed { .. }
-        | Error::RendezvousFailed { .. }
-        | Error::BadEnv { .. } => "BootstrapError",
-        Error::Nccl { .. }
-        | Error::NcclLoad(_)
-        | Error::Cuda { .. }
-        | Error::Nvrtc { .. }
-        | Error::NoGpu { .. } => "BackendError",
+    match e.kind() {
+        ErrorKind::DType => "DTypeError",
+        ErrorKind::Shape => "ShapeError",
+        ErrorKind::NotContiguous => "NotContiguousError",
+        ErrorKind::Overlap => "OverlapError",
+        ErrorKind::ForeignBuffer => "ForeignBufferError",
+        ErrorKind::ImplUnavailable => "ImplUnavailableError",
+        ErrorKind::InvalidArgument => "ArgumentError",
+        ErrorKind::Capture => "CaptureError",
+        ErrorKind::Capacity => "CapacityError",
+        ErrorKind::Disagreement => "DisagreementError",
+        ErrorKind::Deadline => "DeadlineError",
+        ErrorKind::Aborted => "AbortedError",
+        ErrorKind::Bootstrap => "BootstrapError",
+        ErrorKind::Backend => "BackendError",
         _ => "SymmcommError",
     }
 }

@@ -125,6 +125,44 @@ impl fmt::Display for Arg {
     }
 }
 
+/// What kind of failure an [`Error`] is: a short list to react to, where [`Error`]'s variants
+/// say exactly what happened. The Python package raises one exception class per kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An element type the operation does not take, or tensors that disagree on it.
+    DType,
+    /// A shape, length or dimension that does not fit the operation.
+    Shape,
+    /// A tensor that must be contiguous is not.
+    NotContiguous,
+    /// Input and output overlap in a way the operation does not allow.
+    Overlap,
+    /// A buffer of another group, communicator or backend, or plain memory where the
+    /// implementation needs the group's windows.
+    ForeignBuffer,
+    /// The implementation asked for cannot run this call here.
+    ImplUnavailable,
+    /// An argument wrong in another way (the message says which).
+    InvalidArgument,
+    /// Something a CUDA graph capture cannot hold (compiling, growing the pool, registering).
+    Capture,
+    /// More than a buffer or the pool was made for.
+    Capacity,
+    /// Ranks passed different values where every rank must pass the same (SPMD).
+    Disagreement,
+    /// A wait ran past its deadline; the process's communicators are aborted.
+    Deadline,
+    /// The communicator was aborted (a deadline, a peer's failure, the user).
+    Aborted,
+    /// The rendezvous failed: the environment, the master's address, world size or ranks.
+    Bootstrap,
+    /// CUDA, NCCL or NVRTC failed, NCCL could not be loaded, or no GPU is usable.
+    Backend,
+    /// Files, sockets, or a dispatch table that cannot be read.
+    Io,
+}
+
 /// Everything that can go wrong in symmcomm.
 ///
 /// Fields are named for what they hold: `ctx` says the operation, group, rank and size; `arg`
@@ -399,6 +437,50 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// What kind of failure this is.
+    ///
+    /// ```
+    /// use symmcomm::{Error, ErrorKind};
+    /// let e = Error::io("reading a dispatch table", std::io::Error::other("gone"));
+    /// assert_eq!(e.kind(), ErrorKind::Io);
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::DTypeMismatch { .. }
+            | Error::ArgDTypeMismatch { .. }
+            | Error::OpNotAllowed { .. } => ErrorKind::DType,
+            Error::ArgShapeMismatch { .. }
+            | Error::NotDivisible { .. }
+            | Error::ShapeMismatch { .. }
+            | Error::OutputTooSmall { .. }
+            | Error::BadDim { .. } => ErrorKind::Shape,
+            Error::NotContiguous { .. } => ErrorKind::NotContiguous,
+            Error::Overlap { .. } => ErrorKind::Overlap,
+            Error::NotSymmetric { .. } | Error::ForeignBuffer { .. } => ErrorKind::ForeignBuffer,
+            Error::ImplUnavailable { .. } => ErrorKind::ImplUnavailable,
+            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::DuringCapture { .. } => ErrorKind::Capture,
+            Error::CapacityExceeded { .. } => ErrorKind::Capacity,
+            Error::SpmdDivergence { .. } | Error::Disagreement { .. } => ErrorKind::Disagreement,
+            Error::Timeout { .. } => ErrorKind::Deadline,
+            Error::Aborted { .. } => ErrorKind::Aborted,
+            Error::WrongWorldSize { .. }
+            | Error::DuplicateRank { .. }
+            | Error::RankOutOfRange { .. }
+            | Error::MasterUnreachable { .. }
+            | Error::AddrInUse { .. }
+            | Error::Malformed { .. }
+            | Error::RendezvousFailed { .. }
+            | Error::BadEnv { .. } => ErrorKind::Bootstrap,
+            Error::Nccl { .. }
+            | Error::NcclLoad(_)
+            | Error::Cuda { .. }
+            | Error::Nvrtc { .. }
+            | Error::NoGpu { .. } => ErrorKind::Backend,
+            Error::Table { .. } | Error::Io { .. } => ErrorKind::Io,
         }
     }
 

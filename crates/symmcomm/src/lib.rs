@@ -55,7 +55,7 @@ pub use config::{CommConfig, TableSource};
 /// The cudarc this library is built with: an engine's cudarc types must come from this version.
 pub use cudarc;
 pub use dtype::{DType, Element, ReduceOp};
-pub use error::{Arg, Error, Op, OpCtx, Result};
+pub use error::{Arg, Error, ErrorKind, Op, OpCtx, Result};
 pub use group::{Dispatched, Group, SymmScope};
 pub use interop::{Borrowed, DeviceView};
 #[cfg(feature = "lab")]
