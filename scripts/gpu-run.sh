@@ -44,6 +44,13 @@ STEPS="${STEPS:-info,tests,check,soak,tune,bench,ar-rmsnorm,decode-sim,tp-decode
 # summary.txt (steps, info), tests.log, run.log (check, soak, tune), bench.log (bench,
 # decode-sim, tp-decode, torch-decode), python.log, and the JSON results.
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+# cuBLAS for tp-decode and its GPU test: the CUDA toolkit's, else PyTorch's wheels'.
+cublas=""
+for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
+    /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib \
+    /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cublas/lib; do
+  if compgen -G "$d/libcublas.so*" > /dev/null; then cublas="$d"; break; fi
+done
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 if has info; then
@@ -56,7 +63,8 @@ if has tests; then
   for t in "$BIN"/tests/*; do
     name=$(basename "$t")
     log "test $name"
-    timeout "${TEST_TIMEOUT:-240}" stdbuf -oL -eL "$t" --test-threads=1 ${TEST_FILTER:-} >> "$OUT/tests.log" 2>&1
+    LD_LIBRARY_PATH="${cublas:+$cublas:}${LD_LIBRARY_PATH:-}" timeout "${TEST_TIMEOUT:-240}" \
+      stdbuf -oL -eL "$t" --test-threads=1 ${TEST_FILTER:-} >> "$OUT/tests.log" 2>&1
     log "test $name rc=$?"
   done
   grep -E "^test result|FAILED|panicked" "$OUT/tests.log" | tee -a "$OUT/summary.txt"
@@ -123,14 +131,7 @@ if has tp-decode; then
   # auto and fused (all-reduce + add + RMSNorm in one call) against nccl, checked against the
   # unsharded model; first the tiny preset as a smoke
   # test (2 GPUs: its 2 KV heads split no further), then the real one on every GPU, whose
-  # engine_step rows replace those of $MACHINE.json. cuBLAS comes from the CUDA toolkit, else
-  # from PyTorch's wheels.
-  cublas=""
-  for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
-      /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib \
-      /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cublas/lib; do
-    if compgen -G "$d/libcublas.so*" > /dev/null; then cublas="$d"; break; fi
-  done
+  # engine_step rows replace those of $MACHINE.json.
   table=()
   [[ -f "$OUT/dispatch-$MACHINE.json" ]] && table=(--table "$OUT/dispatch-$MACHINE.json")
   log "tp-decode (cuBLAS from ${cublas:-the default library path}) ${table[*]}"

@@ -29,8 +29,8 @@ use crate::weights::{self, Param};
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 /// Threads of the row kernels (RMSNorm, RoPE) and the elementwise ones.
 const BLOCK: u32 = 256;
-/// Threads of the attention kernel (4 warps: one token per warp for the scores).
-const ATTENTION_BLOCK: u32 = 128;
+/// Threads of the attention kernel (8 warps, each taking 32 / (head_dim / 8) tokens at a time).
+const ATTENTION_BLOCK: u32 = 256;
 
 /// Whether cuBLAS can be loaded (cudarc loads it lazily and would panic at the first call),
 /// or an error naming the file that is missing or does not load.
@@ -511,7 +511,8 @@ impl Compute for CudaCompute {
         let (q_heads, kv_heads) = (s.q_heads() as i32, s.kv_heads() as i32);
         let (head_dim, slots) = (s.dims.head_dim as i32, s.cache_slots() as i32);
         let scale = 1.0 / (s.dims.head_dim as f32).sqrt();
-        let shared = ((s.dims.head_dim + s.cache_slots()) * 4) as u32;
+        let warps = (ATTENTION_BLOCK / 32) as usize;
+        let shared = ((s.cache_slots() + warps * s.dims.head_dim) * 4) as u32;
         let l = &self.layers[layer];
         let (qkv, out) = read_write(&mut self.acts, Act::Qkv, Act::Attn)?;
         let mut launch = self.stream.launch_builder(&self.kernels.attention);
@@ -527,9 +528,11 @@ impl Compute for CudaCompute {
             .arg(&scale);
         // SAFETY: tp_attention(const bf16* qkv, const bf16* kcache, const bf16* vcache, bf16*
         // out, int x 4, float), one block per (query head, batch row) of whole warps: reads q
-        // of row b and `slots` tokens of its KV head, writes head h of row b of out; the
-        // dynamic shared memory holds head_dim + slots floats (at most 33.8 KB by
-        // Dims::validate, under the default 48 KB).
+        // of row b and `slots` tokens of its KV head in 16-byte loads (head_dim a power of two
+        // from 8 to 256 by Dims::validate, so every row starts 16-byte aligned in buffers
+        // cudarc allocated), writes head h of row b of out; the dynamic shared memory holds
+        // slots + 8 x head_dim floats (at most 40.0 KB by Dims::validate, under the default
+        // 48 KB).
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: (q_heads as u32, batch as u32, 1),

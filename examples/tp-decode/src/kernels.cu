@@ -118,30 +118,60 @@ extern "C" __global__ void tp_rope_append(bf16* qkv, bf16* kcache, bf16* vcache,
 
 // ---------------------------------------------------------------------------------------------
 // Attention of one query token over `slots` cached tokens, one block per (query head, batch
-// row), grouped-query (query head h reads KV head h / (q_heads / kv_heads)). Dynamic shared
-// memory: head_dim + slots floats (q, then the scores). Blocks of whole warps.
+// row), grouped-query (query head h reads KV head h / (q_heads / kv_heads)). Blocks of whole
+// warps; head_dim a power of two from 8 to 256 (Dims::validate), so that a token's row is
+// head_dim / 8 lanes of 16-byte loads and a warp takes 32 / (head_dim / 8) tokens at a time:
+// every load of a step is issued before any result is needed, and the loops over tokens are
+// short (the block's warps split them). Dynamic shared memory: slots floats (the scores), then
+// warps x head_dim floats (each warp's share of the output).
+
+// Eight bf16 at p (16-byte aligned) as floats.
+__device__ __forceinline__ void load8(const bf16* p, float* f) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 v = __bfloat1622float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
 
 extern "C" __global__ void tp_attention(const bf16* qkv, const bf16* kcache, const bf16* vcache,
                                         bf16* out, int q_heads, int kv_heads, int head_dim,
                                         int slots, float scale) {
     extern __shared__ float smem[];
-    float* q = smem;
-    float* p = smem + head_dim;
+    float* p = smem;
+    float* share = smem + slots;
     const int h = blockIdx.x, b = blockIdx.y, g = h / (q_heads / kv_heads);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const bf16* qh = qkv + (u64)b * (q_heads + 2 * kv_heads) * head_dim + h * head_dim;
-    const u64 base = ((u64)b * kv_heads + g) * slots * head_dim;
+    // A token is `width` lanes, lane `part` of it holding dimensions 8 part .. 8 part + 7; a
+    // warp holds `per_warp` tokens, this lane's being number `slot_in_warp`.
+    const int width = head_dim / 8, per_warp = 32 / width;
+    const int part = lane % width, slot_in_warp = lane / width, step = warps * per_warp;
+    const bf16* qh = qkv + ((u64)b * (q_heads + 2 * kv_heads) + h) * head_dim;
+    const u64 base = ((u64)b * kv_heads + g) * slots * head_dim + part * 8;
     const bf16* k = kcache + base;
     const bf16* v = vcache + base;
 
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) q[d] = ld(qh + d) * scale;
-    __syncthreads();
-    // Scores: one warp per token.
-    for (int t = warp; t < slots; t += warps) {
+    float q[8];
+    load8(qh + part * 8, q);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] *= scale;
+    // Scores: each token's dot product summed over its `width` lanes (the loop bound is the
+    // warp's, so every lane takes part in the shuffles).
+#pragma unroll 4
+    for (int t0 = warp * per_warp; t0 < slots; t0 += step) {
+        const int t = t0 + slot_in_warp;
         float s = 0.0f;
-        for (int d = lane; d < head_dim; d += 32) s += q[d] * ld(k + (u64)t * head_dim + d);
-        s = warp_sum(s);
-        if (lane == 0) p[t] = s;
+        if (t < slots) {
+            float kk[8];
+            load8(k + (u64)t * head_dim, kk);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) s += q[i] * kk[i];
+        }
+        for (int o = width / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (t < slots && part == 0) p[t] = s;
     }
     __syncthreads();
     // Softmax (block_max and block_sum synchronise, so every p[t] is visible after them).
@@ -155,12 +185,31 @@ extern "C" __global__ void tp_attention(const bf16* qkv, const bf16* kcache, con
         sum += e;
     }
     const float inv = 1.0f / block_sum(sum);
-    // Output: one thread per dimension, over every token.
+    // Output: each lane sums its 8 dimensions over its tokens, then over the warp's tokens
+    // (lanes of the same part), then thread d over the warps.
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+    for (int t = warp * per_warp + slot_in_warp; t < slots; t += step) {
+        float vv[8];
+        load8(v + (u64)t * head_dim, vv);
+        const float w = p[t];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += w * vv[i];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        for (int o = width; o < 32; o <<= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+    }
+    if (slot_in_warp == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) share[warp * head_dim + part * 8 + i] = acc[i];
+    }
+    __syncthreads();
     bf16* o = out + ((u64)b * q_heads + h) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int t = 0; t < slots; ++t) acc += p[t] * ld(v + (u64)t * head_dim + d);
-        o[d] = to_bf16(acc * inv);
+        float total = 0.0f;
+        for (int w = 0; w < warps; ++w) total += share[w * head_dim + d];
+        o[d] = to_bf16(total * inv);
     }
 }
 

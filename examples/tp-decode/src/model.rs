@@ -119,9 +119,10 @@ impl Dims {
                 self.kv_heads
             );
         }
-        if !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM {
+        if !self.head_dim.is_power_of_two() || !(8..=MAX_HEAD_DIM).contains(&self.head_dim) {
             bail!(
-                "head_dim {} must be even and at most {MAX_HEAD_DIM} (RoPE rotates pairs)",
+                "head_dim {} must be a power of two from 8 to {MAX_HEAD_DIM} (the attention \
+                 kernel reads rows in 16-byte pieces that tile a warp)",
                 self.head_dim
             );
         }
@@ -332,9 +333,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("context"), "{e}");
-        let e = Shard::new(Dims { kv_heads: 5, ..d }, 1, 0)
+        let e = Shard::new(
+            Dims {
+                kv_heads: 5,
+                ..d.clone()
+            },
+            1,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("do not group evenly"), "{e}");
+        for head_dim in [4, 96, 512] {
+            let e = Shard::new(
+                Dims {
+                    head_dim,
+                    ..d.clone()
+                },
+                1,
+                0,
+            )
             .unwrap_err()
             .to_string();
-        assert!(e.contains("do not group evenly"), "{e}");
+            assert!(e.contains("power of two from 8 to 256"), "{head_dim}: {e}");
+        }
     }
 }
