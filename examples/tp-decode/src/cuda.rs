@@ -97,6 +97,10 @@ pub struct CudaCompute {
     blas: CudaBlas,
     _workspace: CudaSlice<u8>,
     kernels: Arc<Kernels>,
+    /// The engine's buffers the fused all-reduce + add + RMSNorm takes, as the TP group's
+    /// tensors (made once, outside any capture); `None` when unsharded. Declared before the
+    /// buffers, so dropped before them.
+    fused: Option<FusedViews>,
     layers: Vec<Layer>,
     input: CudaSlice<bf16>,
     final_norm: CudaSlice<bf16>,
@@ -123,23 +127,6 @@ fn slot(act: Act) -> Result<usize> {
         Act::Mlp => Ok(5),
         Act::Out => Ok(6),
         Act::Reduce => bail!("Act::Reduce lives in the TP group's memory, not in acts"),
-    }
-}
-
-/// Two different activations of `acts`, both to write.
-fn two_mut(
-    acts: &mut [CudaSlice<bf16>],
-    a: Act,
-    b: Act,
-) -> Result<(&mut CudaSlice<bf16>, &mut CudaSlice<bf16>)> {
-    let (i, j) = (slot(a)?, slot(b)?);
-    ensure!(i != j, "{a:?} is written twice by one operation");
-    if i < j {
-        let (lo, hi) = acts.split_at_mut(j);
-        Ok((&mut lo[i], &mut hi[0]))
-    } else {
-        let (lo, hi) = acts.split_at_mut(i);
-        Ok((&mut hi[0], &mut lo[j]))
     }
 }
 
@@ -328,6 +315,64 @@ impl ParamGen<'_> {
     }
 }
 
+/// [`Act::Hidden`], [`Act::Normed`] and [`Act::Out`] (`[max batch, hidden]`) and every RMSNorm
+/// weight (`[hidden]`) as tensors of the TP group, wrapping the engine's memory in place.
+#[derive(Debug)]
+struct FusedViews {
+    acts: Vec<(Act, Tensor)>,
+    attn: Vec<Tensor>,
+    mlp: Vec<Tensor>,
+    final_norm: Tensor,
+}
+
+impl FusedViews {
+    /// The views on `group` of the buffers that live in `c` (asks the driver about each
+    /// allocation once, here, rather than inside a capture).
+    fn new(group: &Group, c: &CudaCompute) -> Result<FusedViews> {
+        let hidden = c.shard.dims.hidden;
+        let view = |slice: &CudaSlice<bf16>, shape: &[usize]| -> Result<Tensor> {
+            let (ptr, _sync) = slice.device_ptr(&c.stream);
+            // SAFETY: `slice` holds at least shape's elements (checked by wrap_raw against
+            // the allocation too) and lives in `c`, which owns these views and drops them
+            // first; every graph captured with them is replayed only while `c` lives.
+            Ok(unsafe { group.wrap_raw(ptr, symmcomm::DType::BF16, shape)? })
+        };
+        let mut acts = Vec::new();
+        for act in [Act::Hidden, Act::Normed, Act::Out] {
+            acts.push((act, view(&c.acts[slot(act)?], &[c.max_batch, hidden])?));
+        }
+        let weights = |f: fn(&Layer) -> &CudaSlice<bf16>| -> Result<Vec<Tensor>> {
+            c.layers.iter().map(|l| view(f(l), &[hidden])).collect()
+        };
+        Ok(FusedViews {
+            acts,
+            attn: weights(|l| &l.attn_norm)?,
+            mlp: weights(|l| &l.mlp_norm)?,
+            final_norm: view(&c.final_norm, &[hidden])?,
+        })
+    }
+
+    /// The first `batch` rows of `act`'s view.
+    fn rows(&self, act: Act, batch: usize) -> Result<Tensor> {
+        let (_, t) = self
+            .acts
+            .iter()
+            .find(|(a, _)| *a == act)
+            .with_context(|| format!("no fused view of {act:?}"))?;
+        t.narrow(0, 0, batch)
+            .context("the fused views have fewer rows than the batch")
+    }
+
+    /// The weight of RMSNorm `w`.
+    fn weight(&self, w: Norm) -> &Tensor {
+        match w {
+            Norm::Attn(l) => &self.attn[l],
+            Norm::Mlp(l) => &self.mlp[l],
+            Norm::Final => &self.final_norm,
+        }
+    }
+}
+
 impl CudaCompute {
     /// The shard's weights, KV cache and input generated from `seed` on the GPU, activations
     /// for `max_batch` rows; `reduce` is [`Act::Reduce`] (`[max batch, hidden]` bf16) and `tp`
@@ -356,7 +401,7 @@ impl CudaCompute {
         let input = gen_param.param(Param::Input, 0)?;
         let final_norm = gen_param.param(Param::FinalNorm, 0)?;
         let acts = alloc_acts(&stream, &shard, max_batch)?;
-        Ok(CudaCompute {
+        CudaCompute {
             shard,
             max_batch,
             stream,
@@ -368,9 +413,21 @@ impl CudaCompute {
             final_norm,
             acts,
             reduce,
-            tp: tp.map(|g| (g, Variant::Collective(Impl::Auto))),
+            tp: None,
+            fused: None,
             ran: BTreeSet::new(),
-        })
+        }
+        .with_group(tp)
+    }
+
+    /// `self` all-reducing over `tp` (auto until [`CudaCompute::set_variant`]), with the views
+    /// the fused variant takes.
+    fn with_group(mut self, tp: Option<Group>) -> Result<CudaCompute> {
+        if let Some(g) = tp {
+            self.fused = Some(FusedViews::new(&g, &self)?);
+            self.tp = Some((g, Variant::Collective(Impl::Auto)));
+        }
+        Ok(self)
     }
 
     /// How the all-reduces run from now on (captured into the next graph).
@@ -594,17 +651,15 @@ impl Compute for CudaCompute {
     /// engine's own buffers borrowed for the call. Otherwise the three operations.
     fn all_reduce_add_norm(&mut self, w: Norm, y: Act, batch: usize) -> Result<()> {
         self.check_batch(batch)?;
-        let Some((group, Variant::Fused(imp))) = &self.tp else {
+        let (Some((group, Variant::Fused(imp))), Some(views)) = (&self.tp, &self.fused) else {
             return unfused_all_reduce_add_norm(self, w, y, batch);
         };
-        let (hidden, eps) = (self.shard.dims.hidden, self.shard.dims.eps);
         let rows = self.reduce_rows(batch)?;
-        let weight = group.borrow(norm_weight(&self.layers, &self.final_norm, w), &[hidden])?;
-        let (h, out) = two_mut(&mut self.acts, Act::Hidden, y)?;
-        let residual = group.borrow_mut(h, &[batch, hidden])?;
-        let normed = group.borrow_mut(out, &[batch, hidden])?;
+        let residual = views.rows(Act::Hidden, batch)?;
+        let normed = views.rows(y, batch)?;
+        let eps = self.shard.dims.eps;
         let ran = group.all_reduce_add_rmsnorm(
-            &AddRmsNorm::in_place(&rows, &residual, &weight, eps, &normed),
+            &AddRmsNorm::in_place(&rows, &residual, views.weight(w), eps, &normed),
             *imp,
         )?;
         self.ran.insert(ran.name());
