@@ -5,7 +5,9 @@ BENCHMARKS.md. Every figure comes from the file; nothing is typed in by hand.
     python3 scripts/bench_tables.py benchmarks/results/h200x2.json > /tmp/tables.md
 
 Sections: the collectives per op and mode (µs per op, `auto`'s choice, auto / best NCCL path,
-auto / nccl_symm), the DCP combine rows, the decode-step rows, and the issues' bars.
+auto / nccl_symm), the DCP combine rows, the decode-step rows, the fused add-RMSNorm rows
+(`ar_rmsnorm`), the engine's decode step (`engine_step`, examples/tp-decode), the PyTorch
+decode (`torch_decode_step`, examples/torch_tp_decode.py), and the issues' bars.
 """
 
 import json
@@ -114,6 +116,93 @@ def decode_steps(rows, out):
     out.append(f"\nauto ≤ 0.6 × nccl at {met} of {len(steps)} points.\n")
 
 
+def ratio(us, a, b):
+    return f"{us[a] / us[b]:.3f}" if a in us and b in us else "–"
+
+
+def step_table(rows, op, base, impls, title, out):
+    """Per batch: µs of each implementation, each against `base`, and whether all were ok.
+    Returns {batch: {impl: µs}} for the bars."""
+    steps = defaultdict(dict)
+    for r in rows:
+        if r["op"] == op:
+            steps[r["bytes"]][r["impl"]] = r
+    if not steps:
+        return {}
+    shown = [i for i in impls if any(i in p for p in steps.values())]
+    out.append(title + "\n")
+    head = ["batch", *shown, *[f"{i}/{base}" for i in shown if i != base], "ok"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join(["---:"] * (len(head) - 1) + ["---"]) + "|")
+    table = {}
+    for b, p in sorted(steps.items()):
+        us = {i: p[i]["us"] for i in p}
+        table[b] = us
+        cells = [str(b), *[fmt(us.get(i)) for i in shown]]
+        cells += [ratio(us, i, base) for i in shown if i != base]
+        cells.append("yes" if all(r["ok"] for r in p.values()) else "**NO**")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return table
+
+
+def step_bar(table, what, a, b, first, rest, out):
+    """`what`: a / b at batch 1 against `first`, at the other batches against `rest`."""
+    for batch, us in sorted(table.items()):
+        if a in us and b in us:
+            r = round(us[a] / us[b], 3)  # judged as printed
+            want = first if batch == 1 else rest
+            met = "met" if r <= want else "**missed**"
+            out.append(f"| {what}, batch {batch} | {r:.3f} | ≤ {want} | {met} |")
+
+
+def engine_steps(rows, out):
+    engine = step_table(
+        rows, "engine_step", "nccl", ("nccl", "auto", "fused"),
+        "**engine_step, graph** (examples/tp-decode: µs per decode step, slowest rank)", out)
+    torch_steps = step_table(
+        rows, "torch_decode_step", "torch.distributed",
+        ("torch.distributed", "auto", "unfused_add_rmsnorm", "fused"),
+        "**torch_decode_step, graph** (examples/torch_tp_decode.py: µs per decode step)", out)
+    if not engine and not torch_steps:
+        return
+    out.append("| bar | ratio | want | |")
+    out.append("| --- | ---: | ---: | --- |")
+    step_bar(engine, "engine_step auto / nccl", "auto", "nccl", 0.95, 1.0, out)
+    step_bar(engine, "engine_step fused / auto", "fused", "auto", 1.0, 1.0, out)
+    step_bar(torch_steps, "torch_decode_step auto / torch.distributed", "auto",
+             "torch.distributed", 0.92, 1.0, out)
+    step_bar(torch_steps, "torch_decode_step fused / unfused", "fused", "unfused_add_rmsnorm",
+             1.0, 1.0, out)
+    out.append("")
+
+
+def ar_rmsnorm(rows, out):
+    """Per (hidden, bytes): fused against unfused and nccl + the same kernel (the bars: fused
+    ≤ 0.75 × unfused and ≤ 0.5 × nccl)."""
+    points = defaultdict(dict)
+    for r in rows:
+        if r["op"] == "ar_rmsnorm" and r["mode"] == "graph":
+            points[(r.get("config", ""), r["bytes"])][r["impl"]] = r
+    if not points:
+        return
+    out.append("**ar_rmsnorm, graph** (µs per all-reduce + add + RMSNorm)\n")
+    out.append("| config | bytes | nccl | unfused | fused | fused ran | fused/unfused | fused/nccl | ok |")
+    out.append("|---|---:|---:|---:|---:|---|---:|---:|---|")
+    met = 0
+    for (config, b), p in sorted(points.items()):
+        us = {i: p[i]["us"] for i in p}
+        fused = next((i for i in us if i.startswith("fused")), None)
+        if fused is None:
+            continue
+        fu, fn = us[fused] / us.get("unfused", float("nan")), us[fused] / us.get("nccl", float("nan"))
+        met += fu <= 0.75 and fn <= 0.5
+        ok = "yes" if all(r["ok"] for r in p.values()) else "**NO**"
+        out.append(f"| {config} | {human(b)} | {fmt(us.get('nccl'))} | {fmt(us.get('unfused'))} | "
+                   f"{us[fused]:.2f} | {p[fused].get('ran', fused)} | {fu:.3f} | {fn:.3f} | {ok} |")
+    out.append(f"\nfused ≤ 0.75 × unfused and ≤ 0.5 × nccl at {met} of {len(points)} points.\n")
+
+
 def bars(rows, out, limits):
     graph = defaultdict(dict)
     for r in rows:
@@ -159,6 +248,8 @@ def main():
     grouped_table(rows, "dcp_combine", lambda r: r["bytes"], "bytes", out,
                   "**dcp_combine** (µs per combine; bytes = partial output per rank)")
     decode_steps(rows, out)
+    ar_rmsnorm(rows, out)
+    engine_steps(rows, out)
     bars(rows, out, data.get("limits"))
     print("\n".join(out))
 
