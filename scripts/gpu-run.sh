@@ -92,7 +92,9 @@ fi
 
 if has tune; then
   log "tune"
-  timeout "${TUNE_TIMEOUT:-240}" stdbuf -oL -eL "$BIN/symmcomm" tune --out "$OUT/dispatch-$MACHINE.json" ${TUNE_ARGS:-} >> "$OUT/run.log" 2>&1
+  # The collectives and the all-reduce + add + RMSNorm (its norm rows); TUNE_ARGS may narrow it.
+  timeout "${TUNE_TIMEOUT:-330}" stdbuf -oL -eL "$BIN/symmcomm" tune --out "$OUT/dispatch-$MACHINE.json" \
+    ${TUNE_ARGS:---ops all_gather,reduce_scatter,all_reduce,ar_rmsnorm} >> "$OUT/run.log" 2>&1
   log "tune rc=$?"
 fi
 

@@ -526,13 +526,22 @@ fn tune_rank(rank: &Rank<'_>, args: &TuneArgs) -> anyhow::Result<bool> {
         eprintln!("symmcomm tune: pass 2 of 2 (staging), {} rows", spec.rows());
     }
     rows.extend(sweep(comm, &spec)?);
-    let table = bench::tune_table(
-        &rows,
-        backend,
-        &device,
-        &format!("symmcomm tune at {}", env!("SYMMCOMM_GIT_COMMIT")),
-    );
+    let source = format!("symmcomm tune at {}", env!("SYMMCOMM_GIT_COMMIT"));
+    let mut table = bench::tune_table(&rows, backend, &device, &source);
     comm.set_table(Some(table.clone()));
+    // With `--ops ar_rmsnorm`: each fused kernel, unfused (the collectives' table now in
+    // place) and NCCL's path, for the norm rows.
+    if let Some(mut norm) = args.bench.norm_spec(&spec.timing, backend) {
+        if args.bench.norm_impls.is_empty() {
+            norm.impls = NormBenchSpec::tune_impls();
+        }
+        if comm.rank() == 0 {
+            eprintln!("symmcomm tune: the add-RMSNorm, {} rows", norm.rows());
+        }
+        rows.extend(norm_sweep(comm, &norm)?);
+        table = bench::tune_table(&rows, backend, &device, &source);
+        comm.set_table(Some(table.clone()));
+    }
     let ok = rows.iter().all(|r| r.ok);
     if comm.rank() == 0 {
         println!("{}", bench::nccl_tests_tables(&rows, backend));
@@ -545,8 +554,9 @@ fn tune_rank(rank: &Rank<'_>, args: &TuneArgs) -> anyhow::Result<bool> {
         }
         table.save(&args.out)?;
         eprintln!(
-            "dispatch table ({} rows) written to {}",
+            "dispatch table ({} rows, {} add-RMSNorm rows) written to {}",
             table.rows.len(),
+            table.norm_rows.len(),
             args.out.display()
         );
     }

@@ -141,12 +141,15 @@ fn print_dispatch_table(table: Option<&DispatchTable>) {
                 t.device,
                 t.rows.len()
             );
-            for r in &t.rows {
-                let upto = if r.max_bytes == usize::MAX {
+            let upto = |max_bytes: usize| {
+                if max_bytes == usize::MAX {
                     "∞".into()
                 } else {
-                    symmcomm_lab::bench::human_bytes(r.max_bytes)
-                };
+                    symmcomm_lab::bench::human_bytes(max_bytes)
+                }
+            };
+            for r in &t.rows {
+                let upto = upto(r.max_bytes);
                 println!(
                     "  {:<15} {:<5} world {} up to {:>5}: {:<10} staging {}",
                     r.op,
@@ -155,6 +158,20 @@ fn print_dispatch_table(table: Option<&DispatchTable>) {
                     upto,
                     r.best.name(t.backend),
                     if r.stage { "wins" } else { "loses" }
+                );
+            }
+            if t.norm_rows.is_empty() {
+                println!("  add-RMSNorm: no rows; auto follows its size rule");
+            }
+            for r in &t.norm_rows {
+                println!(
+                    "  {:<26} {:<5} world {} up to {:>5} ({}): {}",
+                    r.op,
+                    r.dtype.name(),
+                    r.world,
+                    upto(r.max_bytes),
+                    r.mode.map_or("both", |m| m.name()),
+                    r.best.name()
                 );
             }
         }

@@ -79,3 +79,65 @@ fn bench_measures_and_checks_ar_rmsnorm_rows() {
         );
     }
 }
+
+/// `symmcomm tune --ops ar_rmsnorm` on the host backend: the table gets a norm row per mode and
+/// measured size, each naming the fastest of what was measured there, and loads back.
+#[test]
+fn tune_writes_norm_rows_that_name_the_fastest() {
+    let path = std::env::temp_dir().join(format!(
+        "symmcomm-tune-ar-rmsnorm-{}.json",
+        std::process::id()
+    ));
+    let out = Command::new(EXE)
+        .args([
+            "tune",
+            "--backend",
+            "host",
+            "--world",
+            "2",
+            "--ops",
+            "all_reduce,ar_rmsnorm",
+            "--sizes",
+            "2K",
+            "--norm-hiddens",
+            "64",
+            "--norm-tokens",
+            "1,2",
+            "--iters",
+            "2",
+            "--replays",
+            "1",
+            "--repeats",
+            "1",
+            "--out",
+            path.to_str().expect("a UTF-8 temporary path"),
+        ])
+        .output()
+        .expect("running symmcomm tune");
+    let shown = format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{shown}");
+    let table = symmcomm::dispatch::DispatchTable::load(&path).expect("the table loads");
+    let _ = std::fs::remove_file(&path);
+    // 2 token counts x 2 modes, the larger size of each mode without a bound.
+    assert_eq!(table.norm_rows.len(), 4, "{:#?}", table.norm_rows);
+    for r in &table.norm_rows {
+        assert_eq!(
+            (r.op.as_str(), r.world),
+            ("all_reduce_add_rmsnorm", 2),
+            "{r:?}"
+        );
+        let fastest = r
+            .measured_us
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(name, _)| name.as_str());
+        assert_eq!(Some(r.best.name()), fastest, "{r:?}");
+        // Every fused kernel the form has, unfused and NCCL's path were measured.
+        assert_eq!(r.measured_us.len(), 5, "{r:?}");
+    }
+    assert!(!table.rows.is_empty(), "the collectives' rows too");
+}

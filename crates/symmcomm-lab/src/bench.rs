@@ -827,10 +827,11 @@ pub fn elapsed_line(d: Duration, rows: usize) -> String {
     format!("{rows} rows in {:.1} s", d.as_secs_f64())
 }
 
-/// Build a dispatch table from measured rows: for each (op, dtype, world, mode) and measured size
-/// (a bucket up to that size), the fastest implementation with both buffers in windows, and
-/// whether `auto_plain` (staging plain buffers into windows) beat `nccl` there. Above the
-/// largest measured size the last bucket's choice holds.
+/// Build a dispatch table from measured rows: for each collective (op, dtype, world, mode) and
+/// measured size (a bucket up to that size), the fastest implementation with both buffers in
+/// windows, and whether `auto_plain` (staging plain buffers into windows) beat `nccl` there.
+/// Above the largest measured size the last bucket's choice holds. `ar_rmsnorm` rows make the
+/// norm rows ([`norm_rows`]).
 pub fn tune_table(
     rows: &[Row],
     backend: BackendKind,
@@ -838,8 +839,10 @@ pub fn tune_table(
     source: &str,
 ) -> symmcomm::dispatch::DispatchTable {
     use symmcomm::dispatch::{DispatchRow, DispatchTable};
+    let collectives = ["all_reduce", "all_gather", "reduce_scatter"];
     let mut keys: Vec<(String, DType, usize, Mode)> = rows
         .iter()
+        .filter(|r| collectives.contains(&r.op.as_str()))
         .map(|r| (r.op.clone(), r.dtype, r.world, r.mode))
         .collect();
     keys.sort();
@@ -878,7 +881,65 @@ pub fn tune_table(
         device: device.into(),
         backend,
         rows: out,
+        norm_rows: norm_rows(rows),
     }
+}
+
+/// The norm rows of a table from measured `ar_rmsnorm` rows: per (dtype, world, mode) and
+/// measured input size (a bucket up to that size, the last one without a bound), the fastest
+/// of the fused kernels, unfused and NCCL's path (rows that failed their check left out; the
+/// size rule's own pick, `fused`, is not a candidate: its algorithm is one of the others).
+pub fn norm_rows(rows: &[Row]) -> Vec<symmcomm::dispatch::NormRow> {
+    use symmcomm::dispatch::{NormBest, NormRow};
+    let measured: Vec<(&Row, NormBest)> = rows
+        .iter()
+        .filter(|r| r.op == "ar_rmsnorm" && r.ok)
+        .filter_map(|r| NormBest::from_name(&r.implementation).map(|b| (r, b)))
+        .collect();
+    let mut keys: Vec<(DType, usize, Mode)> = measured
+        .iter()
+        .map(|(r, _)| (r.dtype, r.world, r.mode))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = Vec::new();
+    for (dtype, world, mode) in keys {
+        let mine: Vec<&(&Row, NormBest)> = measured
+            .iter()
+            .filter(|(r, _)| r.dtype == dtype && r.world == world && r.mode == mode)
+            .collect();
+        let mut sizes: Vec<usize> = mine.iter().map(|(r, _)| r.bytes).collect();
+        sizes.sort();
+        sizes.dedup();
+        let last = sizes.last().copied();
+        for b in sizes {
+            let at = mine.iter().filter(|(r, _)| r.bytes == b);
+            let mut measured_us = BTreeMap::new();
+            let mut best: Option<(NormBest, f64)> = None;
+            for (r, imp) in at {
+                // Several hidden sizes may share a size: keep each implementation's slowest.
+                let us = measured_us.entry(imp.name().to_string()).or_insert(r.us);
+                *us = us.max(r.us);
+            }
+            for (name, &us) in &measured_us {
+                let imp = NormBest::from_name(name).expect("named above");
+                if best.is_none_or(|(_, b)| us < b) {
+                    best = Some((imp, us));
+                }
+            }
+            let Some((best, _)) = best else { continue };
+            out.push(NormRow {
+                op: "all_reduce_add_rmsnorm".into(),
+                dtype,
+                world,
+                max_bytes: if Some(b) == last { usize::MAX } else { b },
+                mode: Some(mode),
+                best,
+                measured_us,
+            });
+        }
+    }
+    out
 }
 
 /// What one size bucket of [`tune_table`] chose from the rows measured at its size.

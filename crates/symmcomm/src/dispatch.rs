@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendKind, Collective, Impl};
+use crate::backend::{Algo, BackendKind, Collective, Impl};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -70,6 +70,83 @@ pub struct DispatchTable {
     pub backend: BackendKind,
     /// Rows in any order.
     pub rows: Vec<DispatchRow>,
+    /// What `auto` runs for the collective + residual add + RMSNorm ([`crate::norm`]), where
+    /// `symmcomm tune --ops ar_rmsnorm` measured it; without a row it follows its size rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub norm_rows: Vec<NormRow>,
+}
+
+/// One size bucket of the collective + residual add + RMSNorm: the fastest way measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NormRow {
+    /// `all_reduce_add_rmsnorm` or `reduce_scatter_add_rmsnorm`.
+    pub op: String,
+    /// Element type (bf16 or f16).
+    pub dtype: DType,
+    /// Ranks in the group.
+    pub world: usize,
+    /// Largest input size (bytes) this row covers.
+    pub max_bytes: usize,
+    /// Eager launches or graph capture (`None`: both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// The fastest way measured.
+    pub best: NormBest,
+    /// What was measured, µs per call by implementation name.
+    #[serde(default)]
+    pub measured_us: BTreeMap<String, f64>,
+}
+
+/// What a [`NormRow`] picks: one fused kernel, or the collective then the separate kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormBest {
+    /// The fused low-latency kernel.
+    FusedLl,
+    /// The fused one-shot kernel.
+    FusedOneshot,
+    /// The fused two-shot kernel (all-reduce form).
+    FusedTwoshot,
+    /// symmcomm's `auto` collective, then the separate add-RMSNorm kernel.
+    Unfused,
+    /// NCCL's regular collective, then the same kernel.
+    Nccl,
+}
+
+impl NormBest {
+    /// The fused algorithm, for the fused choices.
+    pub fn algo(self) -> Option<Algo> {
+        match self {
+            NormBest::FusedLl => Some(Algo::LowLatency),
+            NormBest::FusedOneshot => Some(Algo::OneShot),
+            NormBest::FusedTwoshot => Some(Algo::TwoShot),
+            NormBest::Unfused | NormBest::Nccl => None,
+        }
+    }
+
+    /// From an implementation's name in results (`fused_ll`, `host_unfused`, `nccl`, `host`,
+    /// ...); `None` for `auto`, `fused` (the size rule's pick) and unknown names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name.strip_prefix("host_").unwrap_or(name) {
+            "fused_ll" => NormBest::FusedLl,
+            "fused_oneshot" => NormBest::FusedOneshot,
+            "fused_twoshot" => NormBest::FusedTwoshot,
+            "unfused" => NormBest::Unfused,
+            "nccl" | "host" => NormBest::Nccl,
+            _ => return None,
+        })
+    }
+
+    /// The name in tables and messages: `fused_ll`, ..., `unfused`, `nccl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NormBest::FusedLl => "fused_ll",
+            NormBest::FusedOneshot => "fused_oneshot",
+            NormBest::FusedTwoshot => "fused_twoshot",
+            NormBest::Unfused => "unfused",
+            NormBest::Nccl => "nccl",
+        }
+    }
 }
 
 /// What `auto` decided.
@@ -322,8 +399,27 @@ impl DispatchTable {
             .map_err(|e| Error::io(format!("writing dispatch table {}", path.display()), e))
     }
 
-    /// Check that rows are usable: known ops, world ≥ 1, `auto` never a row's choice.
+    /// Check that rows are usable: known ops, world ≥ 1, `auto` never a row's choice; norm
+    /// rows of a known form, world ≥ 2, no two-shot for the reduce-scatter form.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        for (i, r) in self.norm_rows.iter().enumerate() {
+            match r.op.as_str() {
+                "all_reduce_add_rmsnorm" => {}
+                "reduce_scatter_add_rmsnorm" if r.best != NormBest::FusedTwoshot => {}
+                "reduce_scatter_add_rmsnorm" => {
+                    return Err(format!(
+                        "norm row {i}: no fused two-shot kernel for the reduce-scatter form"
+                    ));
+                }
+                other => return Err(format!("norm row {i}: unknown op {other:?}")),
+            }
+            if r.world < 2 {
+                return Err(format!(
+                    "norm row {i}: world {} (a norm row needs 2 or more ranks)",
+                    r.world
+                ));
+            }
+        }
         for (i, r) in self.rows.iter().enumerate() {
             if !["all_reduce", "all_gather", "reduce_scatter"].contains(&r.op.as_str()) {
                 return Err(format!("row {i}: unknown op {:?}", r.op));
@@ -368,6 +464,31 @@ impl DispatchTable {
         covering(Some(mode)).or_else(|| covering(None))
     }
 
+    /// The norm row covering `bytes` of `op` (`all_reduce_add_rmsnorm`, ...) in `mode` (rows
+    /// measured in that mode first, then rows for both modes), if any.
+    pub fn lookup_norm(
+        &self,
+        op: &str,
+        dtype: DType,
+        world: usize,
+        bytes: usize,
+        mode: Mode,
+    ) -> Option<&NormRow> {
+        let covering = |m: Option<Mode>| {
+            self.norm_rows
+                .iter()
+                .filter(|r| {
+                    r.op == op
+                        && r.dtype == dtype
+                        && r.world == world
+                        && bytes <= r.max_bytes
+                        && r.mode == m
+                })
+                .min_by_key(|r| r.max_bytes)
+        };
+        covering(Some(mode)).or_else(|| covering(None))
+    }
+
     /// The bucket measured just below `row` (same op, dtype, world and mode), if any.
     pub fn below(&self, row: &DispatchRow) -> Option<&DispatchRow> {
         self.rows
@@ -398,7 +519,7 @@ impl DispatchTable {
             _ => return None,
         };
         let mut t: DispatchTable = serde_json::from_str(json).ok()?;
-        if t.rows.iter().any(|r| r.world != world) {
+        if t.rows.iter().any(|r| r.world != world) || t.norm_rows.iter().any(|r| r.world != world) {
             return None;
         }
         t.source = format!("builtin {name} ({})", t.source);
@@ -637,6 +758,7 @@ mod tests {
                 row(64 << 10, Impl::Kernel(Algo::OneShot), true),
                 row(usize::MAX, Impl::Regular, false),
             ],
+            norm_rows: Vec::new(),
         }
     }
 
@@ -717,7 +839,96 @@ mod tests {
             device: "test".into(),
             backend: BackendKind::Cuda,
             rows: vec![upper, lower],
+            norm_rows: Vec::new(),
         }
+    }
+
+    fn norm_row(op: &str, max_bytes: usize, mode: Option<Mode>, best: NormBest) -> NormRow {
+        NormRow {
+            op: op.into(),
+            dtype: DType::BF16,
+            world: 2,
+            max_bytes,
+            mode,
+            best,
+            measured_us: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn norm_rows_are_looked_up_by_op_size_and_mode_and_checked() {
+        let ar = "all_reduce_add_rmsnorm";
+        let mut t = table();
+        t.norm_rows = vec![
+            norm_row(ar, usize::MAX, None, NormBest::Unfused),
+            norm_row(ar, 64 << 10, Some(Mode::Graph), NormBest::FusedLl),
+            norm_row(ar, usize::MAX, Some(Mode::Graph), NormBest::FusedOneshot),
+        ];
+        t.validate().unwrap();
+        let best = |bytes, mode| {
+            t.lookup_norm(ar, DType::BF16, 2, bytes, mode)
+                .map(|r| r.best)
+        };
+        assert_eq!(best(8192, Mode::Graph), Some(NormBest::FusedLl));
+        assert_eq!(best(1 << 20, Mode::Graph), Some(NormBest::FusedOneshot));
+        assert_eq!(best(8192, Mode::Eager), Some(NormBest::Unfused));
+        assert_eq!(t.lookup_norm(ar, DType::F16, 2, 8192, Mode::Graph), None);
+        assert_eq!(
+            t.lookup_norm(
+                "reduce_scatter_add_rmsnorm",
+                DType::BF16,
+                2,
+                8192,
+                Mode::Graph
+            ),
+            None
+        );
+        // Serialised and read back, the norm rows come too; a table without them still reads.
+        let back: DispatchTable =
+            serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
+        let old: DispatchTable =
+            serde_json::from_str(&serde_json::to_string(&table()).unwrap()).unwrap();
+        assert!(old.norm_rows.is_empty());
+        for (bad, why) in [
+            (
+                norm_row("ar_rmsnorm", 1, None, NormBest::Unfused),
+                "unknown op",
+            ),
+            (
+                norm_row(
+                    "reduce_scatter_add_rmsnorm",
+                    1,
+                    None,
+                    NormBest::FusedTwoshot,
+                ),
+                "two-shot",
+            ),
+            (
+                NormRow {
+                    world: 1,
+                    ..norm_row(ar, 1, None, NormBest::Nccl)
+                },
+                "2 or more ranks",
+            ),
+        ] {
+            let mut t = table();
+            t.norm_rows = vec![bad];
+            let e = t.validate().unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        for b in [
+            NormBest::FusedLl,
+            NormBest::FusedOneshot,
+            NormBest::FusedTwoshot,
+            NormBest::Unfused,
+            NormBest::Nccl,
+        ] {
+            assert_eq!(NormBest::from_name(b.name()), Some(b));
+            assert_eq!(NormBest::from_name(&format!("host_{}", b.name())), Some(b));
+        }
+        assert_eq!(NormBest::from_name("host"), Some(NormBest::Nccl));
+        assert_eq!(NormBest::from_name("fused"), None);
     }
 
     fn decide_ar(

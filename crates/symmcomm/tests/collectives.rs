@@ -639,6 +639,7 @@ fn auto_stages_by_table(b: TestBackend) {
                 measured_us: Default::default(),
             },
         ],
+        norm_rows: Vec::new(),
     });
     all_ok(run_rank_threads(2, &cfg, |comm| {
         let g = comm.world();
@@ -850,6 +851,7 @@ fn auto_follows_the_mode(b: TestBackend) {
             row(symmcomm_lab::bench::Mode::Eager, Impl::Regular),
             row(symmcomm_lab::bench::Mode::Graph, Impl::Symmetric),
         ],
+        norm_rows: Vec::new(),
     });
     all_ok(run_rank_threads(2, &cfg, |comm| {
         let g = comm.world();

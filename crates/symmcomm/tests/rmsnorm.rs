@@ -11,9 +11,12 @@
 mod common;
 
 use common::{TestBackend, all_ok};
+use symmcomm::dispatch::{DispatchTable, Mode, NormBest, NormRow};
 use symmcomm::lab::fill::splitmix64;
 use symmcomm::norm::{AddRmsNorm, NormForm, NormImpl, max_hidden};
-use symmcomm::{Algo, Arg, BackendKind, DType, Error, Group, Tensor, run_rank_threads};
+use symmcomm::{
+    Algo, Arg, BackendKind, DType, Error, Group, TableSource, Tensor, run_rank_threads,
+};
 use symmcomm_lab::reference::{self, Accumulation};
 
 /// A small deterministic generator (every rank builds the same problem from the seed).
@@ -159,6 +162,7 @@ struct Ran {
     residual_out: Vec<u8>,
     normed: Vec<u8>,
     name: String,
+    reason: String,
 }
 
 /// Run `imp` on `p` in `form` on this rank (inputs uploaded, outputs poisoned) and compare both
@@ -228,6 +232,7 @@ fn run_checked(
         residual_out: got_res,
         normed: got_norm,
         name: ran.name(),
+        reason: ran.reason().to_string(),
     }))
 }
 
@@ -687,9 +692,89 @@ fn bad_arguments_are_refused(b: TestBackend) {
     }));
 }
 
+/// `auto` follows the dispatch table's norm rows where one covers the call (its graph rows
+/// inside a capture), checked against the reference; its size rule where none does, or where
+/// the row names a fused kernel the call cannot take.
+fn auto_follows_the_tables_norm_rows(b: TestBackend) {
+    let world = 2;
+    if !b.can_run(world) {
+        return;
+    }
+    let seed = common::seed();
+    let (hidden, dtype) = (256, DType::BF16);
+    let row_bytes = hidden * dtype.size();
+    let row = |max_bytes, mode, best| NormRow {
+        op: "all_reduce_add_rmsnorm".into(),
+        dtype,
+        world,
+        max_bytes,
+        mode,
+        best,
+        measured_us: Default::default(),
+    };
+    let backend = match b {
+        TestBackend::Host => BackendKind::Host,
+        TestBackend::Cuda => BackendKind::Cuda,
+    };
+    let mut config = b.config();
+    config.table = TableSource::Given(DispatchTable {
+        source: "test".into(),
+        device: "any".into(),
+        backend,
+        rows: Vec::new(),
+        norm_rows: vec![
+            // 1 and 2 tokens: unfused; up to 4 tokens: one-shot; above: LL, which 2048 tokens
+            // (1 MiB) exceed, so the rule decides there. Bf16 rows only: f16 follows the rule.
+            row(2 * row_bytes, None, NormBest::Unfused),
+            row(4 * row_bytes, None, NormBest::FusedOneshot),
+            row(usize::MAX, None, NormBest::FusedLl),
+            row(usize::MAX, Some(Mode::Graph), NormBest::Nccl),
+        ],
+    });
+    all_ok(run_rank_threads(world, &config, |comm| {
+        let g = comm.world();
+        let mut rng = Rng(seed);
+        for (tokens, from_table) in [
+            (1, Some(NormImpl::Unfused)),
+            (2, Some(NormImpl::Unfused)),
+            (3, Some(ONE_SHOT)),
+            (8, Some(LL)),
+            (2048, None),
+        ] {
+            let p = Problem::random(&mut rng, dtype, world, tokens, hidden);
+            let ran = run_checked(g, &p, NormForm::AllReduce, NormImpl::Auto, false)?
+                .expect("auto always runs");
+            let what = format!("T={tokens}: ran {} ({})", ran.name, ran.reason);
+            assert_eq!(
+                ran.reason.contains("table test"),
+                from_table.is_some(),
+                "{what}"
+            );
+            match from_table {
+                Some(want) => assert_eq!(ran.name, want.name(backend), "{what}"),
+                None => assert_ne!(ran.name, LL.name(backend), "{what}"),
+            }
+        }
+        // Inside a capture the graph row wins: NCCL's path, then the separate kernel.
+        let p = Problem::random(&mut rng, dtype, world, 8, hidden);
+        let bufs = Buffers::new(g, &p, 8, true)?;
+        let (graph, ran) =
+            comm.capture(|| g.all_reduce_add_rmsnorm(&bufs.args(p.eps, false), NormImpl::Auto))?;
+        drop(graph);
+        assert_eq!(ran.name(), NormImpl::Nccl.name(backend), "{}", ran.reason());
+        // f16 has no row: the size rule.
+        let p = Problem::random(&mut rng, DType::F16, world, 8, hidden);
+        let ran = run_checked(g, &p, NormForm::AllReduce, NormImpl::Auto, false)?
+            .expect("auto always runs");
+        assert!(!ran.reason.contains("table"), "{}", ran.reason);
+        g.barrier()
+    }));
+}
+
 backend_tests!(
     all_reduce_form_matches_the_reference,
     reduce_scatter_form_and_the_gather_that_follows,
     graph_replays_with_fresh_inputs,
     bad_arguments_are_refused,
+    auto_follows_the_tables_norm_rows,
 );

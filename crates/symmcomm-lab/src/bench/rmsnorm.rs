@@ -52,6 +52,18 @@ impl NormBenchSpec {
         vec![NormImpl::Fused(None), NormImpl::Unfused, NormImpl::Nccl]
     }
 
+    /// What `tune` measures: every fused kernel by name, unfused, NCCL's path.
+    pub fn tune_impls() -> Vec<NormImpl> {
+        use symmcomm::Algo;
+        vec![
+            NormImpl::Fused(Some(Algo::LowLatency)),
+            NormImpl::Fused(Some(Algo::OneShot)),
+            NormImpl::Fused(Some(Algo::TwoShot)),
+            NormImpl::Unfused,
+            NormImpl::Nccl,
+        ]
+    }
+
     /// Rows the sweep produces at most.
     pub fn rows(&self) -> usize {
         self.hiddens.len() * self.tokens.len() * self.impls.len() * self.timing.modes.len()

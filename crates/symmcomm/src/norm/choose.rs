@@ -1,10 +1,13 @@
-//! Which implementation runs an add-RMSNorm. `auto` follows a fixed rule by size until
-//! `symmcomm tune` measures this op: the fused low-latency kernel while its pieces fit the LL
-//! protocol (512 KiB, where the LL all-reduce wins on 2 × H200), then one-shot (two ranks, or up
-//! to 1 MiB), then two-shot; a fused kernel the group cannot run is skipped, and with none the
-//! call runs unfused (symmcomm's `auto` collective, then the separate kernel).
+//! Which implementation runs an add-RMSNorm. `auto` takes the dispatch table's norm row for the
+//! form, element type, world, size and mode where `symmcomm tune --ops ar_rmsnorm` measured one
+//! (unless it names a fused kernel this group cannot run). Otherwise a fixed rule by size: the
+//! fused low-latency kernel while its pieces fit the LL protocol (512 KiB, where the LL
+//! all-reduce wins on 2 × H200), then one-shot (two ranks, or up to 1 MiB), then two-shot; a
+//! fused kernel the group cannot run is skipped, and with none the call runs unfused
+//! (symmcomm's `auto` collective, then the separate kernel).
 
 use crate::backend::{Algo, NormForm, NormShape};
+use crate::dispatch::{Mode, NormBest};
 use crate::error::{Error, OpCtx, Result};
 use crate::group::Group;
 use crate::kernels::{LL_MAX_BYTES, MAX_WORLD};
@@ -91,8 +94,49 @@ fn by_rule(g: &Group, shape: &NormShape) -> std::result::Result<(Algo, String), 
     Err(why_not.join("; "))
 }
 
-/// Resolve `imp` for `shape` on `g` to what runs.
-pub(super) fn resolve(g: &Group, shape: &NormShape, imp: NormImpl, ctx: &OpCtx) -> Result<Choice> {
+/// The table's pick for `shape` in `mode`, where the communicator's table has a norm row for it
+/// that this group can run.
+fn by_table(g: &Group, shape: &NormShape, mode: Mode) -> Option<Choice> {
+    let table = g.comm().table()?;
+    let op = match shape.form {
+        NormForm::AllReduce => "all_reduce_add_rmsnorm",
+        NormForm::ReduceScatter => "reduce_scatter_add_rmsnorm",
+    };
+    let row = table.lookup_norm(op, shape.dtype, shape.world, shape.input_bytes(), mode)?;
+    let imp = match row.best {
+        NormBest::Unfused => NormImpl::Unfused,
+        NormBest::Nccl => NormImpl::Nccl,
+        fused => {
+            let algo = fused.algo()?;
+            if unavailable(g, shape, algo).is_some() {
+                return None;
+            }
+            NormImpl::Fused(Some(algo))
+        }
+    };
+    let bound = match row.max_bytes {
+        usize::MAX => "every size above the last bucket".to_string(),
+        b => format!("up to {b} B"),
+    };
+    Some(Choice {
+        imp,
+        reason: format!(
+            "table {}: {} fastest {bound} in {} mode",
+            table.source,
+            row.best.name(),
+            mode.name()
+        ),
+    })
+}
+
+/// Resolve `imp` for `shape` on `g` (in `mode`) to what runs.
+pub(super) fn resolve(
+    g: &Group,
+    shape: &NormShape,
+    imp: NormImpl,
+    mode: Mode,
+    ctx: &OpCtx,
+) -> Result<Choice> {
     let backend = g.device().kind();
     let unavailable_error = |why: String| Error::ImplUnavailable {
         ctx: ctx.clone(),
@@ -100,16 +144,18 @@ pub(super) fn resolve(g: &Group, shape: &NormShape, imp: NormImpl, ctx: &OpCtx) 
         why,
     };
     match imp {
-        NormImpl::Auto => Ok(match by_rule(g, shape) {
-            Ok((algo, reason)) => Choice {
-                imp: NormImpl::Fused(Some(algo)),
-                reason,
-            },
-            Err(why) => Choice {
-                imp: NormImpl::Unfused,
-                reason: format!("no fused kernel runs this call ({why})"),
-            },
-        }),
+        NormImpl::Auto => Ok(
+            by_table(g, shape, mode).unwrap_or_else(|| match by_rule(g, shape) {
+                Ok((algo, reason)) => Choice {
+                    imp: NormImpl::Fused(Some(algo)),
+                    reason,
+                },
+                Err(why) => Choice {
+                    imp: NormImpl::Unfused,
+                    reason: format!("no fused kernel runs this call ({why})"),
+                },
+            }),
+        ),
         NormImpl::Fused(None) => {
             let (algo, reason) = by_rule(g, shape).map_err(unavailable_error)?;
             Ok(Choice {

@@ -9,7 +9,8 @@
 //! per rank: low-latency, one-shot, or, for the all-reduce, two-shot: reduce-scatter, add and
 //! norm of the rank's rows, all-gather of both outputs), `unfused` (symmcomm's `auto` collective,
 //! then the separate add-RMSNorm kernel) and `nccl` (NCCL's regular collective, then the same
-//! kernel). `auto` picks by size, a fixed rule until `symmcomm tune` measures this op.
+//! kernel). `auto` takes the dispatch table's norm row where `symmcomm tune --ops ar_rmsnorm`
+//! measured one ([`crate::dispatch::NormRow`]), else a fixed rule by size.
 //!
 //! The maths, the same on every backend and implementation (KERNELS.md §10): the collective's
 //! result is rounded to the element type (as an all-reduce gives it), added to the residual in
@@ -78,7 +79,8 @@ impl<'a> AddRmsNorm<'a> {
 /// How an add-RMSNorm runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NormImpl {
-    /// By size: the fused kernel the rule picks ([`NormImpl::Fused`]`(None)`), else `Unfused`.
+    /// The table's norm row for the call where there is one; else by size: the fused kernel
+    /// the rule picks ([`NormImpl::Fused`]`(None)`), else `Unfused`.
     Auto,
     /// One fused kernel per rank: `LowLatency`, `OneShot` or (all-reduce form) `TwoShot`, or
     /// `None` for the one the size rule picks.

@@ -10,6 +10,7 @@ use super::check::{self, Checked};
 use super::choose::{self, Choice};
 use super::{AddRmsNorm, NormDispatched, NormForm, NormImpl};
 use crate::backend::{AddRmsNormStep, Algo, Collective, Exec, Impl, NormBuffers, NormFused};
+use crate::dispatch::Mode;
 use crate::dtype::ReduceOp;
 use crate::error::{Op, OpCtx, Result};
 use crate::group::{Dispatched, Group};
@@ -22,17 +23,20 @@ fn op_of(form: NormForm) -> Op {
     }
 }
 
-/// The checked call and its choice, with the context errors name.
-fn prepare(
+/// The checked call and its choice (`capturing`: whether the group's stream is being
+/// captured, which picks the table's graph rows).
+fn check_and_choose(
     g: &Group,
     form: NormForm,
     req: &AddRmsNorm<'_>,
     imp: NormImpl,
-) -> Result<(OpCtx, Checked, Choice)> {
-    let ctx = g.ctx(op_of(form), req.input.bytes());
-    let checked = check::validate(g, form, req, &ctx)?;
-    let choice = choose::resolve(g, &checked.shape, imp, &ctx)?;
-    Ok((ctx, checked, choice))
+    capturing: bool,
+    ctx: &OpCtx,
+) -> Result<(Checked, Choice)> {
+    let checked = check::validate(g, form, req, ctx)?;
+    let mode = if capturing { Mode::Graph } else { Mode::Eager };
+    let choice = choose::resolve(g, &checked.shape, imp, mode, ctx)?;
+    Ok((checked, choice))
 }
 
 fn report(g: &Group, choice: Choice, collective: Option<Dispatched>) -> NormDispatched {
@@ -51,7 +55,9 @@ pub(super) fn plan(
     req: &AddRmsNorm<'_>,
     imp: NormImpl,
 ) -> Result<NormDispatched> {
-    let (_, _, choice) = prepare(g, form, req, imp)?;
+    let ctx = g.ctx(op_of(form), req.input.bytes());
+    let capturing = g.exec(&ctx)?.capturing;
+    let (_, choice) = check_and_choose(g, form, req, imp, capturing, &ctx)?;
     Ok(report(g, choice, None))
 }
 
@@ -62,8 +68,9 @@ pub(super) fn run(
     req: &AddRmsNorm<'_>,
     imp: NormImpl,
 ) -> Result<NormDispatched> {
-    let (ctx, checked, choice) = prepare(g, form, req, imp)?;
+    let ctx = g.ctx(op_of(form), req.input.bytes());
     let exec = g.exec(&ctx)?;
+    let (checked, choice) = check_and_choose(g, form, req, imp, exec.capturing, &ctx)?;
     let mut collective = None;
     if checked.shape.tokens > 0 {
         match choice.imp {
