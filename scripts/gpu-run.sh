@@ -200,8 +200,9 @@ if has hosts && [[ "$gpus" -ge 2 && $((gpus % 2)) -eq 0 ]]; then
   # Groups across hosts on one machine: the GPUs as 2 simulated hosts (SYMMCOMM_HOST_ID and
   # NCCL_HOSTID per rank, NCCL's sockets over loopback). check: every op and implementation
   # allowed across hosts, hierarchical included, our kernels refused; decode-sim: DP attention's
-  # gathered buffer and the DCP combine on a world across hosts; bench: hierarchical against
-  # NCCL's own all-reduce (what would let auto pick it), rows in $MACHINE-2hosts.json.
+  # gathered buffer and the DCP combine on a world across hosts; tune: the table's rows for
+  # groups across 2 hosts; bench (with that table): hierarchical against NCCL's own all-reduce
+  # (what would let auto pick it), rows in $MACHINE-2hosts.json.
   sim=("$BIN/symmcomm" launch --nproc "$gpus" --simulate-hosts 2 --)
   log "hosts: check on $gpus GPUs as 2 hosts"
   timeout "${CHECK_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" check --timeout 60 > "$OUT/hosts.log.tmp" 2>&1
@@ -210,9 +211,17 @@ if has hosts && [[ "$gpus" -ge 2 && $((gpus % 2)) -eq 0 ]]; then
   log "hosts: decode-sim"
   timeout "${DECODE_SIM_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" decode-sim --timeout 60 --batch 1,32 >> "$OUT/hosts.log.tmp" 2>&1
   log "hosts: decode-sim rc=$?"
-  log "hosts: bench all_reduce, hierarchical against NCCL"
+  # tune across the 2 hosts: rows for groups across 2 domains, NCCL's faster path per size
+  # (what keeps auto at or under the best NCCL path there); the bench then runs with them.
+  log "hosts: tune across 2 hosts"
+  timeout "${TUNE_TIMEOUT:-330}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" tune --timeout 60 \
+    --ops all_gather,reduce_scatter,all_reduce --out "$OUT/dispatch-$MACHINE-2hosts.json" >> "$OUT/hosts.log.tmp" 2>&1
+  log "hosts: tune rc=$?"
+  table=()
+  [[ -f "$OUT/dispatch-$MACHINE-2hosts.json" ]] && table=(--table "$OUT/dispatch-$MACHINE-2hosts.json")
+  log "hosts: bench all_reduce, hierarchical against NCCL ${table[*]}"
   timeout "${BENCH_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" bench --timeout 60 --ops all_reduce \
-    --impls nccl,nccl_symm,auto,hierarchical --no-limits --json "$OUT/$MACHINE-2hosts.json" >> "$OUT/hosts.log.tmp" 2>&1
+    --impls nccl,nccl_symm,auto,hierarchical --no-limits "${table[@]}" --json "$OUT/$MACHINE-2hosts.json" >> "$OUT/hosts.log.tmp" 2>&1
   log "hosts: bench rc=$?"
   grep -A30 "^\[rank 0\] all_reduce  *size" "$OUT/hosts.log.tmp" | tee -a "$OUT/summary.txt"
   cat "$OUT/hosts.log.tmp" >> "$OUT/run.log"; rm -f "$OUT/hosts.log.tmp"

@@ -150,8 +150,13 @@ fn print_dispatch_table(table: Option<&DispatchTable>) {
             };
             for r in &t.rows {
                 let upto = upto(r.max_bytes);
+                let across = if r.domains > 1 {
+                    format!(" across {} hosts", r.domains)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "  {:<15} {:<5} world {} up to {:>5}: {:<10} staging {}",
+                    "  {:<15} {:<5} world {}{across} up to {:>5}: {:<10} staging {}",
                     r.op,
                     r.dtype.name(),
                     r.world,

@@ -192,7 +192,8 @@ pub struct Row {
     #[serde(default)]
     pub wrong: usize,
     /// For `decode_step` rows: the parallel configuration (`tp`, `dp_attn`, `dcp`); for
-    /// `ar_rmsnorm` rows: the shape (`hidden=7168`).
+    /// `ar_rmsnorm` rows: the shape (`hidden=7168`); for collective rows of a group across
+    /// hosts: `domains=K` (the NVLink domains it spans; see [`domains_of`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
 }
@@ -217,6 +218,21 @@ impl Row {
             config: None,
         }
     }
+}
+
+/// `domains=K` for a group that spans K > 1 NVLink domains (hosts), else nothing.
+fn domains_config(group: &Group) -> Option<String> {
+    let k = group.topology().domains().len();
+    (k > 1).then(|| format!("domains={k}"))
+}
+
+/// The NVLink domains a collective row's group spanned (`config` `domains=K`; 1 without).
+pub fn domains_of(row: &Row) -> usize {
+    row.config
+        .as_deref()
+        .and_then(|c| c.strip_prefix("domains="))
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(1)
 }
 
 pub use symmcomm::lab::Limits;
@@ -528,7 +544,7 @@ impl Point<'_> {
             ok: wrong_total == 0,
             ran: (p.variant.imp == Impl::Auto).then(|| p.ran.unwrap_or_default()),
             wrong: wrong_total,
-            config: None,
+            config: domains_config(self.group),
         })
     }
 }
@@ -840,19 +856,24 @@ pub fn tune_table(
 ) -> symmcomm::dispatch::DispatchTable {
     use symmcomm::dispatch::{DispatchRow, DispatchTable};
     let collectives = ["all_reduce", "all_gather", "reduce_scatter"];
-    let mut keys: Vec<(String, DType, usize, Mode)> = rows
+    let mut keys: Vec<(String, DType, usize, usize, Mode)> = rows
         .iter()
         .filter(|r| collectives.contains(&r.op.as_str()))
-        .map(|r| (r.op.clone(), r.dtype, r.world, r.mode))
+        .map(|r| (r.op.clone(), r.dtype, r.world, domains_of(r), r.mode))
         .collect();
     keys.sort();
     keys.dedup();
     let mut out = Vec::new();
-    for (op, dtype, world, mode) in keys {
+    for (op, dtype, world, domains, mode) in keys {
         let mine: Vec<&Row> = rows
             .iter()
             .filter(|r| {
-                r.mode == mode && r.op == op && r.dtype == dtype && r.world == world && r.ok
+                r.mode == mode
+                    && r.op == op
+                    && r.dtype == dtype
+                    && r.world == world
+                    && domains_of(r) == domains
+                    && r.ok
             })
             .collect();
         let mut sizes: Vec<usize> = mine.iter().map(|r| r.bytes).collect();
@@ -861,7 +882,7 @@ pub fn tune_table(
         let last = sizes.last().copied();
         for b in sizes {
             let at: Vec<&Row> = mine.iter().copied().filter(|r| r.bytes == b).collect();
-            let Some(bucket) = Bucket::choose(&at, backend) else {
+            let Some(bucket) = Bucket::choose(&at, backend, domains) else {
                 continue;
             };
             out.push(DispatchRow {
@@ -870,6 +891,7 @@ pub fn tune_table(
                 world,
                 max_bytes: if Some(b) == last { usize::MAX } else { b },
                 mode: Some(mode),
+                domains,
                 best: bucket.best,
                 stage: bucket.stage,
                 measured_us: bucket.measured_us,
@@ -951,8 +973,12 @@ struct Bucket {
 
 impl Bucket {
     /// The choice at one size from its rows `at`; `None` when no candidate was measured there.
-    fn choose(at: &[&Row], backend: BackendKind) -> Option<Self> {
-        let candidates = Self::candidates(at);
+    /// Across `domains` > 1 (hosts) only NCCL's two paths are candidates, never staged.
+    fn choose(at: &[&Row], backend: BackendKind, domains: usize) -> Option<Self> {
+        let mut candidates = Self::candidates(at);
+        if domains > 1 {
+            candidates.retain(|(i, _)| matches!(i, Impl::Regular | Impl::Symmetric));
+        }
         let (fastest, fastest_us) = candidates
             .iter()
             .copied()
@@ -967,7 +993,8 @@ impl Bucket {
             .iter()
             .find(|r| r.implementation == "auto_plain")
             .map(|r| r.us);
-        let stage = best != Impl::Regular
+        let stage = domains == 1
+            && best != Impl::Regular
             && matches!((staged_us, regular_us), (Some(s), Some(r)) if s < 0.98 * r);
         let mut measured_us: BTreeMap<String, f64> = candidates
             .into_iter()
@@ -1100,6 +1127,44 @@ mod tests {
         let last = t.rows.iter().find(|r| r.max_bytes == usize::MAX).unwrap();
         assert_eq!(last.best, Impl::Regular);
         assert!(t.rows.iter().all(|r| r.mode == Some(Mode::Graph)));
+    }
+
+    #[test]
+    fn rows_across_hosts_make_rows_of_their_own_that_pick_an_nccl_path() {
+        let across = |bytes, imp: &str, us| Row {
+            config: Some("domains=2".into()),
+            ..row("all_reduce", bytes, imp, us)
+        };
+        let rows = vec![
+            // Inside one domain our kernel wins.
+            row("all_reduce", 2048, "nccl", 6.0),
+            row("all_reduce", 2048, "ll", 3.0),
+            // Across 2 hosts: the fastest of NCCL's paths, even where a kernel row was measured.
+            across(2048, "nccl", 20.0),
+            across(2048, "nccl_symm", 25.0),
+            across(2048, "ll", 1.0),
+            across(2048, "auto_plain", 2.0),
+            across(1 << 20, "nccl", 90.0),
+            across(1 << 20, "nccl_symm", 60.0),
+            across(1 << 20, "hierarchical", 10.0),
+        ];
+        let t = tune_table(&rows, BackendKind::Cuda, "test", "test");
+        t.validate().unwrap();
+        let of = |domains: usize, b: usize| {
+            let r = t
+                .rows
+                .iter()
+                .find(|r| r.domains == domains && r.max_bytes == b);
+            r.map(|r| (r.best, r.stage)).unwrap()
+        };
+        assert_eq!(
+            of(1, usize::MAX),
+            (Impl::Kernel(symmcomm::Algo::LowLatency), false)
+        );
+        assert_eq!(of(2, 2048), (Impl::Regular, false));
+        assert_eq!(of(2, usize::MAX), (Impl::Symmetric, false));
+        assert_eq!(domains_of(&rows[2]), 2);
+        assert_eq!(domains_of(&rows[0]), 1);
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct DispatchRow {
     /// Eager launches or graph capture (`None`: both).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// NVLink domains (hosts) the measured group spanned: 1 inside one; from 2 on the row is
+    /// for groups across that many hosts, and picks between NCCL's two paths only.
+    #[serde(default = "one_domain", skip_serializing_if = "is_one_domain")]
+    pub domains: usize,
     /// Fastest implementation with both buffers symmetric.
     pub best: Impl,
     /// Whether copying a plain input into a window (and a window output back out) and running
@@ -57,6 +61,15 @@ pub struct DispatchRow {
     /// What was measured, µs per operation by implementation name (for `info`).
     #[serde(default)]
     pub measured_us: BTreeMap<String, f64>,
+}
+
+/// A row's default `domains`: one NVLink domain.
+fn one_domain() -> usize {
+    1
+}
+
+fn is_one_domain(d: &usize) -> bool {
+    *d == 1
 }
 
 /// A dispatch table.
@@ -212,9 +225,10 @@ pub enum Why {
         bytes: usize,
     },
     /// The group spans several NVLink domains (hosts): our kernels cannot reach every rank's
-    /// memory and the table (measured inside one domain) does not apply, so NCCL's rule
-    /// decides: its symmetric path when both buffers are in windows NCCL accepted, else its
-    /// regular one.
+    /// memory, so one of NCCL's paths runs: the one the table's row for groups across that many
+    /// domains measured faster, where there is one (rows measured inside one domain never
+    /// apply), else NCCL's rule: its symmetric path when both buffers are in windows NCCL
+    /// accepted, else its regular one.
     CrossDomain {
         /// The group's domains.
         domains: usize,
@@ -222,6 +236,9 @@ pub enum Why {
         both_in_windows: bool,
         /// The implementation that ran (`Symmetric` or `Regular`).
         ran: Impl,
+        /// Where the table has a row for groups across this many domains: the top of its
+        /// bucket (its fastest path ran, where it could).
+        measured_up_to: Option<usize>,
     },
     /// The hierarchical all-reduce, asked for explicitly, and what ran each of its steps.
     Hierarchical {
@@ -307,23 +324,8 @@ impl std::fmt::Display for Why {
                 domains,
                 both_in_windows,
                 ran,
-            } => {
-                write!(
-                    f,
-                    "the group spans {domains} NVLink domains (hosts): NCCL only, our kernels \
-                     need one domain; "
-                )?;
-                match (both_in_windows, ran) {
-                    (true, Impl::Symmetric) => {
-                        write!(f, "both buffers in windows NCCL accepted, symmetric path")
-                    }
-                    (true, _) => write!(
-                        f,
-                        "symmetric path unavailable though both buffers are in the pool, regular path"
-                    ),
-                    (false, _) => write!(f, "not both buffers in windows, regular path"),
-                }
-            }
+                measured_up_to,
+            } => cross_domain_reason(f, domains, both_in_windows, ran, measured_up_to),
             Why::Hierarchical {
                 domains,
                 per_domain,
@@ -340,6 +342,42 @@ impl std::fmt::Display for Why {
                 step_label(all_gather)
             ),
         }
+    }
+}
+
+/// [`Why::CrossDomain`] in words.
+fn cross_domain_reason(
+    f: &mut std::fmt::Formatter<'_>,
+    domains: usize,
+    both_in_windows: bool,
+    ran: Impl,
+    measured_up_to: Option<usize>,
+) -> std::fmt::Result {
+    write!(
+        f,
+        "the group spans {domains} NVLink domains (hosts): NCCL only, our kernels need one \
+         domain; "
+    )?;
+    if let Some(top) = measured_up_to {
+        let upto = match top {
+            usize::MAX => "above the last measured size".to_string(),
+            b => format!("up to {b} B"),
+        };
+        write!(
+            f,
+            "the table's fastest NCCL path {upto} across {domains} hosts, "
+        )?;
+    }
+    match (both_in_windows, ran) {
+        (true, Impl::Symmetric) => {
+            write!(f, "both buffers in windows NCCL accepted, symmetric path")
+        }
+        (true, _) if measured_up_to.is_some() => write!(f, "regular path"),
+        (true, _) => write!(
+            f,
+            "symmetric path unavailable though both buffers are in the pool, regular path"
+        ),
+        (false, _) => write!(f, "not both buffers in windows, regular path"),
     }
 }
 
@@ -430,6 +468,16 @@ impl DispatchTable {
             if r.best == Impl::Auto {
                 return Err(format!("row {i}: best must be a concrete implementation"));
             }
+            if r.domains == 0 {
+                return Err(format!("row {i}: domains 0"));
+            }
+            if r.domains > 1 && (r.stage || !matches!(r.best, Impl::Regular | Impl::Symmetric)) {
+                return Err(format!(
+                    "row {i}: a row for groups across {} domains picks NCCL's regular or \
+                     symmetric path, unstaged (our kernels need one domain)",
+                    r.domains
+                ));
+            }
             if r.best == Impl::Hierarchical {
                 return Err(format!(
                     "row {i}: hierarchical is kept out of auto until it is measured faster than                      NCCL's own all-reduce across hosts; request it explicitly"
@@ -439,13 +487,26 @@ impl DispatchTable {
         Ok(())
     }
 
-    /// The row covering `bytes` in `mode` (rows measured in that mode first, then rows for
-    /// both modes), if any.
+    /// The row covering `bytes` in `mode` for groups inside one NVLink domain (rows measured
+    /// in that mode first, then rows for both modes), if any.
     pub fn lookup(
         &self,
         coll: Collective,
         dtype: DType,
         world: usize,
+        bytes: usize,
+        mode: Mode,
+    ) -> Option<&DispatchRow> {
+        self.lookup_in(coll, dtype, world, 1, bytes, mode)
+    }
+
+    /// [`DispatchTable::lookup`] for groups that span `domains` NVLink domains.
+    pub fn lookup_in(
+        &self,
+        coll: Collective,
+        dtype: DType,
+        world: usize,
+        domains: usize,
         bytes: usize,
         mode: Mode,
     ) -> Option<&DispatchRow> {
@@ -456,12 +517,28 @@ impl DispatchTable {
                     r.op == coll.name()
                         && r.dtype == dtype
                         && r.world == world
+                        && r.domains == domains
                         && bytes <= r.max_bytes
                         && r.mode == m
                 })
                 .min_by_key(|r| r.max_bytes)
         };
         covering(Some(mode)).or_else(|| covering(None))
+    }
+
+    /// The bucket measured just below `row` (same op, dtype, world, domains and mode), if any.
+    pub fn below(&self, row: &DispatchRow) -> Option<&DispatchRow> {
+        self.rows
+            .iter()
+            .filter(|r| {
+                r.op == row.op
+                    && r.dtype == row.dtype
+                    && r.world == row.world
+                    && r.domains == row.domains
+                    && r.mode == row.mode
+                    && r.max_bytes < row.max_bytes
+            })
+            .max_by_key(|r| r.max_bytes)
     }
 
     /// The norm row covering `bytes` of `op` (`all_reduce_add_rmsnorm`, ...) in `mode` (rows
@@ -487,20 +564,6 @@ impl DispatchTable {
                 .min_by_key(|r| r.max_bytes)
         };
         covering(Some(mode)).or_else(|| covering(None))
-    }
-
-    /// The bucket measured just below `row` (same op, dtype, world and mode), if any.
-    pub fn below(&self, row: &DispatchRow) -> Option<&DispatchRow> {
-        self.rows
-            .iter()
-            .filter(|r| {
-                r.op == row.op
-                    && r.dtype == row.dtype
-                    && r.world == row.world
-                    && r.mode == row.mode
-                    && r.max_bytes < row.max_bytes
-            })
-            .max_by_key(|r| r.max_bytes)
     }
 
     /// The table shipped for a device, if one was measured for it: 2, 4 and 8 H200s (written by
@@ -548,17 +611,22 @@ pub fn decide(
     staged_or_regular(row, req, best)
 }
 
-/// What `auto` runs for `req` in a group that spans `domains` NVLink domains (hosts): NCCL's
-/// rule, never the table (measured inside one domain) and never our kernels (which need every
-/// rank's memory in reach). The symmetric path when both buffers are in windows and it can run
-/// (NCCL accepted the group's windows), else the regular one; nothing is staged.
+/// What `auto` runs for `req` in a group that spans `domains` NVLink domains (hosts): never
+/// our kernels (which need every rank's memory in reach), nothing staged. The table's row for
+/// groups across that many domains where it has one (measured across hosts, it names NCCL's
+/// faster path), else NCCL's rule: the symmetric path when both buffers are in windows and it
+/// can run (NCCL accepted the group's windows), else the regular one.
 pub fn decide_cross_domain(
+    table: Option<&DispatchTable>,
     req: &DispatchRequest,
     domains: usize,
     available: &dyn Fn(Impl) -> bool,
 ) -> Decision {
     let both = req.input_in_window && req.output_in_window;
-    let ran = if both && available(Impl::Symmetric) {
+    let row = table
+        .and_then(|t| t.lookup_in(req.coll, req.dtype, req.world, domains, req.bytes, req.mode));
+    let symmetric_wanted = row.is_none_or(|r| r.best == Impl::Symmetric);
+    let ran = if symmetric_wanted && both && available(Impl::Symmetric) {
         Impl::Symmetric
     } else {
         Impl::Regular
@@ -569,6 +637,7 @@ pub fn decide_cross_domain(
             domains,
             both_in_windows: both,
             ran,
+            measured_up_to: row.map(|r| r.max_bytes),
         },
     )
 }
@@ -742,6 +811,7 @@ mod tests {
             world: 2,
             max_bytes,
             mode: None,
+            domains: 1,
             best,
             stage,
             measured_us: BTreeMap::new(),
@@ -1245,7 +1315,7 @@ mod tests {
             output_in_window: both,
             can_stage: true,
         };
-        let d = decide_cross_domain(&req(true), 2, &|_| true);
+        let d = decide_cross_domain(None, &req(true), 2, &|_| true);
         assert_eq!(
             (d.imp, d.stage_input, d.stage_output),
             (Impl::Symmetric, false, false)
@@ -1255,13 +1325,78 @@ mod tests {
             why.contains("spans 2 NVLink domains") && why.contains("symmetric"),
             "{why}"
         );
-        let d = decide_cross_domain(&req(false), 2, &|_| true);
+        let d = decide_cross_domain(None, &req(false), 2, &|_| true);
         assert_eq!(d.imp, Impl::Regular);
         assert!(d.why.to_string().contains("not both buffers"), "{}", d.why);
         // Windows NCCL refused: the symmetric path is unavailable, the regular one runs.
-        let d = decide_cross_domain(&req(true), 3, &|i| i != Impl::Symmetric);
+        let d = decide_cross_domain(None, &req(true), 3, &|i| i != Impl::Symmetric);
         assert_eq!(d.imp, Impl::Regular);
         assert!(d.why.to_string().contains("unavailable"), "{}", d.why);
+        // A table row for groups across 2 domains: NCCL's regular path was faster up to 8 KiB,
+        // the symmetric one above; rows inside one domain never apply across hosts.
+        let mut t = table();
+        t.rows.clear();
+        for (max_bytes, best) in [(8192, Impl::Regular), (usize::MAX, Impl::Symmetric)] {
+            t.rows.push(DispatchRow {
+                world: 4,
+                domains: 2,
+                ..row(max_bytes, best, false)
+            });
+        }
+        t.rows.push(DispatchRow {
+            world: 4,
+            ..row(usize::MAX, Impl::Kernel(Algo::OneShot), false)
+        });
+        t.validate().unwrap();
+        let d = decide_cross_domain(Some(&t), &req(true), 2, &|_| true);
+        assert_eq!(d.imp, Impl::Regular);
+        assert!(
+            d.why
+                .to_string()
+                .contains("the table's fastest NCCL path up to 8192 B"),
+            "{}",
+            d.why
+        );
+        let big = DispatchRequest {
+            bytes: 1 << 20,
+            ..req(true)
+        };
+        let d = decide_cross_domain(Some(&t), &big, 2, &|_| true);
+        assert_eq!(d.imp, Impl::Symmetric, "{}", d.why);
+        // The row's symmetric path where the buffers are not in windows: the regular one.
+        let d = decide_cross_domain(
+            Some(&t),
+            &DispatchRequest {
+                bytes: 1 << 20,
+                ..req(false)
+            },
+            2,
+            &|_| true,
+        );
+        assert_eq!(d.imp, Impl::Regular, "{}", d.why);
+        // 3 domains: no row, NCCL's rule.
+        let d = decide_cross_domain(Some(&t), &req(true), 3, &|_| true);
+        assert_eq!(d.imp, Impl::Symmetric);
+        assert!(!d.why.to_string().contains("table"), "{}", d.why);
+        // A cross-domain row may name only NCCL's paths, unstaged.
+        for bad in [
+            DispatchRow {
+                domains: 2,
+                ..row(1, Impl::Kernel(Algo::LowLatency), false)
+            },
+            DispatchRow {
+                domains: 2,
+                ..row(1, Impl::Symmetric, true)
+            },
+            DispatchRow {
+                domains: 0,
+                ..row(1, Impl::Regular, false)
+            },
+        ] {
+            let mut t = table();
+            t.rows = vec![bad];
+            assert!(t.validate().is_err());
+        }
     }
 
     #[test]

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use common::procs::{self, Proc, ROLE, after, env_u64, role_is};
 use common::{TestBackend, all_ok, run_on_hosts, small_pool};
 use symmcomm::bootstrap::{Bootstrap, free_port};
-use symmcomm::dispatch::Why;
+use symmcomm::dispatch::{DispatchRow, DispatchTable, Why};
 use symmcomm::lab::test_hooks::refuse_next_window_across_hosts;
 use symmcomm::topology::HostIdSource;
 use symmcomm::{
-    Algo, BackendChoice, Collective, Communicator, DType, Error, Group, GroupKind, Impl, ReduceOp,
-    Result,
+    Algo, BackendChoice, BackendKind, Collective, Communicator, DType, Error, Group, GroupKind,
+    Impl, ReduceOp, Result, TableSource,
 };
 use symmcomm_lab::verify::{self, Case};
 
@@ -485,12 +485,72 @@ fn refused_windows_fall_back(b: TestBackend) {
     }));
 }
 
+/// A table with rows for groups across 2 hosts (NCCL's regular path measured faster up to
+/// 4 KiB, the symmetric one above): `auto` on such a group follows them, says so, and is right;
+/// the rows inside one domain (our one-shot kernel) never apply across hosts.
+fn auto_follows_rows_measured_across_hosts(b: TestBackend) {
+    if !b.can_run(4) {
+        return;
+    }
+    let seed = common::seed();
+    let row = |max_bytes, domains, best| DispatchRow {
+        op: "all_reduce".into(),
+        dtype: DType::F32,
+        world: 4,
+        max_bytes,
+        mode: None,
+        domains,
+        best,
+        stage: false,
+        measured_us: Default::default(),
+    };
+    let mut config = small_pool(b.config());
+    config.table = TableSource::Given(DispatchTable {
+        source: "test".into(),
+        device: "any".into(),
+        backend: match b {
+            TestBackend::Host => BackendKind::Host,
+            TestBackend::Cuda => BackendKind::Cuda,
+        },
+        rows: vec![
+            row(4096, 2, Impl::Regular),
+            row(usize::MAX, 2, Impl::Symmetric),
+            row(usize::MAX, 1, Impl::Kernel(Algo::OneShot)),
+        ],
+        norm_rows: Vec::new(),
+    });
+    all_ok(run_on_hosts(4, 2, &config, |comm| {
+        let g = comm.world();
+        for (elements, want) in [(256, Impl::Regular), (1 << 14, Impl::Symmetric)] {
+            let case = Case {
+                coll: Collective::AllReduce(ReduceOp::Sum),
+                dtype: DType::F32,
+                shape: vec![elements],
+                dim: None,
+                imp: Impl::Auto,
+                input_symm: true,
+                output_symm: true,
+                seed: seed ^ elements as u64,
+            };
+            let ran = common::checked(verify::run_checked(g, &case))?;
+            assert_eq!(ran.imp, want, "{elements} elements: {}", ran.reason());
+            assert!(
+                ran.reason().contains("the table's fastest NCCL path"),
+                "{}",
+                ran.reason()
+            );
+        }
+        Ok(())
+    }));
+}
+
 backend_tests!(
     topology_per_group,
     every_op_across_hosts,
     our_kernels_refused_across_hosts,
     hierarchical_all_reduce,
     refused_windows_fall_back,
+    auto_follows_rows_measured_across_hosts,
 );
 
 // ---- processes (the host backend over the store in CI; GPUs through NCCL's network) ---------

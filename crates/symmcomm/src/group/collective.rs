@@ -423,14 +423,16 @@ fn choose(g: &Group, req: &Request<'_>, c: &Checked, exec: Exec, ctx: &OpCtx) ->
     Ok(Choice::unstaged(imp, Why::Explicit))
 }
 
-/// `auto` in a group that spans NVLink domains: NCCL's rule
+/// `auto` in a group that spans NVLink domains: the table's cross-domain row, else NCCL's rule
 /// ([`dispatch::decide_cross_domain`]), with the reason NCCL's symmetric path cannot run when
 /// both buffers are in the pool and it cannot (the windows NCCL refused, say).
 fn choose_cross_domain(g: &Group, c: &Checked, exec: Exec, ctx: &OpCtx) -> Choice {
     let req = auto_request(g, c, exec, ctx);
     let both = req.input_in_window && req.output_in_window;
     let symmetric = g.unavailable(Impl::Symmetric, &c.shape);
-    let d = dispatch::decide_cross_domain(&req, g.topology().domains().len(), &|i| {
+    let table = g.comm().table();
+    let domains = g.topology().domains().len();
+    let d = dispatch::decide_cross_domain(table.as_deref(), &req, domains, &|i| {
         i != Impl::Symmetric || symmetric.is_none()
     });
     Choice {
