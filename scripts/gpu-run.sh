@@ -211,11 +211,13 @@ if has hosts && [[ "$gpus" -ge 2 && $((gpus % 2)) -eq 0 ]]; then
   log "hosts: decode-sim"
   timeout "${DECODE_SIM_TIMEOUT:-300}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" decode-sim --timeout 60 --batch 1,32 >> "$OUT/hosts.log.tmp" 2>&1
   log "hosts: decode-sim rc=$?"
-  # tune across the 2 hosts: rows for groups across 2 domains, NCCL's faster path per size
-  # (what keeps auto at or under the best NCCL path there); the bench then runs with them.
+  # tune across the 2 hosts: rows for groups across 2 domains, NCCL's faster path per size or
+  # the hierarchical all-reduce where it beats both by 3% (what keeps auto at or under the best
+  # NCCL path there); the bench then runs with them.
   log "hosts: tune across 2 hosts"
   timeout "${TUNE_TIMEOUT:-330}" stdbuf -oL -eL "${sim[@]}" "$BIN/symmcomm" tune --timeout 60 \
-    --ops all_gather,reduce_scatter,all_reduce --out "$OUT/dispatch-$MACHINE-2hosts.json" >> "$OUT/hosts.log.tmp" 2>&1
+    --ops all_gather,reduce_scatter,all_reduce --impls nccl,nccl_symm,hierarchical \
+    --out "$OUT/dispatch-$MACHINE-2hosts.json" >> "$OUT/hosts.log.tmp" 2>&1
   log "hosts: tune rc=$?"
   table=()
   [[ -f "$OUT/dispatch-$MACHINE-2hosts.json" ]] && table=(--table "$OUT/dispatch-$MACHINE-2hosts.json")

@@ -159,7 +159,8 @@ pub(crate) enum ImplArg {
     HostOnWindows,
     /// The host backend's symmetric path, windows.
     HostSymm,
-    /// The hierarchical all-reduce of a group across hosts (explicit only; never `auto`'s).
+    /// The hierarchical all-reduce of a group across hosts (`auto`'s only where a table row
+    /// across hosts names it).
     #[value(alias = "host_hierarchical")]
     Hierarchical,
 }

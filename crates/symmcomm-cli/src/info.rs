@@ -195,11 +195,12 @@ fn print_hosts() -> anyhow::Result<()> {
     println!("  this process: {} ({})", me.id, me.source);
     println!(
         "  a group whose ranks sit on several hosts (NVLink domains) runs NCCL only: our kernels,\n  \
-         peer imports and the copy engine need one domain. auto follows NCCL's rule there (its\n  \
-         symmetric path on windows NCCL accepted, else its regular path; windows NCCL refuses\n  \
-         leave the pool as plain memory, the reason recorded), and `hierarchical` (explicit only,\n  \
-         never auto's until measured faster than NCCL's own) all-reduces by reduce-scatter inside\n  \
-         each host, NCCL across hosts on the 1/m piece, all-gather inside."
+         peer imports and the copy engine need one domain. auto follows the table's rows for\n  \
+         groups across that many hosts, else NCCL's rule (its symmetric path on windows NCCL\n  \
+         accepted, else its regular path; windows NCCL refuses leave the pool as plain memory,\n  \
+         the reason recorded), and `hierarchical` (auto's only where such a row names it)\n  \
+         all-reduces by reduce-scatter inside each host, NCCL across hosts on the 1/m piece,\n  \
+         all-gather inside."
     );
     println!(
         "  simulate hosts on one machine: symmcomm launch --simulate-hosts K (SYMMCOMM_HOST_ID and\n  \

@@ -977,7 +977,10 @@ impl Bucket {
     fn choose(at: &[&Row], backend: BackendKind, domains: usize) -> Option<Self> {
         let mut candidates = Self::candidates(at);
         if domains > 1 {
-            candidates.retain(|(i, _)| matches!(i, Impl::Regular | Impl::Symmetric));
+            candidates
+                .retain(|(i, _)| matches!(i, Impl::Regular | Impl::Symmetric | Impl::Hierarchical));
+        } else {
+            candidates.retain(|(i, _)| *i != Impl::Hierarchical);
         }
         let (fastest, fastest_us) = candidates
             .iter()
@@ -1012,13 +1015,12 @@ impl Bucket {
 
     /// The implementations a table row may choose, with their times: each concrete one in its
     /// usual placement (the regular path on plain memory, the others on windows); neither
-    /// `auto` nor `*_on_windows`, nor `hierarchical`, which stays out of `auto` until it is
-    /// measured faster than NCCL's own all-reduce across hosts (tables may not name it).
+    /// `auto` nor `*_on_windows`. `hierarchical` only for groups across hosts (see `choose`).
     fn candidates(at: &[&Row]) -> Vec<(Impl, f64)> {
         at.iter()
             .filter_map(|r| {
                 let v = Variant::parse(&r.implementation).ok()?;
-                (!matches!(v.imp, Impl::Auto | Impl::Hierarchical)
+                (v.imp != Impl::Auto
                     && (v.windows || v.imp == Impl::Regular)
                     && !r.implementation.ends_with("_on_windows"))
                 .then_some((v.imp, r.us))
@@ -1026,8 +1028,8 @@ impl Bucket {
             .collect()
     }
 
-    /// Our kernels replace NCCL only where they win by more than the noise of a measurement
-    /// (3%); otherwise NCCL's faster path stays.
+    /// Our kernels (and the hierarchical all-reduce) replace NCCL only where they win by more
+    /// than the noise of a measurement (3%); otherwise NCCL's faster path stays.
     fn unless_within_noise_of_nccl(
         fastest: Impl,
         fastest_us: f64,
@@ -1039,7 +1041,9 @@ impl Bucket {
             .filter(|(i, _)| matches!(i, Impl::Regular | Impl::Symmetric))
             .min_by(|a, b| a.1.total_cmp(&b.1));
         match (fastest, nccl_best) {
-            (Impl::Kernel(_), Some((ni, nus))) if fastest_us >= 0.97 * nus => ni,
+            (Impl::Kernel(_) | Impl::Hierarchical, Some((ni, nus))) if fastest_us >= 0.97 * nus => {
+                ni
+            }
             _ => fastest,
         }
     }
@@ -1130,7 +1134,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_across_hosts_make_rows_of_their_own_that_pick_an_nccl_path() {
+    fn rows_across_hosts_make_rows_of_their_own_that_pick_nccl_or_hierarchical() {
         let across = |bytes, imp: &str, us| Row {
             config: Some("domains=2".into()),
             ..row("all_reduce", bytes, imp, us)
@@ -1147,6 +1151,9 @@ mod tests {
             across(1 << 20, "nccl", 90.0),
             across(1 << 20, "nccl_symm", 60.0),
             across(1 << 20, "hierarchical", 10.0),
+            // Inside one domain hierarchical is never a candidate.
+            row("all_reduce", 1 << 20, "nccl", 90.0),
+            row("all_reduce", 1 << 20, "hierarchical", 1.0),
         ];
         let t = tune_table(&rows, BackendKind::Cuda, "test", "test");
         t.validate().unwrap();
@@ -1157,12 +1164,11 @@ mod tests {
                 .find(|r| r.domains == domains && r.max_bytes == b);
             r.map(|r| (r.best, r.stage)).unwrap()
         };
-        assert_eq!(
-            of(1, usize::MAX),
-            (Impl::Kernel(symmcomm::Algo::LowLatency), false)
-        );
+        let ll = Impl::Kernel(symmcomm::Algo::LowLatency);
+        assert_eq!(of(1, 2048), (ll, false));
+        assert_eq!(of(1, usize::MAX), (Impl::Regular, false));
         assert_eq!(of(2, 2048), (Impl::Regular, false));
-        assert_eq!(of(2, usize::MAX), (Impl::Symmetric, false));
+        assert_eq!(of(2, usize::MAX), (Impl::Hierarchical, false));
         assert_eq!(domains_of(&rows[2]), 2);
         assert_eq!(domains_of(&rows[0]), 1);
     }

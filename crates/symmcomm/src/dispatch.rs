@@ -234,7 +234,8 @@ pub enum Why {
         domains: usize,
         /// Both buffers lie in the group's windows.
         both_in_windows: bool,
-        /// The implementation that ran (`Symmetric` or `Regular`).
+        /// The implementation that ran (`Symmetric`, `Regular`, or `Hierarchical` where the
+        /// table's row named it).
         ran: Impl,
         /// Where the table has a row for groups across this many domains: the top of its
         /// bucket (its fastest path ran, where it could).
@@ -353,11 +354,15 @@ fn cross_domain_reason(
     ran: Impl,
     measured_up_to: Option<usize>,
 ) -> std::fmt::Result {
-    write!(
-        f,
-        "the group spans {domains} NVLink domains (hosts): NCCL only, our kernels need one \
-         domain; "
-    )?;
+    if ran == Impl::Hierarchical {
+        write!(f, "the group spans {domains} NVLink domains (hosts): ")?;
+    } else {
+        write!(
+            f,
+            "the group spans {domains} NVLink domains (hosts): NCCL only, our kernels need one \
+             domain; "
+        )?;
+    }
     if let Some(top) = measured_up_to {
         let upto = match top {
             usize::MAX => "above the last measured size".to_string(),
@@ -365,10 +370,14 @@ fn cross_domain_reason(
         };
         write!(
             f,
-            "the table's fastest NCCL path {upto} across {domains} hosts, "
+            "the table's fastest path {upto} across {domains} hosts, "
         )?;
     }
     match (both_in_windows, ran) {
+        (_, Impl::Hierarchical) => write!(
+            f,
+            "the hierarchical all-reduce (our kernels inside each host, NCCL across)"
+        ),
         (true, Impl::Symmetric) => {
             write!(f, "both buffers in windows NCCL accepted, symmetric path")
         }
@@ -471,16 +480,24 @@ impl DispatchTable {
             if r.domains == 0 {
                 return Err(format!("row {i}: domains 0"));
             }
-            if r.domains > 1 && (r.stage || !matches!(r.best, Impl::Regular | Impl::Symmetric)) {
+            let across_ok = match r.best {
+                Impl::Regular | Impl::Symmetric => true,
+                Impl::Hierarchical => r.op == "all_reduce",
+                _ => false,
+            };
+            if r.domains > 1 && (r.stage || !across_ok) {
                 return Err(format!(
                     "row {i}: a row for groups across {} domains picks NCCL's regular or \
-                     symmetric path, unstaged (our kernels need one domain)",
+                     symmetric path (or, for all_reduce, the hierarchical one), unstaged (our \
+                     kernels need one domain)",
                     r.domains
                 ));
             }
-            if r.best == Impl::Hierarchical {
+            if r.best == Impl::Hierarchical && r.domains == 1 {
                 return Err(format!(
-                    "row {i}: hierarchical is kept out of auto until it is measured faster than                      NCCL's own all-reduce across hosts; request it explicitly"
+                    "row {i}: hierarchical is kept out of auto inside one domain (it is for \
+                     groups across hosts: a row with domains >= 2 where it measured faster than \
+                     NCCL's own all-reduce); request it explicitly"
                 ));
             }
         }
@@ -625,8 +642,10 @@ pub fn decide_cross_domain(
     let both = req.input_in_window && req.output_in_window;
     let row = table
         .and_then(|t| t.lookup_in(req.coll, req.dtype, req.world, domains, req.bytes, req.mode));
-    let symmetric_wanted = row.is_none_or(|r| r.best == Impl::Symmetric);
-    let ran = if symmetric_wanted && both && available(Impl::Symmetric) {
+    let wanted = row.map(|r| r.best);
+    let ran = if wanted == Some(Impl::Hierarchical) && available(Impl::Hierarchical) {
+        Impl::Hierarchical
+    } else if wanted.is_none_or(|w| w != Impl::Regular) && both && available(Impl::Symmetric) {
         Impl::Symmetric
     } else {
         Impl::Regular
@@ -1353,7 +1372,7 @@ mod tests {
         assert!(
             d.why
                 .to_string()
-                .contains("the table's fastest NCCL path up to 8192 B"),
+                .contains("the table's fastest path up to 8192 B"),
             "{}",
             d.why
         );
@@ -1374,6 +1393,19 @@ mod tests {
             &|_| true,
         );
         assert_eq!(d.imp, Impl::Regular, "{}", d.why);
+        // A row naming the hierarchical all-reduce: run where ready, else NCCL's path.
+        let mut h = t.clone();
+        h.rows[1].best = Impl::Hierarchical;
+        h.validate().unwrap();
+        let d = decide_cross_domain(Some(&h), &big, 2, &|_| true);
+        assert_eq!(d.imp, Impl::Hierarchical, "{}", d.why);
+        assert!(
+            d.why.to_string().contains("hierarchical all-reduce"),
+            "{}",
+            d.why
+        );
+        let d = decide_cross_domain(Some(&h), &big, 2, &|i| i != Impl::Hierarchical);
+        assert_eq!(d.imp, Impl::Symmetric, "{}", d.why);
         // 3 domains: no row, NCCL's rule.
         let d = decide_cross_domain(Some(&t), &req(true), 3, &|_| true);
         assert_eq!(d.imp, Impl::Symmetric);
@@ -1391,6 +1423,11 @@ mod tests {
             DispatchRow {
                 domains: 0,
                 ..row(1, Impl::Regular, false)
+            },
+            DispatchRow {
+                op: "all_gather".into(),
+                domains: 2,
+                ..row(1, Impl::Hierarchical, false)
             },
         ] {
             let mut t = table();

@@ -535,11 +535,83 @@ fn auto_follows_rows_measured_across_hosts(b: TestBackend) {
             let ran = common::checked(verify::run_checked(g, &case))?;
             assert_eq!(ran.imp, want, "{elements} elements: {}", ran.reason());
             assert!(
-                ran.reason().contains("the table's fastest NCCL path"),
+                ran.reason().contains("the table's fastest path"),
                 "{}",
                 ran.reason()
             );
         }
+        Ok(())
+    }));
+}
+
+/// A table whose row across 2 hosts names the hierarchical all-reduce (measured faster than
+/// NCCL's there): `auto` runs it eagerly (right, the steps in its reason); inside a capture it
+/// runs it only where its groups and a large enough piece were made before, and otherwise takes
+/// NCCL's path instead of failing; after `prepare_hierarchical`, hierarchically again.
+fn auto_runs_hierarchical_where_the_table_measured_it(b: TestBackend) {
+    if !b.can_run(4) {
+        return;
+    }
+    let seed = common::seed();
+    let mut config = small_pool(b.config());
+    config.table = TableSource::Given(DispatchTable {
+        source: "test".into(),
+        device: "any".into(),
+        backend: match b {
+            TestBackend::Host => BackendKind::Host,
+            TestBackend::Cuda => BackendKind::Cuda,
+        },
+        rows: vec![DispatchRow {
+            op: "all_reduce".into(),
+            dtype: DType::F32,
+            world: 4,
+            max_bytes: usize::MAX,
+            mode: None,
+            domains: 2,
+            best: Impl::Hierarchical,
+            stage: false,
+            measured_us: Default::default(),
+        }],
+        norm_rows: Vec::new(),
+    });
+    all_ok(run_on_hosts(4, 2, &config, |comm| {
+        let g = comm.world();
+        let case = |elements: usize| Case {
+            coll: Collective::AllReduce(ReduceOp::Sum),
+            dtype: DType::F32,
+            shape: vec![elements],
+            dim: None,
+            imp: Impl::Auto,
+            input_symm: true,
+            output_symm: true,
+            seed: seed ^ elements as u64,
+        };
+        let ran = common::checked(verify::run_checked(g, &case(1024)))?;
+        assert_eq!(ran.imp, Impl::Hierarchical, "{}", ran.reason());
+        assert!(
+            ran.reason().contains("reduce-scatter in the domain"),
+            "{}",
+            ran.reason()
+        );
+        // Captured at 4x the size the piece buffer was made for: NCCL's path, not an error.
+        let big = 4096;
+        let x = g.alloc_symmetric(DType::F32, &[big])?;
+        let sum = Collective::AllReduce(ReduceOp::Sum);
+        let (_graph, ran) = comm.capture(|| g.collective(sum, &x, &x, None, Impl::Auto))?;
+        assert_eq!(ran.imp, Impl::Symmetric, "{}", ran.reason());
+        g.prepare_hierarchical(big * 4)?;
+        let (graph, ran) = comm.capture(|| g.collective(sum, &x, &x, None, Impl::Auto))?;
+        assert_eq!(ran.imp, Impl::Hierarchical, "{}", ran.reason());
+        // The captured hierarchical all-reduce is right.
+        let checked_case = Case {
+            imp: Impl::Hierarchical,
+            ..case(big)
+        };
+        g.fill_random(&x, checked_case.seed, None)?;
+        graph.replay()?;
+        comm.synchronize()?;
+        let got = g.download_bytes(&x)?;
+        common::checked(verify::check(g, &checked_case, 0, &got))?;
         Ok(())
     }));
 }
@@ -551,6 +623,7 @@ backend_tests!(
     hierarchical_all_reduce,
     refused_windows_fall_back,
     auto_follows_rows_measured_across_hosts,
+    auto_runs_hierarchical_where_the_table_measured_it,
 );
 
 // ---- processes (the host backend over the store in CI; GPUs through NCCL's network) ---------

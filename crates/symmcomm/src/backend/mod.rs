@@ -125,8 +125,8 @@ pub enum Impl {
     /// All-reduce of a group that spans several NVLink domains (hosts) with the same number
     /// of ranks on each: reduce-scatter inside each domain (our kernels or NCCL's, as the
     /// domain's `auto` decides), all-reduce of the 1/k piece across domains (NCCL), all-gather
-    /// inside each domain. Explicit only: `auto` never picks it until it is measured faster
-    /// than NCCL's own all-reduce across hosts (dispatch tables may not name it).
+    /// inside each domain. `auto` picks it only where the table's row for groups across that
+    /// many domains names it (measured faster than NCCL's own all-reduce across hosts).
     Hierarchical,
 }
 

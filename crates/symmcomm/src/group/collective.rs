@@ -42,6 +42,13 @@ pub(crate) fn run(g: &Group, req: &Request<'_>) -> Result<Dispatched> {
         return super::hierarchy::run(g, req, exec, &ctx);
     }
     let choice = choose(g, req, &checked, exec, &ctx)?;
+    if choice.imp == Impl::Hierarchical {
+        // `auto` across hosts, where the table measured it faster: the steps' detail kept.
+        let mut ran = super::hierarchy::run(g, req, exec, &ctx)?;
+        ran.detail = Some(Arc::from(ran.why.to_string()));
+        ran.why = choice.why;
+        return Ok(ran);
+    }
     let sides = if choice.imp == Impl::Local {
         run_local(g, &checked, exec)?
     } else {
@@ -432,8 +439,10 @@ fn choose_cross_domain(g: &Group, c: &Checked, exec: Exec, ctx: &OpCtx) -> Choic
     let symmetric = g.unavailable(Impl::Symmetric, &c.shape);
     let table = g.comm().table();
     let domains = g.topology().domains().len();
-    let d = dispatch::decide_cross_domain(table.as_deref(), &req, domains, &|i| {
-        i != Impl::Symmetric || symmetric.is_none()
+    let d = dispatch::decide_cross_domain(table.as_deref(), &req, domains, &|i| match i {
+        Impl::Symmetric => symmetric.is_none(),
+        Impl::Hierarchical => super::hierarchy::ready(g, &c.shape, exec.capturing),
+        _ => true,
     });
     Choice {
         detail: symmetric.filter(|_| both).map(Arc::from),

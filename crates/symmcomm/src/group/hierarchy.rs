@@ -6,9 +6,10 @@
 //! domain group's dispatch table measured when it has a row for them, else our kernels where
 //! they can run (see [`intra_impl`]), else NCCL's rule.
 //!
-//! Explicit only ([`Impl::Hierarchical`]): `auto` never runs it, and dispatch tables may not
-//! name it, until it is measured faster than NCCL's own all-reduce across hosts (which is
-//! itself hierarchical inside NCCL: rings and trees over NVLink and the network).
+//! `auto` runs it only where the dispatch table's row for groups across that many domains
+//! names it (`symmcomm tune` on such a group measured it faster than NCCL's own all-reduce
+//! across hosts, itself hierarchical inside NCCL: rings and trees over NVLink and the network)
+//! and it is ready ([`ready`]); otherwise it runs when asked for ([`Impl::Hierarchical`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -50,6 +51,29 @@ pub(crate) fn unavailable(g: &Group, shape: &CallShape) -> Option<String> {
              inside a domain needs a multiple of {m})",
             shape.piece
         )
+    })
+}
+
+/// Whether `auto` may run the hierarchical all-reduce of `shape` now: it can run on `g` at
+/// all, and inside a capture its groups and a piece buffer large enough exist already
+/// ([`Group::prepare_hierarchical`]); otherwise `auto` takes NCCL's path rather than fail.
+/// The same on every rank (it follows the same collective calls), so every rank takes the
+/// same way.
+pub(crate) fn ready(g: &Group, shape: &CallShape, capturing: bool) -> bool {
+    if unavailable(g, shape).is_some() {
+        return false;
+    }
+    if !capturing {
+        return true;
+    }
+    let Some(m) = g.topology().ranks_per_domain() else {
+        return false;
+    };
+    let made = g.inner.hierarchy.lock().unwrap_or_else(|p| p.into_inner());
+    made.as_ref().is_some_and(|h| {
+        let needed = shape.piece / m * shape.dtype.size();
+        let piece = h.piece.lock().unwrap_or_else(|p| p.into_inner());
+        piece.as_ref().is_some_and(|t| t.bytes() >= needed)
     })
 }
 
