@@ -423,6 +423,64 @@ pub struct DispatchRequest {
     pub can_stage: bool,
 }
 
+/// What a size bucket of a table is looked up by, besides the size and mode.
+struct BucketKey<'a> {
+    op: &'a str,
+    dtype: DType,
+    world: usize,
+    domains: usize,
+}
+
+/// A row of a table: a size bucket for one key and mode.
+trait Bucket {
+    fn matches(&self, key: &BucketKey<'_>) -> bool;
+    fn max_bytes(&self) -> usize;
+    fn mode(&self) -> Option<Mode>;
+}
+
+impl Bucket for DispatchRow {
+    fn matches(&self, k: &BucketKey<'_>) -> bool {
+        self.op == k.op
+            && self.dtype == k.dtype
+            && self.world == k.world
+            && self.domains == k.domains
+    }
+    fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+    fn mode(&self) -> Option<Mode> {
+        self.mode
+    }
+}
+
+impl Bucket for NormRow {
+    fn matches(&self, k: &BucketKey<'_>) -> bool {
+        self.op == k.op && self.dtype == k.dtype && self.world == k.world && k.domains == 1
+    }
+    fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+    fn mode(&self) -> Option<Mode> {
+        self.mode
+    }
+}
+
+/// The smallest bucket of `rows` for `key` that covers `bytes`: rows measured in `mode` first,
+/// then rows for both modes.
+fn covering<'r, R: Bucket>(
+    rows: &'r [R],
+    key: &BucketKey<'_>,
+    bytes: usize,
+    mode: Mode,
+) -> Option<&'r R> {
+    let in_mode = |m: Option<Mode>| {
+        rows.iter()
+            .filter(|r| r.matches(key) && bytes <= r.max_bytes() && r.mode() == m)
+            .min_by_key(|r| r.max_bytes())
+    };
+    in_mode(Some(mode)).or_else(|| in_mode(None))
+}
+
 impl DispatchTable {
     /// Read a table from JSON.
     pub fn load(path: &Path) -> Result<Self> {
@@ -527,20 +585,13 @@ impl DispatchTable {
         bytes: usize,
         mode: Mode,
     ) -> Option<&DispatchRow> {
-        let covering = |m: Option<Mode>| {
-            self.rows
-                .iter()
-                .filter(|r| {
-                    r.op == coll.name()
-                        && r.dtype == dtype
-                        && r.world == world
-                        && r.domains == domains
-                        && bytes <= r.max_bytes
-                        && r.mode == m
-                })
-                .min_by_key(|r| r.max_bytes)
+        let key = BucketKey {
+            op: coll.name(),
+            dtype,
+            world,
+            domains,
         };
-        covering(Some(mode)).or_else(|| covering(None))
+        covering(&self.rows, &key, bytes, mode)
     }
 
     /// The bucket measured just below `row` (same op, dtype, world, domains and mode), if any.
@@ -568,19 +619,13 @@ impl DispatchTable {
         bytes: usize,
         mode: Mode,
     ) -> Option<&NormRow> {
-        let covering = |m: Option<Mode>| {
-            self.norm_rows
-                .iter()
-                .filter(|r| {
-                    r.op == op
-                        && r.dtype == dtype
-                        && r.world == world
-                        && bytes <= r.max_bytes
-                        && r.mode == m
-                })
-                .min_by_key(|r| r.max_bytes)
+        let key = BucketKey {
+            op,
+            dtype,
+            world,
+            domains: 1,
         };
-        covering(Some(mode)).or_else(|| covering(None))
+        covering(&self.norm_rows, &key, bytes, mode)
     }
 
     /// The table shipped for a device, if one was measured for it: 2, 4 and 8 H200s (written by

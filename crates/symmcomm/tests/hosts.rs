@@ -23,8 +23,8 @@ use symmcomm::dispatch::{DispatchRow, DispatchTable, Why};
 use symmcomm::lab::test_hooks::refuse_next_window_across_hosts;
 use symmcomm::topology::HostIdSource;
 use symmcomm::{
-    Algo, BackendChoice, BackendKind, Collective, Communicator, DType, Error, Group, GroupKind,
-    Impl, ReduceOp, Result, TableSource,
+    Algo, BackendChoice, BackendKind, Collective, CommConfig, Communicator, DType, Error, Group,
+    GroupKind, Impl, ReduceOp, Result, TableSource,
 };
 use symmcomm_lab::verify::{self, Case};
 
@@ -485,25 +485,9 @@ fn refused_windows_fall_back(b: TestBackend) {
     }));
 }
 
-/// A table with rows for groups across 2 hosts (NCCL's regular path measured faster up to
-/// 4 KiB, the symmetric one above): `auto` on such a group follows them, says so, and is right;
-/// the rows inside one domain (our one-shot kernel) never apply across hosts.
-fn auto_follows_rows_measured_across_hosts(b: TestBackend) {
-    if !b.can_run(4) {
-        return;
-    }
-    let seed = common::seed();
-    let row = |max_bytes, domains, best| DispatchRow {
-        op: "all_reduce".into(),
-        dtype: DType::F32,
-        world: 4,
-        max_bytes,
-        mode: None,
-        domains,
-        best,
-        stage: false,
-        measured_us: Default::default(),
-    };
+/// `b`'s small-pool configuration with a table of f32 all-reduce rows of 4 ranks, each
+/// `(max_bytes, domains, best)`, for both modes and unstaged.
+fn with_all_reduce_rows(b: TestBackend, rows: Vec<(usize, usize, Impl)>) -> CommConfig {
     let mut config = small_pool(b.config());
     config.table = TableSource::Given(DispatchTable {
         source: "test".into(),
@@ -512,13 +496,41 @@ fn auto_follows_rows_measured_across_hosts(b: TestBackend) {
             TestBackend::Host => BackendKind::Host,
             TestBackend::Cuda => BackendKind::Cuda,
         },
-        rows: vec![
-            row(4096, 2, Impl::Regular),
-            row(usize::MAX, 2, Impl::Symmetric),
-            row(usize::MAX, 1, Impl::Kernel(Algo::OneShot)),
-        ],
+        rows: rows
+            .into_iter()
+            .map(|(max_bytes, domains, best)| DispatchRow {
+                op: "all_reduce".into(),
+                dtype: DType::F32,
+                world: 4,
+                max_bytes,
+                mode: None,
+                domains,
+                best,
+                stage: false,
+                measured_us: Default::default(),
+            })
+            .collect(),
         norm_rows: Vec::new(),
     });
+    config
+}
+
+/// A table with rows for groups across 2 hosts (NCCL's regular path measured faster up to
+/// 4 KiB, the symmetric one above): `auto` on such a group follows them, says so, and is right;
+/// the rows inside one domain (our one-shot kernel) never apply across hosts.
+fn auto_follows_rows_measured_across_hosts(b: TestBackend) {
+    if !b.can_run(4) {
+        return;
+    }
+    let seed = common::seed();
+    let config = with_all_reduce_rows(
+        b,
+        vec![
+            (4096, 2, Impl::Regular),
+            (usize::MAX, 2, Impl::Symmetric),
+            (usize::MAX, 1, Impl::Kernel(Algo::OneShot)),
+        ],
+    );
     all_ok(run_on_hosts(4, 2, &config, |comm| {
         let g = comm.world();
         for (elements, want) in [(256, Impl::Regular), (1 << 14, Impl::Symmetric)] {
@@ -553,27 +565,7 @@ fn auto_runs_hierarchical_where_the_table_measured_it(b: TestBackend) {
         return;
     }
     let seed = common::seed();
-    let mut config = small_pool(b.config());
-    config.table = TableSource::Given(DispatchTable {
-        source: "test".into(),
-        device: "any".into(),
-        backend: match b {
-            TestBackend::Host => BackendKind::Host,
-            TestBackend::Cuda => BackendKind::Cuda,
-        },
-        rows: vec![DispatchRow {
-            op: "all_reduce".into(),
-            dtype: DType::F32,
-            world: 4,
-            max_bytes: usize::MAX,
-            mode: None,
-            domains: 2,
-            best: Impl::Hierarchical,
-            stage: false,
-            measured_us: Default::default(),
-        }],
-        norm_rows: Vec::new(),
-    });
+    let config = with_all_reduce_rows(b, vec![(usize::MAX, 2, Impl::Hierarchical)]);
     all_ok(run_on_hosts(4, 2, &config, |comm| {
         let g = comm.world();
         let case = |elements: usize| Case {
