@@ -298,28 +298,24 @@ fn sweep(comm: &Communicator, spec: &BenchSpec) -> anyhow::Result<Vec<Row>> {
 
 /// The DCP rows on this rank (the world group is the DCP group).
 fn dcp_sweep(comm: &Communicator, spec: &DcpBenchSpec) -> anyhow::Result<Vec<Row>> {
-    let rank0 = comm.rank() == 0;
-    let t0 = Instant::now();
-    let mut progress = |done: usize, total: usize, what: &str| {
-        if rank0 {
-            eprintln!(
-                "[{done}/{total}] {what} ({:.0} s)",
-                t0.elapsed().as_secs_f64()
-            );
-        }
-    };
-    let rows = bench::run_dcp(comm, comm.world(), spec, &mut progress)?;
-    if rank0 {
-        eprintln!(
-            "dcp_combine: {}",
-            bench::elapsed_line(t0.elapsed(), rows.len())
-        );
-    }
-    Ok(rows)
+    logged_sweep(comm, "dcp_combine", |p| {
+        bench::run_dcp(comm, comm.world(), spec, p)
+    })
 }
 
 /// The all-reduce + add + RMSNorm rows on this rank (the world group is the TP group).
 fn norm_sweep(comm: &Communicator, spec: &NormBenchSpec) -> anyhow::Result<Vec<Row>> {
+    logged_sweep(comm, "ar_rmsnorm", |p| {
+        bench::run_norm(comm, comm.world(), spec, p)
+    })
+}
+
+/// `run` with rank 0 logging its progress and, under `label`, how long it took.
+fn logged_sweep(
+    comm: &Communicator,
+    label: &str,
+    run: impl FnOnce(&mut dyn FnMut(usize, usize, &str)) -> symmcomm::Result<Vec<Row>>,
+) -> anyhow::Result<Vec<Row>> {
     let rank0 = comm.rank() == 0;
     let t0 = Instant::now();
     let mut progress = |done: usize, total: usize, what: &str| {
@@ -330,12 +326,9 @@ fn norm_sweep(comm: &Communicator, spec: &NormBenchSpec) -> anyhow::Result<Vec<R
             );
         }
     };
-    let rows = bench::run_norm(comm, comm.world(), spec, &mut progress)?;
+    let rows = run(&mut progress)?;
     if rank0 {
-        eprintln!(
-            "ar_rmsnorm: {}",
-            bench::elapsed_line(t0.elapsed(), rows.len())
-        );
+        eprintln!("{label}: {}", bench::elapsed_line(t0.elapsed(), rows.len()));
     }
     Ok(rows)
 }

@@ -7,41 +7,47 @@ use std::process::Command;
 
 const EXE: &str = env!("CARGO_BIN_EXE_symmcomm");
 
+/// Run `symmcomm args`; its output, and both its streams as one text for messages.
+fn symmcomm(args: &[&str]) -> (std::process::Output, String) {
+    let out = Command::new(EXE)
+        .args(args)
+        .output()
+        .expect("running symmcomm");
+    let shown = format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, shown)
+}
+
 #[test]
 fn bench_measures_and_checks_ar_rmsnorm_rows() {
     let path = std::env::temp_dir().join(format!(
         "symmcomm-bench-ar-rmsnorm-{}.json",
         std::process::id()
     ));
-    let out = Command::new(EXE)
-        .args([
-            "bench",
-            "--backend",
-            "host",
-            "--world",
-            "2",
-            "--ops",
-            "ar_rmsnorm",
-            "--norm-hiddens",
-            "64,4096",
-            "--norm-tokens",
-            "1,3",
-            "--iters",
-            "2",
-            "--replays",
-            "1",
-            "--repeats",
-            "1",
-            "--json",
-            path.to_str().expect("a UTF-8 temporary path"),
-        ])
-        .output()
-        .expect("running symmcomm bench");
-    let shown = format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, shown) = symmcomm(&[
+        "bench",
+        "--backend",
+        "host",
+        "--world",
+        "2",
+        "--ops",
+        "ar_rmsnorm",
+        "--norm-hiddens",
+        "64,4096",
+        "--norm-tokens",
+        "1,3",
+        "--iters",
+        "2",
+        "--replays",
+        "1",
+        "--repeats",
+        "1",
+        "--json",
+        path.to_str().expect("a UTF-8 temporary path"),
+    ]);
     assert!(out.status.success(), "{shown}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("WRONG"), "{shown}");
@@ -88,37 +94,29 @@ fn tune_writes_norm_rows_that_name_the_fastest() {
         "symmcomm-tune-ar-rmsnorm-{}.json",
         std::process::id()
     ));
-    let out = Command::new(EXE)
-        .args([
-            "tune",
-            "--backend",
-            "host",
-            "--world",
-            "2",
-            "--ops",
-            "all_reduce,ar_rmsnorm",
-            "--sizes",
-            "2K",
-            "--norm-hiddens",
-            "64",
-            "--norm-tokens",
-            "1,2",
-            "--iters",
-            "2",
-            "--replays",
-            "1",
-            "--repeats",
-            "1",
-            "--out",
-            path.to_str().expect("a UTF-8 temporary path"),
-        ])
-        .output()
-        .expect("running symmcomm tune");
-    let shown = format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, shown) = symmcomm(&[
+        "tune",
+        "--backend",
+        "host",
+        "--world",
+        "2",
+        "--ops",
+        "all_reduce,ar_rmsnorm",
+        "--sizes",
+        "2K",
+        "--norm-hiddens",
+        "64",
+        "--norm-tokens",
+        "1,2",
+        "--iters",
+        "2",
+        "--replays",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        path.to_str().expect("a UTF-8 temporary path"),
+    ]);
     assert!(out.status.success(), "{shown}");
     let table = symmcomm::dispatch::DispatchTable::load(&path).expect("the table loads");
     let _ = std::fs::remove_file(&path);
